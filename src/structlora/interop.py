@@ -1,0 +1,193 @@
+"""Interoperability: export to a plain PEFT LoRA folder, import a `loretta` 0.1.0 folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import LorettaAdpConfig, LorettaRepConfig, TaskType
+from .layers import LowRankLayer, TrainableCopy
+from .model import PeftModel, _is_internal
+from .tensor_train import TTLinear
+
+
+def _materialize(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A module's state with tensor-train linears expanded to the nn.Linear layout they stand for."""
+    state: dict[str, torch.Tensor] = {}
+    tt_prefixes = []
+    for name, sub in module.named_modules():
+        if isinstance(sub, TTLinear):
+            prefix = f"{name}." if name else ""
+            tt_prefixes.append(prefix)
+            state[prefix + "weight"] = sub.weight_tt.matrix().t()
+            if sub.bias is not None:
+                state[prefix + "bias"] = sub.bias
+    for key, tensor in module.state_dict().items():
+        if not any(key.startswith(p) for p in tt_prefixes):
+            state[key] = tensor
+    return state
+
+
+@torch.no_grad()
+def export_to_peft(model: PeftModel, save_directory: str, adapter_name: str | None = None) -> None:
+    """Write a folder that `peft.PeftModel.from_pretrained` loads as plain LoRA with the same outputs.
+
+    Exact for LoRA, MTLoRA (B·T·A is a rank-R LoRA with A' = T·A) and LoRETTA_rep (tensor trains
+    expanded). Per-module ranks go to `rank_pattern` (a fused q,k,v projection has rank 3r); trained
+    norms and heads become `modules_to_save` (tensorized heads expanded to dense).
+    """
+    adapter_name = adapter_name or model.active_adapter
+    config = model.peft_config[adapter_name]
+    if isinstance(config, LorettaAdpConfig):
+        raise ValueError(
+            "export_to_peft cannot express a LoRETTA_adp adapter: a bottleneck adapter applies a non-linearity "
+            "to the activations (down → act → up), which is not a low-rank weight update, so PEFT's LoRA "
+            "cannot represent it. Save it with model.save_pretrained() instead.")
+    base = model.get_base_model()
+    tensors: dict[str, torch.Tensor] = {}
+    rank_pattern: dict[str, int] = {}
+    targets: list[str] = []
+    fan_in_fan_out = False
+    for name, layer in base.named_modules():
+        if not isinstance(layer, LowRankLayer) or adapter_name not in layer.adapters:
+            continue
+        if _is_internal(name):
+            raise ValueError(f"export_to_peft: {name!r} nests two adapter kinds, which PEFT cannot express")
+        a_eff, b_eff = layer.adapters[adapter_name].parameterization.effective_factors(
+            layer.adapters[adapter_name].scaling)
+        prefix = f"base_model.model.{name}"
+        if layer.kind == "embedding":
+            tensors[f"{prefix}.lora_embedding_A"] = a_eff
+            tensors[f"{prefix}.lora_embedding_B"] = b_eff
+        else:
+            tensors[f"{prefix}.lora_A.weight"] = a_eff
+            tensors[f"{prefix}.lora_B.weight"] = b_eff
+        fan_in_fan_out |= layer.kind == "conv1d"
+        rank_pattern[name] = a_eff.shape[0]
+        targets.append(name)
+    modules_to_save = []
+    for name, wrapper in base.named_modules():
+        if isinstance(wrapper, TrainableCopy) and adapter_name in wrapper.adapters:
+            modules_to_save.append(name)
+            for key, tensor in _materialize(wrapper.adapters[adapter_name]).items():
+                tensors[f"base_model.model.{name}.{key}"] = tensor
+    ranks = set(rank_pattern.values())
+    r = max(ranks, key=list(rank_pattern.values()).count)
+    peft_config: dict[str, Any] = {
+        "peft_type": "LORA",
+        "task_type": config.task_type.value if isinstance(config.task_type, TaskType) else config.task_type,
+        "r": r,
+        "lora_alpha": r,  # the scaling is folded into lora_B, so alpha / r = 1 for every module
+        "rank_pattern": {k: v for k, v in rank_pattern.items() if v != r},
+        "alpha_pattern": {k: v for k, v in rank_pattern.items() if v != r},
+        "target_modules": "^(" + "|".join(re.escape(t) for t in targets) + ")$",
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": fan_in_fan_out,
+        "modules_to_save": modules_to_save or None,
+        "base_model_name_or_path": config.base_model_name_or_path,
+        "inference_mode": True,
+    }
+    if config.bias != "none":
+        raise ValueError(f"export_to_peft: bias={config.bias!r} trains base biases, which a LoRA folder cannot hold")
+    os.makedirs(save_directory, exist_ok=True)
+    with open(os.path.join(save_directory, "adapter_config.json"), "w") as handle:
+        json.dump(peft_config, handle, indent=2)
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()},
+              os.path.join(save_directory, "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+# -- the authors' `loretta` 0.1.0 package ----------------------------------------------------------------------
+
+_LORETTA_KEY_RULES = [
+    # (pattern on the key after "base_model.model.", replacement in structlora's adapter state dict)
+    (re.compile(r"^(?P<m>.+)\.lora_A\.layer\.tensor\.factors\.(?P<k>\d+)$"), r"\g<m>.parameterization.lora_A.cores.\g<k>"),
+    (re.compile(r"^(?P<m>.+)\.lora_B\.layer\.tensor\.factors\.(?P<k>\d+)$"), r"\g<m>.parameterization.lora_B.0.cores.\g<k>"),
+    (re.compile(r"^(?P<m>.+)\.adapter_(?P<p>down|up)\.layer\.tensor\.factors\.(?P<k>\d+)$"),
+     r"\g<m>.adapter_\g<p>.weight_tt.cores.\g<k>"),
+    (re.compile(r"^(?P<m>.+)\.adapter_(?P<p>down|up)\.layer\.bias$"), r"\g<m>.adapter_\g<p>.bias"),
+    (re.compile(r"^(?P<m>.+)\.adapter_scaling$"), r"\g<m>.adapter_scaling"),
+    (re.compile(r"^(?P<m>classifier|pooler)\.dense\.layer\.tensor\.factors\.(?P<k>\d+)$"), r"\g<m>.dense.weight_tt.cores.\g<k>"),
+    (re.compile(r"^(?P<m>classifier|pooler)\.dense\.layer\.bias$"), r"\g<m>.dense.bias"),
+    (re.compile(r"^(?P<m>classifier|score)\.(?P<rest>.+)$"), r"\g<m>.\g<rest>"),
+]
+
+
+def _read_loretta_weights(directory: str) -> dict[str, torch.Tensor]:
+    safe_path = os.path.join(directory, "adapter_model.safetensors")
+    bin_path = os.path.join(directory, "adapter_model.bin")
+    if os.path.isfile(safe_path):
+        return load_file(safe_path)
+    if not os.path.isfile(bin_path):
+        raise FileNotFoundError(f"no adapter_model.bin or adapter_model.safetensors in {directory!r}")
+    try:
+        # The one non-safetensors read we allow: plain tensors only, never arbitrary objects.
+        state = torch.load(bin_path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for a corrupt or non-tensor file
+        raise ValueError(f"corrupt or unsafe loretta weights file {bin_path!r}: {error}") from error
+    if not isinstance(state, dict):
+        raise ValueError(f"{bin_path!r} does not hold a state dict")
+    return state
+
+
+def _loretta_config(data: dict[str, Any]) -> LorettaRepConfig | LorettaAdpConfig:
+    common = {"target_modules": data.get("target_modules"), "task_type": data.get("task_type"),
+              "bias": data.get("bias") or "none", "tensor_rank": data.get("tensor_rank", 5), "init": "reference"}
+    peft_type = data.get("peft_type")
+    if peft_type == "LORA":
+        if data.get("enable_lora"):
+            raise ValueError("from_loretta supports unfused projections only (this folder uses enable_lora)")
+        return LorettaRepConfig(r=data["r"], lora_alpha=data.get("lora_alpha") or data["r"],
+                                lora_dropout=data.get("lora_dropout") or 0.0, **common)
+    if peft_type == "BOTTLENECK":
+        return LorettaAdpConfig(bottleneck_size=data["bottleneck_size"], non_linearity=data.get("non_linearity", "tanh"),
+                                adapter_dropout=data.get("adapter_dropout") or 0.0, scaling=data.get("scaling", 1.0),
+                                use_parallel_adapter=data.get("use_parallel_adapter", False), **common)
+    raise ValueError(f"unsupported loretta peft_type {peft_type!r}; expected 'LORA' (LoRETTA_rep) or 'BOTTLENECK' (LoRETTA_adp)")
+
+
+def from_loretta(model: nn.Module, directory: str, adapter_name: str = "default",
+                 is_trainable: bool = False) -> PeftModel:
+    """Load a folder saved by the authors' `loretta` 0.1.0 package; the outputs equal that package's.
+
+    Their save holds adapter (and SEQ_CLS head) weights only: norms they trained are not in the folder,
+    so the loaded norms are the base model's, exactly as when `loretta` itself reloads the folder.
+    """
+    config_path = os.path.join(directory, "adapter_config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"no adapter_config.json in {directory!r}: not a loretta adapter folder")
+    try:
+        with open(config_path) as handle:
+            data = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"corrupt loretta config {config_path!r}: {error}") from error
+    config = _loretta_config(data)
+    config.inference_mode = not is_trainable
+    peft_model = PeftModel(model, config, adapter_name)
+    expected = peft_model.adapter_state_dict(adapter_name)
+    converted: dict[str, torch.Tensor] = {}
+    for key, tensor in _read_loretta_weights(directory).items():
+        short = key.removeprefix("base_model.model.")
+        for pattern, replacement in _LORETTA_KEY_RULES:
+            if pattern.match(short):
+                converted[_route(pattern.sub(replacement, short), expected)] = tensor
+                break
+        else:
+            raise ValueError(f"unrecognised key {key!r} in the loretta weights of {directory!r}")
+    # The reference never saves trained norms: keep the base model's (what `loretta` reloads too).
+    for key in expected:
+        converted.setdefault(key, expected[key].clone())
+    peft_model.set_adapter_state_dict(converted, adapter_name, source=directory)
+    return peft_model
+
+
+def _route(key: str, expected: dict[str, torch.Tensor]) -> str:
+    if key not in expected:
+        raise ValueError(f"loretta weight {key!r} has no place in this model's adapter (another base model?)")
+    return key

@@ -1,0 +1,274 @@
+"""Adapter layers. Each wraps the base module it adapts (kept intact as `base_layer`) and holds one
+adapter per name; merge/unmerge sit beside forward, as in loralib.
+
+- `LowRankLayer`: LoRA / MTLoRA / LoRETTA_rep on nn.Linear, transformers Conv1D, nn.Embedding, and fused
+  projections (per-slice `enable_lora`).
+- `BottleneckLayer`: LoRETTA_adp before ("input"), after ("output") or beside ("parallel") a projection.
+- `TrainableCopy`: a per-adapter trainable copy of a base module (norms, classification heads).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.pytorch_utils import Conv1D
+
+from .config import LoraConfig, LorettaAdpConfig, LorettaRepConfig
+from .engine import add_lowrank_embedding_update, add_lowrank_update
+from .parameterizations import LowRankParameterization, make_parameterization
+from .tensor_train import TTLinear, tt_shape_for
+
+
+class AdapterLayerMixin:
+    """State shared by every adapter-holding module: which adapter is active, and whether disabled."""
+
+    active_adapter: str = "default"
+    adapters_disabled: bool = False
+
+    def set_active(self, name: str) -> None:
+        self.active_adapter = name
+
+    def _active(self) -> str | None:
+        if self.adapters_disabled or self.active_adapter not in self.adapters:
+            return None
+        return self.active_adapter
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """'linear', 'conv1d', 'embedding' or None when the module cannot carry a low-rank adapter."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, Conv1D):
+        return "conv1d"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    return None
+
+
+def base_shape(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an adaptable module, whatever its storage layout."""
+    kind = layer_kind(module)
+    if kind == "linear":
+        return module.in_features, module.out_features
+    if kind == "conv1d":
+        return module.weight.shape[0], module.weight.shape[1]  # Conv1D stores (in, out)
+    if kind == "embedding":
+        return module.num_embeddings, module.embedding_dim
+    raise TypeError(f"{type(module).__name__} is not an adaptable layer (nn.Linear, Conv1D or nn.Embedding)")
+
+
+class LowRankAdapter(nn.Module):
+    """One named low-rank adapter: its parameterization, scaling and dropout."""
+
+    def __init__(self, parameterization: LowRankParameterization, scaling: float, dropout: float) -> None:
+        super().__init__()
+        self.parameterization = parameterization
+        self.scaling = scaling
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def effective_factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        a_eff, b_eff = self.parameterization.effective_factors(self.scaling)
+        return a_eff.to(dtype), b_eff.to(dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = s·B·T·A in (out x in) layout."""
+        a_eff, b_eff = self.parameterization.effective_factors(self.scaling)
+        return b_eff @ a_eff
+
+
+class LowRankLayer(nn.Module, AdapterLayerMixin):
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.kind = layer_kind(base_layer)
+        if self.kind is None:
+            raise TypeError(f"cannot put a low-rank adapter on {type(base_layer).__name__}")
+        self.in_features, self.out_features = base_shape(base_layer)
+        self.adapters = nn.ModuleDict()
+        self.merged_adapters: list[str] = []
+
+    # -- construction ---------------------------------------------------------------------------------
+    def add_adapter(self, name: str, config: LoraConfig, enabled_slices: list[bool] | None) -> None:
+        # An embedding is a linear map from one-hot(num_embeddings) to embedding_dim, so it takes the
+        # same (in, out) factors; only the tensor-train method is limited to dense projections.
+        if self.kind == "embedding" and isinstance(config, LorettaRepConfig):
+            raise ValueError("LoRETTA_rep does not support nn.Embedding targets (LoRA and MTLoRA do)")
+        parameterization = make_parameterization(self.in_features, self.out_features, config,
+                                                 enabled_slices or [True])
+        adapter = LowRankAdapter(parameterization, config.scaling, float(config.lora_dropout))
+        self.adapters[name] = adapter.to(device=self.base_layer.weight.device)
+
+    # -- forward --------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        name = self._active()
+        if name is None or name in self.merged_adapters:
+            return result
+        adapter = self.adapters[name]
+        a_eff, b_eff = adapter.effective_factors(result.dtype)
+        if self.kind == "embedding":
+            base = self.base_layer
+            return add_lowrank_embedding_update(result, x, a_eff, b_eff, padding_idx=base.padding_idx,
+                                                max_norm=base.max_norm, norm_type=base.norm_type,
+                                                scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
+        return add_lowrank_update(result, adapter.dropout(x).to(result.dtype), a_eff, b_eff)
+
+    # -- merging --------------------------------------------------------------------------------------
+    def get_delta_weight(self, name: str | None = None) -> torch.Tensor:
+        """ΔW of the named (default: active) adapter in nn.Linear layout (out x in), scaling included.
+
+        For an embedding, "in" is the vocabulary: ΔW is (embedding_dim x num_embeddings).
+        """
+        return self.adapters[name or self.active_adapter].delta_weight()
+
+    def get_factors(self, name: str | None = None) -> dict[str, torch.Tensor]:
+        """Effective A (R x in), T (R x R), B (out x R), the scaling, and the raw parameters.
+
+        ΔW = scaling · B · T · A.
+        """
+        adapter = self.adapters[name or self.active_adapter]
+        a, t, b = adapter.parameterization.factors()
+        if t is None:
+            t = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+        factors = {"A": a, "T": t, "B": b, "scaling": torch.tensor(adapter.scaling)}
+        for raw_name, tensor in adapter.parameterization.raw_parameters().items():
+            factors[raw_name.replace("lora_", "")] = tensor
+        return factors
+
+    def _weight_delta_in_storage_layout(self, name: str) -> torch.Tensor:
+        delta = self.get_delta_weight(name)
+        return delta if self.kind == "linear" else delta.t()  # Conv1D and Embedding store (in, out)
+
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        if name in self.merged_adapters or name not in self.adapters:
+            return
+        weight = self.base_layer.weight
+        weight.data += self._weight_delta_in_storage_layout(name).to(weight.dtype)
+        self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        weight = self.base_layer.weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            weight.data -= self._weight_delta_in_storage_layout(name).to(weight.dtype)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, in={self.in_features}, out={self.out_features}"
+
+
+class BottleneckAdapter(nn.Module):
+    """down → non-linearity → up, scaled; tensor-train projections when `tensorized`."""
+
+    def __init__(self, in_dim: int, out_dim: int, config: LorettaAdpConfig) -> None:
+        super().__init__()
+        size = config.bottleneck_size
+        if config.tensorized:
+            self.adapter_down = TTLinear(in_dim, size, tt_shape_for(in_dim, size), config.tensor_rank)
+            self.adapter_up = TTLinear(size, out_dim, tt_shape_for(out_dim, size), config.tensor_rank)
+            if config.init == "default":
+                self.adapter_up.weight_tt.zero_last_core()
+                nn.init.zeros_(self.adapter_up.bias)
+        else:
+            self.adapter_down = nn.Linear(in_dim, size)
+            self.adapter_up = nn.Linear(size, out_dim)
+            nn.init.normal_(self.adapter_down.weight, std=0.02)
+            nn.init.zeros_(self.adapter_down.bias)
+            nn.init.zeros_(self.adapter_up.bias)
+            if config.init == "default":
+                nn.init.zeros_(self.adapter_up.weight)
+            else:
+                nn.init.normal_(self.adapter_up.weight, std=0.02)
+        self.act = ACT2FN[config.non_linearity] if config.non_linearity not in ("identity", "linear") else nn.Identity()
+        self.dropout = nn.Dropout(config.adapter_dropout) if config.adapter_dropout > 0 else nn.Identity()
+        if config.scaling == "learned":
+            self.adapter_scaling = nn.Parameter(torch.ones(1))
+        else:
+            self.adapter_scaling = float(config.scaling)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = self.adapter_up(self.act(self.adapter_down(self.dropout(hidden))))
+        scaling = self.adapter_scaling
+        if isinstance(scaling, torch.Tensor):
+            return out * scaling.to(out.dtype)
+        return out if scaling == 1.0 else out * scaling  # skip a full-size multiply in the common case
+
+
+PLACEMENTS = ("input", "output", "parallel")
+
+
+class BottleneckLayer(nn.Module, AdapterLayerMixin):
+    """A projection with a bottleneck adapter: "input" x+ad(x) → linear (the authors' "mh" adapter),
+    "output" y=linear(x), y+ad(y), "parallel" linear(x)+ad(x)."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_shape(base_layer)
+        self.adapters = nn.ModuleDict()
+        self.placements: dict[str, str] = {}
+
+    def add_adapter(self, name: str, config: LorettaAdpConfig, placement: str) -> None:
+        if placement not in PLACEMENTS:
+            raise ValueError(f"unknown adapter placement {placement!r}; valid: {', '.join(PLACEMENTS)}")
+        dims = {"input": (self.in_features, self.in_features),
+                "output": (self.out_features, self.out_features),
+                "parallel": (self.in_features, self.out_features)}[placement]
+        self.adapters[name] = BottleneckAdapter(*dims, config).to(device=self.base_layer.weight.device)
+        self.placements[name] = placement
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        name = self._active()
+        if name is None:
+            return self.base_layer(x, *args, **kwargs)
+        adapter, placement = self.adapters[name], self.placements[name]
+        if placement == "input":
+            return self.base_layer(x + adapter(x), *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        return result + adapter(result if placement == "output" else x)
+
+
+class TrainableCopy(nn.Module, AdapterLayerMixin):
+    """A base module (norm, classification head) with one trainable copy per adapter.
+
+    The original stays frozen and is used when adapters are disabled, so `disable_adapter()` gives the
+    base model's outputs exactly.
+    """
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        self.original = original
+        self.adapters = nn.ModuleDict()
+
+    def add_copy(self, name: str, module: nn.Module | None = None) -> nn.Module:
+        self.adapters[name] = module if module is not None else copy.deepcopy(self.original)
+        for parameter in self.adapters[name].parameters():
+            parameter.requires_grad_(True)
+        return self.adapters[name]
+
+    def current(self) -> nn.Module:
+        name = self._active()
+        return self.original if name is None else self.adapters[name]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.current()(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # Model code sometimes reads attributes of the module it calls (e.g. norm.weight, eps).
+            return getattr(super().__getattr__("original"), name)
+
+
+def dense_weight_and_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(out x in) weight and bias of an nn.Linear or Conv1D, for exporting."""
+    if isinstance(module, Conv1D):
+        return module.weight.t(), module.bias
+    return module.weight, getattr(module, "bias", None)
+

@@ -1,0 +1,423 @@
+"""`PeftModel`: a transformers model with named structlora adapters injected into it."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import types
+from typing import Any, Iterator, Union
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import (AdapterConfig, LoraConfig, LorettaAdpConfig, LorettaRepConfig, TaskType)
+from .layers import AdapterLayerMixin, BottleneckLayer, LowRankLayer, TrainableCopy, layer_kind
+from .targets import (BOTTLENECK_PLACEMENT, CLASSIFIER_HEAD_NAMES, default_targets, is_norm_module,
+                      module_matches, unknown_target_error)
+from .tensor_train import TTLinear, classifier_tt_shape
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+_INTERNAL_SEGMENTS = ("base_layer", "original", "adapters")
+
+
+def _is_internal(name: str) -> bool:
+    """Names inside our wrappers (their base layer, original module, adapters) are not targets."""
+    return any(part in _INTERNAL_SEGMENTS for part in name.split("."))
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def _model_type(model: nn.Module) -> str:
+    return getattr(getattr(model, "config", None), "model_type", "") or ""
+
+
+class PeftModel(nn.Module):
+    """Wraps a transformers model; behaves like it (same forward signature, generate, config…)."""
+
+    def __init__(self, model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.base_model = model
+        self.peft_config: dict[str, AdapterConfig] = {}
+        self.active_adapter = adapter_name
+        self._trained_base_params: dict[str, list[str]] = {}
+        self._bind_forward_signature()
+        self.add_adapter(adapter_name, config)
+        self.set_adapter(adapter_name)
+
+    # -- behaving like the base model --------------------------------------------------------------------
+    def forward(self, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
+        # `labels` is named so that transformers' Trainer finds the label column by inspecting this class.
+        if labels is not None:
+            kwargs["labels"] = labels
+        return self.base_model(*args, **kwargs)
+
+    def _bind_forward_signature(self) -> None:
+        """Give this instance's forward the base model's signature (the Trainer drops dataset columns the
+        forward does not name). A per-instance function object keeps deepcopy and DDP working."""
+        try:
+            base_signature = inspect.signature(self.base_model.forward)
+        except (TypeError, ValueError):
+            return
+        function = types.FunctionType(PeftModel.forward.__code__, PeftModel.forward.__globals__, "forward",
+                                      PeftModel.forward.__defaults__, PeftModel.forward.__closure__)
+        function.__kwdefaults__ = PeftModel.forward.__kwdefaults__
+        self_parameter = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        function.__signature__ = base_signature.replace(
+            parameters=[self_parameter, *base_signature.parameters.values()])
+        self.forward = types.MethodType(function, self)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model.generate(*args, **kwargs)
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        **kwargs: Any) -> None:
+        """Checkpoint the base model's layers (non-reentrant by default, which frozen inputs need)."""
+        options = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        base = self.base_model
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=options, **kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+        if options["use_reentrant"] and hasattr(base, "enable_input_require_grads"):
+            # Reentrant checkpointing needs an input that requires grad, or frozen embeddings cut the graph.
+            base.enable_input_require_grads()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **_: Any) -> None:
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs)
+
+    # -- adapters ------------------------------------------------------------------------------------------
+    def _wrappers(self) -> Iterator[tuple[str, nn.Module]]:
+        for name, module in self.base_model.named_modules():
+            if isinstance(module, AdapterLayerMixin):
+                yield name, module
+
+    def add_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} already exists; choose another name")
+        if not isinstance(config, AdapterConfig):
+            raise TypeError(f"expected a structlora config (LoraConfig, MTLoraConfig, …), got {type(config).__name__}")
+        model_type = _model_type(self.base_model)
+        if config.base_model_type and model_type and config.base_model_type != model_type:
+            raise ValueError(
+                f"adapter {adapter_name!r} was made for a {config.base_model_type!r} model, but this base model "
+                f"is {model_type!r}")
+        config.base_model_type = model_type or None
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(self.base_model, "name_or_path", None) or None
+        targets = config.target_modules
+        if targets is None:
+            targets = default_targets(model_type, config.method, getattr(config, "use_parallel_adapter", False))
+        if isinstance(config, LorettaAdpConfig):
+            injected = self._inject_bottleneck(adapter_name, config, targets, model_type)
+        else:
+            injected = self._inject_low_rank(adapter_name, config, targets)
+        if not injected:
+            names = [n for n, _ in self.base_model.named_modules() if not _is_internal(n)]
+            adaptable = [n for n, m in self.base_model.named_modules() if layer_kind(m) and not _is_internal(n)]
+            raise unknown_target_error(targets, names, adaptable)
+        self.peft_config[adapter_name] = config
+        self._add_trainable_copies(adapter_name, config, model_type)
+        self._trained_base_params[adapter_name] = self._select_trained_biases(config, injected)
+        self.set_adapter(self.active_adapter if self.active_adapter in self.peft_config else adapter_name)
+
+    def _candidates(self, targets: Union[list[str], str]) -> list[tuple[str, nn.Module]]:
+        return [(n, m) for n, m in self.base_model.named_modules()
+                if n and not _is_internal(n) and module_matches(n, targets)]
+
+    def _inject_low_rank(self, adapter_name: str, config: LoraConfig, targets: Union[list[str], str]) -> list[str]:
+        injected = []
+        for name, module in self._candidates(targets):
+            layer = self._wrap(name, module, LowRankLayer)
+            if layer is None:
+                continue
+            layer.add_adapter(adapter_name, config, self._enabled_slices(config, name))
+            injected.append(name)
+        return injected
+
+    @staticmethod
+    def _enabled_slices(config: LoraConfig, name: str) -> list[bool] | None:
+        enable = config.enable_lora
+        if isinstance(enable, dict):
+            for suffix, slices in enable.items():
+                if name == suffix or name.endswith("." + suffix):
+                    return list(slices)
+            return None
+        return list(enable) if enable is not None else None
+
+    def _inject_bottleneck(self, adapter_name: str, config: LorettaAdpConfig, targets: Union[list[str], str],
+                           model_type: str) -> list[str]:
+        placements = BOTTLENECK_PLACEMENT.get(model_type, {})
+        injected = []
+        for name, module in self._candidates(targets):
+            leaf = name.rsplit(".", 1)[-1]
+            if config.use_parallel_adapter:
+                placement = "parallel"
+            elif leaf in placements:
+                placement = placements[leaf]
+            else:
+                placement = "output"  # the sequential adapter after a projection is the common case
+            layer = self._wrap(name, module, BottleneckLayer)
+            if layer is None:
+                continue
+            layer.add_adapter(adapter_name, config, placement)
+            injected.append(name)
+        return injected
+
+    def _wrap(self, name: str, module: nn.Module, layer_cls: type) -> nn.Module | None:
+        """The adapter layer of kind `layer_cls` at `name`, wrapping the module (or the base layer of a
+        wrapper of the other kind) if needed. None when the module cannot carry an adapter."""
+        if isinstance(module, layer_cls):
+            return module
+        if isinstance(module, (LowRankLayer, BottleneckLayer)):  # the other kind: nest inside it
+            inner = module.base_layer
+            if isinstance(inner, layer_cls):
+                return inner
+            if layer_kind(inner) is None:
+                return None
+            module.base_layer = layer_cls(inner)
+            return module.base_layer
+        if layer_kind(module) is None or (layer_cls is BottleneckLayer and layer_kind(module) == "embedding"):
+            return None
+        layer = layer_cls(module)
+        _set_module(self.base_model, name, layer)
+        return layer
+
+    def _add_trainable_copies(self, adapter_name: str, config: AdapterConfig, model_type: str) -> None:
+        """Norms (LoRETTA's train_norms) and heads (SEQ_CLS, modules_to_save) get per-adapter copies."""
+        modules = dict(self.base_model.named_modules())
+        wanted: list[tuple[str, str]] = []  # (name, why)
+        if config.train_norms:
+            wanted += [(n, "norm") for n, m in modules.items()
+                       if not _is_internal(n) and (is_norm_module(m) or
+                                                   (isinstance(m, TrainableCopy) and is_norm_module(m.original)))]
+        if config.task_type == TaskType.SEQ_CLS:
+            heads = [n for n in modules if n in CLASSIFIER_HEAD_NAMES]
+            heads = heads or [n for n in modules if not _is_internal(n) and n.rsplit(".", 1)[-1] in CLASSIFIER_HEAD_NAMES]
+            wanted += [(n, "head") for n in heads]
+            if getattr(config, "tensorize_classifier", False) and model_type.startswith("deberta") and "pooler" in modules:
+                wanted.append(("pooler", "head"))
+        for name in config.modules_to_save or []:
+            matches = [n for n in modules if not _is_internal(n) and (n == name or n.endswith("." + name))]
+            if not matches:
+                raise ValueError(f"modules_to_save entry {name!r} matches no module of this model")
+            wanted += [(n, "head") for n in matches]
+        tensorize = isinstance(config, (LorettaRepConfig, LorettaAdpConfig)) and config.tensorize_classifier
+        for name, why in dict.fromkeys(wanted):
+            module = self.base_model.get_submodule(name)
+            wrapper = module if isinstance(module, TrainableCopy) else TrainableCopy(module)
+            if wrapper is not module:
+                _set_module(self.base_model, name, wrapper)
+            copy_module = wrapper.add_copy(adapter_name)
+            if why == "head" and tensorize and config.task_type == TaskType.SEQ_CLS:
+                self._tensorize_dense(copy_module, config.tensor_rank)
+
+    @staticmethod
+    def _tensorize_dense(head: nn.Module, tensor_rank: int) -> None:
+        """The authors' tensorized classifier: the head's square hidden `dense` becomes a TT layer."""
+        dense = getattr(head, "dense", None)
+        if isinstance(dense, nn.Linear) and dense.in_features == dense.out_features:
+            hidden = dense.in_features
+            head.dense = TTLinear(hidden, hidden, classifier_tt_shape(hidden), tensor_rank).to(dense.weight.device)
+
+    def _select_trained_biases(self, config: AdapterConfig, injected: list[str]) -> list[str]:
+        if config.bias == "none":
+            return []
+        names = [n for n, _ in self.base_model.named_parameters() if n.endswith("bias") and ".adapters." not in n]
+        if config.bias in ("lora_only", "adapter_only"):
+            names = [n for n in names if any(n.startswith(layer + ".base_layer.") for layer in injected)]
+        return names
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make `adapter_name` the active (and only trainable) adapter."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"no adapter named {adapter_name!r}; adapters: {', '.join(self.peft_config)}")
+        self.active_adapter = adapter_name
+        for parameter in self.base_model.parameters():
+            parameter.requires_grad_(False)
+        for _, wrapper in self._wrappers():
+            wrapper.set_active(adapter_name)
+            if adapter_name in wrapper.adapters:
+                for parameter in wrapper.adapters[adapter_name].parameters():
+                    parameter.requires_grad_(not self.peft_config[adapter_name].inference_mode)
+        trained = set(self._trained_base_params.get(adapter_name, []))
+        for name, parameter in self.base_model.named_parameters():
+            if name in trained:
+                parameter.requires_grad_(not self.peft_config[adapter_name].inference_mode)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter]
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Inside the block the model computes exactly what the base model computes."""
+        wrappers = [w for _, w in self._wrappers()]
+        merged = [w for w in wrappers if isinstance(w, LowRankLayer) and w.merged_adapters]
+        if merged:
+            raise RuntimeError("unmerge_adapter() first: merged weights cannot be disabled")
+        for wrapper in wrappers:
+            wrapper.adapters_disabled = True
+        try:
+            yield
+        finally:
+            for wrapper in wrappers:
+                wrapper.adapters_disabled = False
+
+    # -- merging ------------------------------------------------------------------------------------------
+    def _require_mergeable(self, what: str) -> None:
+        config = self.peft_config[self.active_adapter]
+        if isinstance(config, LorettaAdpConfig):
+            raise ValueError(
+                f"{what} is not possible for LoRETTA_adp adapter {self.active_adapter!r}: a bottleneck adapter "
+                f"applies a non-linearity (down → {config.non_linearity} → up) to the activations, so it is not "
+                f"a change of the weights and cannot be folded into them")
+
+    def merge_adapter(self) -> None:
+        """Fold the active adapter's ΔW into the base weights (forward then skips the adapter path)."""
+        self._require_mergeable("merge_adapter")
+        for _, wrapper in self._wrappers():
+            if isinstance(wrapper, LowRankLayer):
+                wrapper.merge(self.active_adapter)
+
+    def unmerge_adapter(self) -> None:
+        for _, wrapper in self._wrappers():
+            if isinstance(wrapper, LowRankLayer):
+                wrapper.unmerge()
+
+    def merge_and_unload(self) -> nn.Module:
+        """The base model with the active adapter folded in and every wrapper removed."""
+        self._require_mergeable("merge_and_unload")
+        self.merge_adapter()
+        for name, wrapper in sorted(self._wrappers(), key=lambda item: -item[0].count(".")):
+            if isinstance(wrapper, (LowRankLayer, BottleneckLayer)):
+                _set_module(self.base_model, name, wrapper.base_layer)
+            elif isinstance(wrapper, TrainableCopy):
+                _set_module(self.base_model, name, wrapper.current())
+        for parameter in self.base_model.parameters():
+            parameter.requires_grad_(False)
+        return self.base_model
+
+    # -- parameters ------------------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts, as PEFT."""
+        trainable = total = 0
+        for parameter in self.parameters():
+            total += parameter.numel()
+            trainable += parameter.numel() if parameter.requires_grad else 0
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / max(total, 1):.4f}")
+
+    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """Everything that adapter trained, keyed by module path (no adapter name in the keys)."""
+        adapter_name = adapter_name or self.active_adapter
+        state: dict[str, torch.Tensor] = {}
+        for name, wrapper in self._wrappers():
+            if adapter_name in wrapper.adapters:
+                for param_name, tensor in wrapper.adapters[adapter_name].state_dict().items():
+                    state[f"{name}.{param_name}"] = tensor
+        params = dict(self.base_model.named_parameters())
+        for name in self._trained_base_params.get(adapter_name, []):
+            state[name] = params[name]
+        return state
+
+    # -- saving and loading ------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str, selected_adapters: list[str] | None = None,
+                        **_: Any) -> None:
+        """adapter_config.json + adapter_model.safetensors per adapter (non-default ones in subfolders).
+
+        Extra keyword arguments (the Trainer passes `state_dict`, `safe_serialization`…) are ignored.
+        """
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_pretrained needs a directory, but {save_directory!r} is a file")
+        for adapter_name in selected_adapters or list(self.peft_config):
+            directory = save_directory if adapter_name == "default" else os.path.join(save_directory, adapter_name)
+            os.makedirs(directory, exist_ok=True)
+            self.peft_config[adapter_name].save_pretrained(directory)
+            tensors = {k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict(adapter_name).items()}
+            save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
+                        is_trainable: bool = False, **_: Any) -> "PeftModel":
+        config = AdapterConfig.from_pretrained(model_id)
+        config.inference_mode = not is_trainable
+        peft_model = cls(model, config, adapter_name)
+        peft_model.load_adapter_weights(model_id, adapter_name)
+        return peft_model
+
+    def load_adapter(self, model_id: str, adapter_name: str = "default", is_trainable: bool = True) -> None:
+        """Add the adapter saved in `model_id` under `adapter_name` (replacing weights if it exists)."""
+        if adapter_name not in self.peft_config:
+            config = AdapterConfig.from_pretrained(model_id)
+            config.inference_mode = not is_trainable
+            self.add_adapter(adapter_name, config)
+        self.load_adapter_weights(model_id, adapter_name)
+        self.set_adapter(self.active_adapter)
+
+    def load_adapter_weights(self, directory: str, adapter_name: str | None = None) -> None:
+        """Load adapter_model.safetensors from `directory` into an existing adapter; strict."""
+        path = os.path.join(directory, WEIGHTS_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!r}: not a saved structlora adapter folder")
+        try:
+            tensors = load_file(path)
+        except (SafetensorError, OSError, ValueError) as error:
+            raise ValueError(f"corrupt adapter weights file {path!r}: {error}") from error
+        self.set_adapter_state_dict(tensors, adapter_name, source=path)
+
+    @torch.no_grad()
+    def set_adapter_state_dict(self, tensors: dict[str, torch.Tensor], adapter_name: str | None = None,
+                               source: str = "state dict") -> None:
+        expected = self.adapter_state_dict(adapter_name)
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        if unexpected:
+            raise ValueError(
+                f"{source} has weights for modules this model's adapter does not have (an adapter for another "
+                f"base model?): {', '.join(unexpected[:5])}{' …' if len(unexpected) > 5 else ''}")
+        if missing:
+            raise ValueError(f"{source} lacks {len(missing)} adapter weights, e.g. {', '.join(missing[:5])}")
+        for key, target in expected.items():
+            source_tensor = tensors[key]
+            if source_tensor.shape != target.shape:
+                module = key.split(".adapters.")[0]
+                raise ValueError(
+                    f"shape mismatch for {key} (module {module!r}): the file has {tuple(source_tensor.shape)}, "
+                    f"this base model needs {tuple(target.shape)} — the adapter was trained on a different base model")
+            target.copy_(source_tensor.to(dtype=target.dtype, device=target.device))
+
+
+def get_peft_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> PeftModel:
+    """Inject the adapter described by `config` into `model` (frozen) and return the wrapper."""
+    if isinstance(model, PeftModel):
+        raise ValueError("model already has adapters: use model.add_adapter(name, config) to add another")
+    return PeftModel(model, config, adapter_name)
+
+
+def adapted_layers(model: nn.Module) -> Iterator[tuple[str, Union[LowRankLayer, BottleneckLayer]]]:
+    """(name, layer) for every adapter layer, names relative to the base model."""
+    root = model.base_model if isinstance(model, PeftModel) else model
+    for name, module in root.named_modules():
+        if isinstance(module, (LowRankLayer, BottleneckLayer)):
+            yield name, module
