@@ -1,0 +1,84 @@
+"""transformers' Trainer through AdapterTrainer: adapter-only checkpoints, resume, best-model reload."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import TrainerCallback, TrainingArguments
+
+from structlora import AdapterTrainer, MTLoraConfig, PeftModel, get_peft_model
+from test_core import VOCAB, tiny_bert
+
+
+class PairDataset(torch.utils.data.Dataset):
+    def __init__(self, n: int = 32) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, VOCAB, (n, 8), generator=generator)
+        self.labels = (self.ids[:, 0] % 3).tolist()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones(8, dtype=torch.long), "labels": self.labels[i]}
+
+
+class StopAt(TrainerCallback):
+    """Simulates an interruption right after a checkpoint."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+def make_trainer(output_dir: str, load_best: bool = False, stop_at: int | None = None) -> AdapterTrainer:
+    model = get_peft_model(tiny_bert(), MTLoraConfig(r=4, structure="icfm", task_type="SEQ_CLS"))
+    args = TrainingArguments(output_dir=output_dir, max_steps=4, per_device_train_batch_size=8,
+                             learning_rate=1e-2, save_steps=2, save_strategy="steps", report_to=[], seed=0,
+                             use_cpu=True, logging_steps=1, eval_strategy="steps", eval_steps=2,
+                             load_best_model_at_end=load_best, metric_for_best_model="loss", greater_is_better=False,
+                             disable_tqdm=True)
+    callbacks = [StopAt(stop_at)] if stop_at else []
+    return AdapterTrainer(model=model, args=args, train_dataset=PairDataset(), eval_dataset=PairDataset(16),
+                          callbacks=callbacks)
+
+
+def adapter_state(trainer: AdapterTrainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.model.adapter_state_dict().items()}
+
+
+def test_checkpoints_hold_the_adapter_only_and_resume_matches(tmp_path):
+    full = make_trainer(str(tmp_path / "full"))
+    full.train()
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+    files = set(os.listdir(checkpoint))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= files
+    assert not any(name.startswith("model") for name in files)  # no full-model weights
+    assert os.path.getsize(checkpoint / "adapter_model.safetensors") < 200_000
+
+    interrupted = make_trainer(str(tmp_path / "resumed"), stop_at=2)
+    interrupted.train()
+    resumed = make_trainer(str(tmp_path / "resumed"))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-2"))
+    expected, got = adapter_state(full), adapter_state(resumed)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.allclose(expected[key], got[key], atol=1e-6), key
+
+
+
+def test_best_checkpoint_is_reloaded_at_the_end(tmp_path):
+    trainer = make_trainer(str(tmp_path), load_best=True)
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None
+    reloaded = PeftModel.from_pretrained(tiny_bert(), best).eval()
+    batch = {k: torch.stack([PairDataset()[i][k] for i in range(4)]) for k in ("input_ids", "attention_mask")}
+    trainer.model.eval()
+    assert torch.allclose(reloaded(**batch).logits, trainer.model(**batch).logits, atol=1e-6)
