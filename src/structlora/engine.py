@@ -1,8 +1,15 @@
 """The shared low-rank engine: every low-rank method (LoRA, the MTLoRA structures, LoRETTA_rep) reduces
 to effective factors A_eff = T·A (R x in) and B_eff = s·B (out x R), and this module does the math.
 
-Factors are materialised once per forward (not per token), the scaling is folded into B_eff, and the
-update is accumulated into the base output with one addmm instead of separate multiply/add passes.
+Factors are materialised once per forward (not per token) and the scaling is folded into B_eff. On a
+plain dense projection the fast path computes base and update in one autograd node:
+
+    forward:  y = x·Wᵀ + b;  h = x·A_effᵀ;  y += h·B_effᵀ      (in-place accumulate, no extra output buffer)
+    saves:    x (the tensor the base layer saves anyway) and the r-dim h, nothing of output size
+    backward: dh = dy·B_eff;  dx = dy·W + dh·A_eff (one addmm, no separate add of two input-size grads)
+
+Everything else (embeddings, dropout > 0, quantized or custom base layers) takes the generic path, which is
+the same formula in plain autograd ops.
 """
 
 from __future__ import annotations
@@ -11,9 +18,46 @@ import torch
 import torch.nn.functional as F
 
 
+class _DenseLowRank(torch.autograd.Function):
+    """y = x·Wᵀ + b + (x·A_effᵀ)·B_effᵀ with W in (out x in) layout (a view is fine)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a_eff: torch.Tensor,
+                b_eff: torch.Tensor) -> torch.Tensor:
+        x2d = x.reshape(-1, x.shape[-1])
+        hidden = x2d @ a_eff.t()
+        out = torch.addmm(bias, x2d, weight.t()) if bias is not None else x2d @ weight.t()
+        out.addmm_(hidden, b_eff.t())
+        ctx.save_for_backward(x2d, hidden, weight, a_eff, b_eff)
+        ctx.has_bias = bias is not None
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x2d, hidden, weight, a_eff, b_eff = ctx.saved_tensors
+        grad2d = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_hidden = grad2d @ b_eff
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad2d @ weight).addmm_(grad_hidden, a_eff).view(*grad_out.shape[:-1], x2d.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad2d.t() @ x2d
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad2d.sum(0)
+        grad_a = grad_hidden.t() @ x2d if ctx.needs_input_grad[3] else None
+        grad_b = grad2d.t() @ hidden if ctx.needs_input_grad[4] else None
+        return grad_x, grad_weight, grad_bias, grad_a, grad_b
+
+
+def dense_lowrank(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a_eff: torch.Tensor,
+                  b_eff: torch.Tensor) -> torch.Tensor:
+    """The fused base + low-rank projection (weight in nn.Linear layout)."""
+    return _DenseLowRank.apply(x, weight, bias, a_eff, b_eff)
+
+
 def add_lowrank_update(base_out: torch.Tensor, x: torch.Tensor, a_eff: torch.Tensor,
                        b_eff: torch.Tensor) -> torch.Tensor:
-    """base_out + (x @ a_effᵀ) @ b_effᵀ for a dense input x (..., in)."""
+    """base_out + (x @ a_effᵀ) @ b_effᵀ for a dense input x (..., in): the generic path."""
     out_features = base_out.shape[-1]
     hidden = x.reshape(-1, x.shape[-1]) @ a_eff.t()
     return torch.addmm(base_out.reshape(-1, out_features), hidden, b_eff.t()).view(base_out.shape)

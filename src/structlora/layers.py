@@ -18,7 +18,7 @@ from transformers.activations import ACT2FN
 from transformers.pytorch_utils import Conv1D
 
 from .config import LoraConfig, LorettaAdpConfig, LorettaRepConfig
-from .engine import add_lowrank_embedding_update, add_lowrank_update
+from .engine import add_lowrank_embedding_update, add_lowrank_update, dense_lowrank
 from .parameterizations import LowRankParameterization, make_parameterization
 from .tensor_train import TTLinear, tt_shape_for
 
@@ -103,12 +103,27 @@ class LowRankLayer(nn.Module, AdapterLayerMixin):
         self.adapters[name] = adapter.to(device=self.base_layer.weight.device)
 
     # -- forward --------------------------------------------------------------------------------------
+    def _fast_path_weight(self, adapter: LowRankAdapter) -> torch.Tensor | None:
+        """The base weight in (out x in) layout when the fused path applies: a plain nn.Linear or Conv1D
+        (not a subclass such as a quantized layer, whose forward we must call) and no dropout copy."""
+        if not isinstance(adapter.dropout, nn.Identity):
+            return None
+        if type(self.base_layer) is nn.Linear:
+            return self.base_layer.weight
+        if type(self.base_layer) is Conv1D:
+            return self.base_layer.weight.t()
+        return None
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
         name = self._active()
         if name is None or name in self.merged_adapters:
-            return result
+            return self.base_layer(x, *args, **kwargs)
         adapter = self.adapters[name]
+        weight = None if args or kwargs else self._fast_path_weight(adapter)
+        if weight is not None:
+            a_eff, b_eff = adapter.effective_factors(x.dtype)
+            return dense_lowrank(x, weight, self.base_layer.bias, a_eff, b_eff)
+        result = self.base_layer(x, *args, **kwargs)
         a_eff, b_eff = adapter.effective_factors(result.dtype)
         if self.kind == "embedding":
             base = self.base_layer
