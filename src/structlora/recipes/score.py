@@ -1,0 +1,111 @@
+"""``structlora score e2e|webnlg|dart``: the official data-to-text metrics, offline.
+
+    structlora score e2e --ref refs.txt --hyp hyps.txt --json
+    structlora score webnlg --ref-prefix hyps.reference --hyp hyps.txt [--seen-file hyps.seen.txt] --json
+    structlora score dart --ref-prefix hyps.reference --hyp hyps.txt --json
+
+E2E prints BLEU, NIST, METEOR, ROUGE_L, CIDEr as e2e-metrics ``measure_scores.py``; WebNLG / DART print
+BLEU (multi-bleu-detok.perl, 0-100), METEOR 1.5 and TER as the WebNLG GenerationEval script, and for
+WebNLG also the seen / unseen subsets. Without Java METEOR is reported as null, with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+from structlora.nlg import metrics
+from structlora.nlg.data import read_e2e_references, read_lines, read_multi_references
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dataset", choices=("e2e", "webnlg", "dart"), help="which official scorer to mimic")
+    parser.add_argument("--hyp", required=True, help="system outputs, one line per input")
+    parser.add_argument("--ref", help="E2E: references, one input's references on consecutive lines, "
+                                      "inputs separated by a blank line")
+    parser.add_argument("--ref-prefix", help="WebNLG/DART: reference files PREFIX0, PREFIX1, …")
+    parser.add_argument("--seen-file", help="WebNLG: 'seen'/'unseen' per input line "
+                                            "(default: HYP's .seen.txt beside it, when present)")
+    parser.add_argument("--json", action="store_true", help="print the scores as one JSON object")
+    parser.add_argument("--no-java", action="store_true", help="skip the Java metrics (METEOR) even if Java exists")
+
+
+def score_e2e(hyp_path: str, ref_path: str, use_java: bool = True) -> dict[str, Any]:
+    hypotheses = read_lines(hyp_path)
+    references = read_e2e_references(ref_path)
+    if len(hypotheses) != len(references):
+        raise SystemExit(f"error: {hyp_path} has {len(hypotheses)} lines but {ref_path} has "
+                         f"{len(references)} reference groups")
+    scores, notes = metrics.e2e_scores(hypotheses, references, use_java=use_java)
+    result: dict[str, Any] = dict(scores)
+    if notes:
+        result["notes"] = notes
+    return result
+
+
+def _generation_eval(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
+                     use_java: bool) -> tuple[dict[str, Any], list[str]]:
+    return metrics.generation_eval_scores(hypotheses, references, use_java=use_java)
+
+
+def score_generation_eval(dataset: str, hyp_path: str, ref_prefix: str, seen_file: str | None = None,
+                          use_java: bool = True) -> dict[str, Any]:
+    hypotheses = read_lines(hyp_path)
+    references = read_multi_references(ref_prefix)
+    if len(hypotheses) != len(references):
+        raise SystemExit(f"error: {hyp_path} has {len(hypotheses)} lines but the reference files have "
+                         f"{len(references)}")
+    scores, notes = _generation_eval(hypotheses, references, use_java)
+    result: dict[str, Any] = dict(scores)
+    if dataset == "webnlg":
+        if seen_file is None:
+            stem = hyp_path[:-4] if hyp_path.endswith(".txt") else hyp_path
+            candidate = f"{stem}.seen.txt"
+            seen_file = candidate if os.path.exists(candidate) else None
+        if seen_file:
+            flags = read_lines(seen_file)
+            if len(flags) != len(hypotheses):
+                raise SystemExit(f"error: {seen_file} has {len(flags)} lines, {hyp_path} {len(hypotheses)}")
+            result["all"] = dict(scores)
+            for subset in ("seen", "unseen"):
+                rows = [i for i, flag in enumerate(flags) if flag.strip().lower() == subset]
+                if rows:
+                    result[subset] = _generation_eval([hypotheses[i] for i in rows],
+                                                      [references[i] for i in rows], use_java)[0]
+                else:
+                    result[subset] = None
+    if notes:
+        result["notes"] = notes
+    return result
+
+
+def run(args: argparse.Namespace) -> int:
+    use_java = not args.no_java
+    if args.dataset == "e2e":
+        if not args.ref:
+            raise SystemExit("error: score e2e needs --ref")
+        result = score_e2e(args.hyp, args.ref, use_java)
+    else:
+        if not args.ref_prefix:
+            raise SystemExit(f"error: score {args.dataset} needs --ref-prefix")
+        result = score_generation_eval(args.dataset, args.hyp, args.ref_prefix, args.seen_file, use_java)
+    for note in result.get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            if key == "notes":
+                continue
+            if isinstance(value, dict):
+                print(f"{key}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in value.items()))
+            else:
+                print(f"{key}: {_fmt(value)}")
+    return 0
+
+
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

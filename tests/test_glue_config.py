@@ -1,0 +1,94 @@
+"""Flags, config files (YAML/JSON, explicit flags win), the shipped recipe files, adapter configs, report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+import structlora
+from structlora.recipes import common, glue, report
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "glue"
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    glue.add_arguments(parser)
+    return common.apply_config_file(parser.parse_args(argv))
+
+
+def test_yaml_values_become_defaults_and_explicit_flags_win(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("task: rte\nlr: 4e-4\nepochs: 80\nseed: 7\ntarget-modules: [query, value]\nbf16: true\n"
+                      "lora_alpha: 16\n")
+    args = parse(["--config", str(config), "--lr", "1e-3", "--seed", "42"])
+    assert args.lr == 1e-3  # given on the command line
+    assert args.seed == 42  # given explicitly, even though it equals the default
+    assert args.epochs == 80.0 and isinstance(args.epochs, float)
+    assert args.lr_scheduler == "linear"  # in neither: the default
+    assert (args.task, args.target_modules, args.bf16, args.lora_alpha) == ("rte", ["query", "value"], True, 16.0)
+
+
+def test_json_config_and_unknown_keys(tmp_path):
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"method": "loretta-rep", "tensor-rank": 4, "warmup_steps": 500}))
+    args = parse(["--config", str(config)])
+    assert (args.method, args.tensor_rank, args.warmup_steps) == ("loretta-rep", 4, 500)
+    config.write_text(json.dumps({"learning_rate": 1e-3}))
+    with pytest.raises(SystemExit, match="unknown key.*learning_rate"):
+        parse(["--config", str(config)])
+    config.write_text(json.dumps({"method": "dora"}))
+    with pytest.raises(SystemExit, match="not one of"):
+        parse(["--config", str(config)])
+
+
+MTLORA_SETTINGS = {  # task: (lr, epochs, batch size), from the MTLoRA RoBERTa-base scripts
+    "cola": (4e-4, 80, 32), "mnli": (5e-4, 30, 16), "mrpc": (4e-4, 30, 16), "qnli": (4e-4, 25, 32),
+    "qqp": (5e-4, 25, 16), "rte": (5e-4, 80, 32), "sst2": (5e-4, 60, 16), "stsb": (4e-4, 40, 16),
+}
+
+
+@pytest.mark.parametrize("task", sorted(MTLORA_SETTINGS))
+def test_mtlora_recipe_files(task):
+    args = parse(["--config", str(RECIPES / f"mtlora_roberta_base_{task}.yaml")])
+    assert (args.task, args.method, args.r, args.lora_alpha) == (task, "mtlora", 8, 16.0)
+    assert (args.lr, args.epochs, args.batch_size) == MTLORA_SETTINGS[task]
+    assert (args.max_length, args.warmup_ratio, args.weight_decay) == (512, 0.06, 0.1)
+
+
+@pytest.mark.parametrize("method", ["rep", "adp"])
+def test_loretta_recipe_files(method):
+    args = parse(["--config", str(RECIPES / f"loretta_{method}_deberta_base.yaml"), "--task", "sst2"])
+    assert (args.method, args.tensor_rank, args.lr, args.epochs, args.batch_size) == (
+        f"loretta-{method}", 5, 1e-4, 10.0, 8)
+    assert (args.max_length, args.lr_scheduler, args.warmup_steps) == (128, "constant_with_warmup", 500)
+
+
+def test_build_peft_config_passes_only_given_values():
+    args = parse(["--method", "loretta-rep", "--tensor-rank", "3"])
+    config = common.build_peft_config(args, "SEQ_CLS")
+    assert isinstance(config, structlora.LorettaRepConfig)
+    default = structlora.LorettaRepConfig()
+    assert (config.tensor_rank, config.lora_alpha, config.r) == (3, default.lora_alpha, default.r)
+    mtlora = common.build_peft_config(parse(["--method", "mtlora", "--structure", "dtsm", "--r", "4"]), "SEQ_CLS")
+    assert isinstance(mtlora, structlora.MTLoraConfig) and (mtlora.structure, mtlora.r) == ("dtsm", 4)
+    adp = common.build_peft_config(parse(["--method", "loretta-adp", "--bottleneck-size", "16"]), "SEQ_CLS")
+    assert isinstance(adp, structlora.LorettaAdpConfig) and adp.bottleneck_size == 16
+    lora = common.build_peft_config(parse(["--target-modules", "query,value"]), "SEQ_CLS")
+    assert isinstance(lora, structlora.LoraConfig) and list(lora.target_modules) == ["query", "value"]
+    assert common.build_peft_config(parse(["--method", "full"]), "SEQ_CLS") is None
+
+
+def test_report_markdown_table(tmp_path, capsys):
+    for name, method, accuracy in (("a", "lora", 0.8), ("b", "loretta-rep", 0.75)):
+        common.write_results(str(tmp_path / name), "sst2", method, 1234 if method == "lora" else 99,
+                             {"accuracy": accuracy}, [{"epoch": 1.0, "step": 2, "accuracy": accuracy}], 12.34)
+    assert report.run(argparse.Namespace(runs=[str(tmp_path)], output=str(tmp_path / "table.md"))) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "| run | task | method | trainable params | accuracy | train time (s) |"
+    assert lines[2] == f"| {tmp_path / 'a'} | sst2 | lora | 1,234 | 0.8000 | 12.3 |"
+    assert lines[3] == f"| {tmp_path / 'b'} | sst2 | loretta-rep | 99 | 0.7500 | 12.3 |"
+    assert (tmp_path / "table.md").read_text().strip() == "\n".join(lines)

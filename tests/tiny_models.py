@@ -1,0 +1,58 @@
+"""Tiny models built from a config, saved with a tokenizer to a folder: no hub access, a few seconds.
+
+    from tiny_models import save_tiny_bert
+    model_dir = save_tiny_bert(tmp_path / "tiny-bert")   # BertForSequenceClassification-loadable folder
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Enough words for the fixture sentences; anything else becomes [UNK] (word-piece falls back to it).
+TINY_WORDS: tuple[str, ...] = (
+    "the", "a", "an", "film", "movie", "is", "was", "good", "bad", "great", "awful", "fun", "boring",
+    "not", "very", "and", "but", "it", "this", "that", "of", "to", "in", "story", "actors", "plot",
+    "i", "you", "he", "she", "they", "we", "saw", "liked", "hated", "book", "cat", "dog", "ran",
+    "man", "woman", "is", "are", "what", "who", "where", "why", "how", "yes", "no", "same", "different",
+    "question", "answer", "sentence", "word", ".", ",", "?", "!", "'", "s",
+)
+SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def write_tiny_vocab(path: Path) -> Path:
+    words = list(dict.fromkeys(TINY_WORDS))  # unique, order kept
+    path.write_text("\n".join([*SPECIAL_TOKENS, *words]) + "\n")
+    return path
+
+
+def save_tiny_bert(
+    folder: str | Path,
+    hidden_size: int = 32,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 2,
+    intermediate_size: int = 64,
+    seed: int = 0,
+) -> Path:
+    """Save a randomly initialised tiny ``BertModel`` and a ``BertTokenizerFast`` to ``folder``.
+
+    Loading it with ``AutoModelForSequenceClassification`` adds a fresh head, like a real checkpoint."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab_file = write_tiny_vocab(folder / "vocab.txt")
+    tokenizer = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True)
+    config = BertConfig(
+        vocab_size=len(vocab_file.read_text().split()),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=128,
+        pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    BertModel(config).save_pretrained(folder)  # safetensors
+    tokenizer.save_pretrained(folder)
+    return folder
