@@ -91,3 +91,25 @@ def test_adapter_path_compiles_without_graph_breaks(config):
     assert torch.allclose(out, layer(x), atol=1e-6)
     out.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fused", "generic"])
+def test_autocast_bf16_over_fp32_weights(fast, monkeypatch):
+    """Trainer --bf16 runs the fp32 model under autocast: the adapter path must follow autocast's dtype."""
+    torch.manual_seed(0)
+    layer = LowRankLayer(nn.Linear(16, 24))
+    layer.add_adapter("default", LoraConfig(r=4), None)
+    with torch.no_grad():
+        for parameter in layer.adapters.parameters():
+            parameter.normal_()
+    if not fast:
+        monkeypatch.setattr(LowRankLayer, "_fast_path_weight", lambda self, adapter: None)
+    x = torch.randn(5, 16)
+    reference = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), reference, atol=3e-2 * float(reference.abs().max()))
+    out.float().sum().backward()
+    for parameter in layer.adapters.parameters():
+        assert parameter.grad is not None and parameter.grad.dtype == torch.float32 and parameter.grad.abs().sum() > 0

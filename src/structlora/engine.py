@@ -49,10 +49,31 @@ class _DenseLowRank(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, grad_a, grad_b
 
 
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast compute dtype active for this device, or None."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device argument
+        enabled = torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    if not enabled:
+        return None
+    if hasattr(torch, "get_autocast_dtype"):
+        return torch.get_autocast_dtype(device_type)
+    return torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
+
+
 def dense_lowrank(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a_eff: torch.Tensor,
                   b_eff: torch.Tensor) -> torch.Tensor:
     """The fused base + low-rank projection (weight in nn.Linear layout)."""
-    return _DenseLowRank.apply(x, weight, bias, a_eff, b_eff)
+    device_type = x.device.type
+    dtype = _autocast_dtype(device_type)
+    if dtype is None:
+        return _DenseLowRank.apply(x, weight, bias, a_eff, b_eff)
+    # Under autocast, cast once up front as autocast would for a linear, then run the fused node with autocast
+    # off: its in-place accumulate is not an autocast op and would otherwise mix dtypes.
+    cast = [None if t is None else t.to(dtype) for t in (x, weight, bias, a_eff, b_eff)]
+    with torch.autocast(device_type, enabled=False):
+        return _DenseLowRank.apply(*cast)
 
 
 def add_lowrank_update(base_out: torch.Tensor, x: torch.Tensor, a_eff: torch.Tensor,
