@@ -350,3 +350,14 @@ def test_counts_gpt2_medium():
         config = MTLoraConfig(r=4, lora_alpha=32, structure=structure, target_modules=["c_attn", "c_fc"],
                               enable_lora={"c_attn": [True, True, True]})
         assert _adapter_params(get_peft_model(_meta(gpt2), config)) == expected, structure
+
+
+def test_modules_to_save_are_trained_as_they_are():
+    """Only the detected classification head is tensorized; a pretrained module the user lists is copied."""
+    base = tiny_bert()
+    model = get_peft_model(copy.deepcopy(base), LorettaRepConfig(r=4, tensor_rank=2, task_type="SEQ_CLS",
+                                                                 modules_to_save=["pooler"]))
+    pooler = model.base_model.bert.pooler
+    assert isinstance(pooler.adapters["default"].dense, torch.nn.Linear)
+    assert torch.equal(pooler.adapters["default"].dense.weight, base.bert.pooler.dense.weight)
+    assert all(p.requires_grad for p in pooler.adapters["default"].parameters())

@@ -217,7 +217,7 @@ class PeftModel(nn.Module):
             matches = [n for n in modules if not _is_internal(n) and (n == name or n.endswith("." + name))]
             if not matches:
                 raise ValueError(f"modules_to_save entry {name!r} matches no module of this model")
-            wanted += [(n, "head") for n in matches]
+            wanted += [(n, "saved") for n in matches]  # trained as they are: never tensorized
         tensorize = isinstance(config, (LorettaRepConfig, LorettaAdpConfig)) and config.tensorize_classifier
         for name, why in dict.fromkeys(wanted):
             module = self.base_model.get_submodule(name)
