@@ -10,13 +10,9 @@ import pytest
 
 from structlora.cli import _build_parser, main
 from structlora.llm.tiny import save_tiny_llama
+from test_llm_tasks import write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def write_jsonl(path: Path, records: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
 def rte_records(n: int) -> list[dict]:

@@ -141,11 +141,3 @@ def test_shared_prefix_path_matches_full_rows_on_a_tiny_llama(tmp_path) -> None:
     full_sums.sum().backward()
     assert torch.allclose(shared_grad, model.model.layers[0].self_attn.q_proj.weight.grad, atol=1e-5)
 
-
-def test_resolve_model_source(tmp_path) -> None:
-    from structlora.llm.modeling import resolve_model_source
-
-    (tmp_path / "m.gguf").write_bytes(b"")
-    assert resolve_model_source(str(tmp_path / "m.gguf")) == (str(tmp_path), "m.gguf")
-    assert resolve_model_source(str(tmp_path)) == (str(tmp_path), "m.gguf")  # the folder's only GGUF file
-    assert resolve_model_source("meta-llama/Llama-2-7b-hf") == ("meta-llama/Llama-2-7b-hf", None)

@@ -167,3 +167,19 @@ def test_missing_data_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(DataUnavailableError, match=r"no eval data for task CB; tried: .*superglue/\]CB/val"):
         load_records(get_task("CB"), "eval", data_dir=tmp_path)
+
+
+def test_hub_is_used_when_no_local_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path: str, name: str | None, split: str) -> list[dict]:
+        calls.append((path, name, split))
+        return [{"passage": f"Passage {i}.", "question": "is it", "label": i % 2, "idx": i} for i in range(6)]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    splits = sample_splits(get_task("BoolQ"), n_train=3, n_dev=2, n_eval=4, seed=0, data_dir=tmp_path)
+    assert calls == [("super_glue", "boolq", "validation"), ("super_glue", "boolq", "train")]
+    assert (len(splits.train), len(splits.dev), len(splits.eval)) == (3, 2, 4)
+    assert {e.gold for e in splits.eval} <= {(0,), (1,)} and splits.eval[0].candidates == ("No", "Yes")

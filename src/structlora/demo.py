@@ -98,12 +98,13 @@ def run_method(method: str, args: argparse.Namespace, model: str, data_dir: str 
 
 
 def comparison_table(results: Sequence[dict[str, Any]]) -> str:
-    lora_params = next((r["adapter_params"] for r in results if r["method"] == "lora"), None)
-    lines = ["| method | trainable params (all) | adapter params (no head) | vs LoRA | dev accuracy | train time (s) |",
+    lora = next((r for r in results if r["method"] == "lora"), None)
+    lines = ["| method | trainable params (all) | adapter params (no head) | LoRA / this (all, adapter) "
+             "| dev accuracy | train time (s) |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in results:
-        ratio = (f"{lora_params / r['adapter_params']:.1f}x fewer"
-                 if lora_params and r["method"] not in ("lora", "full") else "–")
+        ratio = (f"{lora['trainable_params'] / r['trainable_params']:.1f}x, {lora['adapter_params'] / r['adapter_params']:.1f}x"
+                 if lora and r is not lora and r["adapter_params"] else "–")
         lines.append(f"| {r['method']} | {r['trainable_params']:,} | {r['adapter_params']:,} | {ratio} | "
                      f"{r['eval']['accuracy']:.4f} | {r['train_seconds']:.1f} |")
     return "\n".join(lines)

