@@ -19,19 +19,15 @@ def load_causal_lm(model: str, gguf_file: str | None = None, dtype: str = "float
     """The model (GGUF weights de-quantised to `dtype`) and its tokenizer, padding on the left."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from structlora.nlg.modeling import resolve_model  # aliases and GGUF paths, shared with the NLG recipe
+    # Aliases, GGUF paths and de-quantised GGUF models: shared with the NLG recipe.
+    from structlora.nlg.modeling import clear_gguf_quantization_markers, resolve_model
 
     source, gguf = resolve_model(model, gguf_file)
     extra = {"gguf_file": gguf} if gguf else {}
     tokenizer = AutoTokenizer.from_pretrained(source, **extra)
     causal_lm = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], **extra)
     if gguf:
-        # The weights are de-quantised into ordinary tensors: drop the quantiser markers, else Trainer
-        # refuses to fine-tune what it believes is a quantised model.
-        causal_lm.hf_quantizer = None
-        causal_lm.is_quantized = False
-        vars(causal_lm).pop("quantization_method", None)
-        vars(causal_lm.config).pop("quantization_config", None)
+        clear_gguf_quantization_markers(causal_lm)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

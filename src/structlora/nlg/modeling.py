@@ -103,7 +103,19 @@ def load_causal_lm(spec: ModelSpec, dtype: torch.dtype | None = None):
         kwargs["gguf_file"] = gguf_file
     if dtype is not None:
         kwargs["dtype"] = dtype
-    return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    if gguf_file:
+        clear_gguf_quantization_markers(model)
+    return model
+
+
+def clear_gguf_quantization_markers(model: Any) -> None:
+    """GGUF weights are de-quantised into ordinary tensors on load, but the model keeps the quantiser's
+    markers, and Trainer refuses to fine-tune what it believes is a quantised model: drop them."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    vars(model).pop("quantization_method", None)
+    vars(model.config).pop("quantization_config", None)
 
 
 # ------------------------------------------------------------------------------------------ layout

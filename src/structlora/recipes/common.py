@@ -24,7 +24,7 @@ Contract (signatures are stable; the NLG and LLM recipes import them):
   extra=None)`` -> path of ``results.json``; ``plot_curves(output_dir, history, metric)`` -> path of
   ``curves.png``. Both write on the main process only.
 - Helpers: ``count_trainable_parameters``, ``best_eval_metrics``, ``clean_eval_metrics``, ``save_final_model``,
-  ``is_main_process``.
+  ``is_main_process``, ``default_trainer_class``, ``load_adapter_from`` (``--init-from``).
 
 A ``history`` is a list of dicts, one per evaluation: ``{"epoch", "step", "train_loss", "eval_loss",
 <metric>: value, ...}`` (metric names without the ``eval_`` prefix).
@@ -37,8 +37,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -275,7 +273,7 @@ def wrap_model(model: torch.nn.Module, args: argparse.Namespace, task_type: str)
 
     peft_model = structlora.get_peft_model(model, config)
     if init_from:
-        _load_adapter_from(peft_model, Path(init_from))
+        load_adapter_from(peft_model, Path(init_from))
     return peft_model
 
 
@@ -294,42 +292,21 @@ def _load_matching_weights(model: torch.nn.Module, folder: Path, filename: str) 
     return sorted(set(tensors) - set(usable))
 
 
-def _load_adapter_from(peft_model: Any, folder: Path) -> None:
+def load_adapter_from(peft_model: Any, folder: Path) -> None:
     """Load a trained adapter into ``peft_model``'s active adapter. Head tensors of another shape (a head
-    trained for a different label count, e.g. 3-way MNLI -> 2-way RTE) are replaced by the model's own
-    fresh ones, so the new task's head starts from scratch while the adapter is reused."""
-    from safetensors.torch import load_file, save_file
+    trained for a different label count, e.g. 3-way MNLI -> 2-way RTE) keep the model's own fresh values,
+    so the new task's head starts from scratch while the adapter is reused."""
+    from safetensors.torch import load_file
 
     weights_path = folder / "adapter_model.safetensors"
     if not weights_path.is_file():
         raise FileNotFoundError(f"--init-from: {weights_path} not found (expected an adapter folder)")
-    # adapter_state_dict() is keyed like the saved file; state_dict() is the fallback for other wrappers.
-    own_state = (peft_model.adapter_state_dict() if hasattr(peft_model, "adapter_state_dict")
-                 else peft_model.state_dict())
     tensors = load_file(str(weights_path))
-    replaced = False
+    own_state = peft_model.adapter_state_dict()
     for name, tensor in tensors.items():
-        own_name = _matching_name(name, own_state)
-        if own_name is not None and tuple(own_state[own_name].shape) != tuple(tensor.shape):
-            tensors[name] = own_state[own_name].detach().to(tensor.dtype).clone().contiguous()
-            replaced = True
-    if not replaced:
-        peft_model.load_adapter(str(folder), adapter_name="default", is_trainable=True)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        for item in folder.iterdir():
-            if item.is_file() and item.name != weights_path.name:
-                shutil.copy(item, tmp)
-        save_file(tensors, os.path.join(tmp, weights_path.name))
-        peft_model.load_adapter(tmp, adapter_name="default", is_trainable=True)
-
-
-def _matching_name(name: str, own_state: Mapping[str, Any]) -> str | None:
-    """The model's tensor for a saved name: the same name, else the shortest one ending in ``.name``."""
-    if name in own_state:
-        return name
-    candidates = [own for own in own_state if own.endswith("." + name)]
-    return min(candidates, key=len) if candidates else None
+        if name in own_state and own_state[name].shape != tensor.shape:
+            tensors[name] = own_state[name].detach().clone()
+    peft_model.set_adapter_state_dict(tensors, source=str(weights_path))
 
 
 HEAD_MODULE_NAMES: tuple[str, ...] = ("classifier", "score", "pooler")
@@ -410,7 +387,7 @@ def make_training_arguments(args: argparse.Namespace, **overrides: Any):  # -> t
     return TrainingArguments(**settings)
 
 
-def _default_trainer_cls(method: str) -> type:
+def default_trainer_class(method: str) -> type:
     if method == "full":
         from transformers import Trainer
 
@@ -461,7 +438,7 @@ def run_training(
     training_args = make_training_arguments(
         args, metric_for_best_model=metric_for_best_model, greater_is_better=greater_is_better, **overrides
     )
-    trainer_cls = trainer_cls or _default_trainer_cls(args.method)
+    trainer_cls = trainer_cls or default_trainer_class(args.method)
     trainer = trainer_cls(
         model=model,
         args=training_args,

@@ -124,7 +124,7 @@ def build_model(args: argparse.Namespace, spec: ModelSpec):
     if getattr(args, "init_from", None):
         from pathlib import Path
 
-        common._load_adapter_from(peft_model, Path(args.init_from))
+        common.load_adapter_from(peft_model, Path(args.init_from))
     return peft_model
 
 
@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     label_smoothing = args.label_smoothing
     trainer_args = copy.copy(args)
     trainer_args.label_smoothing = 0.0
-    trainer_cls = completion_trainer_class(common._default_trainer_cls(args.method), label_smoothing)
+    trainer_cls = completion_trainer_class(common.default_trainer_class(args.method), label_smoothing)
     trainer, history, seconds = common.run_training(
         model, trainer_args, train_set, eval_set, CompletionCollator(tokenizer.pad_token_id), None,
         metric_for_best_model="loss", greater_is_better=False, trainer_cls=trainer_cls,
