@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from structlora.glue import GLUE_TASKS, GlueDataError, load_glue, load_glue_local
+from shared_paths import SHARED_DATA
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def write_tsv(path: Path, rows: list[list[str]]) -> None:

@@ -10,6 +10,7 @@ import pytest
 from structlora.nlg.data import (NLGInput, linearize_e2e_mr, linearize_triples, load_split, read_dart_json,
                                  read_e2e_csv, read_e2e_lines, read_webnlg_xml, split_by_input, training_pairs,
                                  webnlg_xml_files)
+from shared_paths import SHARED_DATA
 
 E2E_CSV = '''mr,ref
 "name[The Eagle], eatType[coffee shop], priceRange[£20-25], familyFriendly[no]",The Eagle is a coffee shop.
@@ -126,12 +127,9 @@ def test_missing_files_say_where_to_look(tmp_path):
         load_split("e2e", "test", tmp_path)
 
 
-@pytest.mark.skipif(not Path("/work/shared/data/e2e/devset.csv").exists() and
-                    not (Path(__file__).resolve().parents[2] / "shared/data/e2e/devset.csv").exists(),
-                    reason="shared data not present")
+@pytest.mark.skipif(not (SHARED_DATA / "e2e" / "devset.csv").exists(), reason="shared data not present")
 def test_real_shared_files_parse():
-    root = Path(__file__).resolve().parents[2] / "shared" / "data"
-    root = root if root.exists() else Path("/work/shared/data")
+    root = SHARED_DATA
     e2e = load_split("e2e", "dev", root)
     assert len(e2e) == 547 and sum(len(x.references) for x in e2e) == 4672
     train, heldout = load_split("e2e", "dev-train", root), load_split("e2e", "dev-heldout", root)

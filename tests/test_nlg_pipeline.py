@@ -13,10 +13,10 @@ import torch
 from structlora.nlg.data import NLGInput, read_e2e_references
 from structlora.nlg.generation import DecodingSettings, clean_hypothesis, completed_lines, generate_hypotheses
 from structlora.nlg.modeling import CompletionCollator, completion_loss, encode_example
+from shared_paths import GPT2_TOKENIZER
 
 REPO = Path(__file__).resolve().parents[1]
-TOKENIZER_DIR = next((p for p in (REPO.parent / "shared" / "models" / "gpt2-tokenizer",
-                                  Path("/work/shared/models/gpt2-tokenizer")) if (p / "vocab.json").exists()), None)
+TOKENIZER_DIR = GPT2_TOKENIZER if (GPT2_TOKENIZER / "vocab.json").exists() else None
 pytestmark = pytest.mark.skipif(TOKENIZER_DIR is None, reason="GPT-2 tokenizer files (shared/models) not present")
 
 MRS = [
