@@ -1,4 +1,5 @@
-"""Scorers against values derived by hand (formulas in the comments) and against independent packages."""
+"""Scorers against values derived by hand (formulas in the comments), against independent packages, and
+against golden outputs of the official scripts."""
 
 from __future__ import annotations
 
@@ -178,3 +179,70 @@ def test_score_cli_e2e_and_webnlg(tmp_path, capsys):
     assert webnlg["seen"]["TER"] == pytest.approx(2 / 6)  # "a b c d" vs 6 words: 2 insertions
     assert webnlg["all"]["TER"] == pytest.approx(1 / 6)
     assert webnlg["TER"] == webnlg["all"]["TER"]
+
+
+# Golden values from the official scripts themselves, run once outside this repository (e2e-metrics
+# `measure_scores.py` with mteval-v13a-sig.pl; GenerationEval `eval.py` as in microsoft/LoRA, NLTK 3.5).
+# mteval prints BLEU/NIST with 4 decimals, multi-bleu-detok.perl BLEU with 2, hence the tolerances.
+E2E_GOLDEN_REFS = [
+    ["The Eagle is a cheap pub near Cafe Rouge.", "A cheap pub, The Eagle, is near Cafe Rouge."],
+    ["Zizzi serves French food; it's rated 5 out of 5."],
+    ["Browns Cambridge is a family-friendly Italian restaurant in the city centre.",
+     "In the city centre, Browns Cambridge serves Italian food and welcomes families.",
+     "Browns Cambridge, an Italian place in the centre, is kid friendly."],
+]
+# The empty output of an input with fewer references than the maximum is "closest" to the empty padding
+# reference measure_scores.py adds (length 0): BLEU 0.5100, not the 0.3285 of skipping the padding.
+E2E_GOLDEN_HYPS = ["The Eagle is a pub near Cafe Rouge, it's cheap.", "",
+                   "Browns Cambridge is an Italian restaurant in the city centre for families."]
+
+
+def test_e2e_bleu_nist_equal_official_measure_scores():
+    scores = M.e2e_bleu_nist(E2E_GOLDEN_HYPS, E2E_GOLDEN_REFS)
+    assert scores["BLEU"] == pytest.approx(0.5100, abs=5e-5)
+    assert scores["NIST"] == pytest.approx(4.9410, abs=5e-5)
+
+
+@needs_java
+def test_e2e_coco_metrics_equal_official_measure_scores():
+    scores, _ = M.e2e_scores(E2E_GOLDEN_HYPS, E2E_GOLDEN_REFS)
+    assert scores["METEOR"] == pytest.approx(0.32731164163751436, abs=1e-12)
+    assert scores["ROUGE_L"] == pytest.approx(0.5344947517893808, abs=1e-12)
+    assert scores["CIDEr"] == pytest.approx(2.8254292532161447, abs=1e-12)
+
+
+GE_GOLDEN_REFS = [
+    ["Alan Bean was born in Wheeler, Texas and was a crew member of Apollo 12.",
+     "Alan Bean, a member of the Apollo 12 crew, was born in Wheeler, Texas.",
+     "Born in Wheeler, Texas, Alan Bean flew on Apollo 12."],
+    ["Aarhus Airport serves the city of Aarhus in Denmark.", "", ""],
+    ["The Acharya Institute of Technology is located in Bangalore, India.",
+     "Bangalore, India is home to the Acharya Institute of Technology.", ""],
+]
+GE_GOLDEN_HYPS = ["Alan Bean was born in Wheeler, Texas and flew on Apollo 12.", "Aarhus Airport",
+                  "The Acharya Institute of Technology is in Bangalore, India."]
+
+
+def test_generation_eval_bleu_and_ter_equal_official_eval_py():
+    # BLEU: official run on files ending with a newline (without one, Perl's `chop` eats the last
+    # character of each file's last line). TER: official run on files without a final newline (with one,
+    # eval.py's split('\n') adds a phantom empty input scoring TER 1: (3 * 0.39248 + 1) / 4 = 0.54436).
+    assert M.multi_bleu_detok(GE_GOLDEN_HYPS, GE_GOLDEN_REFS) == pytest.approx(84.41, abs=5e-3)
+    hyps_tok = [" ".join(M.nltk_word_tokenize(h)) for h in GE_GOLDEN_HYPS]
+    refs_tok = [[" ".join(M.nltk_word_tokenize(r)) for r in refs] for refs in GE_GOLDEN_REFS]
+    assert M.generation_eval_ter(hyps_tok, refs_tok) == pytest.approx(0.39248366013071895, abs=1e-12)
+
+
+@needs_java
+def test_generation_eval_meteor_equal_official_eval_py():
+    scores, _ = M.generation_eval_scores(GE_GOLDEN_HYPS, GE_GOLDEN_REFS)
+    assert scores["METEOR"] == pytest.approx(0.41762145892324465, abs=1e-12)
+
+
+def test_nltk_version_other_than_generation_evals_pin_is_noted(monkeypatch):
+    import nltk
+
+    monkeypatch.setattr(nltk, "__version__", "3.9.1")
+    assert any("NLTK 3.9.1" in n and "nltk==3.5" in n for n in M.nltk_tokenizer_notes())
+    monkeypatch.setattr(nltk, "__version__", "3.5")
+    assert not any("nltk==3.5" in n for n in M.nltk_tokenizer_notes())

@@ -2,9 +2,10 @@
 
 E2E (``measure_scores.py`` of the e2e-metrics repository, default Perl mode):
   * BLEU and NIST as computed by its ``mteval-v13a-sig.pl`` (mteval-v13a tokenisation, ASCII lower-casing,
-    closest reference length with ties to the shorter one, empty padding references ignored for the
-    brevity penalty, the script's 1/2^k smoothing of zero n-gram matches, NIST's information weights
-    from all references and its length penalty against total reference words / number of reference sets).
+    closest reference length with ties to the shorter one, counting the empty references that
+    measure_scores.py pads every input with (length 0), the script's 1/2^k smoothing of zero n-gram
+    matches, NIST's information weights from all references and its length penalty against total
+    reference words / number of reference sets).
   * METEOR, ROUGE_L and CIDEr from the MS-COCO caption code (``pycocoevalcap``) after the Stanford PTB
     tokenizer (the Java jar that ``pycocoevalcap`` ships), exactly as the official wrapper calls them.
 
@@ -134,17 +135,12 @@ def e2e_bleu_nist(hypotheses: Sequence[str], references: Sequence[Sequence[str]]
     nist_totals = [0] * 6
     closest_ref_length = 0
     for hyp, refs in zip(hyp_tokens, ref_tokens):
-        # Brevity-penalty length: closest reference, ties to the shorter; empty (padding) refs skipped.
-        chosen: int | None = None
-        for ref in refs:
-            length = len(ref)
-            if chosen is None:
-                chosen = length
-            elif length:
-                distance, best = abs(len(hyp) - length), abs(len(hyp) - chosen)
-                if distance < best or (distance == best and length < chosen):
-                    chosen = length
-        closest_ref_length += chosen or 0
+        # Brevity-penalty length: the closest reference length, ties to the shorter. measure_scores.py pads
+        # every input to the same number of reference sets with empty segments, and mteval counts those
+        # as references of length 0 -- so a short (or empty) output of an input with fewer references
+        # than the maximum can be "closest" to the empty padding (checked against the Perl script).
+        lengths = [len(ref) for ref in refs] + [0] * (num_ref_sets - len(refs))
+        closest_ref_length += min(lengths, key=lambda length: (abs(len(hyp) - length), length), default=0)
         for n in range(1, 6):
             hyp_counts = _ngram_counts(hyp, n)
             max_ref_counts: Counter = Counter()
@@ -370,11 +366,24 @@ def nltk_word_tokenize(text: str) -> list[str]:
     return [w for sentence in PunktSentenceTokenizer().tokenize(text) for w in words.tokenize(sentence)]
 
 
-def nltk_tokenizer_note() -> str | None:
-    if _nltk_tokenizer_kind() == "punkt":
-        return None
-    return ("NLTK punkt data not installed: METEOR/TER input uses an untrained Punkt sentence splitter "
-            "(may differ from nltk.word_tokenize on abbreviations)")
+# GenerationEval pins nltk==3.5; later releases split en-dashes ("1983–1984") and keep inner apostrophes
+# ("Su'a") differently, which moves METEOR/TER slightly (measured in docs/NLG.md).
+GENERATION_EVAL_NLTK = "3.5"
+
+
+def nltk_tokenizer_notes() -> list[str]:
+    """Why METEOR/TER tokens may differ from the official GenerationEval run, if they may."""
+    import nltk
+
+    notes = []
+    if _nltk_tokenizer_kind() != "punkt":
+        notes.append("NLTK punkt data not installed: METEOR/TER input uses an untrained Punkt sentence splitter "
+                     "(may differ from nltk.word_tokenize on abbreviations)")
+    if nltk.__version__ != GENERATION_EVAL_NLTK:
+        notes.append(f"NLTK {nltk.__version__} tokenises en-dashes and inner apostrophes unlike GenerationEval's "
+                     f"pinned nltk=={GENERATION_EVAL_NLTK}: METEOR/TER may differ in the 4th decimal "
+                     f"(install nltk=={GENERATION_EVAL_NLTK} for identical values)")
+    return notes
 
 
 # ----------------------------------------------------------------------------------- METEOR 1.5 file
@@ -462,9 +471,7 @@ def generation_eval_scores(hypotheses: Sequence[str], references: Sequence[Seque
     scores: dict[str, float | None] = {"BLEU": multi_bleu_detok(hypotheses, references)}
     hyps_tok = [" ".join(nltk_word_tokenize(h)) for h in hypotheses]
     refs_tok = [[" ".join(nltk_word_tokenize(r)) for r in refs] for refs in references]
-    note = nltk_tokenizer_note()
-    if note:
-        notes.append(note)
+    notes.extend(nltk_tokenizer_notes())
     if use_java and java_executable() is not None:
         scores["METEOR"] = meteor_generation_eval(hyps_tok, refs_tok)
         empty = sum(1 for h in hyps_tok if not h.strip())
