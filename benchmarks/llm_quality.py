@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -52,6 +53,8 @@ def parse_args() -> argparse.Namespace:
     # On a shared, loaded 2-core machine one intra-op thread beat two (threads wait for descheduled
     # siblings; see the step_time section of RESULTS.md).
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the runs that already finished in --workdir (same settings) and run only the rest")
     parser.add_argument("--table-only", action="store_true",
                         help="rebuild the RESULTS.md section from the runs already in --workdir")
     parser.add_argument("--results-md", default=str(Path(__file__).with_name("RESULTS.md")))
@@ -160,8 +163,10 @@ def main() -> None:
     for task in tasks:
         for method in methods:
             output = workdir / task / method
-            if options.table_only or time.perf_counter() - started > 60 * options.budget_minutes:
-                if (output / "results.json").is_file():
+            finished = (output / "results.json").is_file()
+            out_of_budget = time.perf_counter() - started > 60 * options.budget_minutes
+            if options.table_only or out_of_budget or (options.reuse and finished):
+                if finished:
                     rows.append({**json.loads((output / "results.json").read_text()), "task": task, "method": method,
                                  "run": str(output)})
                 else:
@@ -176,11 +181,12 @@ def main() -> None:
               else f"CPU ({cpu_name()}, {os.cpu_count()} cores, shared; {torch.get_num_threads()} torch threads)")
     header = (f"SmolLM2-135M-Instruct (GGUF Q4_1, de-quantised to fp32) on {device}; {run_minutes:.1f} min of training + evaluation in all. "
               f"Train and eval are seeded (seed {options.seed}) disjoint cuts of each local `val` split; "
-              f"{options.epochs:g} epoch, lr {options.lr:g}, batch {options.batch_size}, max length "
+              f"{options.epochs:g} epoch(s) (at most {math.ceil(options.n_train / options.batch_size) * options.epochs:g} optimiser steps), lr {options.lr:g}, batch {options.batch_size}, max length "
               f"{options.max_length}; LoRA / MTLoRA r 8 and LoRETTA_rep r 8 TT rank 8 on q_proj,v_proj, "
-              f"LoRETTA_adp bottleneck 64 TT rank 8 on the MLP projections; no dev selection. A CPU-budget smoke benchmark: "
-              f"a handful of optimiser steps, so differences of a few points are noise, and times swing 2-5x with "
-              f"the machine's load.")
+              f"LoRETTA_adp bottleneck 64 TT rank 8 on the MLP projections; no dev selection. With {options.n_eval} "
+              f"eval examples one example is {100 / options.n_eval:.1f} points of accuracy, and the binomial standard "
+              f"error near 50 % is about {50 / math.sqrt(options.n_eval):.0f} points: differences smaller than that are "
+              f"noise. Times swing 2-5x with the machine's load.")
     write_section(Path(options.results_md), markdown(rows, tasks, methods, header))
     print(f"wrote {options.results_md}")
 
