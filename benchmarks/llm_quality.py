@@ -179,9 +179,11 @@ def main() -> None:
     run_minutes = sum(r.get("train_seconds", 0) + r.get("eval_seconds", 0) for r in rows) / 60
     device = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
               else f"CPU ({cpu_name()}, {os.cpu_count()} cores, shared; {torch.get_num_threads()} torch threads)")
+    max_steps = math.ceil(options.n_train / options.batch_size) * options.epochs
     header = (f"SmolLM2-135M-Instruct (GGUF Q4_1, de-quantised to fp32) on {device}; {run_minutes:.1f} min of training + evaluation in all. "
               f"Train and eval are seeded (seed {options.seed}) disjoint cuts of each local `val` split; "
-              f"{options.epochs:g} epoch(s) (at most {math.ceil(options.n_train / options.batch_size) * options.epochs:g} optimiser steps), lr {options.lr:g}, batch {options.batch_size}, max length "
+              f"{options.epochs:g} epoch(s) (at most {max_steps:g} optimiser steps), lr {options.lr:g}, "
+              f"batch {options.batch_size}, max length "
               f"{options.max_length}; LoRA / MTLoRA r 8 and LoRETTA_rep r 8 TT rank 8 on q_proj,v_proj, "
               f"LoRETTA_adp bottleneck 64 TT rank 8 on the MLP projections; no dev selection. With {options.n_eval} "
               f"eval examples one example is {100 / options.n_eval:.1f} points of accuracy, and the binomial standard "

@@ -33,7 +33,7 @@ from structlora.nlg import metrics  # noqa: E402
 from structlora.nlg.data import load_split, training_pairs  # noqa: E402
 from structlora.nlg.generation import DecodingSettings, generate_hypotheses  # noqa: E402
 from structlora.nlg.modeling import (CompletionCollator, ModelSpec, completion_loss, encode_example,  # noqa: E402
-                                     load_causal_lm, load_tokenizer, prompt_ids)
+                                     completion_room, load_causal_lm, load_tokenizer, prompt_ids)
 
 METHODS: dict[str, Any] = {
     "LoRA": lambda: structlora.LoraConfig(r=8, lora_alpha=16, task_type="CAUSAL_LM"),
@@ -80,7 +80,7 @@ def pairs_that_fit(tokenizer, pairs: list[tuple[str, str]], max_length: int) -> 
     """The pairs whose context leaves room for at least one completion token (the longest WebNLG
     contexts exceed 128 tokens), and how many were left out."""
     context_length = {source: len(prompt_ids(tokenizer, source)) for source in {s for s, _ in pairs}}
-    kept = [(s, r) for s, r in pairs if context_length[s] + 2 <= max_length]
+    kept = [(s, r) for s, r in pairs if completion_room(context_length[s], max_length) >= 1]
     return kept, len(pairs) - len(kept)
 
 
@@ -253,8 +253,9 @@ def training_pair_notes(payload: dict[str, Any]) -> list[str]:
         row = next((r for r in payload["results"] if r["dataset"] == dataset and r.get("train_pairs_too_long")), None)
         if row:
             total = row["train_pairs"] + row["train_pairs_too_long"]
-            notes.append(f"- {dataset}: {row['train_pairs_too_long']} of {total} training pairs left out (context "
-                         f"longer than max length {payload['settings']['max_length']} - 2 tokens).")
+            notes.append(f"- {dataset}: {row['train_pairs_too_long']} of {total} training pairs left out (their "
+                         f"context leaves no room for the text within max length "
+                         f"{payload['settings']['max_length']}).")
     return notes
 
 

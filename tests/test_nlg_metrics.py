@@ -228,8 +228,7 @@ def test_generation_eval_bleu_and_ter_equal_official_eval_py():
     # character of each file's last line). TER: official run on files without a final newline (with one,
     # eval.py's split('\n') adds a phantom empty input scoring TER 1: (3 * 0.39248 + 1) / 4 = 0.54436).
     assert M.multi_bleu_detok(GE_GOLDEN_HYPS, GE_GOLDEN_REFS) == pytest.approx(84.41, abs=5e-3)
-    hyps_tok = [" ".join(M.nltk_word_tokenize(h)) for h in GE_GOLDEN_HYPS]
-    refs_tok = [[" ".join(M.nltk_word_tokenize(r)) for r in refs] for refs in GE_GOLDEN_REFS]
+    hyps_tok, refs_tok = M.generation_eval_tokenize(GE_GOLDEN_HYPS, GE_GOLDEN_REFS)
     assert M.generation_eval_ter(hyps_tok, refs_tok) == pytest.approx(0.39248366013071895, abs=1e-12)
 
 

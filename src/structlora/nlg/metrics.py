@@ -464,13 +464,19 @@ def generation_eval_ter(hypotheses_tok: Sequence[str], references_tok: Sequence[
     return sum(per_input) / len(per_input) if per_input else 0.0
 
 
+def generation_eval_tokenize(hypotheses: Sequence[str], references: Sequence[Sequence[str]]
+                             ) -> tuple[list[str], list[list[str]]]:
+    """METEOR/TER input as GenerationEval makes it: ``nltk.word_tokenize`` tokens joined by spaces."""
+    return ([" ".join(nltk_word_tokenize(h)) for h in hypotheses],
+            [[" ".join(nltk_word_tokenize(r)) for r in refs] for refs in references])
+
+
 def generation_eval_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
                            use_java: bool = True) -> tuple[dict[str, float | None], list[str]]:
     """``{"BLEU", "METEOR", "TER"}`` for WebNLG / DART (BLEU 0-100, METEOR and TER 0-1)."""
     notes: list[str] = []
     scores: dict[str, float | None] = {"BLEU": multi_bleu_detok(hypotheses, references)}
-    hyps_tok = [" ".join(nltk_word_tokenize(h)) for h in hypotheses]
-    refs_tok = [[" ".join(nltk_word_tokenize(r)) for r in refs] for refs in references]
+    hyps_tok, refs_tok = generation_eval_tokenize(hypotheses, references)
     notes.extend(nltk_tokenizer_notes())
     if use_java and java_executable() is not None:
         scores["METEOR"] = meteor_generation_eval(hyps_tok, refs_tok)

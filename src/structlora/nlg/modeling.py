@@ -124,6 +124,11 @@ def prompt_ids(tokenizer, source: str, separator: str = SEPARATOR) -> list[int]:
     return tokenizer(source + separator, add_special_tokens=False)["input_ids"]
 
 
+def completion_room(context_length: int, max_length: int) -> int:
+    """Completion tokens that fit after a context of ``context_length`` tokens (end-of-text excluded)."""
+    return max_length - context_length - 1
+
+
 def encode_example(tokenizer, source: str, reference: str, max_length: int,
                    separator: str = SEPARATOR) -> dict[str, list[int]]:
     """context + separator + " reference" + end-of-text; labels are -100 on the context so the loss
@@ -131,7 +136,7 @@ def encode_example(tokenizer, source: str, reference: str, max_length: int,
     but keep the end-of-text token."""
     context = prompt_ids(tokenizer, source, separator)
     completion = tokenizer(" " + reference.strip(), add_special_tokens=False)["input_ids"]
-    room = max_length - len(context) - 1
+    room = completion_room(len(context), max_length)
     if room < 1:
         raise ValueError(f"--max-length {max_length} leaves no room for the text after a "
                          f"{len(context)}-token context")
