@@ -129,6 +129,7 @@ class Measurement:
     step_times_ms: list[float] = field(default_factory=list)  # every timed step, all rounds
     round_medians_ms: list[float] = field(default_factory=list)
     peak_memory_bytes: int = 0
+    saved_activation_bytes: int = 0  # exact: distinct non-parameter storages saved for the backward
     trainable_params: int = 0
     total_params: int = 0
     trainable_dtypes: list[str] = field(default_factory=list)  # fp32 adapters on a bf16 model cost up-casts
@@ -324,6 +325,28 @@ def graph_breaks_since_reset() -> dict[str, int]:
     return reasons
 
 
+def saved_activation_bytes(model: nn.Module, input_ids: torch.Tensor) -> tuple[int, int]:
+    """(bytes, count) of the distinct non-parameter storages that one forward with the loss saves for backward.
+
+    Storages are told apart by identity, so a tensor saved by several ops (q, k and v all saving the same
+    normalised input) or through different views counts once, as it does in memory. Unlike a peak, this does
+    not depend on the allocator, the device or the machine's load.
+    """
+    parameter_storages = {p.untyped_storage()._cdata for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage._cdata not in parameter_storages:
+            saved.setdefault(storage._cdata, storage.nbytes())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+    del loss  # the graph goes with it
+    return sum(saved.values()), len(saved)
+
+
 def measure_once(configuration: Configuration, shape: Shape, settings: BenchSettings, measurement: Measurement
                  ) -> None:
     """Build, warm up and time one configuration, adding to `measurement` (the next call frees it)."""
@@ -341,6 +364,8 @@ def measure_once(configuration: Configuration, shape: Shape, settings: BenchSett
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate)
     forward = torch.compile(model) if configuration.compiled else model
     input_ids = make_batch(shape, settings, model.config.vocab_size)
+    if not measurement.saved_activation_bytes:
+        measurement.saved_activation_bytes = saved_activation_bytes(model, input_ids)[0]
 
     def step() -> None:
         training_step(forward, optimizer, input_ids)
@@ -452,7 +477,7 @@ def result_rows(measurements: list[Measurement], settings: BenchSettings) -> lis
             "step_ms_p25": quartiles[0], "step_ms_p75": quartiles[2],
             "round_median_step_ms": m.round_medians_ms, "step_times_ms": m.step_times_ms,
             "tokens_per_s": tokens_per_step / (step_ms / 1e3),
-            "peak_memory_bytes": m.peak_memory_bytes,
+            "peak_memory_bytes": m.peak_memory_bytes, "saved_activation_bytes": m.saved_activation_bytes,
             "graph_breaks": m.graph_breaks, "graph_break_reasons": m.graph_break_reasons,
         })
         floor = floors.get(c.compiled)
@@ -460,6 +485,7 @@ def result_rows(measurements: list[Measurement], settings: BenchSettings) -> lis
             floor_ms = statistics.median(floor.step_times_ms)
             row["overhead_over_floor_pct"] = 100.0 * (step_ms / floor_ms - 1.0)
             row["extra_memory_over_floor_bytes"] = m.peak_memory_bytes - floor.peak_memory_bytes
+            row["extra_saved_over_floor_bytes"] = m.saved_activation_bytes - floor.saved_activation_bytes
         rows.append(row)
     return rows
 
@@ -558,7 +584,7 @@ def cpu_model_name() -> str:
 
 def format_memory(num_bytes: int, device: torch.device) -> str:
     # CPU numbers are deltas of a few hundred MiB; CUDA numbers are absolute peaks of tens of GiB.
-    return f"{num_bytes / 2**20:.0f} MiB" if device.type == "cpu" else f"{num_bytes / 2**30:.2f} GiB"
+    return f"{num_bytes / 2**20:.1f} MiB" if device.type == "cpu" else f"{num_bytes / 2**30:.2f} GiB"
 
 
 def markdown_report(rows: list[dict[str, Any]], meta: dict[str, Any], checks: list[dict[str, Any]],
@@ -574,16 +600,16 @@ def markdown_report(rows: list[dict[str, Any]], meta: dict[str, Any], checks: li
         f"{meta['timed_steps']} timed steps x {meta['rounds']} round(s) after {meta['warmup_steps']} warm-up",
         "",
         f"| mode | method | targets | trainable params | step ms (median) | min | tokens/s | {memory_header} "
-        f"| extra memory over floor | over the floor |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| extra memory over floor | saved for backward | extra saved over floor | over the floor |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         mode = "compiled" if row["compiled"] else "eager"
         if "error" in row:
             lines.append(f"| {mode} | {row['label']} | {row['targets']} | {row['trainable_params']:,} | "
-                         f"failed: {row['error'][:80]} | | | | | |")
+                         f"failed: {row['error'][:80]} | | | | | | | |")
             continue
-        extra = row.get("extra_memory_over_floor_bytes")
+        extra, extra_saved = row.get("extra_memory_over_floor_bytes"), row.get("extra_saved_over_floor_bytes")
         overhead = row.get("overhead_over_floor_pct")
         is_floor = row["method"] == FLOOR
         lines.append(
@@ -591,6 +617,8 @@ def markdown_report(rows: list[dict[str, Any]], meta: dict[str, Any], checks: li
             f"{row['step_ms']:.1f} | {row['step_ms_min']:.1f} | {row['tokens_per_s']:,.0f} | "
             f"{format_memory(row['peak_memory_bytes'], device)} | "
             f"{'—' if is_floor or extra is None else format_memory(extra, device)} | "
+            f"{format_memory(row['saved_activation_bytes'], device)} | "
+            f"{'—' if is_floor or extra_saved is None else format_memory(extra_saved, device)} | "
             f"{'—' if is_floor or overhead is None else f'{overhead:+.1f}%'} |")
     compiled_rows = [row for row in rows if row["compiled"] and row.get("graph_breaks") is not None]
     if compiled_rows:

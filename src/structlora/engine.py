@@ -55,6 +55,8 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
         enabled = torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4 takes no device argument
         enabled = torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    except RuntimeError:  # a device with no autocast at all (meta, for shape and memory planning)
+        return None
     if not enabled:
         return None
     if hasattr(torch, "get_autocast_dtype"):

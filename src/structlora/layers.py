@@ -19,6 +19,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import LoraConfig, LorettaAdpConfig, LorettaRepConfig
 from .engine import add_lowrank_embedding_update, add_lowrank_update, dense_lowrank
+from .norms import lean_norm_copy
 from .parameterizations import LowRankParameterization, make_parameterization
 from .tensor_train import TTLinear, tt_shape_for
 
@@ -261,7 +262,9 @@ class TrainableCopy(nn.Module, AdapterLayerMixin):
         self.adapters = nn.ModuleDict()
 
     def add_copy(self, name: str, module: nn.Module | None = None) -> nn.Module:
-        self.adapters[name] = module if module is not None else copy.deepcopy(self.original)
+        if module is None:  # a lean norm when it computes the same function, else an exact copy
+            module = lean_norm_copy(self.original) or copy.deepcopy(self.original)
+        self.adapters[name] = module
         for parameter in self.adapters[name].parameters():
             parameter.requires_grad_(True)
         return self.adapters[name]

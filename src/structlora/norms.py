@@ -1,0 +1,72 @@
+"""Trainable norms that keep less for the backward.
+
+LoRETTA trains the model's norms (`train_norms`). Llama-family RMSNorms are written in plain ops, so once their
+weight is trainable autograd keeps, per norm call, an fp32 copy of the input and the normalised output in the
+model dtype: 3x the input's size in bf16 (65 norm calls on Llama-2-7B: about 6 GiB at batch 4 x 1024).
+`LeanRMSNorm` computes the same function in one autograd node that keeps only the input and the per-token
+reciprocal RMS, and recomputes the rest in the backward (one cheap elementwise pass).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# transformers classes whose forward is exactly Llama's:
+#   weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype)
+# (Gemma's (1 + w) and OLMo-2's cast-after-multiply are different functions and keep the plain copy.)
+# tests/test_norms.py checks every name here against the installed transformers.
+LLAMA_STYLE_RMSNORMS = frozenset({
+    "LlamaRMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Qwen2RMSNorm", "Qwen2MoeRMSNorm", "Qwen3RMSNorm",
+    "Phi3RMSNorm", "GraniteRMSNorm",
+})
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, rstd, weight)
+        return weight * (x32 * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, rstd, weight = ctx.saved_tensors
+        normed32 = x.float() * rstd
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            # The same product and reduction as autograd's for `weight * normed` (weight broadcast over tokens).
+            grad_weight = (grad_out * normed32.to(x.dtype)).reshape(-1, weight.shape[-1]).sum(0).to(weight.dtype)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_normed = (grad_out * weight).float()
+            # d/dx of x * rsqrt(mean(x^2) + eps), per token.
+            grad_x = rstd * (grad_normed - normed32 * (grad_normed * normed32).mean(-1, keepdim=True))
+            grad_x = grad_x.to(x.dtype)
+        return grad_x, grad_weight, None
+
+
+class LeanRMSNorm(nn.Module):
+    """A Llama-style RMSNorm with the same parameter (`weight`) and the same outputs, and less saved memory."""
+
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone())
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+def lean_norm_copy(module: nn.Module) -> nn.Module | None:
+    """A LeanRMSNorm computing the same as `module`, or None when `module` is not a known Llama-style RMSNorm."""
+    if type(module).__name__ not in LLAMA_STYLE_RMSNORMS:
+        return None
+    weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
+    if not isinstance(weight, torch.Tensor) or not isinstance(eps, float):
+        return None
+    return LeanRMSNorm(weight, eps)
