@@ -1,25 +1,31 @@
-"""Memory that a training step holds for the backward, counted exactly, for the full-size models on any machine.
+"""One training step taken apart, counted exactly, for the full-size models on any machine: the memory it
+holds for the backward, the operations it launches, and its matrix FLOPs.
 
-Issue 3's memory target (extra peak memory over the frozen floor <= half of PEFT's, Llama-2-7B shape, bf16,
-batch 4 x 1024) is a GPU number. Most of that extra is what autograd saves between forward and backward,
-and that is a property of the graph, not of the device: this script builds every configuration of
-`step_time.py` on PyTorch's meta device (shapes and dtypes, no storage, no arithmetic), runs one forward
-with the loss under `torch.autograd.graph.saved_tensors_hooks`, and adds up every distinct storage saved
-for the backward that is not a model parameter (`step_time.saved_activation_bytes`, which also fills the
-"saved for backward" column of the timed runs). To the saved activations it adds the trainable state
-that AdamW keeps in memory: parameters, gradients and the two moment buffers.
+Issue 3's targets are GPU numbers (Llama-2-7B shape, bf16, batch 4 x 1024). Two of the three things behind
+them are properties of the autograd graph, not of the device, and this script counts them for every
+configuration of `step_time.py`, built on PyTorch's meta device (shapes and dtypes, no storage, no arithmetic):
 
-    python benchmarks/activation_memory.py --shape 7b --json runs/activation_memory_7b.json
+- **memory**: one forward with the loss under `torch.autograd.graph.saved_tensors_hooks`, adding up every
+  distinct storage saved for the backward that is not a model parameter (`step_time.saved_activation_bytes`,
+  which also fills the "saved for backward" column of the timed runs), plus the trainable state AdamW keeps
+  (parameters, gradients, two moment buffers). The issue's memory target is about the *extra over the
+  floor*; the published H100 measurements of PEFT are the check (the report sets them side by side).
+- **operations**: forward and backward under a dispatch mode that counts every aten operation that does
+  work (views and allocations left out). On a GPU each is at least one kernel launch, and an adapter's
+  small kernels cost their launch and minimum run time whatever their size: this is the "launch overhead"
+  half of the issue's analysis. The optimizer step is not counted (its kernels depend on foreach grouping).
+- **FLOPs**: `torch.utils.flop_counter.FlopCounterMode` over the same forward and backward.
 
-What it does not see: transient buffers inside one op (the backward's own temporaries, the loss's logits
-up-cast, allocator fragmentation). Those are the same for the floor and every adapter to first order, which
-is why the report compares *extra over the floor*. The published H100 measurements of PEFT are the check:
-the tool's PEFT extras can be set side by side with them (`--published`).
+    python benchmarks/step_anatomy.py --shape 7b --json runs/step_anatomy_7b.json
+
+Not seen: time. Transient buffers inside one op (the backward's temporaries, the loss's logits up-cast,
+allocator fragmentation) are the same for the floor and every adapter to first order, which is why the
+report compares extras over the floor.
 
 Two things differ on the meta device and are put right here: the attention runs through the CUDA
-flash-attention op (what `sdpa` picks on an H100 for bf16 without a mask; on meta `sdpa` would fall back to
-the math path, which saves the whole attention matrix), and transformers' packed-sequence check, which
-reads tensor values, is skipped (the batch is not packed).
+flash-attention op (what `sdpa` picks on an H100 for bf16 without a mask; on meta `sdpa` would take the
+math path, which saves the whole attention matrix), and transformers' packed-sequence check, which reads
+tensor values, is skipped (the batch is not packed).
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import step_time  # noqa: E402 - the configurations and model builders are step_time's, unchanged
@@ -70,6 +78,33 @@ def meta_device_patches(device: torch.device) -> Iterator[None]:
         masking_utils.find_packed_sequence_indices = original_packed
 
 
+# Non-view operations that only allocate or relabel memory: no kernel runs for them.
+NO_KERNEL_OPS = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach",
+                           "_unsafe_view", "lift_fresh", "alias", "_local_scalar_dense"})
+
+
+class OperationCounter(TorchDispatchMode):
+    """Counts the aten operations that do work (below autograd, so the backward's are counted too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not func.is_view and name not in NO_KERNEL_OPS:
+            self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_operations_and_flops(model: nn.Module, input_ids: torch.Tensor) -> tuple[dict[str, int], int]:
+    """Operations by aten name and total FLOPs of one forward with the loss and its backward."""
+    counter, flops = OperationCounter(), FlopCounterMode(display=False)
+    with flops, counter:
+        model(input_ids=input_ids, labels=input_ids, use_cache=False).loss.backward()
+    return counter.counts, flops.get_total_flops()
+
+
 def optimizer_state_bytes(model: nn.Module) -> int:
     """Trainable parameters, their gradients and AdamW's two moment buffers (each in the parameter's dtype)."""
     return sum(4 * p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
@@ -81,12 +116,14 @@ def account(configuration: step_time.Configuration, settings: step_time.BenchSet
     input_ids = torch.zeros(settings.batch_size, settings.seq_len, dtype=torch.long, device=settings.device)
     with meta_device_patches(settings.device):
         saved_bytes, saved_count = step_time.saved_activation_bytes(model, input_ids)
+        operations, flops = count_operations_and_flops(model, input_ids)
     return {
         "method": configuration.method, "label": step_time.METHOD_LABELS[configuration.method],
         "targets": configuration.targets,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "saved_activation_bytes": saved_bytes, "saved_tensor_storages": saved_count,
         "optimizer_state_bytes": optimizer_state_bytes(model),
+        "operations": sum(operations.values()), "operations_by_name": operations, "flops": flops,
     }
 
 
@@ -96,6 +133,12 @@ def with_extras(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     floor_total = floor["saved_activation_bytes"] + floor["optimizer_state_bytes"]
     for row in rows:
         row["extra_over_floor_bytes"] = row["saved_activation_bytes"] + row["optimizer_state_bytes"] - floor_total
+        row["extra_operations"] = row["operations"] - floor["operations"]
+        row["extra_flops_pct"] = 100.0 * (row["flops"] / floor["flops"] - 1.0)
+        names = set(row["operations_by_name"]) | set(floor["operations_by_name"])
+        row["extra_operations_by_name"] = dict(sorted(
+            ((name, row["operations_by_name"].get(name, 0) - floor["operations_by_name"].get(name, 0)) for name in names),
+            key=lambda item: -item[1]))
     for row in rows:
         if row["method"] in (step_time.FLOOR, step_time.PEFT_LORA):
             continue
@@ -136,6 +179,18 @@ def markdown_report(rows: list[dict[str, Any]], meta: dict[str, Any], published:
         lines.append(
             f"| {row['label']} | {row['targets']} | {row['trainable_params']:,} | {gib(row['saved_activation_bytes'])} | "
             f"{gib(row['optimizer_state_bytes'])} | {extra} | {compared} | {met} |")
+    lines += ["", "| method | targets | operations (forward + backward) | extra over floor | largest extras "
+              "| matrix FLOPs | extra FLOPs |", "|---|---|---:|---:|---|---:|---:|"]
+    for row in rows:
+        if row["method"] == step_time.FLOOR:
+            extra_operations = largest = extra_flops = "—"
+        else:
+            extra_operations = f"{row['extra_operations']:+,}"
+            largest = ", ".join(f"{name} {count:+,}" for name, count in
+                                list(row["extra_operations_by_name"].items())[:3] if count > 0)
+            extra_flops = f"{row['extra_flops_pct']:+.2f}%"
+        lines.append(f"| {row['label']} | {row['targets']} | {row['operations']:,} | {extra_operations} | {largest} | "
+                     f"{row['flops'] / 1e12:.1f} T | {extra_flops} |")
     if published:
         floor_gib = PUBLISHED_H100_PEAK_GIB["floor"]
         lines += ["", "PEFT's extra over the floor, counted here vs measured on an H100 (the issue's table):", "",
@@ -187,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "device": args.device, "shape": args.shape, "shape_description": shape.description, "dtype": args.dtype,
             "batch_size": settings.batch_size, "seq_len": settings.seq_len, "rank": settings.rank,
             "tensor_rank": settings.tensor_rank, "bottleneck_size": settings.bottleneck_size,
-            "command": " ".join(["python benchmarks/activation_memory.py", *(argv if argv is not None else sys.argv[1:])])}
+            "command": " ".join(["python benchmarks/step_anatomy.py", *(argv if argv is not None else sys.argv[1:])])}
     published = (args.shape == "7b" and args.dtype == "bfloat16" and settings.batch_size == 4
                  and settings.seq_len == 1024 and args.rank == 8)
     table = markdown_report(rows, meta, published)
