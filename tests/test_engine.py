@@ -12,31 +12,35 @@ from structlora.config import LoraConfig, MTLoraConfig
 from structlora.layers import LowRankLayer
 
 
-def plain(x, weight, bias, a_eff, b_eff):
-    out = x @ weight.t() + (x @ a_eff.t()) @ b_eff.t()
+def plain(x, weight, bias, a_eff, b, scaling):
+    out = x @ weight.t() + scaling * (x @ a_eff.t()) @ b.t()
     return out if bias is None else out + bias
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("dtype,factor_dtype,tol", [(torch.float32, torch.float32, 1e-5),
+                                                    (torch.bfloat16, torch.bfloat16, 3e-2),
+                                                    (torch.bfloat16, torch.float32, 3e-2)],
+                         ids=["fp32", "bf16", "bf16-with-fp32-factors"])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_fused_function_matches_the_formula(dtype, tol, with_bias):
+def test_fused_function_matches_the_formula(dtype, factor_dtype, tol, with_bias):
     torch.manual_seed(0)
     x = torch.randn(3, 7, 24, dtype=dtype, requires_grad=True)
     weight = torch.randn(40, 24, dtype=dtype, requires_grad=True)
     bias = torch.randn(40, dtype=dtype, requires_grad=True) if with_bias else None
-    a_eff = torch.randn(6, 24, dtype=dtype, requires_grad=True)
-    b_eff = torch.randn(40, 6, dtype=dtype, requires_grad=True)
-    leaves = [t for t in (x, weight, bias, a_eff, b_eff) if t is not None]
+    a_eff = torch.randn(6, 24, dtype=factor_dtype, requires_grad=True)
+    b = torch.randn(40, 6, dtype=factor_dtype, requires_grad=True)
+    leaves = [t for t in (x, weight, bias, a_eff, b) if t is not None]
     grad_out = torch.randn(3, 7, 40, dtype=dtype)
 
-    fused = engine.dense_lowrank(x, weight, bias, a_eff, b_eff)
+    fused = engine.dense_lowrank(x, weight, bias, a_eff, b, 1.5)
+    assert fused.dtype == dtype
     fused_grads = torch.autograd.grad(fused, leaves, grad_out)
-    reference = plain(x.float(), weight.float(), None if bias is None else bias.float(), a_eff.float(), b_eff.float())
+    reference = plain(x.float(), weight.float(), None if bias is None else bias.float(), a_eff.float(), b.float(), 1.5)
     reference_grads = torch.autograd.grad(reference, leaves, grad_out.float())
     scale = float(reference.abs().max())
     assert torch.allclose(fused.float(), reference, atol=tol * scale, rtol=tol)
-    for got, want in zip(fused_grads, reference_grads):
-        assert got.dtype == dtype
+    for leaf, got, want in zip(leaves, fused_grads, reference_grads):
+        assert got.dtype == leaf.dtype  # fp32 factors get fp32 gradients
         want = want.float()
         assert torch.allclose(got.float(), want, atol=tol * float(want.abs().max()), rtol=tol)
 
@@ -91,6 +95,27 @@ def test_adapter_path_compiles_without_graph_breaks(config):
     assert torch.allclose(out, layer(x), atol=1e-6)
     out.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_fused_path_with_fp32_adapters_on_a_bf16_layer_compiles_and_matches_eager():
+    torch.manual_seed(0)
+    layer = LowRankLayer(nn.Linear(16, 16).to(torch.bfloat16))
+    layer.add_adapter("default", LoraConfig(r=4), None)
+    with torch.no_grad():
+        for parameter in layer.adapters.parameters():
+            parameter.normal_()
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+
+    def run(module):
+        out = module(x)
+        grads = torch.autograd.grad(out.float().sum(), list(layer.adapters.parameters()))
+        return out, grads
+
+    eager_out, eager_grads = run(layer)
+    compiled_out, compiled_grads = run(torch.compile(layer, backend="aot_eager", fullgraph=True))
+    assert compiled_out.dtype == torch.bfloat16 and torch.equal(compiled_out, eager_out)
+    for got, want in zip(compiled_grads, eager_grads):
+        assert got.dtype == torch.float32 and torch.equal(got, want) and got.abs().sum() > 0
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fused", "generic"])

@@ -1,11 +1,12 @@
 """The shared low-rank engine: every low-rank method (LoRA, the MTLoRA structures, LoRETTA_rep) reduces
 to effective factors A_eff = T·A (R x in) and B_eff = s·B (out x R), and this module does the math.
 
-Factors are materialised once per forward (not per token) and the scaling is folded into B_eff. On a
-plain dense projection the fast path computes base and update in one autograd node:
+Factors are materialised once per forward (not per token); on the fast path the scaling is folded into B's
+cast to the compute dtype. On a plain dense projection the fast path computes base and update in one
+autograd node:
 
     forward:  y = x·Wᵀ + b;  h = x·A_effᵀ;  y += h·B_effᵀ      (in-place accumulate, no extra output buffer)
-    saves:    x (the tensor the base layer saves anyway) and the r-dim h, nothing of output size
+    saves:    x (once, however many sibling projections read it) and the r-dim h, nothing of output size
     backward: dh = dy·B_eff;  dx = dy·W + dh·A_eff (one addmm, no separate add of two input-size grads)
 
 Everything else (embeddings, dropout > 0, quantized or custom base layers) takes the generic path, which is
@@ -19,34 +20,51 @@ import torch.nn.functional as F
 
 
 class _DenseLowRank(torch.autograd.Function):
-    """y = x·Wᵀ + b + (x·A_effᵀ)·B_effᵀ with W in (out x in) layout (a view is fine)."""
+    """y = x·Wᵀ + b + s·(x·A_effᵀ)·Bᵀ with W in (out x in) layout (a view is fine).
+
+    A_eff and B arrive in the adapter's dtype (fp32 masters on a bf16 model) and are cast to the compute dtype
+    here, with the scaling folded into B's cast: one kernel per factor instead of a scale, two casts and
+    their three backward counterparts in plain autograd.
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a_eff: torch.Tensor,
-                b_eff: torch.Tensor) -> torch.Tensor:
+                b: torch.Tensor, scaling: float) -> torch.Tensor:
         x2d = x.reshape(-1, x.shape[-1])
-        hidden = x2d @ a_eff.t()
+        a_compute = a_eff.to(x.dtype)
+        b_scaled = _scaled_to(b, scaling, x.dtype)
+        hidden = x2d @ a_compute.t()
         out = torch.addmm(bias, x2d, weight.t()) if bias is not None else x2d @ weight.t()
-        out.addmm_(hidden, b_eff.t())
-        ctx.save_for_backward(x2d, hidden, weight, a_eff, b_eff)
-        ctx.has_bias = bias is not None
+        out.addmm_(hidden, b_scaled.t())
+        ctx.save_for_backward(x2d, hidden, weight, a_compute, b_scaled)
+        ctx.has_bias, ctx.scaling = bias is not None, scaling
+        ctx.factor_dtypes = (a_eff.dtype, b.dtype)
         return out.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x2d, hidden, weight, a_eff, b_eff = ctx.saved_tensors
+        x2d, hidden, weight, a_compute, b_scaled = ctx.saved_tensors
         grad2d = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_hidden = grad2d @ b_eff
-        grad_x = grad_weight = grad_bias = None
+        grad_hidden = grad2d @ b_scaled
+        grad_x = grad_weight = grad_bias = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad2d @ weight).addmm_(grad_hidden, a_eff).view(*grad_out.shape[:-1], x2d.shape[-1])
+            grad_x = (grad2d @ weight).addmm_(grad_hidden, a_compute).view(*grad_out.shape[:-1], x2d.shape[-1])
         if ctx.needs_input_grad[1]:
             grad_weight = grad2d.t() @ x2d
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad2d.sum(0)
-        grad_a = grad_hidden.t() @ x2d if ctx.needs_input_grad[3] else None
-        grad_b = grad2d.t() @ hidden if ctx.needs_input_grad[4] else None
-        return grad_x, grad_weight, grad_bias, grad_a, grad_b
+        if ctx.needs_input_grad[3]:
+            grad_a = (grad_hidden.t() @ x2d).to(ctx.factor_dtypes[0])
+        if ctx.needs_input_grad[4]:
+            grad_b = _scaled_to(grad2d.t() @ hidden, ctx.scaling, ctx.factor_dtypes[1])
+        return grad_x, grad_weight, grad_bias, grad_a, grad_b, None
+
+
+def _scaled_to(tensor: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    """scaling·tensor in `dtype`, as one kernel (the multiply writes straight into the cast's buffer)."""
+    if tensor.dtype == dtype:
+        return tensor * scaling
+    return torch.mul(tensor, scaling, out=torch.empty(tensor.shape, dtype=dtype, device=tensor.device))
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -65,17 +83,22 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
 
 
 def dense_lowrank(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a_eff: torch.Tensor,
-                  b_eff: torch.Tensor) -> torch.Tensor:
-    """The fused base + low-rank projection (weight in nn.Linear layout)."""
+                  b: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
+    """The fused base + low-rank projection x·Wᵀ + b + scaling·(x·A_effᵀ)·Bᵀ (weight in nn.Linear layout).
+
+    The factors may be in another dtype than x (fp32 adapters on a bf16 model): they are cast inside, and their
+    gradients come back in their own dtype.
+    """
     device_type = x.device.type
     dtype = _autocast_dtype(device_type)
     if dtype is None:
-        return _DenseLowRank.apply(x, weight, bias, a_eff, b_eff)
-    # Under autocast, cast once up front as autocast would for a linear, then run the fused node with autocast
-    # off: its in-place accumulate is not an autocast op and would otherwise mix dtypes.
-    cast = [None if t is None else t.to(dtype) for t in (x, weight, bias, a_eff, b_eff)]
+        return _DenseLowRank.apply(x, weight, bias, a_eff, b, scaling)
+    # Under autocast, cast the input and base weights up front as autocast would for a linear, then run the
+    # fused node with autocast off: its in-place accumulate is not an autocast op and would otherwise mix
+    # dtypes. The factors follow x inside the node.
+    cast = [None if t is None else t.to(dtype) for t in (x, weight, bias)]
     with torch.autocast(device_type, enabled=False):
-        return _DenseLowRank.apply(*cast)
+        return _DenseLowRank.apply(*cast, a_eff, b, scaling)
 
 
 def add_lowrank_update(base_out: torch.Tensor, x: torch.Tensor, a_eff: torch.Tensor,

@@ -122,8 +122,8 @@ class LowRankLayer(nn.Module, AdapterLayerMixin):
         adapter = self.adapters[name]
         weight = None if args or kwargs else self._fast_path_weight(adapter)
         if weight is not None:
-            a_eff, b_eff = adapter.effective_factors(x.dtype)
-            return dense_lowrank(x, weight, self.base_layer.bias, a_eff, b_eff)
+            a_eff, b = adapter.parameterization.unscaled_factors()
+            return dense_lowrank(x, weight, self.base_layer.bias, a_eff, b, adapter.scaling)
         result = self.base_layer(x, *args, **kwargs)
         a_eff, b_eff = adapter.effective_factors(result.dtype)
         if self.kind == "embedding":

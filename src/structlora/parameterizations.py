@@ -66,10 +66,15 @@ class LowRankParameterization(nn.Module):
     def factors(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         return self.a_matrix(), self.t_matrix(), self.b_matrix()
 
+    def unscaled_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T·A, B): the fused path scales B while casting it to the compute dtype."""
+        a, t, b = self.factors()
+        return (a if t is None else t @ a), b
+
     def effective_factors(self, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(T·A, s·B): what the engine multiplies with."""
-        a, t, b = self.factors()
-        return (a if t is None else t @ a), b * scaling
+        a_eff, b = self.unscaled_factors()
+        return a_eff, b * scaling
 
     def raw_parameters(self) -> dict[str, torch.Tensor]:
         return {name: p for name, p in self.named_parameters()}
