@@ -48,14 +48,22 @@ def test_meta_counts_equal_the_counts_on_real_tensors(micro_counts: tuple[dict, 
         assert row["operations_by_name"]["mm"] == on_cpu[key]["operations_by_name"]["mm"], key
 
 
-def test_operations_include_the_backward(micro_counts: tuple[dict, dict]) -> None:
+def test_operations_include_the_backward_and_the_banked_trains(micro_counts: tuple[dict, dict], monkeypatch) -> None:
     on_meta, _ = micro_counts
-    # LoRETTA_rep rebuilds A and B from 3-core trains (micro: 64 x 8 = 8*8*8): 2 matmuls forward and 4 backward
-    # per matrix, 2 matrices per module, q and v in 2 layers. And it trains the norms, so the first layer's
-    # q, k and v now need their input gradient (3 matmuls that LoRA, with nothing trainable below, skips).
-    extra_mm = (on_meta[("loretta_rep", "qv")]["operations_by_name"]["mm"]
-                - on_meta[("lora", "qv")]["operations_by_name"]["mm"])
-    assert extra_mm == (2 + 4) * 2 * 2 * 2 + 3
+    rep, lora = on_meta[("loretta_rep", "qv")]["operations_by_name"], on_meta[("lora", "qv")]["operations_by_name"]
+    # LoRETTA_rep rebuilds A and B from 3-core trains (micro: 64 x 8 = 8*8*8): 2 products forward and 4 backward
+    # per train. Banked, the A's of q and v in both layers are one stack and so are the B's: 2 batched chains.
+    assert rep["bmm"] == 2 * (2 + 4) and "bmm" not in lora
+    # LoRETTA_rep also trains the norms, so the first layer's q, k and v need their input gradient: 3 matmuls
+    # that LoRA, with nothing trainable below them, skips. Everything else is LoRA's matmuls.
+    assert rep["mm"] - lora["mm"] == 3
+    # Without the bank every train rebuilds itself: 8 trains (A, B of q, v in 2 layers) x 6 products.
+    import structlora.model
+
+    monkeypatch.setattr(structlora.model, "bank_matrices", lambda trains: 0)
+    unbanked = by_configuration(load_step_anatomy().main(
+        ["--shape", "micro", "--dtype", "float32", "--methods", "loretta_rep", "--targets", "qv"]))
+    assert unbanked[("loretta_rep", "qv")]["operations_by_name"]["mm"] - lora["mm"] == 8 * (2 + 4) + 3
     assert on_meta[("lora", "qv")]["extra_operations"] > 0 and on_meta[("lora", "qv")]["flops"] > 0
 
 

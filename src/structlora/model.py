@@ -17,7 +17,7 @@ from .config import (AdapterConfig, LoraConfig, LorettaAdpConfig, LorettaRepConf
 from .layers import AdapterLayerMixin, BottleneckLayer, LowRankLayer, TrainableCopy, layer_kind
 from .targets import (BOTTLENECK_PLACEMENT, CLASSIFIER_HEAD_NAMES, default_targets, is_norm_module,
                       module_matches, unknown_target_error)
-from .tensor_train import TTLinear, classifier_tt_shape
+from .tensor_train import TTLinear, TTMatrix, bank_matrices, classifier_tt_shape
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 _INTERNAL_SEGMENTS = ("base_layer", "original", "adapters")
@@ -47,6 +47,9 @@ class PeftModel(nn.Module):
         self.active_adapter = adapter_name
         self._trained_base_params: dict[str, list[str]] = {}
         self._bind_forward_signature()
+        # Before every forward of the base model (however it is reached: this forward, generate, the Trainer),
+        # rebuild the active tensor trains together; kept by id so that deepcopy and unload can find it.
+        self._bank_hook_id = model.register_forward_pre_hook(self._bank_tensor_trains).id
         self.add_adapter(adapter_name, config)
         self.set_adapter(adapter_name)
 
@@ -101,6 +104,12 @@ class PeftModel(nn.Module):
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **_: Any) -> None:
         self.activation_checkpointing_enable(gradient_checkpointing_kwargs)
+
+    def _bank_tensor_trains(self, _module: nn.Module, _args: Any) -> None:
+        if torch.compiler.is_compiling() or not any(
+                isinstance(config, (LorettaRepConfig, LorettaAdpConfig)) for config in self.peft_config.values()):
+            return
+        bank_matrices(train for _, wrapper in self._wrappers() for train in _active_tensor_trains(wrapper))
 
     # -- adapters ------------------------------------------------------------------------------------------
     def _wrappers(self) -> Iterator[tuple[str, nn.Module]]:
@@ -312,6 +321,7 @@ class PeftModel(nn.Module):
                 _set_module(self.base_model, name, wrapper.current())
         for parameter in self.base_model.parameters():
             parameter.requires_grad_(False)
+        self.base_model._forward_pre_hooks.pop(self._bank_hook_id, None)
         return self.base_model
 
     # -- parameters ------------------------------------------------------------------------------------
@@ -406,6 +416,16 @@ class PeftModel(nn.Module):
                     f"shape mismatch for {key} (module {module!r}): the file has {tuple(source_tensor.shape)}, "
                     f"this base model needs {tuple(target.shape)} — the adapter was trained on a different base model")
             target.copy_(source_tensor.to(dtype=target.dtype, device=target.device))
+
+
+def _active_tensor_trains(wrapper: nn.Module) -> Iterator[TTMatrix]:
+    """The tensor trains that the wrapper's next forward rebuilds (none when disabled or merged)."""
+    name = wrapper._active()
+    if name is None or name in getattr(wrapper, "merged_adapters", ()):
+        return
+    for module in wrapper.adapters[name].modules():
+        if isinstance(module, TTMatrix):
+            yield module
 
 
 def get_peft_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> PeftModel:

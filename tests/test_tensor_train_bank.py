@@ -1,0 +1,135 @@
+"""Banked tensor trains: before each forward the same-shaped trains of all layers are rebuilt in one batched
+chain. The model must compute exactly what it computes when every train rebuilds itself, in every way a
+forward is reached (checkpointing, accumulation, direct calls of inner modules, changed weights)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import structlora.model as model_module
+from structlora import LorettaAdpConfig, LorettaRepConfig, get_peft_model
+from structlora.tensor_train import _SLOTS, TTMatrix
+
+
+def tiny_llama(layers: int = 3):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                        num_attention_heads=4, num_key_value_heads=4, vocab_size=64))
+
+
+CONFIGS = {
+    "rep": lambda: LorettaRepConfig(r=4, tensor_rank=3, target_modules=["q_proj", "v_proj"]),
+    "adp": lambda: LorettaAdpConfig(bottleneck_size=8, tensor_rank=3),
+}
+
+
+def adapted(kind: str):
+    model = get_peft_model(tiny_llama(), CONFIGS[kind]())
+    torch.manual_seed(1)
+    with torch.no_grad():  # non-zero updates, so every core's gradient is non-trivial
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad and "cores" in name:
+                parameter.normal_(0.0, 0.5)
+    return model
+
+
+IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+def loss_and_grads(model) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=IDS, labels=IDS).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def unbanked(monkeypatch) -> None:
+    monkeypatch.setattr(model_module, "bank_matrices", lambda trains: 0)
+
+
+def assert_same(got: tuple, want: tuple) -> None:
+    assert torch.allclose(got[0], want[0], atol=1e-6)
+    assert got[1].keys() == want[1].keys()
+    for name in want[1]:
+        assert torch.allclose(got[1][name], want[1][name], atol=1e-5, rtol=1e-5), name
+        assert got[1][name].abs().sum() > 0, name
+
+
+def trains_of(model) -> list[TTMatrix]:
+    return [m for m in model.modules() if isinstance(m, TTMatrix)]
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_banked_step_equals_the_per_layer_step(kind: str, monkeypatch) -> None:
+    model = adapted(kind)
+    banked = loss_and_grads(model)
+    trains = trains_of(model)
+    assert trains and all(train in _SLOTS for train in trains)  # 3 layers: every train shares a group
+    unbanked(monkeypatch)
+    _SLOTS.clear()
+    assert_same(banked, loss_and_grads(model))
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_activation_checkpointing_gives_the_same_gradients(reentrant: bool) -> None:
+    reference = loss_and_grads(adapted("rep"))
+    model = adapted("rep")
+    model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+    model.train()
+    assert_same(loss_and_grads(model), reference)
+    assert_same(loss_and_grads(model), reference)  # and again: the second step rebuilds the bank
+
+
+def test_gradient_accumulation_over_two_forwards() -> None:
+    model = adapted("rep")
+    _, once = loss_and_grads(model)
+    model.zero_grad(set_to_none=True)
+    for _ in range(2):
+        model(input_ids=IDS, labels=IDS).loss.backward()
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            assert torch.allclose(parameter.grad, 2 * once[name], atol=1e-5), name
+
+
+def test_direct_call_after_a_weight_change_does_not_use_a_stale_slice(monkeypatch) -> None:
+    model = adapted("rep")
+    model(input_ids=IDS)  # banks every train
+    with torch.no_grad():
+        for train in trains_of(model):
+            train.cores[0].mul_(1.5)  # an in-place change, as an optimizer step makes
+    inner = model.base_model  # calling the transformers model directly skips nothing here...
+    direct_logits = inner.model(input_ids=IDS).last_hidden_state  # ...but its inner model skips the bank hook
+    unbanked(monkeypatch)
+    _SLOTS.clear()
+    assert torch.allclose(direct_logits, inner.model(input_ids=IDS).last_hidden_state, atol=1e-6)
+
+
+def test_direct_call_after_backward_rebuilds_instead_of_reusing_a_spent_chain() -> None:
+    model = adapted("rep")
+    model(input_ids=IDS, labels=IDS).loss.backward()  # spends the bank
+    hidden = model.base_model.model(input_ids=IDS).last_hidden_state  # no hook: trains rebuild themselves
+    hidden.sum().backward()  # would raise "backward through the graph a second time" on a spent slice
+    assert all(core.grad is not None for train in trains_of(model) for core in train.cores)
+
+
+def test_no_grad_bank_is_not_used_with_grad() -> None:
+    model = adapted("rep")
+    with torch.no_grad():
+        model(input_ids=IDS)  # banks without a graph
+    model.base_model.model(input_ids=IDS).last_hidden_state.sum().backward()
+    assert all(core.grad is not None and core.grad.abs().sum() > 0 for train in trains_of(model)
+               for core in train.cores)
+
+
+def test_deepcopy_banks_its_own_trains_and_unload_removes_the_hook() -> None:
+    model = adapted("rep")
+    clone = copy.deepcopy(model)
+    assert_same(loss_and_grads(clone), loss_and_grads(model))
+    assert all(train in _SLOTS for train in trains_of(clone))
+    base = clone.merge_and_unload()
+    assert not base._forward_pre_hooks
