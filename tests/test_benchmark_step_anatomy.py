@@ -60,7 +60,7 @@ def test_operations_include_the_backward_and_the_banked_trains(micro_counts: tup
     # Without the bank every train rebuilds itself: 8 trains (A, B of q, v in 2 layers) x 6 products.
     import structlora.model
 
-    monkeypatch.setattr(structlora.model, "bank_matrices", lambda trains: 0)
+    monkeypatch.setattr(structlora.model, "bank", lambda members: 0)
     unbanked = by_configuration(load_step_anatomy().main(
         ["--shape", "micro", "--dtype", "float32", "--methods", "loretta_rep", "--targets", "qv"]))
     assert unbanked[("loretta_rep", "qv")]["operations_by_name"]["mm"] - lora["mm"] == 8 * (2 + 4) + 3

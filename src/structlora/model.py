@@ -17,7 +17,8 @@ from .config import (AdapterConfig, LoraConfig, LorettaAdpConfig, LorettaRepConf
 from .layers import AdapterLayerMixin, BottleneckLayer, LowRankLayer, TrainableCopy, layer_kind
 from .targets import (BOTTLENECK_PLACEMENT, CLASSIFIER_HEAD_NAMES, default_targets, is_norm_module,
                       module_matches, unknown_target_error)
-from .tensor_train import TTLinear, TTMatrix, bank_matrices, classifier_tt_shape
+from .bank import bank
+from .tensor_train import TTLinear, classifier_tt_shape
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 _INTERNAL_SEGMENTS = ("base_layer", "original", "adapters")
@@ -48,8 +49,8 @@ class PeftModel(nn.Module):
         self._trained_base_params: dict[str, list[str]] = {}
         self._bind_forward_signature()
         # Before every forward of the base model (however it is reached: this forward, generate, the Trainer),
-        # rebuild the active tensor trains together; kept by id so that deepcopy and unload can find it.
-        self._bank_hook_id = model.register_forward_pre_hook(self._bank_tensor_trains).id
+        # compute the active adapters' factors together (structlora.bank); kept by id for deepcopy and unload.
+        self._bank_hook_id = model.register_forward_pre_hook(self._bank_factors).id
         self.add_adapter(adapter_name, config)
         self.set_adapter(adapter_name)
 
@@ -105,11 +106,10 @@ class PeftModel(nn.Module):
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **_: Any) -> None:
         self.activation_checkpointing_enable(gradient_checkpointing_kwargs)
 
-    def _bank_tensor_trains(self, _module: nn.Module, _args: Any) -> None:
-        if torch.compiler.is_compiling() or not any(
-                isinstance(config, (LorettaRepConfig, LorettaAdpConfig)) for config in self.peft_config.values()):
-            return
-        bank_matrices(train for _, wrapper in self._wrappers() for train in _active_tensor_trains(wrapper))
+    def _bank_factors(self, _module: nn.Module, _args: Any) -> None:
+        if torch.compiler.is_compiling() or all(type(config) is LoraConfig for config in self.peft_config.values()):
+            return  # plain LoRA computes no factor
+        bank(member for _, wrapper in self._wrappers() for member in _active_bankables(wrapper))
 
     # -- adapters ------------------------------------------------------------------------------------------
     def _wrappers(self) -> Iterator[tuple[str, nn.Module]]:
@@ -418,13 +418,13 @@ class PeftModel(nn.Module):
             target.copy_(source_tensor.to(dtype=target.dtype, device=target.device))
 
 
-def _active_tensor_trains(wrapper: nn.Module) -> Iterator[TTMatrix]:
-    """The tensor trains that the wrapper's next forward rebuilds (none when disabled or merged)."""
+def _active_bankables(wrapper: nn.Module) -> Iterator[nn.Module]:
+    """The modules whose factors the wrapper's next forward computes (none when disabled or merged)."""
     name = wrapper._active()
     if name is None or name in getattr(wrapper, "merged_adapters", ()):
         return
     for module in wrapper.adapters[name].modules():
-        if isinstance(module, TTMatrix):
+        if hasattr(module, "bank_key"):
             yield module
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .config import LoraConfig, LorettaRepConfig, MTLoraConfig
+from .bank import computed
 from .tensor_train import TTMatrix, tt_shape_for
 
 
@@ -123,14 +124,35 @@ class DenseLowRank(LowRankParameterization):
     def t_matrix(self) -> torch.Tensor | None:
         if self.structure is None:
             return None
-        c = self.lora_C
-        if self.structure == "shim":
-            return c
-        if self.structure == "icfm":
-            return c @ c.t()
-        if self.structure == "ctcm":
-            return c @ self.lora_D
-        return c + self.lora_D  # dtsm
+        return _transform(self.structure, self.lora_C, getattr(self, "lora_D", None))
+
+    def unscaled_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # T·A is this forward's banked slice when the bank holds a current one (structlora.bank).
+        return (self.lora_A if self.structure is None else computed(self)), self.b_matrix()
+
+    # -- structlora.bank: T·A of the same projection in all layers in one batched chain -------------------
+    def bank_key(self) -> tuple | None:
+        if self.structure is None:
+            return None  # plain LoRA: A is used as it is
+        return ("mtlora", self.structure, tuple(self.lora_A.shape), self.lora_A.dtype, self.lora_A.device)
+
+    def bank_inputs(self) -> list[torch.Tensor]:
+        return [self.lora_A, self.lora_C] + ([self.lora_D] if self.structure in ("ctcm", "dtsm") else [])
+
+    def bank_compute(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        a, c, *d = inputs
+        return _transform(self.structure, c, d[0] if d else None) @ a
+
+
+def _transform(structure: str, c: torch.Tensor, d: torch.Tensor | None) -> torch.Tensor:
+    """T from C (and D), for one matrix or a stack of them."""
+    if structure == "shim":
+        return c
+    if structure == "icfm":
+        return c @ c.mT
+    if structure == "ctcm":
+        return c @ d
+    return c + d  # dtsm
 
 
 class TensorTrainLowRank(LowRankParameterization):

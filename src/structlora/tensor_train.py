@@ -14,12 +14,11 @@ crashes on hidden 2048; we never do).
 from __future__ import annotations
 
 import math
-import weakref
-from dataclasses import dataclass, field
-from typing import Iterable
 
 import torch
 from torch import nn
+
+from .bank import computed
 
 # The authors' shape tables (loretta 0.1.0, utils/tensor_util.py): TT_SHAPES[r][hidden] factorises
 # hidden*r, for the low-rank (r) and bottleneck projections of a hidden-size layer.
@@ -134,18 +133,20 @@ class TTMatrix(nn.Module):
         """Make the matrix exactly zero while keeping a non-zero gradient for the zeroed core."""
         self.cores[-1].zero_()
 
-    def core_tensors(self) -> list[torch.Tensor]:
-        """The cores in order (read from the ParameterList's storage: its indexing is slow per call)."""
-        return list(self.cores._parameters.values())
-
     def matrix(self) -> torch.Tensor:
-        """The full (rows x cols) matrix: this forward's banked copy (see `bank_matrices`) or contracted now."""
-        banked = _banked_matrix(self)
-        return banked if banked is not None else contract_train(self.core_tensors(), self.rows, self.cols)
+        """The full (rows x cols) matrix: this forward's banked copy (`structlora.bank`) or contracted now."""
+        return computed(self)
 
-    def fingerprint(self) -> tuple[tuple[int, int], ...]:
-        """Changes whenever a core is written in place (optimizer step, load) or replaced (.to(), .data =)."""
-        return tuple((core._version, core.data_ptr()) for core in self.core_tensors())
+    # -- structlora.bank: same-shaped trains of all layers are contracted in one batched chain ----------------
+    def bank_key(self) -> tuple:
+        first = self.cores[0]
+        return ("tensor_train", self.rows, self.cols, tuple(self.ranks), tuple(self.shape), first.dtype, first.device)
+
+    def bank_inputs(self) -> list[torch.Tensor]:
+        return list(self.cores._parameters.values())  # the ParameterList's own indexing is slow per call
+
+    def bank_compute(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        return contract_train(inputs, self.rows, self.cols)
 
     def extra_repr(self) -> str:
         return f"rows={self.rows}, cols={self.cols}, shape={self.shape}, tensor_rank={self.tensor_rank}"
@@ -159,71 +160,6 @@ def contract_train(cores: list[torch.Tensor], rows: int, cols: int) -> torch.Ten
     for core in cores[1:]:
         full = (full @ core.reshape(*batch, core.shape[-3], -1)).reshape(*batch, -1, core.shape[-1])
     return full.reshape(*batch, rows, cols)
-
-
-# -- one forward's matrices, rebuilt together -----------------------------------------------------------
-# Rebuilding a train costs a handful of tiny matmuls forward and twice that backward, per matrix: on a GPU
-# each is a kernel launch, and a 32-layer model has 64-200 trains. `bank_matrices` stacks the cores of all
-# same-shaped trains (the same projection in every layer) and rebuilds them in one batched chain; each
-# train's `matrix()` then returns its slice. PeftModel calls it before each forward of the base model, outside
-# any checkpointed layer, so a layer recomputed by activation checkpointing uses the same slice as its
-# first pass did. A slice is used only while it is certainly this train's current value: same grad mode,
-# cores unchanged since (fingerprint), and the batched chain not yet back-propagated through (after
-# that its buffers are freed, so the next forward rebuilds). Otherwise the train rebuilds itself.
-
-
-@dataclass(eq=False)
-class _Bank:
-    grad_enabled: bool
-    spent: bool = False  # the batched chain has been back-propagated through
-
-
-@dataclass(eq=False)
-class _Slot:
-    bank: _Bank
-    matrix: torch.Tensor
-    fingerprint: tuple[tuple[int, int], ...] = field(default_factory=tuple)
-
-
-_SLOTS: "weakref.WeakKeyDictionary[TTMatrix, _Slot]" = weakref.WeakKeyDictionary()
-
-
-def _banked_matrix(train: TTMatrix) -> torch.Tensor | None:
-    if torch.compiler.is_compiling():  # compiled graphs fuse the chain themselves; no Python state inside
-        return None
-    slot = _SLOTS.get(train)
-    if (slot is None or slot.bank.spent or slot.bank.grad_enabled != torch.is_grad_enabled()
-            or slot.fingerprint != train.fingerprint()):
-        return None
-    return slot.matrix
-
-
-def _mark_spent(bank: _Bank) -> None:
-    bank.spent = True
-
-
-def bank_matrices(trains: Iterable[TTMatrix]) -> int:
-    """Rebuild these trains' matrices for the coming forward, one batched chain per group of same-shaped
-    trains; return how many trains were banked (groups of one are left to rebuild themselves)."""
-    groups: dict[tuple, list[tuple[TTMatrix, list[torch.Tensor]]]] = {}
-    for train in trains:
-        cores = train.core_tensors()
-        key = (train.rows, train.cols, tuple(core.shape for core in cores), cores[0].dtype, cores[0].device)
-        groups.setdefault(key, []).append((train, cores))
-    bank, banked = _Bank(grad_enabled=torch.is_grad_enabled()), 0
-    for members in groups.values():
-        if len(members) < 2:
-            _SLOTS.pop(members[0][0], None)
-            continue
-        stacked = [torch.stack(same_position) for same_position in zip(*(cores for _, cores in members))]
-        matrices = contract_train(stacked, members[0][0].rows, members[0][0].cols)
-        if matrices.requires_grad:
-            # Fires once the gradients of every slice have reached the stack: the chain is spent.
-            matrices.register_hook(lambda grad, bank=bank: _mark_spent(bank))
-        for (train, cores), matrix in zip(members, matrices.unbind(0)):
-            _SLOTS[train] = _Slot(bank, matrix, tuple((core._version, core.data_ptr()) for core in cores))
-        banked += len(members)
-    return banked
 
 
 class TTLinear(nn.Module):

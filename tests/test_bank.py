@@ -1,6 +1,7 @@
-"""Banked tensor trains: before each forward the same-shaped trains of all layers are rebuilt in one batched
-chain. The model must compute exactly what it computes when every train rebuilds itself, in every way a
-forward is reached (checkpointing, accumulation, direct calls of inner modules, changed weights)."""
+"""The factor bank: before each forward the same-shaped factors of all layers (tensor trains, MTLoRA's T·A) are
+computed in one batched chain. The model must compute exactly what it computes when every layer computes its
+own, in every way a forward is reached (checkpointing, accumulation, direct calls of inner modules, changed
+weights)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import pytest
 import torch
 
 import structlora.model as model_module
-from structlora import LorettaAdpConfig, LorettaRepConfig, get_peft_model
-from structlora.tensor_train import _SLOTS, TTMatrix
+from structlora import LorettaAdpConfig, LorettaRepConfig, MTLoraConfig, get_peft_model
+from structlora.bank import _SLOTS
+from structlora.tensor_train import TTMatrix
 
 
 def tiny_llama(layers: int = 3):
@@ -25,15 +27,17 @@ def tiny_llama(layers: int = 3):
 CONFIGS = {
     "rep": lambda: LorettaRepConfig(r=4, tensor_rank=3, target_modules=["q_proj", "v_proj"]),
     "adp": lambda: LorettaAdpConfig(bottleneck_size=8, tensor_rank=3),
+    **{f"mtlora-{structure}": (lambda structure=structure: MTLoraConfig(r=4, structure=structure))
+       for structure in ("shim", "icfm", "ctcm", "dtsm")},
 }
 
 
 def adapted(kind: str):
     model = get_peft_model(tiny_llama(), CONFIGS[kind]())
     torch.manual_seed(1)
-    with torch.no_grad():  # non-zero updates, so every core's gradient is non-trivial
+    with torch.no_grad():  # non-zero updates, so every factor's gradient is non-trivial
         for name, parameter in model.named_parameters():
-            if parameter.requires_grad and "cores" in name:
+            if parameter.requires_grad and ("cores" in name or "lora_" in name):
                 parameter.normal_(0.0, 0.5)
     return model
 
@@ -49,7 +53,7 @@ def loss_and_grads(model) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
 
 
 def unbanked(monkeypatch) -> None:
-    monkeypatch.setattr(model_module, "bank_matrices", lambda trains: 0)
+    monkeypatch.setattr(model_module, "bank", lambda members: 0)
 
 
 def assert_same(got: tuple, want: tuple) -> None:
@@ -64,21 +68,26 @@ def trains_of(model) -> list[TTMatrix]:
     return [m for m in model.modules() if isinstance(m, TTMatrix)]
 
 
+def bankables_of(model) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "bank_key") and m.bank_key() is not None]
+
+
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
 def test_banked_step_equals_the_per_layer_step(kind: str, monkeypatch) -> None:
     model = adapted(kind)
     banked = loss_and_grads(model)
-    trains = trains_of(model)
-    assert trains and all(train in _SLOTS for train in trains)  # 3 layers: every train shares a group
+    members = bankables_of(model)
+    assert members and all(member in _SLOTS for member in members)  # 3 layers: every member shares a group
     unbanked(monkeypatch)
     _SLOTS.clear()
     assert_same(banked, loss_and_grads(model))
 
 
+@pytest.mark.parametrize("kind", ["rep", "mtlora-icfm"])
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
-def test_activation_checkpointing_gives_the_same_gradients(reentrant: bool) -> None:
-    reference = loss_and_grads(adapted("rep"))
-    model = adapted("rep")
+def test_activation_checkpointing_gives_the_same_gradients(reentrant: bool, kind: str) -> None:
+    reference = loss_and_grads(adapted(kind))
+    model = adapted(kind)
     model.gradient_checkpointing_enable({"use_reentrant": reentrant})
     model.train()
     assert_same(loss_and_grads(model), reference)
