@@ -63,7 +63,8 @@ def meta_device_patches(device: torch.device) -> Iterator[None]:
 
     def flash_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                    enable_gqa=False):
-        if attn_mask is not None or enable_gqa or key.shape[1] != query.shape[1]:
+        # (The flash op takes grouped-query shapes as they are, as flash attention does with enable_gqa.)
+        if attn_mask is not None:
             return original_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                                  scale=scale, enable_gqa=enable_gqa)
         return torch.ops.aten._scaled_dot_product_flash_attention(

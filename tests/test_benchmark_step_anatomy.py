@@ -78,3 +78,17 @@ def test_7b_shape_reproduces_peft_on_the_h100_and_meets_the_memory_target() -> N
     # Ours keeps the bf16 input once for q and v (32 layers x 32 MiB) where PEFT keeps an fp32 copy per adapter.
     assert rows[("lora", "qv")]["extra_vs_peft"] == pytest.approx(0.25, abs=0.01)
     assert rows[("loretta_rep", "qv")]["extra_vs_peft"] <= 0.5
+
+
+def test_bank_ab_times_both_ways_and_restores_the_bank() -> None:
+    import structlora.model
+
+    spec = importlib.util.spec_from_file_location("bank_ab_benchmark", BENCHMARKS / "bank_ab.py")
+    bank_ab = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bank_ab
+    spec.loader.exec_module(bank_ab)
+    real_bank = structlora.model.bank
+    report = bank_ab.main(["--layers", "2", "--hidden", "64", "--rounds", "1", "--steps", "1"])
+    assert set(report) == set(bank_ab.CONFIGURATIONS)
+    assert all(times["bank_on_ms"] > 0 and times["bank_off_ms"] > 0 for times in report.values())
+    assert structlora.model.bank is real_bank
