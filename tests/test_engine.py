@@ -22,7 +22,8 @@ def plain(x, weight, bias, a_eff, b, scaling):
                                                     (torch.bfloat16, torch.float32, 3e-2)],
                          ids=["fp32", "bf16", "bf16-with-fp32-factors"])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_fused_function_matches_the_formula(dtype, factor_dtype, tol, with_bias):
+@pytest.mark.parametrize("scaling", [1.5, 1.0])
+def test_fused_function_matches_the_formula(dtype, factor_dtype, tol, with_bias, scaling):
     torch.manual_seed(0)
     x = torch.randn(3, 7, 24, dtype=dtype, requires_grad=True)
     weight = torch.randn(40, 24, dtype=dtype, requires_grad=True)
@@ -32,10 +33,11 @@ def test_fused_function_matches_the_formula(dtype, factor_dtype, tol, with_bias)
     leaves = [t for t in (x, weight, bias, a_eff, b) if t is not None]
     grad_out = torch.randn(3, 7, 40, dtype=dtype)
 
-    fused = engine.dense_lowrank(x, weight, bias, a_eff, b, 1.5)
+    fused = engine.dense_lowrank(x, weight, bias, a_eff, b, scaling)
     assert fused.dtype == dtype
     fused_grads = torch.autograd.grad(fused, leaves, grad_out)
-    reference = plain(x.float(), weight.float(), None if bias is None else bias.float(), a_eff.float(), b.float(), 1.5)
+    reference = plain(x.float(), weight.float(), None if bias is None else bias.float(), a_eff.float(), b.float(),
+                      scaling)
     reference_grads = torch.autograd.grad(reference, leaves, grad_out.float())
     scale = float(reference.abs().max())
     assert torch.allclose(fused.float(), reference, atol=tol * scale, rtol=tol)

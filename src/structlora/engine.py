@@ -63,7 +63,7 @@ class _DenseLowRank(torch.autograd.Function):
 def _scaled_to(tensor: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
     """scaling·tensor in `dtype`, as one kernel (the multiply writes straight into the cast's buffer)."""
     if tensor.dtype == dtype:
-        return tensor * scaling
+        return tensor if scaling == 1.0 else tensor * scaling
     return torch.mul(tensor, scaling, out=torch.empty(tensor.shape, dtype=dtype, device=tensor.device))
 
 

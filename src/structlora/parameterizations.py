@@ -15,8 +15,8 @@ import math
 import torch
 from torch import nn
 
-from .config import LoraConfig, LorettaRepConfig, MTLoraConfig
 from .bank import computed
+from .config import LoraConfig, LorettaRepConfig, MTLoraConfig
 from .tensor_train import TTMatrix, tt_shape_for
 
 
