@@ -142,3 +142,22 @@ def test_deepcopy_banks_its_own_trains_and_unload_removes_the_hook() -> None:
     assert all(train in _SLOTS for train in trains_of(clone))
     base = clone.merge_and_unload()
     assert not base._forward_pre_hooks
+
+
+def test_only_the_active_unmerged_enabled_adapter_is_banked() -> None:
+    model = get_peft_model(tiny_llama(), MTLoraConfig(r=4, structure="icfm"))
+    model.add_adapter("other", LorettaRepConfig(r=4, tensor_rank=3, target_modules=["q_proj", "v_proj"]))
+    _SLOTS.clear()
+    model(input_ids=IDS)
+    banked = set(_SLOTS.keys())
+    default_members = [m for n, m in model.named_modules() if ".default" in n and hasattr(m, "bank_key")]
+    other_members = [m for n, m in model.named_modules() if ".other" in n and hasattr(m, "bank_key")]
+    assert default_members and other_members
+    assert set(default_members) <= banked and not banked & set(other_members)
+    _SLOTS.clear()
+    with model.disable_adapter():
+        model(input_ids=IDS)
+    assert not _SLOTS
+    model.merge_adapter()
+    model(input_ids=IDS)
+    assert not _SLOTS
