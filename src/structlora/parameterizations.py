@@ -20,6 +20,10 @@ from .config import LoraConfig, LorettaRepConfig, MTLoraConfig
 from .tensor_train import TTMatrix, tt_shape_for
 
 
+# MTLoRA structures whose T uses a second r x r matrix D besides C.
+STRUCTURES_WITH_D = ("ctcm", "dtsm")
+
+
 class LowRankParameterization(nn.Module):
     """Base class: subclasses define `a_matrix()`, `b_blocks()` and optionally `t_matrix()`."""
 
@@ -101,7 +105,7 @@ class DenseLowRank(LowRankParameterization):
 
     def _init_transform(self, structure: str, init: str) -> None:
         size = self.rank_dim
-        needs_d = structure in ("ctcm", "dtsm")
+        needs_d = structure in STRUCTURES_WITH_D
         if init == "reference":
             self.lora_C = _kaiming_uniform(size, size)
             if needs_d:
@@ -124,7 +128,11 @@ class DenseLowRank(LowRankParameterization):
     def t_matrix(self) -> torch.Tensor | None:
         if self.structure is None:
             return None
-        return _transform(self.structure, self.lora_C, getattr(self, "lora_D", None))
+        return _transform(self.structure, *self._transform_parameters())
+
+    def _transform_parameters(self) -> list[torch.Tensor]:
+        """C, and D for the structures that have one: what T is made of."""
+        return [self.lora_C] + ([self.lora_D] if self.structure in STRUCTURES_WITH_D else [])
 
     def unscaled_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         # T·A is this forward's banked slice when the bank holds a current one (structlora.bank).
@@ -137,14 +145,14 @@ class DenseLowRank(LowRankParameterization):
         return ("mtlora", self.structure, tuple(self.lora_A.shape), self.lora_A.dtype, self.lora_A.device)
 
     def bank_inputs(self) -> list[torch.Tensor]:
-        return [self.lora_A, self.lora_C] + ([self.lora_D] if self.structure in ("ctcm", "dtsm") else [])
+        return [self.lora_A, *self._transform_parameters()]
 
     def bank_compute(self, inputs: list[torch.Tensor]) -> torch.Tensor:
-        a, c, *d = inputs
-        return _transform(self.structure, c, d[0] if d else None) @ a
+        a, *transform_parameters = inputs
+        return _transform(self.structure, *transform_parameters) @ a
 
 
-def _transform(structure: str, c: torch.Tensor, d: torch.Tensor | None) -> torch.Tensor:
+def _transform(structure: str, c: torch.Tensor, d: torch.Tensor | None = None) -> torch.Tensor:
     """T from C (and D), for one matrix or a stack of them."""
     if structure == "shim":
         return c
