@@ -3,15 +3,16 @@ holds for the backward, the operations it launches, and its matrix FLOPs.
 
 Issue 3's targets are GPU numbers (Llama-2-7B shape, bf16, batch 4 x 1024). Two of the three things behind
 them are properties of the autograd graph, not of the device, and this script counts them for every
-configuration of `step_time.py`, built on PyTorch's meta device (shapes and dtypes, no storage, no arithmetic):
+configuration of `step_time.py`, built on PyTorch's meta device (shapes and dtypes, no storage, no
+arithmetic). One forward with the loss and its backward run once per configuration, under three counters:
 
-- **memory**: one forward with the loss under `torch.autograd.graph.saved_tensors_hooks`, adding up every
-  distinct storage saved for the backward that is not a model parameter (`step_time.saved_activation_bytes`,
-  which also fills the "saved for backward" column of the timed runs), plus the trainable state AdamW keeps
-  (parameters, gradients, two moment buffers). The issue's memory target is about the *extra over the
-  floor*; the published H100 measurements of PEFT are the check (the report sets them side by side).
-- **operations**: forward and backward under a dispatch mode that counts every aten operation that does
-  work (views and allocations left out). On a GPU each is at least one kernel launch, and an adapter's
+- **memory**: `torch.autograd.graph.saved_tensors_hooks` adds up every distinct storage saved for the
+  backward that is not a model parameter (`step_time.recording_saved_storages`, which also fills the
+  "saved for backward" column of the timed runs); to it comes the trainable state AdamW keeps (parameters,
+  gradients, two moment buffers). The issue's memory target is about the *extra over the floor*; the
+  published H100 measurements of PEFT are the check (the report sets them side by side).
+- **operations**: a dispatch mode counts every aten operation that does work (views and allocations left
+  out). On a GPU each is at least one kernel launch, and an adapter's
   small kernels cost their launch and minimum run time whatever their size: this is the "launch overhead"
   half of the issue's analysis. The optimizer step is not counted (its kernels depend on foreach grouping).
 - **FLOPs**: `torch.utils.flop_counter.FlopCounterMode` over the same forward and backward.
@@ -98,12 +99,13 @@ class OperationCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count_operations_and_flops(model: nn.Module, input_ids: torch.Tensor) -> tuple[dict[str, int], int]:
-    """Operations by aten name and total FLOPs of one forward with the loss and its backward."""
+def count_step(model: nn.Module, input_ids: torch.Tensor) -> tuple[dict[int, int], dict[str, int], int]:
+    """One forward with the loss and its backward: the storages saved for the backward ({id: bytes}), the
+    operations by aten name, and the total FLOPs."""
     counter, flops = OperationCounter(), FlopCounterMode(display=False)
-    with flops, counter:
+    with step_time.recording_saved_storages(model) as saved, flops, counter:
         model(input_ids=input_ids, labels=input_ids, use_cache=False).loss.backward()
-    return counter.counts, flops.get_total_flops()
+    return saved, counter.counts, flops.get_total_flops()
 
 
 def optimizer_state_bytes(model: nn.Module) -> int:
@@ -116,13 +118,12 @@ def account(configuration: step_time.Configuration, settings: step_time.BenchSet
     model = step_time.build_model(configuration.method, configuration.targets, shape, settings)
     input_ids = torch.zeros(settings.batch_size, settings.seq_len, dtype=torch.long, device=settings.device)
     with meta_device_patches(settings.device):
-        saved_bytes, saved_count = step_time.saved_activation_bytes(model, input_ids)
-        operations, flops = count_operations_and_flops(model, input_ids)
+        saved, operations, flops = count_step(model, input_ids)
     return {
         "method": configuration.method, "label": step_time.METHOD_LABELS[configuration.method],
         "targets": configuration.targets,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "saved_activation_bytes": saved_bytes, "saved_tensor_storages": saved_count,
+        "saved_activation_bytes": sum(saved.values()), "saved_tensor_storages": len(saved),
         "optimizer_state_bytes": optimizer_state_bytes(model),
         "operations": sum(operations.values()), "operations_by_name": operations, "flops": flops,
     }

@@ -325,8 +325,9 @@ def graph_breaks_since_reset() -> dict[str, int]:
     return reasons
 
 
-def saved_activation_bytes(model: nn.Module, input_ids: torch.Tensor) -> tuple[int, int]:
-    """(bytes, count) of the distinct non-parameter storages that one forward with the loss saves for backward.
+@contextlib.contextmanager
+def recording_saved_storages(model: nn.Module) -> Iterator[dict[int, int]]:
+    """Inside the block, the distinct non-parameter storages saved for the backward: {storage id: bytes}.
 
     Storages are told apart by identity, so a tensor saved by several ops (q, k and v all saving the same
     normalised input) or through different views counts once, as it does in memory. Unlike a peak, this does
@@ -342,9 +343,15 @@ def saved_activation_bytes(model: nn.Module, input_ids: torch.Tensor) -> tuple[i
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield saved
+
+
+def saved_activation_bytes(model: nn.Module, input_ids: torch.Tensor) -> int:
+    """Bytes of the distinct non-parameter storages that one forward with the loss saves for backward."""
+    with recording_saved_storages(model) as saved:
         loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
     del loss  # the graph goes with it
-    return sum(saved.values()), len(saved)
+    return sum(saved.values())
 
 
 def measure_once(configuration: Configuration, shape: Shape, settings: BenchSettings, measurement: Measurement
@@ -365,7 +372,7 @@ def measure_once(configuration: Configuration, shape: Shape, settings: BenchSett
     forward = torch.compile(model) if configuration.compiled else model
     input_ids = make_batch(shape, settings, model.config.vocab_size)
     if not measurement.saved_activation_bytes:
-        measurement.saved_activation_bytes = saved_activation_bytes(model, input_ids)[0]
+        measurement.saved_activation_bytes = saved_activation_bytes(model, input_ids)
 
     def step() -> None:
         training_step(forward, optimizer, input_ids)
