@@ -1,19 +1,41 @@
 """structlora: MTLoRA and LoRETTA parameter-efficient fine-tuning for Hugging Face transformers."""
 
-from .config import (AdapterConfig, LoraConfig, LorettaAdpConfig, LorettaRepConfig, MTLoraConfig,
-                     TaskType)
-from .interop import export_to_peft, from_loretta
-from .model import PeftModel, adapted_layers, get_peft_model
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+# Public names and the module that defines each. They are imported on first use (PEP 562), so that
+# `import structlora` (and `structlora --help`) does not pay for torch and transformers until needed.
+_EXPORTS: dict[str, str] = {
+    "AdapterConfig": "config", "LoraConfig": "config", "MTLoraConfig": "config", "LorettaRepConfig": "config",
+    "LorettaAdpConfig": "config", "TaskType": "config",
+    "export_to_peft": "interop", "from_loretta": "interop",
+    "PeftModel": "model", "adapted_layers": "model", "get_peft_model": "model",
+    "AdapterTrainer": "trainer",
+}
 
-def __getattr__(name: str):
-    # The Trainer subclass imports transformers' Trainer (and accelerate): load it only when asked.
-    if name == "AdapterTrainer":
-        from .trainer import AdapterTrainer
-        return AdapterTrainer
-    raise AttributeError(f"module 'structlora' has no attribute {name!r}")
+if TYPE_CHECKING:
+    from .config import (AdapterConfig, LoraConfig, LorettaAdpConfig, LorettaRepConfig, MTLoraConfig,
+                         TaskType)
+    from .interop import export_to_peft, from_loretta
+    from .model import PeftModel, adapted_layers, get_peft_model
+    from .trainer import AdapterTrainer
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'structlora' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
 
 
 __all__ = [

@@ -4,53 +4,112 @@ Each recipe module owns its flags and its work; this file only wires sub-command
 the GLUE, NLG and LLM pipelines can grow without touching one another.
 
 Contract for a recipe module registered below: `add_arguments(parser)` and `run(args) -> int | None`.
-Modules are imported lazily so that `structlora --help` stays fast and optional extras stay optional.
+Modules are imported lazily, and import torch / transformers only inside `run`, so that `--help` is fast
+and optional extras stay optional.
+
+Errors a user can fix (a missing file, an unreachable hub, a bad value) end the command with one
+`error: ...` line and exit status 1 (argparse's usage errors: 2); set STRUCTLORA_TRACEBACK=1 to see the
+traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Sequence
 
-# (sub-command path, module, help)
-_COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
-    (("train", "glue"), "structlora.recipes.glue", "fine-tune an encoder on a GLUE task"),
-    (("train", "nlg"), "structlora.recipes.nlg", "fine-tune a causal LM on E2E / WebNLG / DART"),
-    (("train", "llm"), "structlora.recipes.llm", "fine-tune a causal LM on SuperGLUE-style tasks, SQuAD, DROP"),
-    (("generate",), "structlora.recipes.generate", "beam-search decoding of an NLG test set"),
-    (("score",), "structlora.recipes.score", "official-equivalent E2E / WebNLG / DART metrics"),
-    (("report",), "structlora.recipes.report", "markdown table of several runs"),
+from structlora.recipes.data_dir import DATA_RULE
+
+# (sub-command path, module, help, uses data)
+_COMMANDS: list[tuple[tuple[str, ...], str, str, bool]] = [
+    (("train", "glue"), "structlora.recipes.glue", "fine-tune an encoder on a GLUE task", True),
+    (("train", "nlg"), "structlora.recipes.nlg", "fine-tune a causal LM on E2E / WebNLG / DART", True),
+    (("train", "llm"), "structlora.recipes.llm", "fine-tune a causal LM on SuperGLUE-style tasks, SQuAD, DROP",
+     True),
+    (("generate",), "structlora.recipes.generate", "beam-search decoding of an NLG split with a trained adapter",
+     True),
+    (("score",), "structlora.recipes.score", "official-equivalent E2E / WebNLG / DART metrics", False),
+    (("report",), "structlora.recipes.report", "markdown table of several runs", False),
 ]
+TRACEBACK_ENV = "STRUCTLORA_TRACEBACK"
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps descriptions as written and shows every flag's default (unless its help already says it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "%(default)" in text or "default" in text.lower() or action.default is argparse.SUPPRESS \
+                or not action.option_strings or isinstance(action, argparse._HelpAction):
+            return text
+        if action.required:
+            return f"{text} (required)" if text else "(required)"
+        if action.default is None:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _subcommand_parser(subparsers: argparse._SubParsersAction, name: str, help_text: str,
+                       uses_data: bool) -> argparse.ArgumentParser:
+    description = help_text + (f".\n\n{DATA_RULE}." if uses_data else ".")
+    return subparsers.add_parser(name, help=help_text, description=description, formatter_class=HelpFormatter)
 
 
 def _build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="structlora", description=__doc__.splitlines()[0])
-    subparsers = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="structlora", description=__doc__.splitlines()[0],
+                                     epilog=f"{DATA_RULE}. `structlora COMMAND --help` lists each command's flags.",
+                                     formatter_class=HelpFormatter)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     groups: dict[str, argparse._SubParsersAction] = {}
     # Only import the module the user asked for (plus cheap help for the others).
     wanted = tuple(a for a in argv if not a.startswith("-"))
-    for path, module_name, help_text in _COMMANDS:
+    for path, module_name, help_text, uses_data in _COMMANDS:
         if len(path) == 1:
-            sub = subparsers.add_parser(path[0], help=help_text)
+            sub = _subcommand_parser(subparsers, path[0], help_text, uses_data)
         else:
             if path[0] not in groups:
-                group_parser = subparsers.add_parser(path[0], help=f"{path[0]} sub-commands")
-                groups[path[0]] = group_parser.add_subparsers(dest="subcommand", required=True)
-            sub = groups[path[0]].add_parser(path[1], help=help_text)
-        sub.set_defaults(_module=module_name)
+                group_parser = subparsers.add_parser(path[0], help=f"{path[0]} sub-commands",
+                                                     formatter_class=HelpFormatter)
+                groups[path[0]] = group_parser.add_subparsers(dest="subcommand", required=True, metavar="TASK")
+            sub = _subcommand_parser(groups[path[0]], path[1], help_text, uses_data)
+        sub.set_defaults(_module=module_name, _command_parser=sub)
         if wanted[: len(path)] == path:
             importlib.import_module(module_name).add_arguments(sub)
     return parser
 
 
+_HUB_FAILURE_HINTS = ("huggingface.co", "couldn't connect", "offline mode", "is not a local folder",
+                      "repository not found", "not a valid model identifier")
+
+
+def _one_line(error: BaseException, args: argparse.Namespace) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    model = getattr(args, "model", None)
+    if model and isinstance(error, OSError) and any(h in text.lower() for h in _HUB_FAILURE_HINTS):
+        # transformers' message names neither the model nor what to do instead.
+        return (f"cannot load --model {model!r}: it is not a local folder and the Hugging Face Hub did not "
+                f"provide it ({text.split('. ')[0]}). Pass a local folder (config.json + weights), a .gguf file, or "
+                "a packaged model (smollm2-135m; the demo's all-MiniLM-L6-v2), or connect to the Hub once")
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _build_parser(argv)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # report against the sub-command, so its usage (not the top level's) is shown
+        getattr(args, "_command_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     module = importlib.import_module(args._module)
-    result = module.run(args)
+    try:
+        result = module.run(args)
+    except (OSError, ValueError) as error:
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        # A missing file, an unreachable hub, a bad value: one line, not a traceback.
+        print(f"error: {_one_line(error, args)} (set {TRACEBACK_ENV}=1 for the traceback)", file=sys.stderr)
+        return 1
     return int(result or 0)
 
 

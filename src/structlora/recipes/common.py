@@ -33,15 +33,21 @@ A ``history`` is a list of dicts, one per evaluation: ``{"epoch", "step", "train
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
-import torch
+from .device import has_accelerator as _has_accelerator
+from .device import resolve_device_settings
+
+if TYPE_CHECKING:
+    import torch
 
 METHODS: tuple[str, ...] = ("lora", "mtlora", "loretta-rep", "loretta-adp", "full")
 MTLORA_STRUCTURES: tuple[str, ...] = ("shim", "icfm", "ctcm", "dtsm")
@@ -89,6 +95,8 @@ def _track_explicit_flags(parser: argparse.ArgumentParser) -> None:
         return
     for name in (None, "store", "store_const", "store_true", "store_false", "append", "extend", "count"):
         parser.register("action", name, _tracking(parser._registry_get("action", name, None)))
+    # Every boolean flag is `--x/--no-x` (action="boolean"), so a recipe's `x: true` can be switched off.
+    parser.register("action", "boolean", _tracking(argparse.BooleanOptionalAction))
     parser._structlora_tracking = True  # type: ignore[attr-defined]
     parser.set_defaults(_parser=parser)
 
@@ -98,22 +106,29 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     _track_explicit_flags(parser)
     group = parser.add_argument_group("adapter")
     group.add_argument("--method", choices=METHODS, default="lora",
-                       help="lora, mtlora, loretta-rep, loretta-adp, or full fine-tuning (default: lora)")
+                       help="adapter method, or full fine-tuning")
     group.add_argument("--structure", choices=MTLORA_STRUCTURES, default="shim",
-                       help="MTLoRA structure (only with --method mtlora; default: shim)")
-    group.add_argument("--r", type=int, default=None, help="LoRA rank (default: the config's, 8)")
-    group.add_argument("--lora-alpha", type=float, default=None, help="LoRA scaling numerator alpha")
+                       help="MTLoRA's T: shim T=C, icfm T=C·Cᵀ, ctcm T=C·D, dtsm T=C+D (only with --method mtlora)")
+    group.add_argument("--r", type=int, default=None, help="LoRA rank (default: the method's config, 8)")
+    group.add_argument("--lora-alpha", type=float, default=None,
+                       help="scaling numerator alpha, update scaled by alpha/r (default: the method's config)")
     group.add_argument("--lora-dropout", type=float, default=None,
-                       help="dropout on the adapter input (adapter dropout for loretta-adp)")
-    group.add_argument("--tensor-rank", type=int, default=None, help="tensor-train rank (LoRETTA; default 5)")
+                       help="dropout on the adapter input, adapter dropout for loretta-adp (default: the "
+                            "method's config)")
+    group.add_argument("--tensor-rank", type=int, default=None,
+                       help="tensor-train rank of LoRETTA's cores (default: the method's config, 5)")
     group.add_argument("--bottleneck-size", type=int, default=None,
-                       help="bottleneck width of LoRETTA_adp adapters (default 64)")
+                       help="bottleneck width of LoRETTA_adp adapters (default: the method's config, 64)")
     group.add_argument("--target-modules", type=_comma_list, default=None,
-                       help="comma-separated module names to adapt (default: per-architecture)")
+                       help="comma-separated module names to adapt, or one regular expression (default: the "
+                            "architecture's, e.g. query,value for BERT/RoBERTa, q_proj,v_proj for Llama)")
     group.add_argument("--modules-to-save", type=_comma_list, default=None,
-                       help="extra modules trained in full and saved with the adapter (e.g. pooler)")
+                       help="extra modules trained in full and saved with the adapter, e.g. pooler "
+                            "(default: the task head only)")
     group.add_argument("--init", choices=INIT_CHOICES, default=None,
-                       help="adapter initialisation (MTLoRA: reference|identity; LoRETTA: default|reference)")
+                       help="adapter initialisation: default leaves the outputs unchanged at the start; "
+                            "reference is the authors' start; identity (MTLoRA) starts with T=I "
+                            "(default: the method's config)")
     return parser
 
 
@@ -121,34 +136,53 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     """Training flags shared by every recipe (model/task flags belong to the recipe)."""
     _track_explicit_flags(parser)
     group = parser.add_argument_group("training")
-    group.add_argument("--output", default=None, help="output directory (results.json, adapter/, curves.png)")
-    group.add_argument("--config", default=None, help="YAML/JSON file whose keys set any flag (flags win)")
+    group.add_argument("--output", default=None, metavar="DIR",
+                       help="output directory: results.json, adapter/, curves.png, checkpoints/ (required, "
+                            "flag or config file)")
+    group.add_argument("--config", default=None, metavar="FILE",
+                       help="YAML/JSON recipe whose keys set any flag; flags given on the command line win "
+                            "(default: none)")
     group.add_argument("--epochs", type=float, default=3.0, help="number of training epochs")
-    group.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps")
+    group.add_argument("--max-steps", type=int, default=-1,
+                       help="stop after this many optimizer steps (-1: run --epochs)")
     group.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
     group.add_argument("--lr-scheduler", choices=LR_SCHEDULERS, default="linear", help="learning-rate schedule")
     group.add_argument("--batch-size", type=int, default=16, help="per-device training batch size")
-    group.add_argument("--eval-batch-size", type=int, default=None, help="per-device eval batch size")
-    group.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    group.add_argument("--eval-batch-size", type=int, default=None,
+                       help="per-device evaluation batch size (default: max(--batch-size, 32))")
+    group.add_argument("--grad-accum", type=int, default=1,
+                       help="gradient accumulation steps (effective batch = batch size x this x processes)")
     group.add_argument("--max-length", type=int, default=128, help="maximum tokens per example")
     group.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps for linear warm-up")
     group.add_argument("--warmup-steps", type=int, default=0, help="warm-up steps (wins over --warmup-ratio)")
     group.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     group.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing factor")
     group.add_argument("--seed", type=int, default=42, help="random seed (model init, data order, dropout)")
-    group.add_argument("--eval-every", type=int, default=None,
+    group.add_argument("--eval-every", type=int, default=None, metavar="N",
                        help="evaluate and checkpoint every N steps (default: every epoch)")
-    group.add_argument("--logging-steps", type=int, default=None,
-                       help="log the training loss every N steps (default: --eval-every or 50)")
+    group.add_argument("--logging-steps", type=int, default=None, metavar="N",
+                       help="log the training loss every N steps (default: --eval-every, else at least once "
+                            "an epoch, at most every 50 steps)")
     precision = group.add_mutually_exclusive_group()
-    precision.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
-    precision.add_argument("--fp16", action="store_true", help="float16 mixed precision (GPU)")
-    group.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
+    precision.add_argument("--bf16", action="boolean", default=False,
+                           help="bfloat16 mixed precision; only where the device has native bf16 (a warning "
+                                "and float32 otherwise)")
+    precision.add_argument("--fp16", action="boolean", default=False,
+                           help="float16 mixed precision (GPU only; a warning and float32 on a CPU)")
+    group.add_argument("--gradient-checkpointing", action="boolean", default=False,
+                       help="recompute activations in the backward pass to save memory; a recipe file's value "
+                            "is ignored on a CPU (where it only costs time), the flag is honoured")
+    group.add_argument("--group-by-length", action="boolean", default=False,
+                       help="batch training examples of similar length together (less padding, faster)")
+    group.add_argument("--report-to", default="none", metavar="TOOL",
+                       help="where Trainer logs: none, tensorboard, wandb, mlflow, all, ... (comma-separated)")
     group.add_argument("--resume", nargs="?", const="latest", default=None,
                        metavar="CHECKPOINT",
-                       help="resume from CHECKPOINT, or from the latest one in OUTPUT/checkpoints")
+                       help="resume from CHECKPOINT, or (flag alone) from the latest one in OUTPUT/checkpoints "
+                            "(default: start afresh)")
     group.add_argument("--init-from", default=None, metavar="DIR",
-                       help="start from a trained adapter folder (e.g. an MNLI adapter for RTE)")
+                       help="start from a trained adapter folder, e.g. an MNLI adapter for RTE (default: a "
+                            "fresh adapter)")
     return parser
 
 
@@ -205,7 +239,7 @@ def _read_mapping(path: Path) -> dict[str, Any]:
 
 def _coerce(action: argparse.Action, value: Any, source: str) -> Any:
     """Give a config value the type its flag would have produced."""
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
         if isinstance(value, str):
             value = value.strip().lower() in ("1", "true", "yes", "on")
         return bool(value)
@@ -331,17 +365,13 @@ def checkpoint_dir(args: argparse.Namespace) -> str:
     return os.path.join(args.output, "checkpoints")
 
 
-def _has_accelerator() -> bool:
-    accelerator = getattr(torch, "accelerator", None)
-    return bool(accelerator.is_available()) if accelerator is not None else torch.cuda.is_available()
-
-
 def make_training_arguments(args: argparse.Namespace, **overrides: Any):  # -> transformers.TrainingArguments
     """TrainingArguments from the shared flags; keyword ``overrides`` win (any TrainingArguments field)."""
     from transformers import TrainingArguments
 
     if not args.output:
         raise SystemExit("error: --output DIR is required (flag or config file)")
+    resolve_device_settings(args)
     interval = "steps" if args.eval_every else "epoch"
     logging_steps = args.logging_steps or args.eval_every or 50
     warmup: float = args.warmup_steps if args.warmup_steps else args.warmup_ratio
@@ -373,18 +403,31 @@ def make_training_arguments(args: argparse.Namespace, **overrides: Any):  # -> t
         # The adapter wrapper's forward is generic (**kwargs): Trainer cannot infer columns or labels.
         label_names=["labels"],
         remove_unused_columns=False,
-        report_to="none",
+        report_to=_report_to(getattr(args, "report_to", None)),
         dataloader_num_workers=0,
         dataloader_pin_memory=_has_accelerator(),  # pinning only helps host-to-device copies
         # Without an accelerator, only use_cpu makes accelerate honour torchrun (gloo DDP) on CPU.
         use_cpu=not _has_accelerator(),
     )
+    if getattr(args, "group_by_length", False):
+        fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+        if "train_sampling_strategy" in fields:  # transformers 5
+            settings["train_sampling_strategy"] = "group_by_length"
+        else:
+            settings["group_by_length"] = True
     if args.gradient_checkpointing:
         # transformers 5 renamed the field; the old name still works but warns.
         fields = {f.name for f in dataclasses.fields(TrainingArguments)}
         settings["activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"] = True
     settings.update(overrides)
     return TrainingArguments(**settings)
+
+
+def _report_to(value: Any) -> str | list[str]:
+    if not value:
+        return "none"
+    items = value if isinstance(value, (list, tuple)) else [v.strip() for v in str(value).split(",") if v.strip()]
+    return items[0] if len(items) == 1 else list(items)
 
 
 def default_trainer_class(method: str) -> type:
@@ -454,10 +497,47 @@ def run_training(
         # by the world size under DDP. Classification heads take a plain batch mean: without this, the
         # loss and gradients come out multiplied by grad-accum steps / number of processes.
         trainer.model_accepts_loss_kwargs = False
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=_resume_checkpoint(args))
-    train_seconds = time.perf_counter() - start
+    clock = PhaseClock()
+    trainer.evaluate = clock.timed("eval", trainer.evaluate)  # Trainer's in-training evaluations call this
+    trainer.structlora_clock = clock
+    with clock.phase("train_loop"):
+        trainer.train(resume_from_checkpoint=_resume_checkpoint(args))
+    # Training time without the evaluations made during training (reported separately as eval time).
+    train_seconds = clock.wall["train_loop"] - clock.wall.get("eval", 0.0)
     return trainer, history_from_log(trainer.state.log_history), train_seconds
+
+
+class PhaseClock:
+    """Wall-clock and process CPU seconds per named phase (CPU time: all threads of this process, so on a
+    shared machine it measures the work done, where wall time also measures the other tenants)."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.wall[name] = self.wall.get(name, 0.0) + time.perf_counter() - wall
+            self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - cpu
+
+    def timed(self, name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        """``function`` with every call counted in phase ``name``."""
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with self.phase(name):
+                return function(*args, **kwargs)
+        return wrapper
+
+    def train_and_eval(self) -> dict[str, float]:
+        """Training (loop minus in-training evaluations) and all evaluation, wall and CPU seconds."""
+        return {"train_seconds": round(self.wall.get("train_loop", 0.0) - self.wall.get("eval", 0.0), 3),
+                "train_cpu_seconds": round(self.cpu.get("train_loop", 0.0) - self.cpu.get("eval", 0.0), 3),
+                "eval_seconds": round(self.wall.get("eval", 0.0), 3),
+                "eval_cpu_seconds": round(self.cpu.get("eval", 0.0), 3)}
 
 
 def _loss_uses_num_items_in_batch(model: torch.nn.Module) -> bool:
@@ -580,7 +660,8 @@ def _json_number(value: Any) -> Any:
 
 
 def plot_curves(output_dir: str, history: Sequence[Mapping[str, Any]], metric: str) -> str:
-    """``output_dir/curves.png``: training/eval loss and the eval ``metric`` against epochs."""
+    """``output_dir/curves.png``: training/eval loss against epochs and, when ``metric`` is not the loss
+    itself, the eval ``metric`` in a second panel."""
     path = os.path.join(output_dir, "curves.png")
     if not is_main_process():
         return path
@@ -589,8 +670,11 @@ def plot_curves(output_dir: str, history: Sequence[Mapping[str, Any]], metric: s
     matplotlib.use("Agg")  # headless: no display on servers / CI
     import matplotlib.pyplot as plt
 
+    metric_is_loss = metric in ("loss", "eval_loss")
     epochs = [record.get("epoch", i + 1) for i, record in enumerate(history)]
-    figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    figure, axes = plt.subplots(1, 1 if metric_is_loss else 2, figsize=(5 if metric_is_loss else 10, 4),
+                                squeeze=False)
+    loss_axis = axes[0][0]
     for key, label in (("train_loss", "train loss"), ("eval_loss", "eval loss")):
         points = [(e, r[key]) for e, r in zip(epochs, history, strict=True) if r.get(key) is not None]
         if points:
@@ -598,13 +682,15 @@ def plot_curves(output_dir: str, history: Sequence[Mapping[str, Any]], metric: s
     loss_axis.set_xlabel("epoch")
     loss_axis.set_ylabel("loss")
     loss_axis.legend()
-    loss_axis.set_title("loss")
-    points = [(e, r[metric]) for e, r in zip(epochs, history, strict=True) if r.get(metric) is not None]
-    if points:
-        metric_axis.plot(*zip(*points, strict=True), marker="o", color="tab:green")
-    metric_axis.set_xlabel("epoch")
-    metric_axis.set_ylabel(metric)
-    metric_axis.set_title(f"eval {metric}")
+    loss_axis.set_title("training and evaluation loss")
+    if not metric_is_loss:
+        metric_axis = axes[0][1]
+        points = [(e, r[metric]) for e, r in zip(epochs, history, strict=True) if r.get(metric) is not None]
+        if points:
+            metric_axis.plot(*zip(*points, strict=True), marker="o", color="tab:green")
+        metric_axis.set_xlabel("epoch")
+        metric_axis.set_ylabel(metric)
+        metric_axis.set_title(f"evaluation {metric}")
     figure.tight_layout()
     os.makedirs(output_dir, exist_ok=True)
     figure.savefig(path, dpi=100)

