@@ -32,6 +32,12 @@ _COMMANDS: list[tuple[tuple[str, ...], str, str, bool]] = [
      True),
     (("score",), "structlora.recipes.score", "official-equivalent E2E / WebNLG / DART metrics", False),
     (("report",), "structlora.recipes.report", "markdown table of several runs", False),
+    (("eval",), "structlora.recipes.adapters:EVAL", "evaluate a trained run on a split and write its predictions",
+     True),
+    (("merge",), "structlora.recipes.adapters:MERGE", "merge a trained adapter into its base: a plain "
+     "transformers model", False),
+    (("export",), "structlora.recipes.adapters:EXPORT", "write a trained adapter as a plain PEFT LoRA folder",
+     False),
 ]
 TRACEBACK_ENV = "STRUCTLORA_TRACEBACK"
 
@@ -76,8 +82,15 @@ def _build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
             sub = _subcommand_parser(groups[path[0]], path[1], help_text, uses_data)
         sub.set_defaults(_module=module_name, _command_parser=sub)
         if wanted[: len(path)] == path:
-            importlib.import_module(module_name).add_arguments(sub)
+            _command(module_name).add_arguments(sub)
     return parser
+
+
+def _command(name: str):  # noqa: ANN202 - a module or an object with add_arguments / run
+    """``package.module`` or ``package.module:OBJECT`` (several commands in one module)."""
+    module_name, _, attribute = name.partition(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, attribute) if attribute else module
 
 
 _HUB_FAILURE_HINTS = ("huggingface.co", "couldn't connect", "offline mode", "is not a local folder",
@@ -101,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # report against the sub-command, so its usage (not the top level's) is shown
         getattr(args, "_command_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
-    module = importlib.import_module(args._module)
+    module = _command(args._module)
     try:
         result = module.run(args)
     except (OSError, ValueError) as error:

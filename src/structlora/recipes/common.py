@@ -39,6 +39,7 @@ import functools
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
@@ -144,7 +145,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                             "(default: none)")
     group.add_argument("--epochs", type=float, default=3.0, help="number of training epochs")
     group.add_argument("--max-steps", type=int, default=-1,
-                       help="stop after this many optimizer steps (-1: run --epochs)")
+                       help="stop after this many optimizer steps (-1: run --epochs; 0: no training, evaluate the model as loaded)")
     group.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
     group.add_argument("--lr-scheduler", choices=LR_SCHEDULERS, default="linear", help="learning-rate schedule")
     group.add_argument("--batch-size", type=int, default=16, help="per-device training batch size")
@@ -500,11 +501,56 @@ def run_training(
     clock = PhaseClock()
     trainer.evaluate = clock.timed("eval", trainer.evaluate)  # Trainer's in-training evaluations call this
     trainer.structlora_clock = clock
+    print_run_summary(args, model, train_dataset, eval_dataset, training_args)
+    if args.max_steps == 0:  # evaluation only: Trainer would read 0 as "no limit" and train --epochs
+        print("note: --max-steps 0: no training step; the model is evaluated as loaded", file=sys.stderr)
+        return trainer, [], 0.0
     with clock.phase("train_loop"):
         trainer.train(resume_from_checkpoint=_resume_checkpoint(args))
+    clock.close_training()
     # Training time without the evaluations made during training (reported separately as eval time).
-    train_seconds = clock.wall["train_loop"] - clock.wall.get("eval", 0.0)
+    train_seconds = clock.train_and_eval()["train_seconds"]
     return trainer, history_from_log(trainer.state.log_history), train_seconds
+
+
+def print_run_summary(args: argparse.Namespace, model: Any, train_dataset: Any, eval_dataset: Any,
+                      training_args: Any) -> None:
+    """One block on stderr with what is actually used: examples per split after sampling, effective batch,
+    precision, device, trainable parameters."""
+    if not is_main_process():
+        return
+    from .device import device_name, precision_name
+
+    def size(dataset: Any) -> str:
+        if dataset is None:
+            return "0"
+        if isinstance(dataset, Mapping):
+            return ", ".join(f"{name} {len(d)}" for name, d in dataset.items())
+        return str(len(dataset))
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    effective = args.batch_size * max(args.grad_accum, 1) * world
+    trainable = count_trainable_parameters(model)
+    print(f"[structlora] examples: train {size(train_dataset)}, eval {size(eval_dataset)} | effective batch "
+          f"{effective} ({args.batch_size} x {max(args.grad_accum, 1)} accumulation x {world} process(es)) | "
+          f"{precision_name(args)}{', gradient checkpointing' if args.gradient_checkpointing else ''} | "
+          f"device {device_name()} | method {args.method}, {trainable:,} trainable parameters | "
+          f"report to {training_args.report_to}", file=sys.stderr, flush=True)
+
+
+def flags_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The resolved flags of a run (JSON values only), saved in results.json so that `structlora eval`
+    can rebuild its data and model settings."""
+    flags: dict[str, Any] = {}
+    for key, value in vars(args).items():
+        if key.startswith("_"):
+            continue
+        try:
+            json.dumps(value)
+        except TypeError:
+            continue
+        flags[key] = value
+    return flags
 
 
 class PhaseClock:
@@ -532,10 +578,16 @@ class PhaseClock:
                 return function(*args, **kwargs)
         return wrapper
 
+    def close_training(self) -> None:
+        """Mark the end of the training loop: evaluations so far ran inside it."""
+        self.wall["eval_in_training"] = self.wall.get("eval", 0.0)
+        self.cpu["eval_in_training"] = self.cpu.get("eval", 0.0)
+
     def train_and_eval(self) -> dict[str, float]:
         """Training (loop minus in-training evaluations) and all evaluation, wall and CPU seconds."""
-        return {"train_seconds": round(self.wall.get("train_loop", 0.0) - self.wall.get("eval", 0.0), 3),
-                "train_cpu_seconds": round(self.cpu.get("train_loop", 0.0) - self.cpu.get("eval", 0.0), 3),
+        loop_wall = self.wall.get("train_loop", 0.0) - self.wall.get("eval_in_training", 0.0)
+        loop_cpu = self.cpu.get("train_loop", 0.0) - self.cpu.get("eval_in_training", 0.0)
+        return {"train_seconds": round(loop_wall, 3), "train_cpu_seconds": round(loop_cpu, 3),
                 "eval_seconds": round(self.wall.get("eval", 0.0), 3),
                 "eval_cpu_seconds": round(self.cpu.get("eval", 0.0), 3)}
 

@@ -10,6 +10,7 @@ Writes OUTPUT/results.json, OUTPUT/adapter/ (adapter + classification head, or t
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from . import common
@@ -89,6 +90,22 @@ def _subset(dataset: Any, limit: int | None, shuffle_seed: int | None) -> Any:
     return dataset.select(range(limit))
 
 
+def _warning_on_collapse(compute_metrics: Any, is_regression: bool) -> Any:
+    """``compute_metrics`` that also warns when every prediction is the same class."""
+    if is_regression:
+        return compute_metrics
+
+    def with_warning(eval_prediction: Any) -> dict[str, float]:
+        from .adapters import warn_if_collapsed
+
+        logits = eval_prediction.predictions
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        warn_if_collapsed([int(i) for i in logits.argmax(-1)])
+        return compute_metrics(eval_prediction)
+
+    return with_warning
+
+
 def train_glue(args: argparse.Namespace) -> dict[str, Any]:
     """Load data and model, train, evaluate the best checkpoint, write the outputs; return results.json."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, set_seed
@@ -104,6 +121,10 @@ def train_glue(args: argparse.Namespace) -> dict[str, Any]:
     data_dir = resolve_data_dir(args.data_dir, has_data=lambda root: find_task_folder(root, task) is not None)
     raw = load_glue(task.name, data_dir)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
+    for flag, asked, available in (("--max-train-samples", args.max_train_samples, len(raw["train"])),
+                                   ("--eval-subset", args.eval_subset, len(raw[task.eval_splits[0]]))):
+        if asked and asked > available:
+            print(f"warning: {flag} {asked}: the data has {available} examples; using all of them", file=sys.stderr)
     train_set = _tokenize(_subset(raw["train"], args.max_train_samples, args.seed), tokenizer,
                           task.text_columns, args.max_length)
     full_eval = {split: _subset(raw[split], args.max_eval_samples, None) for split in task.eval_splits}
@@ -135,7 +156,7 @@ def train_glue(args: argparse.Namespace) -> dict[str, Any]:
     trainer, history, train_seconds = common.run_training(
         model, args, train_set, as_eval_dataset(selection_sets),
         data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=make_compute_metrics(task.name),
+        compute_metrics=_warning_on_collapse(make_compute_metrics(task.name), task.is_regression),
         metric_for_best_model=task.main_metric,
         greater_is_better=True,
         processing_class=tokenizer,
@@ -150,7 +171,7 @@ def train_glue(args: argparse.Namespace) -> dict[str, Any]:
     extra = {"adapter_params": adapter_params, "model": args.model, "seed": args.seed, "main_metric": task.main_metric,
              "train_examples": len(train_set), "eval_examples": {k: len(v) for k, v in eval_sets.items()},
              "selection_eval_examples": {k: len(v) for k, v in selection_sets.items()},
-             **trainer.structlora_clock.train_and_eval()}
+             **trainer.structlora_clock.train_and_eval(), "flags": common.flags_of(args)}
     common.write_results(args.output, task.name, method, trainable_params, eval_metrics, history,
                          train_seconds, extra)
     common.plot_curves(args.output, history, task.main_metric)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,11 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {error}") from None
     if not splits.eval:
         raise SystemExit(f"error: no evaluation examples for {spec.name}")
+    for flag, asked, got in (("--n-train", args.n_train, splits.train), ("--n-dev", args.n_dev, splits.dev),
+                             ("--n-eval", args.n_eval, splits.eval)):
+        if len(got) < asked:
+            print(f"warning: {flag} {asked}: the data has only {len(got)} such examples for {spec.name}; "
+                  f"using {len(got)}", file=sys.stderr)
 
     model, tokenizer = load_causal_lm(args.model, args.gguf_file, args.model_dtype)
     evaluation = EvaluationSettings(max_length=args.max_length, batch_size=args.eval_batch_size or 8,
@@ -158,6 +164,9 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     eval_metrics, predictions = evaluate_examples(model, tokenizer, spec, eval_examples, evaluation, objective)
     eval_seconds = time.perf_counter() - start
+    from structlora.recipes.adapters import warn_if_collapsed
+
+    warn_if_collapsed([record["prediction"] for record in predictions])
 
     os.makedirs(args.output, exist_ok=True)
     with open(Path(args.output) / "predictions.jsonl", "w") as handle:
@@ -165,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
             handle.write(json.dumps(record) + "\n")
     extra = {"model": args.model, "family": spec.family, "objective": objective, "icl": args.icl,
              "n_train": len(splits.train), "n_dev": len(splits.dev), "n_eval": len(splits.eval),
-             "seed": args.seed, "eval_seconds": round(eval_seconds, 3)}
+             "seed": args.seed, "eval_seconds": round(eval_seconds, 3), "flags": common.flags_of(args)}
     path = common.write_results(args.output, spec.name, args.method, trainable, eval_metrics, history,
                                 train_seconds, extra=extra)
     if history:

@@ -216,7 +216,8 @@ def run(args: argparse.Namespace) -> int:
                          extra={"model": args.model, "structure": getattr(args, "structure", None)
                                 if args.method == "mtlora" else None,
                                 "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
-                                "label_smoothing": label_smoothing, **trainer.structlora_clock.train_and_eval()})
+                                "label_smoothing": label_smoothing, **trainer.structlora_clock.train_and_eval(),
+                                "flags": common.flags_of(args)})
     common.plot_curves(args.output, history, "eval_loss")
     print(f"trainable parameters: {trainable}; train time {seconds:.1f}s; eval loss "
           f"{final.get('eval_loss', float('nan')):.4f} -> {adapter_dir}", file=sys.stderr)

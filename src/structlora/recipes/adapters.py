@@ -1,0 +1,285 @@
+"""``structlora eval``, ``structlora merge`` and ``structlora export``: use a trained run without training.
+
+    structlora eval --run runs/sst2                       # GLUE dev metrics + predictions.jsonl
+    structlora eval --run runs/rte --n-eval 200           # an LLM run on its evaluation sample
+    structlora merge --run runs/sst2 --output merged/     # a plain transformers model, adapter merged in
+    structlora export --run runs/sst2 --output peft/      # a plain PEFT LoRA folder (LoRA, MTLoRA, LoRETTA_rep)
+
+``--run`` is a ``train glue`` / ``train llm`` / ``train nlg`` output folder (or its ``adapter/``). The base model
+is the one the run recorded (``results.json``), or ``--model``. Nothing is overwritten: an existing, non-empty
+``--output`` is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .data_dir import add_data_dir_argument, resolve_data_dir
+
+NLG_META = "structlora_nlg.json"
+
+
+# ------------------------------------------------------------------------------------------- the run
+class TrainedRun:
+    """A training output folder: where its adapter is, what it recorded, which recipe made it."""
+
+    def __init__(self, path: str) -> None:
+        folder = Path(path)
+        if (folder / "adapter").is_dir():
+            self.run_dir, self.adapter_dir = folder, folder / "adapter"
+        elif (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file():
+            self.run_dir, self.adapter_dir = folder.parent, folder
+        else:
+            raise SystemExit(f"error: --run {path}: not a training output (no adapter/ folder, adapter_config.json "
+                             "or config.json in it)")
+        results = self.run_dir / "results.json"
+        self.results: dict[str, Any] = json.loads(results.read_text()) if results.is_file() else {}
+        config = self.adapter_dir / "adapter_config.json"
+        self.adapter_config: dict[str, Any] = json.loads(config.read_text()) if config.is_file() else {}
+        self.is_full = not self.adapter_config  # --method full saves the whole model
+        if (self.adapter_dir / NLG_META).is_file():
+            self.recipe = "nlg"
+        elif "family" in self.results:
+            self.recipe = "llm"
+        elif self.results.get("task") or self.adapter_config.get("task_type") == "SEQ_CLS":
+            self.recipe = "glue"
+        else:
+            raise SystemExit(f"error: --run {path}: cannot tell which recipe trained it (no results.json)")
+        self.flags: dict[str, Any] = self.results.get("flags", {})
+
+    def base_model(self, override: str | None) -> str:
+        model = override or self.results.get("model") or self.adapter_config.get("base_model_name_or_path")
+        if not model:
+            raise SystemExit("error: the run does not record its base model: pass --model")
+        return str(model)
+
+
+def _load_glue_model(run: TrainedRun, model_name: str) -> tuple[Any, Any, Any]:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from ..glue.data import get_task
+
+    task = get_task(run.results.get("task") or run.flags.get("task") or "")
+    labels: dict[str, Any] = {"num_labels": task.num_labels}
+    if task.label_names:
+        labels["id2label"] = dict(enumerate(task.label_names))
+        labels["label2id"] = {name: i for i, name in enumerate(task.label_names)}
+    tokenizer_source = run.adapter_dir if (run.adapter_dir / "tokenizer_config.json").is_file() else model_name
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source))
+    if run.is_full:
+        return AutoModelForSequenceClassification.from_pretrained(str(run.adapter_dir), **labels), tokenizer, task
+    base = AutoModelForSequenceClassification.from_pretrained(model_name, **labels)
+    if base.config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        base.config.pad_token_id = tokenizer.pad_token_id
+    return _with_adapter(base, run), tokenizer, task
+
+
+def _load_causal_model(run: TrainedRun, model_name: str) -> tuple[Any, Any]:
+    if run.recipe == "nlg":
+        from ..nlg.modeling import ModelSpec, load_causal_lm, load_tokenizer
+
+        spec, _ = ModelSpec.load(run.adapter_dir)
+        if model_name != spec.model and run.results.get("model") != model_name:
+            spec.model = model_name
+        tokenizer = load_tokenizer(spec)
+        if run.is_full:
+            from transformers import AutoModelForCausalLM
+
+            return AutoModelForCausalLM.from_pretrained(str(run.adapter_dir)), tokenizer
+        return _with_adapter(load_causal_lm(spec), run), tokenizer
+    from ..llm.modeling import load_causal_lm as load_llm
+
+    if run.is_full:
+        model, tokenizer = load_llm(str(run.adapter_dir))
+        return model, tokenizer
+    model, tokenizer = load_llm(model_name, run.flags.get("gguf_file"), run.flags.get("model_dtype") or "float32")
+    return _with_adapter(model, run), tokenizer
+
+
+def _with_adapter(base: Any, run: TrainedRun) -> Any:
+    from structlora import PeftModel
+
+    return PeftModel.from_pretrained(base, str(run.adapter_dir), is_trainable=False)
+
+
+def load_run_model(run: TrainedRun, model_override: str | None) -> tuple[Any, Any]:
+    """The base model with the run's adapter (or the fully fine-tuned model) and its tokenizer."""
+    model_name = run.base_model(model_override)
+    if run.recipe == "glue":
+        model, tokenizer, _ = _load_glue_model(run, model_name)
+        return model, tokenizer
+    return _load_causal_model(run, model_name)
+
+
+def _refuse_existing(output: str) -> Path:
+    folder = Path(output)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise SystemExit(f"error: --output {output} exists and is not empty; choose another folder (nothing is "
+                         "overwritten)")
+    return folder
+
+
+# ------------------------------------------------------------------------------------------- parsers
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, metavar="DIR",
+                        help="a `train glue` or `train llm` output folder (or its adapter/)")
+    parser.add_argument("--model", default=None,
+                        help="base model (default: the one the run recorded in results.json)")
+    add_data_dir_argument(parser, "as for the training command")
+    parser.add_argument("--split", choices=("dev", "train"), default="dev",
+                        help="GLUE: which split to evaluate (LLM runs: their seeded evaluation sample)")
+    parser.add_argument("--max-eval-samples", type=int, default=None,
+                        help="GLUE: evaluate the first N examples (default: all)")
+    parser.add_argument("--n-eval", type=int, default=None,
+                        help="LLM: evaluation examples sampled (default: the run's)")
+    parser.add_argument("--batch-size", type=int, default=32, help="evaluation batch size")
+    parser.add_argument("--output", default=None, metavar="DIR",
+                        help="where results.json and predictions.jsonl go (default: RUN/eval-SPLIT)")
+
+
+def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, metavar="DIR", help="a training output folder (or its adapter/)")
+    parser.add_argument("--model", default=None, help="base model (default: the one the run recorded)")
+    parser.add_argument("--output", required=True, metavar="DIR",
+                        help="new folder for the merged model (refused when it exists and is not empty)")
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    add_merge_arguments(parser)
+    parser.description = (parser.description or "") + (
+        "\n\nLoRA, MTLoRA and LoRETTA_rep export exactly (T·A and tensor trains expanded); LoRETTA_adp applies a "
+        "non-linearity and cannot be a LoRA: use `structlora merge` for it.")
+
+
+# ------------------------------------------------------------------------------------------- commands
+def run_merge(args: argparse.Namespace) -> int:
+    output = _refuse_existing(args.output)
+    run = TrainedRun(args.run)
+    if run.is_full:
+        raise SystemExit(f"error: {run.adapter_dir} holds a fully fine-tuned model: nothing to merge, load it as is")
+    model, tokenizer = load_run_model(run, args.model)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(str(output))
+    tokenizer.save_pretrained(str(output))
+    print(f"merged {run.adapter_config.get('method', 'adapter')} into {run.base_model(args.model)} -> {output} "
+          "(loads with transformers' from_pretrained)", file=sys.stderr)
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from structlora import export_to_peft
+
+    output = _refuse_existing(args.output)
+    run = TrainedRun(args.run)
+    if run.is_full:
+        raise SystemExit(f"error: {run.adapter_dir} holds a fully fine-tuned model, not an adapter")
+    if run.adapter_config.get("method") == "loretta-adp":
+        raise SystemExit("error: a LoRETTA_adp adapter is not a low-rank weight update, so no PEFT LoRA folder "
+                         "can hold it; use `structlora merge` for a plain transformers model")
+    model, _ = load_run_model(run, args.model)
+    export_to_peft(model, str(output))
+    print(f"PEFT LoRA folder -> {output} (peft.PeftModel.from_pretrained(base, {str(output)!r}))", file=sys.stderr)
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    run = TrainedRun(args.run)
+    output = Path(args.output or run.run_dir / f"eval-{args.split}")
+    if run.recipe == "nlg":
+        raise SystemExit("error: NLG runs are evaluated by decoding: `structlora generate --adapter RUN --output "
+                         "HYPS --score`")
+    metrics, predictions, sizes = (_eval_glue(run, args) if run.recipe == "glue" else _eval_llm(run, args))
+    output.mkdir(parents=True, exist_ok=True)
+    with open(output / "predictions.jsonl", "w") as handle:
+        for record in predictions:
+            handle.write(json.dumps(record) + "\n")
+    warn_if_collapsed([p["prediction"] for p in predictions])
+    payload = {"run": str(run.run_dir), "task": run.results.get("task"), "method": run.results.get("method"),
+               "split": args.split, "eval": metrics, **sizes}
+    (output / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+    print(json.dumps({**payload, "results": str(output / "results.json")}))
+    return 0
+
+
+def warn_if_collapsed(predictions: list[Any]) -> None:
+    """A warning when every prediction is the same class (a model that learned nothing but the prior)."""
+    hashable = [json.dumps(p, sort_keys=True) for p in predictions]
+    if len(hashable) >= 4 and len(set(hashable)) == 1:
+        print(f"warning: all {len(hashable)} predictions are {predictions[0]!r}: the model predicts one class "
+              "(metrics such as MCC are then 0); train longer, raise the learning rate or check the labels",
+              file=sys.stderr)
+
+
+def _eval_glue(run: TrainedRun, args: argparse.Namespace) -> tuple[dict[str, float], list[dict], dict]:
+    import numpy as np
+    import torch
+    from transformers import DataCollatorWithPadding
+
+    from ..glue import load_glue
+    from ..glue.data import find_task_folder
+    from ..glue.metrics import compute_glue_metrics
+    from .glue import _subset, _tokenize
+
+    model, tokenizer, task = _load_glue_model(run, run.base_model(args.model))
+    data_dir = resolve_data_dir(args.data_dir or run.flags.get("data_dir"),
+                                has_data=lambda root: find_task_folder(root, task) is not None)
+    raw = load_glue(task.name, data_dir)
+    split = task.eval_splits[0] if args.split == "dev" else "train"
+    dataset = _tokenize(_subset(raw[split], args.max_eval_samples, None), tokenizer, task.text_columns,
+                        int(run.flags.get("max_length") or 128))
+    collator = DataCollatorWithPadding(tokenizer)
+    model.eval()
+    outputs = []
+    from tqdm.auto import tqdm
+
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(dataset), args.batch_size), desc=f"eval {task.name} {split}",
+                          file=sys.stderr):
+            rows = [dataset[i] for i in range(start, min(start + args.batch_size, len(dataset)))]
+            batch = collator([{k: v for k, v in row.items() if k != "labels"} for row in rows])
+            outputs.append(model(**batch).logits.float().numpy())
+    logits = np.concatenate(outputs) if outputs else np.zeros((0, task.num_labels))
+    labels = np.asarray(dataset["labels"])
+    predicted = logits[:, 0] if task.is_regression else logits.argmax(-1)
+    metrics = compute_glue_metrics(task.name, predicted, labels)
+    predictions = [{"prediction": float(p) if task.is_regression else int(p), "label": float(g) if task.is_regression
+                    else int(g)} for p, g in zip(predicted, labels)]
+    return metrics, predictions, {"eval_examples": len(dataset)}
+
+
+def _eval_llm(run: TrainedRun, args: argparse.Namespace) -> tuple[dict[str, float], list[dict], dict]:
+    from ..llm.data import add_demonstrations, sample_splits
+    from ..llm.evaluation import EvaluationSettings, evaluate_examples
+    from ..llm.tasks import get_task
+
+    spec = get_task(run.results["task"])
+    flags, results = run.flags, run.results
+    seed = int(results.get("seed", flags.get("seed", 42)))
+    splits = sample_splits(spec, int(flags.get("n_train", results.get("n_train", 0))),
+                           int(flags.get("n_dev", results.get("n_dev", 0))),
+                           int(args.n_eval or flags.get("n_eval") or results.get("n_eval", 1000)), seed=seed,
+                           data_dir=resolve_data_dir(args.data_dir or flags.get("data_dir")),
+                           split_validation=bool(flags.get("split_validation", False)),
+                           hub_path=flags.get("dataset_path"))
+    model, tokenizer = load_run_model(run, args.model)
+    model.eval()
+    settings = EvaluationSettings(max_length=int(flags.get("max_length") or 2048), batch_size=args.batch_size,
+                                  max_new_tokens=int(flags.get("max_new_tokens") or 50))
+    examples = add_demonstrations(splits.eval, splits.train, int(results.get("icl", 0)), seed=seed)
+    metrics, predictions = evaluate_examples(model, tokenizer, spec, examples, settings, results.get("objective"))
+    return metrics, predictions, {"eval_examples": len(examples)}
+
+
+# The three commands share this module; cli.py registers one thin module per command below.
+class _Command:
+    def __init__(self, add: Any, run: Any) -> None:
+        self.add_arguments, self.run = add, run
+
+
+EVAL = _Command(add_eval_arguments, run_eval)
+MERGE = _Command(add_merge_arguments, run_merge)
+EXPORT = _Command(add_export_arguments, run_export)

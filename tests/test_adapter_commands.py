@@ -1,0 +1,91 @@
+"""`structlora eval`, `merge` and `export` on a tiny BERT run, and `--max-steps 0` (evaluation only)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from structlora.cli import main
+from tiny_models import save_tiny_bert
+
+POSITIVE = ["the film was good", "a great movie", "i liked the story", "very fun and good"]
+NEGATIVE = ["the film was bad", "an awful movie", "i hated the plot", "very boring and bad"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapter-commands")
+    rng = random.Random(0)
+    for split, n in (("train", 32), ("dev", 12)):
+        rows = [[str(i % 2), rng.choice(POSITIVE if i % 2 else NEGATIVE)] for i in range(n)]
+        (root / "data" / "sst2").mkdir(parents=True, exist_ok=True)
+        (root / "data" / "sst2" / f"{split}.tsv").write_text(
+            "\n".join("\t".join(r) for r in [["label", "sentence"], *rows]) + "\n")
+    model = save_tiny_bert(root / "bert")
+    run = root / "run"
+    assert main(["train", "glue", "--task", "sst2", "--model", str(model), "--data-dir", str(root / "data"),
+                 "--method", "mtlora", "--structure", "icfm", "--init", "identity", "--max-steps", "3",
+                 "--batch-size", "8", "--lr", "1e-2", "--seed", "0", "--output", str(run)]) == 0
+    return {"root": root, "model": model, "run": run, "data": root / "data"}
+
+
+def logits_of(model, tokenizer) -> torch.Tensor:
+    batch = tokenizer(POSITIVE + NEGATIVE, padding=True, return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def test_eval_reproduces_the_runs_dev_metrics_and_writes_predictions(trained, capsys):
+    capsys.readouterr()
+    assert main(["eval", "--run", str(trained["run"])]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    run_results = json.loads((trained["run"] / "results.json").read_text())
+    assert printed["eval"]["accuracy"] == pytest.approx(run_results["eval"]["accuracy"])
+    predictions = (trained["run"] / "eval-dev" / "predictions.jsonl").read_text().splitlines()
+    assert len(predictions) == 12 and printed["eval_examples"] == 12
+
+
+def test_max_steps_zero_does_not_train(trained, tmp_path):
+    output = tmp_path / "zero"
+    assert main(["train", "glue", "--task", "sst2", "--model", str(trained["model"]), "--data-dir",
+                 str(trained["data"]), "--max-steps", "0", "--output", str(output)]) == 0
+    results = json.loads((output / "results.json").read_text())
+    assert results["history"] == [] and results["train_seconds"] == 0 and "accuracy" in results["eval"]
+    from safetensors.torch import load_file
+
+    weights = load_file(str(output / "adapter" / "adapter_model.safetensors"))
+    assert all(float(t.abs().sum()) == 0 for name, t in weights.items() if "lora_B" in name)  # B still zero
+
+
+def test_merge_gives_a_plain_model_with_the_same_outputs(trained, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from structlora.recipes.adapters import TrainedRun, load_run_model
+
+    assert main(["merge", "--run", str(trained["run"]), "--output", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    adapted, _ = load_run_model(TrainedRun(str(trained["run"])), None)
+    torch.testing.assert_close(logits_of(merged, tokenizer), logits_of(adapted, tokenizer), atol=1e-5, rtol=1e-4)
+    # Nothing is overwritten.
+    with pytest.raises(SystemExit, match="not empty"):
+        main(["merge", "--run", str(trained["run"]), "--output", str(tmp_path / "merged")])
+
+
+def test_export_gives_a_peft_folder_with_the_same_outputs(trained, tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from structlora.recipes.adapters import TrainedRun, load_run_model
+
+    assert main(["export", "--run", str(trained["run"]), "--output", str(tmp_path / "peft")]) == 0
+    base = AutoModelForSequenceClassification.from_pretrained(trained["model"], num_labels=2)
+    exported = peft.PeftModel.from_pretrained(base, str(tmp_path / "peft"))
+    tokenizer = AutoTokenizer.from_pretrained(trained["model"])
+    adapted, _ = load_run_model(TrainedRun(str(trained["run"])), None)
+    torch.testing.assert_close(logits_of(exported, tokenizer), logits_of(adapted, tokenizer), atol=1e-5, rtol=1e-4)

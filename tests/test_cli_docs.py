@@ -1,0 +1,49 @@
+"""docs/CLI.md is the `--help` of every sub-command, and `--help` never imports torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from structlora import cli_docs
+from structlora.cli import _COMMANDS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_docs_cli_md_is_up_to_date():
+    assert (REPO / "docs" / "CLI.md").read_text() == cli_docs.render(), \
+        "docs/CLI.md is out of date: python -m structlora.cli_docs > docs/CLI.md"
+
+
+def test_every_flag_is_explained_and_shows_its_default():
+    text = cli_docs.render()
+    for path, *_ in _COMMANDS:
+        assert f"## structlora {' '.join(path)}" in text
+    import argparse
+
+    for path, *_ in _COMMANDS:
+        parser = cli_docs._build_parser(list(path))
+        for name in path:
+            action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+            parser = action.choices[name]
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction) or not action.option_strings:
+                continue
+            assert action.help, f"{' '.join(path)} {action.option_strings[0]} has no help"
+            shown = parser._get_formatter()._expand_help(action) if action.help else ""
+            if not action.required and action.default is not None:
+                assert "default" in shown.lower(), f"{' '.join(path)} {action.option_strings[0]}: {shown}"
+
+
+def test_help_does_not_import_torch():
+    src = REPO / "src"
+    code = ("import sys\nfrom structlora.cli import main\n"
+            f"for path in {[list(p) for p, *_ in _COMMANDS]!r}:\n"
+            "    try:\n        main([*path, '--help'])\n    except SystemExit:\n        pass\n"
+            "heavy = [m for m in ('torch', 'transformers', 'datasets') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr[-2000:]
