@@ -67,7 +67,9 @@ def test_loretta_recipe_files(method):
     args = parse(["--config", str(RECIPES / f"loretta_{method}_deberta_base.yaml"), "--task", "sst2"])
     assert (args.method, args.tensor_rank, args.lr, args.epochs, args.batch_size) == (
         f"loretta-{method}", 5, 1e-4, 10.0, 8)
-    assert (args.max_length, args.lr_scheduler, args.warmup_steps) == (128, "constant_with_warmup", 500)
+    # run_glue_v5.py's 'constant' schedule ignores finetune.sh's --warmup_step 500
+    assert (args.max_length, args.lr_scheduler, args.warmup_steps, args.eval_every) == (128, "constant", 0, 500)
+    assert args.lora_dropout == (0.05 if method == "rep" else None)
 
 
 def test_build_peft_config_passes_only_given_values():
