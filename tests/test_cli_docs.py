@@ -47,3 +47,16 @@ def test_help_does_not_import_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_choices_listed_for_fast_help_match_the_library():
+    from structlora.glue.data import GLUE_TASKS
+    from structlora.llm.modeling import DTYPES
+    from structlora.nlg.generation import DECODING_MODES
+    from structlora.nlg.modeling import LAYOUTS, META_FILE
+    from structlora.recipes import generate, glue, llm, nlg
+
+    assert set(glue.GLUE_TASK_NAMES) == set(GLUE_TASKS)
+    assert set(llm.MODEL_DTYPES) == set(DTYPES)
+    assert set(nlg.LAYOUT_NAMES) == set(LAYOUTS)
+    assert set(generate.DECODING_MODES) == set(DECODING_MODES) and generate.META_FILE == META_FILE

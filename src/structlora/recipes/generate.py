@@ -20,9 +20,11 @@ from typing import Any
 from structlora.nlg.data import DATASETS, SPLITS, load_split
 from structlora.recipes.data_dir import add_data_dir_argument, resolve_data_dir
 
-# The file `train nlg` writes beside the adapter (structlora.nlg.modeling.META_FILE; kept here so --help
-# imports nothing heavy).
+# Kept here so --help imports nothing heavy (tests/test_cli_docs.py checks they match the library's):
+# the file `train nlg` writes beside the adapter (structlora.nlg.modeling.META_FILE) and the decoding modes
+# (structlora.nlg.generation.DECODING_MODES).
 META_FILE = "structlora_nlg.json"
+DECODING_MODES: tuple[str, ...] = ("authors", "hf")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,8 +43,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dev-train/dev-heldout split fraction (default: the training run's)")
     parser.add_argument("--heldout-seed", type=int, default=None, help="dev split seed (default: the training run's)")
     parser.add_argument("--limit", type=int, default=None, help="decode only the first N inputs (default: all)")
+    parser.add_argument("--decoding", choices=DECODING_MODES, default="authors",
+                        help="authors: the LoRA/MTLoRA gpt2_beam.py + gpt2_decode.py (default; n-grams blocked "
+                             "among generated tokens only, stop at end-of-text or a blank line, score/len^lp); "
+                             "hf: transformers' generate()")
+    parser.add_argument("--tokenize-lower", action=argparse.BooleanOptionalAction, default=None,
+                        help="gpt2_decode.py --tokenize --lower on outputs and references "
+                             "(default: on for WebNLG/DART with --decoding authors, as the authors score them)")
     parser.add_argument("--beams", type=int, default=10, help="beam width")
-    parser.add_argument("--length-penalty", type=float, default=0.9,
+    parser.add_argument("--length-penalty", type=float, default=0.8,
                         help="beam score = log-probability / length**this (>1 favours longer outputs)")
     parser.add_argument("--no-repeat-ngram-size", type=int, default=4,
                         help="never repeat an n-gram of this size (0: allow repeats)")
@@ -129,11 +138,15 @@ def run(args: argparse.Namespace) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     paths = sidecar_paths(args.output)
     _check_resumable(paths["sources"], inputs, args.output, args.restart)
-    written = write_reference_files(dataset, inputs, args.output)
+    tokenize_lower = args.tokenize_lower
+    if tokenize_lower is None:
+        tokenize_lower = args.decoding == "authors" and dataset in ("webnlg", "dart")
+    written = write_reference_files(dataset, inputs, args.output, tokenize_lower=tokenize_lower)
     settings = DecodingSettings(beams=args.beams, length_penalty=args.length_penalty,
                                 no_repeat_ngram_size=args.no_repeat_ngram_size,
                                 repetition_penalty=args.repetition_penalty,
-                                max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+                                max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                mode=args.decoding, tokenize_lower=tokenize_lower)
     decoded = generate_hypotheses(model, tokenizer, inputs, args.output, settings, separator=spec.separator,
                                   resume=not args.restart, progress=args.progress,
                                   max_length=spec.max_length)

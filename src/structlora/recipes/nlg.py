@@ -4,8 +4,9 @@
         --config recipes/nlg/mtlora_gpt2_e2e.yaml --output runs/e2e-mtlora
     structlora train nlg --dataset webnlg --model smollm2-135m --method lora --output runs/webnlg-lora
 
-Layout (as the LoRA / MTLoRA code): linearised data, separator " ||", " " + text, end-of-text; the loss
-covers the text and its end-of-text only, with optional label smoothing. Linear schedule with warm-up.
+Layout (``--layout authors``, the LoRA / MTLoRA files): linearised data, end-of-text, " " + text,
+end-of-text (``--layout separator``: data + " ||" instead of the first end-of-text); the loss covers the
+text and its end-of-text only, with optional label smoothing. Linear schedule with warm-up.
 E2E trains on the train split by default; with only the dev set available use ``--train-split dev-train``
 (dev split by MR; ``dev-heldout`` is then the evaluation part). Writes ``OUTPUT/adapter`` (adapter +
 ``structlora_nlg.json`` for ``structlora generate``), ``results.json`` and ``curves.png``.
@@ -23,6 +24,8 @@ from structlora.recipes import common
 from structlora.recipes.data_dir import DATA_RULE, add_data_dir_argument, resolve_data_dir
 
 TASK_TYPE = "CAUSAL_LM"
+# The keys of structlora.nlg.modeling.LAYOUTS (kept here so --help does not import torch; a test checks).
+LAYOUT_NAMES: tuple[str, ...] = ("authors", "separator")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="use only the first N training pairs (default: all)")
     group.add_argument("--max-eval-examples", type=int, default=None,
                        help="evaluate on the first N pairs (default: all)")
+    group.add_argument("--layout", choices=LAYOUT_NAMES, default="authors",
+                       help="authors: data + end-of-text + ' ' + text + end-of-text (their gpt2_encode.py); "
+                            "separator: data + ' ||' + ' ' + text + end-of-text")
     group.add_argument("--enable-lora", default=None,
                        help="fused projections: which parts get an update, e.g. c_attn=True,True,True for "
                             "GPT-2's fused q,k,v (a bare list applies to every target; default: every part)")
@@ -168,7 +174,7 @@ def default_train_split(dataset: str, data_dir: str | None, source: str) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from structlora.nlg.modeling import SEPARATOR, CompletionCollator, ModelSpec, load_tokenizer
+    from structlora.nlg.modeling import LAYOUTS, CompletionCollator, ModelSpec, load_tokenizer
 
     common.apply_config_file(args)
     if not args.output:
@@ -182,8 +188,9 @@ def run(args: argparse.Namespace) -> int:
     train_pairs = training_pairs(load_split(args.dataset, args.train_split, data_dir, **split_kwargs))
     eval_pairs = training_pairs(load_split(args.dataset, eval_split, data_dir, **split_kwargs))
     torch.manual_seed(args.seed)
+    separator = LAYOUTS[args.layout]
     spec = ModelSpec(model=args.model, gguf_file=args.gguf_file, tokenizer=args.tokenizer,
-                     separator=SEPARATOR, max_length=args.max_length)
+                     separator=separator, max_length=args.max_length)
     tokenizer = load_tokenizer(spec)
     if args.max_train_examples:
         train_pairs = train_pairs[: args.max_train_examples]
@@ -191,8 +198,8 @@ def run(args: argparse.Namespace) -> int:
         eval_pairs = eval_pairs[: args.max_eval_examples]
     print(f"{args.dataset}: {len(train_pairs)} training pairs ({args.train_split}), "
           f"{len(eval_pairs)} evaluation pairs ({eval_split})", file=sys.stderr)
-    train_set = encode_pairs(tokenizer, train_pairs, args.max_length)
-    eval_set = encode_pairs(tokenizer, eval_pairs, args.max_length)
+    train_set = encode_pairs(tokenizer, train_pairs, args.max_length, separator)
+    eval_set = encode_pairs(tokenizer, eval_pairs, args.max_length, separator)
 
     model = build_model(args, spec)
     trainable = common.count_trainable_parameters(model)
