@@ -157,7 +157,7 @@ class PeftModel(nn.Module):
         """Inject a new adapter (not made active unless it is the first). On any error nothing is changed."""
         self._state.check_add(adapter_name)
         if not isinstance(config, AdapterConfig):
-            raise TypeError(f"expected a structlora config (LoraConfig, MTLoraConfig, …), got {type(config).__name__}")
+            raise TypeError(_foreign_config_message(config))
         model_type = _model_type(self.base_model)
         if config.base_model_type and model_type and config.base_model_type != model_type:
             raise ValueError(
@@ -519,6 +519,15 @@ def _active_bankables(wrapper: nn.Module) -> Iterator[nn.Module]:
     for module in wrapper.adapters[name].modules():
         if hasattr(module, "bank_key"):
             yield module
+
+
+def _foreign_config_message(config: Any) -> str:
+    kind = f"{type(config).__module__}.{type(config).__qualname__}"
+    if type(config).__module__.split(".")[0] == "peft":
+        return (f"structlora got a PEFT config ({kind}); use structlora's own classes, e.g. "
+                "structlora.LoraConfig(r=8, lora_alpha=16, target_modules=[...]), MTLoraConfig, LorettaRepConfig or "
+                "LorettaAdpConfig (same field names as PEFT's), or peft.get_peft_model for PEFT's methods")
+    return f"expected a structlora config (structlora.LoraConfig, MTLoraConfig, …), got {kind}"
 
 
 def _refuse_adapted_base(model: nn.Module, hint: str = "use model.add_adapter(name, config) to add another") -> None:
