@@ -478,6 +478,10 @@ class PeftModel(nn.Module):
             tensors = {k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict(adapter_name).items()}
             if not tensors:
                 raise ValueError(f"save_pretrained: adapter {adapter_name!r} has no weights to save")
+            bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+            if bad:
+                raise ValueError(f"save_pretrained: adapter {adapter_name!r} has non-finite values (NaN/inf) in "
+                                 f"{len(bad)} tensor(s), e.g. {bad[0]}; refusing to save a diverged adapter")
             states[adapter_name] = tensors
         for adapter_name, tensors in states.items():
             directory = save_directory if adapter_name == "default" else os.path.join(save_directory, adapter_name)
