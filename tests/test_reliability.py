@@ -420,3 +420,20 @@ def test_loretta_folder_with_empty_or_partial_weights_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"adapter_model\.bin': unrecognised key 'base_model\.model\.bert\.whatever'"):
         from_loretta(base, str(tmp_path))
     assert_unchanged(before, base)
+
+
+def test_trained_norm_copies_are_fp32_masters_on_a_bf16_base():
+    from structlora import LorettaRepConfig
+    base = tiny_llama().to(torch.bfloat16)
+    reference = outputs(copy.deepcopy(base), "logits")
+    model = get_peft_model(base, LorettaRepConfig(r=4, tensor_rank=2))
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert any("norm" in n for n in trainable)
+    assert all(p.dtype == torch.float32 for p in trainable.values())
+    logits = outputs(model, "logits")
+    assert logits.dtype == torch.bfloat16 and torch.equal(logits, reference)  # same function at init
+    norms = {n: p.detach().clone() for n, p in trainable.items() if "norm" in n}
+    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-4, weight_decay=0.0)
+    model(**inputs()).logits.float().pow(2).mean().backward()
+    optimizer.step()
+    assert all(not torch.equal(trainable[n].detach(), before) for n, before in norms.items())

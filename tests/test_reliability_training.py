@@ -168,3 +168,33 @@ def test_init_from_reinitialises_only_a_head_and_says_so(tmp_path, capsys):
     assert torch.equal(model.adapter_state_dict()["classifier.weight"], head_before)
     query = "bert.encoder.layer.0.attention.self.query.parameterization.lora_A"
     assert torch.equal(model.adapter_state_dict()[query], source.adapter_state_dict()[query])
+
+
+# -- scorer inputs ---------------------------------------------------------------------------------------------
+
+def test_score_refuses_empty_inputs_instead_of_hanging(tmp_path):
+    from structlora.recipes.score import score_e2e, score_generation_eval
+    hyps, refs = tmp_path / "hyps.txt", tmp_path / "refs.txt"
+    hyps.write_text("")
+    refs.write_text("")
+    with pytest.raises(SystemExit, match=r"hyps\.txt is empty: nothing to score"):
+        score_e2e(str(hyps), str(refs), use_java=False)
+    (tmp_path / "ref0").write_text("")
+    with pytest.raises(SystemExit, match="is empty: nothing to score"):
+        score_generation_eval("webnlg", str(hyps), str(tmp_path / "ref"), use_java=False)
+
+
+def test_generate_refuses_an_output_it_did_not_write(tmp_path):
+    from structlora.recipes.generate import _check_output_owner
+    output, record_path = tmp_path / "hyps.txt", tmp_path / "hyps.generate.json"
+    output.write_text("a line the user wrote\nanother, unterminated")
+    record = {"adapter": "abc", "dataset": "e2e", "split": "dev", "decoding": {"beams": 2}}
+    with pytest.raises(SystemExit, match="exists but was not written by structlora generate"):
+        _check_output_owner(str(output), str(record_path), record, restart=False)
+    assert output.read_text() == "a line the user wrote\nanother, unterminated"  # not cut, not appended
+    record_path.write_text(json.dumps({**record, "adapter": "other", "decoding": {"beams": 4}}))
+    with pytest.raises(SystemExit, match="generated with another adapter, decoding; pass --restart"):
+        _check_output_owner(str(output), str(record_path), record, restart=False)
+    record_path.write_text(json.dumps(record))
+    _check_output_owner(str(output), str(record_path), record, restart=False)  # same command: resumes
+    _check_output_owner(str(output), str(tmp_path / "none.json"), record, restart=True)  # explicit flag
