@@ -198,3 +198,28 @@ def test_generate_refuses_an_output_it_did_not_write(tmp_path):
     record_path.write_text(json.dumps(record))
     _check_output_owner(str(output), str(record_path), record, restart=False)  # same command: resumes
     _check_output_owner(str(output), str(tmp_path / "none.json"), record, restart=True)  # explicit flag
+
+
+def _rank_problem(rank: int, port: int, results) -> None:
+    import torch.distributed as dist
+    from structlora.trainer import _nonfinite_problem
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        layer = torch.nn.Linear(2, 2)
+        layer.weight.grad = torch.full((2, 2), float("nan") if rank == 0 else 1.0)
+        results[rank] = _nonfinite_problem(layer, torch.tensor(1.0))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_process_sees_a_nonfinite_gradient_of_one():
+    """Sharded gradients differ between processes: all must stop together, or the others hang."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_rank_problem, args=(port, results), nprocs=2, join=True)
+    assert results[0].startswith("the gradient of weight is not finite")
+    assert results[1] == "another process saw a non-finite loss or gradient"

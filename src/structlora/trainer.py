@@ -99,10 +99,27 @@ class AdapterTrainer(NonFiniteGuard, Trainer):
 
 
 def _nonfinite_problem(model: torch.nn.Module, loss: torch.Tensor) -> str | None:
-    """What is not finite after a backward (the loss, else the first gradient), or None. One device sync."""
-    if not torch.isfinite(loss).all():
+    """What is not finite after a backward (the loss, else the first gradient), or None. Under torch.distributed
+    every process gets the same answer (one tiny all-reduce), so all stop or skip together instead of some
+    waiting forever in the next collective (sharded gradients differ between processes)."""
+    problem = _local_nonfinite_problem(model, loss)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and torch.distributed.get_world_size() > 1:
+        flag = torch.tensor([0.0 if problem is None else 1.0], device=loss.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() > 0 and problem is None:
+            problem = "another process saw a non-finite loss or gradient"
+    return problem
+
+
+def _local_nonfinite_problem(model: torch.nn.Module, loss: torch.Tensor) -> str | None:
+    if not torch.isfinite(loss.detach()).all():
         return f"the loss is {float(loss.detach().float().mean())}"
-    named = [(name, p.grad) for name, p in model.named_parameters() if p.grad is not None]
+    named = []
+    for name, parameter in model.named_parameters():
+        grad = parameter.grad
+        if grad is not None:
+            named.append((name, grad.to_local() if hasattr(grad, "to_local") else grad))  # DTensor: own shard
     if not named:
         return None
     norms = torch._foreach_norm([grad for _, grad in named])
