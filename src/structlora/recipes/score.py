@@ -30,16 +30,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ref-prefix", help="WebNLG/DART: reference files PREFIX0, PREFIX1, …")
     parser.add_argument("--seen-file", help="WebNLG: 'seen'/'unseen' per input line "
                                             "(default: HYP's .seen.txt beside it, when present)")
-    parser.add_argument("--json", action="store_true", help="print the scores as one JSON object")
-    parser.add_argument("--no-java", action="store_true", help="skip the Java metrics (METEOR) even if Java exists")
+    parser.add_argument("--json", action=argparse.BooleanOptionalAction, default=False,
+                        help="print the scores as one JSON object")
+    parser.add_argument("--java", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the Java metrics (METEOR, PTB tokenizer) when Java is on PATH; --no-java skips them")
     parser.add_argument("--mteval", choices=metrics.MTEVAL_VARIANTS, default="python",
                         help="E2E BLEU/NIST: python = measure_scores.py -p (pymteval; the MTLoRA README's "
                              "command, default), perl = measure_scores.py without -p (mteval-v13a-sig.pl)")
 
 
+def _require_content(path: str, items: Sequence[Any]) -> None:
+    """Empty inputs are an error (scoring nothing gives no number, and the METEOR process would wait forever)."""
+    if not items:
+        raise SystemExit(f"error: {path} is empty: nothing to score")
+
+
 def score_e2e(hyp_path: str, ref_path: str, use_java: bool = True, mteval: str = "python") -> dict[str, Any]:
     hypotheses = read_lines(hyp_path)
     references = read_e2e_references(ref_path)
+    _require_content(hyp_path, hypotheses)
+    _require_content(ref_path, references)
     if len(hypotheses) != len(references):
         raise SystemExit(f"error: {hyp_path} has {len(hypotheses)} lines but {ref_path} has "
                          f"{len(references)} reference groups")
@@ -59,6 +69,8 @@ def score_generation_eval(dataset: str, hyp_path: str, ref_prefix: str, seen_fil
                           use_java: bool = True) -> dict[str, Any]:
     hypotheses = read_lines(hyp_path)
     references = read_multi_references(ref_prefix)
+    _require_content(hyp_path, hypotheses)
+    _require_content(f"{ref_prefix}*", references)
     if len(hypotheses) != len(references):
         raise SystemExit(f"error: {hyp_path} has {len(hypotheses)} lines but the reference files have "
                          f"{len(references)}")
@@ -87,7 +99,7 @@ def score_generation_eval(dataset: str, hyp_path: str, ref_prefix: str, seen_fil
 
 
 def run(args: argparse.Namespace) -> int:
-    use_java = not args.no_java
+    use_java = args.java
     if args.dataset == "e2e":
         if not args.ref:
             raise SystemExit("error: score e2e needs --ref")
