@@ -71,13 +71,14 @@ def tiny_word_tokenizer():
                                    unk_token="<unk>")
 
 
-def tiny_llama_for(tokenizer, seed: int = 0, hidden_size: int = 32, num_hidden_layers: int = 2):
+def tiny_llama_for(tokenizer, seed: int = 0, hidden_size: int = 32, num_hidden_layers: int = 2,
+                   intermediate_size: int = 56):
     """A randomly initialised tiny LlamaForCausalLM whose vocabulary and special ids match `tokenizer`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=56,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
                          num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)

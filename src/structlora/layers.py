@@ -21,6 +21,7 @@ from .config import LoraConfig, LorettaAdpConfig, LorettaRepConfig
 from .engine import add_lowrank_embedding_update, add_lowrank_update, dense_lowrank
 from .norms import lean_norm_copy
 from .parameterizations import LowRankParameterization, make_parameterization
+from .quantized import is_quantized
 from .tensor_train import TTLinear, tt_shape_for
 
 
@@ -107,7 +108,7 @@ class LowRankLayer(nn.Module, AdapterLayerMixin):
     def _fast_path_weight(self, adapter: LowRankAdapter) -> torch.Tensor | None:
         """The base weight in (out x in) layout when the fused path applies: a plain nn.Linear or Conv1D
         (not a subclass such as a quantized layer, whose forward we must call) and no dropout copy."""
-        if not isinstance(adapter.dropout, nn.Identity):
+        if not isinstance(adapter.dropout, nn.Identity) or is_quantized(self.base_layer):
             return None
         if type(self.base_layer) is nn.Linear:
             return self.base_layer.weight

@@ -15,7 +15,9 @@ from torch import nn
 
 from .bank import bank
 from .config import (AdapterConfig, LoraConfig, LorettaAdpConfig, LorettaRepConfig, TaskType)
+from .distributed import gather_full, is_writer
 from .layers import AdapterLayerMixin, BottleneckLayer, LowRankLayer, TrainableCopy, layer_kind
+from .quantized import refuse_quantized_merge
 from .targets import (BOTTLENECK_PLACEMENT, CLASSIFIER_HEAD_NAMES, default_targets, is_norm_module,
                       module_matches, unknown_target_error)
 from .tensor_train import TTLinear, classifier_tt_shape
@@ -291,6 +293,7 @@ class PeftModel(nn.Module):
 
     # -- merging ------------------------------------------------------------------------------------------
     def _require_mergeable(self, what: str) -> None:
+        refuse_quantized_merge(self._wrappers(), what)
         config = self.peft_config[self.active_adapter]
         if isinstance(config, LorettaAdpConfig):
             raise ValueError(
@@ -361,10 +364,14 @@ class PeftModel(nn.Module):
         if os.path.isfile(save_directory):
             raise ValueError(f"save_pretrained needs a directory, but {save_directory!r} is a file")
         for adapter_name in selected_adapters or list(self.peft_config):
+            # Sharded (FSDP2) weights are gathered on every rank, which must all call this; rank 0 writes.
+            state, sharded = gather_full(self.adapter_state_dict(adapter_name))
+            if sharded and not is_writer():
+                continue
             directory = save_directory if adapter_name == "default" else os.path.join(save_directory, adapter_name)
             os.makedirs(directory, exist_ok=True)
             self.peft_config[adapter_name].save_pretrained(directory)
-            tensors = {k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict(adapter_name).items()}
+            tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
             save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
 
     @classmethod
