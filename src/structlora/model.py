@@ -18,6 +18,7 @@ from .bank import bank
 from .config import (AdapterConfig, LoraConfig, LorettaAdpConfig, LorettaRepConfig, TaskType)
 from .distributed import gather_full, is_writer
 from .layers import AdapterLayerMixin, BottleneckLayer, LowRankLayer, TrainableCopy, layer_kind
+from .mixed import routed_adapters
 from .quantized import refuse_quantized_merge
 from .targets import (BOTTLENECK_PLACEMENT, CLASSIFIER_HEAD_NAMES, default_targets, is_norm_module,
                       module_matches, unknown_target_error)
@@ -78,6 +79,10 @@ class PeftModel(nn.Module):
         # `labels` is named so that transformers' Trainer finds the label column by inspecting this class.
         if labels is not None:
             kwargs["labels"] = labels
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None:  # one adapter per row (structlora.mixed)
+            with routed_adapters(self, adapter_names):
+                return self.base_model(*args, **kwargs)
         return self.base_model(*args, **kwargs)
 
     def _bind_forward_signature(self) -> None:
@@ -106,7 +111,10 @@ class PeftModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         return self.base_model
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        if adapter_names is not None:  # one adapter per row (structlora.mixed)
+            with routed_adapters(self, adapter_names):
+                return self.base_model.generate(*args, **kwargs)
         return self.base_model.generate(*args, **kwargs)
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
