@@ -14,7 +14,9 @@ except ImportError:  # torch < 2.4 (or built without distributed): nothing can b
 
 
 def any_sharded(tensors: Iterable[torch.Tensor]) -> bool:
-    return any(isinstance(tensor, DTensor) for tensor in tensors)
+    """FSDP2 DTensors, or DeepSpeed ZeRO-3 parameters (`ds_id`: partitioned outside their module's forward;
+    this case is untested here, DeepSpeed does not run on this CPU-only machine)."""
+    return any(isinstance(tensor, DTensor) or hasattr(tensor, "ds_id") for tensor in tensors)
 
 
 def gather_full(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:
