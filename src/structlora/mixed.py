@@ -162,9 +162,17 @@ def hotswap_adapter(model: "PeftModel", model_id: str, adapter_name: str = "defa
     if different:
         raise ValueError(f"hotswap_adapter: {model_id!r} is not the same adapter structure as {adapter_name!r} "
                          f"(differs in {', '.join(different)}); load it with model.load_adapter(path, new_name)")
-    model.load_adapter_weights(model_id, adapter_name)
-    if isinstance(current, LoraConfig) and new.lora_alpha != current.lora_alpha:
+    alpha_changes = isinstance(current, LoraConfig) and new.lora_alpha != current.lora_alpha
+    previous_alpha = getattr(current, "lora_alpha", None)
+    if alpha_changes:
+        current.lora_alpha = new.lora_alpha  # the weights file records the alpha it was saved with
+    try:
+        model.load_adapter_weights(model_id, adapter_name)
+    except BaseException:
+        if alpha_changes:
+            current.lora_alpha = previous_alpha
+        raise
+    if alpha_changes:
         for _, wrapper in model._wrappers():
             if isinstance(wrapper, LowRankLayer) and adapter_name in wrapper.adapters:
-                wrapper.adapters[adapter_name].scaling = new.scaling
-        current.lora_alpha = new.lora_alpha
+                wrapper.adapters[adapter_name].scaling = current.scaling
