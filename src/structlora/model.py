@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .bank import bank
-from .config import (AdapterConfig, LoraConfig, LorettaAdpConfig, LorettaRepConfig, TaskType)
+from .config import (AdapterConfig, BitFitConfig, LoraConfig, LorettaAdpConfig, LorettaRepConfig, TaskType)
 from .layers import AdapterLayerMixin, BottleneckLayer, LowRankLayer, TrainableCopy, layer_kind
 from .targets import (BOTTLENECK_PLACEMENT, CLASSIFIER_HEAD_NAMES, default_targets, is_norm_module,
                       module_matches, unknown_target_error)
@@ -131,13 +131,18 @@ class PeftModel(nn.Module):
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(self.base_model, "name_or_path", None) or None
         targets = config.target_modules
-        if targets is None:
-            targets = default_targets(model_type, config.method, getattr(config, "use_parallel_adapter", False))
-        if isinstance(config, LorettaAdpConfig):
+        if targets is None and not isinstance(config, BitFitConfig):
+            targets = default_targets(model_type, config.method, getattr(config, "use_parallel_adapter", False),
+                                      getattr(config, "placement", "houlsby"))
+        if isinstance(config, BitFitConfig):
+            injected = []  # BitFit only trains the base model's biases (and the head)
+            if not any(n.endswith("bias") for n, _ in self.base_model.named_parameters()):
+                raise ValueError(f"BitFit trains biases, but this {model_type or 'model'} has no bias parameters")
+        elif isinstance(config, LorettaAdpConfig):
             injected = self._inject_bottleneck(adapter_name, config, targets, model_type)
         else:
             injected = self._inject_low_rank(adapter_name, config, targets)
-        if not injected:
+        if not injected and not isinstance(config, BitFitConfig):
             names = [n for n, _ in self.base_model.named_modules() if not _is_internal(n)]
             adaptable = [n for n, m in self.base_model.named_modules() if layer_kind(m) and not _is_internal(n)]
             raise unknown_target_error(targets, names, adaptable)
@@ -248,7 +253,9 @@ class PeftModel(nn.Module):
     def _select_trained_biases(self, config: AdapterConfig, injected: list[str]) -> list[str]:
         if config.bias == "none":
             return []
-        names = [n for n, _ in self.base_model.named_parameters() if n.endswith("bias") and ".adapters." not in n]
+        # Not the adapters' own biases, nor those of a wrapped head's frozen original (its copy is trained).
+        names = [n for n, _ in self.base_model.named_parameters()
+                 if n.endswith("bias") and ".adapters." not in n and ".original." not in n]
         if config.bias in ("lora_only", "adapter_only"):
             names = [n for n in names if any(n.startswith(layer + ".base_layer.") for layer in injected)]
         return names
@@ -293,8 +300,9 @@ class PeftModel(nn.Module):
     def _require_mergeable(self, what: str) -> None:
         config = self.peft_config[self.active_adapter]
         if isinstance(config, LorettaAdpConfig):
+            kind = "dense" if config.method == "adapter" else "LoRETTA_adp"
             raise ValueError(
-                f"{what} is not possible for LoRETTA_adp adapter {self.active_adapter!r}: a bottleneck adapter "
+                f"{what} is not possible for {kind} adapter {self.active_adapter!r}: a bottleneck adapter "
                 f"applies a non-linearity (down → {config.non_linearity} → up) to the activations, so it is not "
                 f"a change of the weights and cannot be folded into them")
 
