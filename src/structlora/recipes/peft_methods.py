@@ -3,7 +3,7 @@
 structlora does not re-implement them: ``--method ia3|prefix|prompt|ptuning`` builds the PEFT config and
 calls ``peft.get_peft_model``; training and saving go through transformers' Trainer, which knows PEFT
 models (checkpoints and the final folder hold PEFT's ``adapter_model.safetensors``). PEFT is optional:
-``pip install 'structlora[baselines]'``.
+``pip install 'structlora[peft]'``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def require_peft() -> Any:
         import peft
     except ImportError:
         raise SystemExit("error: --method ia3/prefix/prompt/ptuning run through the PEFT library, which is not "
-                         "installed: pip install peft  (or pip install 'structlora[baselines]')") from None
+                         "installed: pip install peft  (or pip install 'structlora[peft]')") from None
     return peft
 
 

@@ -246,7 +246,7 @@ def csv_table(cells: dict[tuple[str, str], Cell], expected_seeds: int | None = N
     """One row per (method, task, metric): mean, std, seeds finished / expected, failures, sizes, time."""
     expected = expected_seed_count(cells, expected_seeds)
     buffer = io.StringIO()
-    writer = csv.writer(buffer)
+    writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["method", "task", "metric", "mean", "std", "n_seeds", "n_expected", "n_failed", "n_nan",
                      "values", "adapter_params", "trainable_params", "train_seconds_mean", "complete"])
     for method in _ordered([m for m, _ in cells], METHOD_ORDER):

@@ -145,13 +145,15 @@ def run(args: argparse.Namespace) -> int:
 def sweep(recipe: str, tasks: Sequence[str], methods: Sequence[str], seeds: Sequence[int], output: Path,
           train_args: Sequence[str], method_args: dict[str, list[str]] | None = None,
           stop_on_error: bool = False) -> dict[str, int]:
-    """Run every (task, method, seed) not finished yet; return counts ``{"ran", "skipped", "failed"}``."""
+    """Run every (task, method, seed) not finished yet, seed by seed; return counts
+    ``{"ran", "skipped", "failed"}``."""
     from ..cli import main as cli_main
 
     counts = {"ran": 0, "skipped": 0, "failed": 0}
-    for task in tasks:
-        for label in methods:
-            for seed in seeds:
+    # Seed-major: an unfinished grid still has every method and task at its first seeds.
+    for seed in seeds:
+        for task in tasks:
+            for label in methods:
                 folder = run_folder(output, task, label, seed)
                 if is_finished(folder):
                     counts["skipped"] += 1
