@@ -143,6 +143,9 @@ def test_bitfit_trains_exactly_the_biases_and_the_head(tmp_path):
     assert type(AdapterConfig.from_pretrained(str(tmp_path))) is BitFitConfig
     loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
     assert torch.equal(logits(loaded), adapted)
+    with pytest.raises(ValueError, match="biases in place"):  # the base biases are gone: refuse, not mislead
+        with loaded.disable_adapter():
+            pass
     assert torch.equal(logits(loaded.merge_and_unload()), adapted)  # nothing to fold: biases are in place
 
 

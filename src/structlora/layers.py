@@ -160,11 +160,29 @@ class LowRankLayer(nn.Module, AdapterLayerMixin):
         return delta if self.kind == "linear" else delta.t()  # Conv1D and Embedding store (in, out)
 
     @torch.no_grad()
+    def merged_weight(self, name: str) -> torch.Tensor:
+        """The base weight plus the adapter's ΔW, in the base weight's dtype and layout. ValueError (and nothing
+        written) when the base weight is not a float tensor or ΔW or the sum is not finite in that dtype."""
+        weight = self.base_layer.weight
+        if not weight.is_floating_point():
+            raise ValueError(f"the base weight is {weight.dtype} (quantized?): ΔW cannot be added to it; keep the "
+                             f"adapter unmerged")
+        delta = self._weight_delta_in_storage_layout(name).to(weight.dtype)
+        if not torch.isfinite(delta).all():
+            raise ValueError(f"ΔW of adapter {name!r} is not finite in {weight.dtype} (NaN/inf in the adapter, or "
+                             f"beyond the dtype's range)")
+        merged = weight + delta
+        if not torch.isfinite(merged).all():
+            where = "the base weight itself" if not torch.isfinite(weight).all() else "base weight + ΔW"
+            raise ValueError(f"{where} is not finite in {weight.dtype} (overflow)")
+        return merged
+
+    @torch.no_grad()
     def merge(self, name: str) -> None:
+        """Add ΔW to the base weight; checked first (see merged_weight), so a refusal writes nothing."""
         if name in self.merged_adapters or name not in self.adapters:
             return
-        weight = self.base_layer.weight
-        weight.data += self._weight_delta_in_storage_layout(name).to(weight.dtype)
+        self.base_layer.weight.data.copy_(self.merged_weight(name))
         self.merged_adapters.append(name)
 
     @torch.no_grad()

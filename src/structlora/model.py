@@ -13,6 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .adapter_state import AdapterState, AdapterStateError, ModuleSnapshot
 from .bank import bank
 from .config import (AdapterConfig, BitFitConfig, LoraConfig, LorettaAdpConfig, LorettaRepConfig, TaskType)
 from .layers import AdapterLayerMixin, BottleneckLayer, LowRankLayer, TrainableCopy, layer_kind
@@ -43,16 +44,32 @@ class PeftModel(nn.Module):
 
     def __init__(self, model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> None:
         super().__init__()
+        _refuse_adapted_base(model)
+        self._state = AdapterState()
+        self._state.check_add(adapter_name)
+        snapshot = ModuleSnapshot(model)
         self.base_model = model
         self.peft_config: dict[str, AdapterConfig] = {}
-        self.active_adapter = adapter_name
         self._trained_base_params: dict[str, list[str]] = {}
         self._bind_forward_signature()
-        # Before every forward of the base model (however it is reached: this forward, generate, the Trainer),
-        # compute the active adapters' factors together (structlora.bank); kept by id for deepcopy and unload.
-        self._bank_hook_id = model.register_forward_pre_hook(self._bank_factors).id
-        self.add_adapter(adapter_name, config)
-        self.set_adapter(adapter_name)
+        try:
+            # Before every forward of the base model (however it is reached: this forward, generate, the
+            # Trainer), compute the active adapters' factors together (structlora.bank); kept by id for
+            # deepcopy and unload.
+            self._bank_hook_id = model.register_forward_pre_hook(self._bank_factors).id
+            self.add_adapter(adapter_name, config)
+        except BaseException:
+            snapshot.restore()  # the caller's model is left exactly as it was
+            raise
+
+    @property
+    def adapter_state(self) -> AdapterState:
+        """The adapter registry and merge/disable state (read it; change it through this model's methods)."""
+        return self._state
+
+    @property
+    def active_adapter(self) -> str:
+        return self._state.active
 
     # -- behaving like the base model --------------------------------------------------------------------
     def forward(self, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
@@ -117,9 +134,26 @@ class PeftModel(nn.Module):
             if isinstance(module, AdapterLayerMixin):
                 yield name, module
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """Undo everything the block did to the modules and the adapter registry if it raises."""
+        snapshot = ModuleSnapshot(self.base_model)
+        state = self._state.snapshot()
+        configs, trained = dict(self.peft_config), dict(self._trained_base_params)
+        try:
+            yield
+        except BaseException:
+            snapshot.restore()
+            self._state.restore(state)
+            self.peft_config.clear()
+            self.peft_config.update(configs)
+            self._trained_base_params.clear()
+            self._trained_base_params.update(trained)
+            raise
+
     def add_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
-        if adapter_name in self.peft_config:
-            raise ValueError(f"an adapter named {adapter_name!r} already exists; choose another name")
+        """Inject a new adapter (not made active unless it is the first). On any error nothing is changed."""
+        self._state.check_add(adapter_name)
         if not isinstance(config, AdapterConfig):
             raise TypeError(f"expected a structlora config (LoraConfig, MTLoraConfig, …), got {type(config).__name__}")
         model_type = _model_type(self.base_model)
@@ -127,29 +161,31 @@ class PeftModel(nn.Module):
             raise ValueError(
                 f"adapter {adapter_name!r} was made for a {config.base_model_type!r} model, but this base model "
                 f"is {model_type!r}")
-        config.base_model_type = model_type or None
-        if config.base_model_name_or_path is None:
-            config.base_model_name_or_path = getattr(self.base_model, "name_or_path", None) or None
         targets = config.target_modules
         if targets is None and not isinstance(config, BitFitConfig):
             targets = default_targets(model_type, config.method, getattr(config, "use_parallel_adapter", False),
                                       getattr(config, "placement", "houlsby"))
-        if isinstance(config, BitFitConfig):
-            injected = []  # BitFit only trains the base model's biases (and the head)
-            if not any(n.endswith("bias") for n, _ in self.base_model.named_parameters()):
-                raise ValueError(f"BitFit trains biases, but this {model_type or 'model'} has no bias parameters")
-        elif isinstance(config, LorettaAdpConfig):
-            injected = self._inject_bottleneck(adapter_name, config, targets, model_type)
-        else:
-            injected = self._inject_low_rank(adapter_name, config, targets)
-        if not injected and not isinstance(config, BitFitConfig):
-            names = [n for n, _ in self.base_model.named_modules() if not _is_internal(n)]
-            adaptable = [n for n, m in self.base_model.named_modules() if layer_kind(m) and not _is_internal(n)]
-            raise unknown_target_error(targets, names, adaptable)
-        self.peft_config[adapter_name] = config
-        self._add_trainable_copies(adapter_name, config, model_type)
-        self._trained_base_params[adapter_name] = self._select_trained_biases(config, injected)
-        self.set_adapter(self.active_adapter if self.active_adapter in self.peft_config else adapter_name)
+        if isinstance(config, BitFitConfig) and not any(n.endswith("bias") for n, _ in self.base_model.named_parameters()):
+            raise ValueError(f"BitFit trains biases, but this {model_type or 'model'} has no bias parameters")
+        with self._transaction():
+            if isinstance(config, BitFitConfig):
+                injected = []  # BitFit only trains the base model's biases (and the head)
+            elif isinstance(config, LorettaAdpConfig):
+                injected = self._inject_bottleneck(adapter_name, config, targets, model_type)
+            else:
+                injected = self._inject_low_rank(adapter_name, config, targets)
+            if not injected and not isinstance(config, BitFitConfig):
+                names = [n for n, _ in self.base_model.named_modules() if not _is_internal(n)]
+                adaptable = [n for n, m in self.base_model.named_modules() if layer_kind(m) and not _is_internal(n)]
+                raise unknown_target_error(targets, names, adaptable)
+            self._add_trainable_copies(adapter_name, config, model_type)
+            self._trained_base_params[adapter_name] = self._select_trained_biases(config, injected)
+            self.peft_config[adapter_name] = config
+            self._state.add(adapter_name)
+            self.set_adapter(self._state.active or adapter_name)
+        config.base_model_type = model_type or None
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(self.base_model, "name_or_path", None) or None
 
     def _candidates(self, targets: Union[list[str], str]) -> list[tuple[str, nn.Module]]:
         return [(n, m) for n, m in self.base_model.named_modules()
@@ -261,10 +297,8 @@ class PeftModel(nn.Module):
         return names
 
     def set_adapter(self, adapter_name: str) -> None:
-        """Make `adapter_name` the active (and only trainable) adapter."""
-        if adapter_name not in self.peft_config:
-            raise ValueError(f"no adapter named {adapter_name!r}; adapters: {', '.join(self.peft_config)}")
-        self.active_adapter = adapter_name
+        """Make `adapter_name` the active (and only trainable) adapter; refused while another one is merged."""
+        self._state.activate(adapter_name)
         for parameter in self.base_model.parameters():
             parameter.requires_grad_(False)
         for _, wrapper in self._wrappers():
@@ -283,18 +317,26 @@ class PeftModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Inside the block the model computes exactly what the base model computes."""
-        wrappers = [w for _, w in self._wrappers()]
-        merged = [w for w in wrappers if isinstance(w, LowRankLayer) and w.merged_adapters]
-        if merged:
-            raise RuntimeError("unmerge_adapter() first: merged weights cannot be disabled")
-        for wrapper in wrappers:
-            wrapper.adapters_disabled = True
+        """Inside the block the model computes exactly what the base model computes. Blocks nest.
+
+        Refused for an adapter that trains the base model's own biases (BitFit, bias="all"/"lora_only"):
+        those are changed in place, so the base function is no longer there to switch back to."""
+        in_place = self._trained_base_params.get(self.active_adapter, [])
+        if in_place:
+            raise ValueError(
+                f"disable_adapter cannot give the base model's outputs for adapter {self.active_adapter!r}: it "
+                f"trains {len(in_place)} of the base model's biases in place (e.g. {in_place[0]})")
+        self._state.enter_disabled()
+        self._sync_disabled()
         try:
             yield
         finally:
-            for wrapper in wrappers:
-                wrapper.adapters_disabled = False
+            self._state.exit_disabled()
+            self._sync_disabled()
+
+    def _sync_disabled(self) -> None:
+        for _, wrapper in self._wrappers():
+            wrapper.adapters_disabled = self._state.disabled
 
     # -- merging ------------------------------------------------------------------------------------------
     def _require_mergeable(self, what: str) -> None:
@@ -307,19 +349,37 @@ class PeftModel(nn.Module):
                 f"a change of the weights and cannot be folded into them")
 
     def merge_adapter(self) -> None:
-        """Fold the active adapter's ΔW into the base weights (forward then skips the adapter path)."""
+        """Fold the active adapter's ΔW into the base weights (forward then skips the adapter path).
+
+        All or nothing: every layer's ΔW and merged weight are checked to be finite in the base weight's dtype
+        before any weight is written; otherwise a ValueError names the layer and no weight changes.
+        """
+        self._state.check_merge()
         self._require_mergeable("merge_adapter")
-        for _, wrapper in self._wrappers():
-            if isinstance(wrapper, LowRankLayer):
-                wrapper.merge(self.active_adapter)
+        name = self.active_adapter
+        layers = [(module_name, wrapper) for module_name, wrapper in self._wrappers()
+                  if isinstance(wrapper, LowRankLayer) and name in wrapper.adapters
+                  and name not in wrapper.merged_adapters]
+        for module_name, layer in layers:
+            try:
+                layer.merged_weight(name)
+            except ValueError as error:
+                raise ValueError(f"merge refused at {module_name!r}: {error}; no weight was changed") from error
+        for _, layer in layers:
+            layer.merge(name)
+        self._state.mark_merged(name)
 
     def unmerge_adapter(self) -> None:
+        self._state.check_usable("unmerge_adapter")
         for _, wrapper in self._wrappers():
             if isinstance(wrapper, LowRankLayer):
                 wrapper.unmerge()
+        self._state.mark_unmerged()
 
     def merge_and_unload(self) -> nn.Module:
-        """The base model with the active adapter folded in and every wrapper removed."""
+        """The base model with the active adapter folded in and every wrapper removed. The PeftModel is then
+        spent: saving or changing its adapters is refused (save the adapter first)."""
+        self._state.check_merge()
         self._require_mergeable("merge_and_unload")
         self.merge_adapter()
         for name, wrapper in sorted(self._wrappers(), key=lambda item: -item[0].count(".")):
@@ -330,6 +390,7 @@ class PeftModel(nn.Module):
         for parameter in self.base_model.parameters():
             parameter.requires_grad_(False)
         self.base_model._forward_pre_hooks.pop(self._bank_hook_id, None)
+        self._state.mark_unloaded()
         return self.base_model
 
     # -- parameters ------------------------------------------------------------------------------------
@@ -349,6 +410,7 @@ class PeftModel(nn.Module):
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
         """Everything that adapter trained, keyed by module path (no adapter name in the keys)."""
         adapter_name = adapter_name or self.active_adapter
+        self._state.check_exists(adapter_name, "adapter_state_dict")
         state: dict[str, torch.Tensor] = {}
         for name, wrapper in self._wrappers():
             if adapter_name in wrapper.adapters:
@@ -366,32 +428,51 @@ class PeftModel(nn.Module):
 
         Extra keyword arguments (the Trainer passes `state_dict`, `safe_serialization`…) are ignored.
         """
+        names = list(selected_adapters or self.peft_config)
+        self._state.check_save(names)
         if os.path.isfile(save_directory):
             raise ValueError(f"save_pretrained needs a directory, but {save_directory!r} is a file")
-        for adapter_name in selected_adapters or list(self.peft_config):
+        states = {}
+        for adapter_name in names:  # everything is gathered and checked before the first file is written
+            tensors = {k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict(adapter_name).items()}
+            if not tensors:
+                raise ValueError(f"save_pretrained: adapter {adapter_name!r} has no weights to save")
+            states[adapter_name] = tensors
+        for adapter_name, tensors in states.items():
             directory = save_directory if adapter_name == "default" else os.path.join(save_directory, adapter_name)
             os.makedirs(directory, exist_ok=True)
             self.peft_config[adapter_name].save_pretrained(directory)
-            tensors = {k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict(adapter_name).items()}
             save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
                         is_trainable: bool = False, **_: Any) -> "PeftModel":
+        _refuse_adapted_base(model, hint=f"use model.load_adapter({model_id!r}, adapter_name=...) to add it")
         config = AdapterConfig.from_pretrained(model_id)
         config.inference_mode = not is_trainable
+        snapshot = ModuleSnapshot(model)
         peft_model = cls(model, config, adapter_name)
-        peft_model.load_adapter_weights(model_id, adapter_name)
+        try:
+            peft_model.load_adapter_weights(model_id, adapter_name)
+        except BaseException:
+            snapshot.restore()  # the caller's model is left exactly as it was
+            raise
         return peft_model
 
     def load_adapter(self, model_id: str, adapter_name: str = "default", is_trainable: bool = True) -> None:
-        """Add the adapter saved in `model_id` under `adapter_name` (replacing weights if it exists)."""
-        if adapter_name not in self.peft_config:
-            config = AdapterConfig.from_pretrained(model_id)
-            config.inference_mode = not is_trainable
+        """Add the adapter saved in `model_id` under `adapter_name` (replacing weights if it exists).
+
+        Refused while an adapter is merged; on any error the model is left as it was."""
+        if adapter_name in self._state:
+            self._state.check_write_weights(adapter_name, "load_adapter")
+            self.load_adapter_weights(model_id, adapter_name)
+            return
+        self._state.check_add(adapter_name)
+        config = AdapterConfig.from_pretrained(model_id)
+        config.inference_mode = not is_trainable
+        with self._transaction():
             self.add_adapter(adapter_name, config)
-        self.load_adapter_weights(model_id, adapter_name)
-        self.set_adapter(self.active_adapter)
+            self.load_adapter_weights(model_id, adapter_name)
 
     def load_adapter_weights(self, directory: str, adapter_name: str | None = None) -> None:
         """Load adapter_model.safetensors from `directory` into an existing adapter; strict."""
@@ -407,6 +488,10 @@ class PeftModel(nn.Module):
     @torch.no_grad()
     def set_adapter_state_dict(self, tensors: dict[str, torch.Tensor], adapter_name: str | None = None,
                                source: str = "state dict") -> None:
+        """Write an adapter's weights: every key present, shapes equal, floating point and finite in the
+        adapter's dtype, all checked before the first write (refused while an adapter is merged)."""
+        adapter_name = adapter_name or self.active_adapter
+        self._state.check_write_weights(adapter_name, "loading adapter weights")
         expected = self.adapter_state_dict(adapter_name)
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))
@@ -416,14 +501,28 @@ class PeftModel(nn.Module):
                 f"base model?): {', '.join(unexpected[:5])}{' …' if len(unexpected) > 5 else ''}")
         if missing:
             raise ValueError(f"{source} lacks {len(missing)} adapter weights, e.g. {', '.join(missing[:5])}")
+        converted = {}
         for key, target in expected.items():
             source_tensor = tensors[key]
+            if not isinstance(source_tensor, torch.Tensor):
+                raise ValueError(f"{source}: {key} is a {type(source_tensor).__name__}, not a tensor")
             if source_tensor.shape != target.shape:
                 module = key.split(".adapters.")[0]
                 raise ValueError(
                     f"shape mismatch for {key} (module {module!r}): the file has {tuple(source_tensor.shape)}, "
                     f"this base model needs {tuple(target.shape)} — the adapter was trained on a different base model")
-            target.copy_(source_tensor.to(dtype=target.dtype, device=target.device))
+            if not (source_tensor.is_floating_point() or not target.is_floating_point()):
+                raise ValueError(f"{source}: {key} has dtype {source_tensor.dtype}; adapter weights are floating "
+                                 f"point ({target.dtype})")
+            value = source_tensor.to(dtype=target.dtype, device=target.device)
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                bad = int((~torch.isfinite(value)).sum())
+                raise ValueError(f"{source}: {key} has {bad} non-finite value(s) (NaN/inf) in {target.dtype}; "
+                                 f"refusing to load a diverged or corrupt adapter")
+            converted[key] = value
+        for key, target in expected.items():
+            target.copy_(converted[key])
+        self._state.weights_written()
 
 
 def _active_bankables(wrapper: nn.Module) -> Iterator[nn.Module]:
@@ -436,10 +535,18 @@ def _active_bankables(wrapper: nn.Module) -> Iterator[nn.Module]:
             yield module
 
 
+def _refuse_adapted_base(model: nn.Module, hint: str = "use model.add_adapter(name, config) to add another") -> None:
+    """Wrapping a model twice would re-initialise the adapters it already holds: refuse."""
+    if isinstance(model, PeftModel):
+        raise AdapterStateError(f"model already has adapters (it is a PeftModel): {hint}")
+    if any(isinstance(module, AdapterLayerMixin) for module in model.modules()):
+        raise AdapterStateError(
+            f"model already holds structlora adapter layers (it is the base model of a PeftModel): wrapping it again "
+            f"would reset them; {hint} on that PeftModel instead")
+
+
 def get_peft_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> PeftModel:
     """Inject the adapter described by `config` into `model` (frozen) and return the wrapper."""
-    if isinstance(model, PeftModel):
-        raise ValueError("model already has adapters: use model.add_adapter(name, config) to add another")
     return PeftModel(model, config, adapter_name)
 
 
