@@ -52,17 +52,18 @@ def run(args: argparse.Namespace) -> int:
     results = load_runs(args.runs)
     if not results:
         raise SystemExit(f"error: no results.json under {', '.join(args.runs)}")
-    if args.per_run:
+    seeds, csv_path, plot_path = (getattr(args, name, None) for name in ("seeds", "csv", "plot"))
+    if getattr(args, "per_run", False):
         table = markdown_table([r for r in results if r.get("status") != "failed"])
     else:
         cells = build_cells(results)
-        table = paper_table(results, expected_seeds=args.seeds)
-        if args.csv:
-            Path(args.csv).write_text(csv_table(cells, args.seeds))
-        if args.plot:
-            plot(cells, args.plot, args.seeds)
+        table = paper_table(results, expected_seeds=seeds)
+        if csv_path:
+            Path(csv_path).write_text(csv_table(cells, seeds))
+        if plot_path:
+            plot(cells, plot_path, seeds)
     print(table)
-    if args.output:
+    if getattr(args, "output", None):
         Path(args.output).write_text(table + "\n")
     return 0
 
