@@ -13,12 +13,14 @@ import copy
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.pytorch_utils import Conv1D
 
 from .config import LoraConfig, LorettaAdpConfig, LorettaRepConfig
-from .engine import add_lowrank_embedding_update, add_lowrank_update, dense_lowrank
+from .engine import _scaled_to, add_lowrank_embedding_update, add_lowrank_update, dense_lowrank
+from .inference import CachedFactorsMixin, FactorCache, scaled_dense
 from .norms import lean_norm_copy
 from .parameterizations import LowRankParameterization, make_parameterization
 from .tensor_train import TTLinear, tt_shape_for
@@ -62,11 +64,12 @@ def base_shape(module: nn.Module) -> tuple[int, int]:
     raise TypeError(f"{type(module).__name__} is not an adaptable layer (nn.Linear, Conv1D or nn.Embedding)")
 
 
-class LowRankAdapter(nn.Module):
+class LowRankAdapter(CachedFactorsMixin, nn.Module):
     """One named low-rank adapter: its parameterization, scaling and dropout."""
 
     def __init__(self, parameterization: LowRankParameterization, scaling: float, dropout: float) -> None:
         super().__init__()
+        self._factor_cache = FactorCache()
         self.parameterization = parameterization
         self.scaling = scaling
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -74,6 +77,15 @@ class LowRankAdapter(nn.Module):
     def effective_factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         a_eff, b_eff = self.parameterization.effective_factors(self.scaling)
         return a_eff.to(dtype), b_eff.to(dtype)
+
+    def inference_factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T·A)ᵀ (in x R) and (s·B)ᵀ (R x out) in `dtype`, for x @ a_t @ b_t without autograd: cached
+        (`structlora.inference`) until a parameter, the dtype or the scaling changes."""
+        return self._factor_cache.get(self, (dtype, self.scaling), lambda: self._transposed_factors(dtype))
+
+    def _transposed_factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        a_eff, b = self.parameterization.unscaled_factors()
+        return a_eff.t().to(dtype), _scaled_to(b, self.scaling, dtype).t()
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = s·B·T·A in (out x in) layout."""
@@ -107,8 +119,10 @@ class LowRankLayer(nn.Module, AdapterLayerMixin):
     def _fast_path_weight(self, adapter: LowRankAdapter) -> torch.Tensor | None:
         """The base weight in (out x in) layout when the fused path applies: a plain nn.Linear or Conv1D
         (not a subclass such as a quantized layer, whose forward we must call) and no dropout copy."""
-        if not isinstance(adapter.dropout, nn.Identity):
-            return None
+        return self._plain_weight() if isinstance(adapter.dropout, nn.Identity) else None
+
+    def _plain_weight(self) -> torch.Tensor | None:
+        """The base weight in (out x in) layout when the base is a plain nn.Linear or Conv1D, else None."""
         if type(self.base_layer) is nn.Linear:
             return self.base_layer.weight
         if type(self.base_layer) is Conv1D:
@@ -120,6 +134,8 @@ class LowRankLayer(nn.Module, AdapterLayerMixin):
         if name is None or name in self.merged_adapters:
             return self.base_layer(x, *args, **kwargs)
         adapter = self.adapters[name]
+        if not torch.is_grad_enabled():
+            return self._forward_without_grad(adapter, x, args, kwargs)
         weight = None if args or kwargs else self._fast_path_weight(adapter)
         if weight is not None:
             a_eff, b = adapter.parameterization.unscaled_factors()
@@ -132,6 +148,29 @@ class LowRankLayer(nn.Module, AdapterLayerMixin):
                                                 max_norm=base.max_norm, norm_type=base.norm_type,
                                                 scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
         return add_lowrank_update(result, adapter.dropout(x).to(result.dtype), a_eff, b_eff)
+
+    def _forward_without_grad(self, adapter: LowRankAdapter, x: torch.Tensor, args: tuple, kwargs: dict
+                              ) -> torch.Tensor:
+        """The same sum as `forward` with no autograd node: plain matmuls on the cached factors, accumulated in
+        place into the base output where we made that output ourselves."""
+        base = self.base_layer
+        dropout_off = not adapter.dropout.training or isinstance(adapter.dropout, nn.Identity)
+        weight = self._plain_weight() if dropout_off and not (args or kwargs) else None
+        if weight is not None:
+            x2d = x.reshape(-1, x.shape[-1])
+            bias = base.bias
+            out = torch.addmm(bias, x2d, weight.t()) if bias is not None else x2d @ weight.t()
+            a_t, b_t = adapter.inference_factors(out.dtype)  # out's dtype: autocast's where it is on
+            out.addmm_(x2d @ a_t, b_t)
+            return out.view(*x.shape[:-1], out.shape[-1])
+        result = base(x, *args, **kwargs)
+        a_t, b_t = adapter.inference_factors(result.dtype)
+        if self.kind == "embedding":
+            hidden = F.embedding(x, a_t, padding_idx=base.padding_idx, max_norm=base.max_norm,
+                                 norm_type=base.norm_type).reshape(-1, a_t.shape[1])
+        else:
+            hidden = adapter.dropout(x).to(result.dtype).reshape(-1, a_t.shape[0]) @ a_t
+        return torch.addmm(result.reshape(-1, result.shape[-1]), hidden, b_t).view(result.shape)
 
     # -- merging --------------------------------------------------------------------------------------
     def get_delta_weight(self, name: str | None = None) -> torch.Tensor:
@@ -184,6 +223,7 @@ class LowRankLayer(nn.Module, AdapterLayerMixin):
             return
         self.base_layer.weight.data.copy_(self.merged_weight(name))
         self.merged_adapters.append(name)
+        self.adapters[name]._factor_cache.clear()  # not read while merged
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -196,11 +236,29 @@ class LowRankLayer(nn.Module, AdapterLayerMixin):
         return f"kind={self.kind}, in={self.in_features}, out={self.out_features}"
 
 
-class BottleneckAdapter(nn.Module):
-    """down → non-linearity → up, scaled; tensor-train projections when `tensorized`."""
+# Activations applied in place on the bottleneck's fresh buffer when no gradient is recorded (the same function
+# as ACT2FN's module of that name); others call the module.
+_IN_PLACE_ACTIVATIONS = {
+    "relu": torch.relu_, "tanh": torch.tanh_, "sigmoid": torch.sigmoid_,
+    "silu": lambda x: F.silu(x, inplace=True), "swish": lambda x: F.silu(x, inplace=True),
+    "identity": lambda x: x, "linear": lambda x: x,
+}
+
+
+def _affine(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x2d @ weight if bias is None else torch.addmm(bias, x2d, weight)
+
+
+class BottleneckAdapter(CachedFactorsMixin, nn.Module):
+    """down → non-linearity → up, scaled; tensor-train projections when `tensorized`.
+
+    Without autograd it is two GEMMs with their biases on dense projections cached across forwards
+    (`structlora.inference`), the scaling folded into the up projection and the activation applied in place.
+    """
 
     def __init__(self, in_dim: int, out_dim: int, config: LorettaAdpConfig) -> None:
         super().__init__()
+        self._factor_cache = FactorCache()
         size = config.bottleneck_size
         if config.tensorized:
             self.adapter_down = TTLinear(in_dim, size, tt_shape_for(in_dim, size), config.tensor_rank)
@@ -219,6 +277,7 @@ class BottleneckAdapter(nn.Module):
             else:
                 nn.init.normal_(self.adapter_up.weight, std=0.02)
         self.act = ACT2FN[config.non_linearity] if config.non_linearity not in ("identity", "linear") else nn.Identity()
+        self._act_in_place = _IN_PLACE_ACTIVATIONS.get(config.non_linearity, self.act)
         self.dropout = nn.Dropout(config.adapter_dropout) if config.adapter_dropout > 0 else nn.Identity()
         if config.scaling == "learned":
             self.adapter_scaling = nn.Parameter(torch.ones(1))
@@ -226,11 +285,32 @@ class BottleneckAdapter(nn.Module):
             self.adapter_scaling = float(config.scaling)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() and not (self.dropout.training and isinstance(self.dropout, nn.Dropout)):
+            return self._forward_without_grad(hidden)
         out = self.adapter_up(self.act(self.adapter_down(self.dropout(hidden))))
         scaling = self.adapter_scaling
         if isinstance(scaling, torch.Tensor):
             return out * scaling.to(out.dtype)
         return out if scaling == 1.0 else out * scaling  # skip a full-size multiply in the common case
+
+
+    def _forward_without_grad(self, hidden: torch.Tensor) -> torch.Tensor:
+        dtype = hidden.dtype
+        w_down, b_down, w_up, b_up = self._factor_cache.get(self, (dtype,), lambda: self._dense_projections(dtype))
+        inner = self._act_in_place(_affine(hidden.reshape(-1, w_down.shape[0]), w_down, b_down))
+        return _affine(inner, w_up, b_up).view(*hidden.shape[:-1], w_up.shape[1])
+
+    def _dense_projections(self, dtype: torch.dtype) -> tuple[torch.Tensor | None, ...]:
+        """W_down, b_down, s·W_up, s·b_up in x @ W layout and `dtype`."""
+        return (*_dense_projection(self.adapter_down, dtype, 1.0),
+                *_dense_projection(self.adapter_up, dtype, self.adapter_scaling))
+
+
+def _dense_projection(projection: nn.Module, dtype: torch.dtype, scaling: float | torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(projection, TTLinear):
+        return projection._dense(dtype, scaling)
+    return scaled_dense(projection.weight.t(), projection.bias, scaling, dtype)
 
 
 PLACEMENTS = ("input", "output", "parallel")

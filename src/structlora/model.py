@@ -126,6 +126,8 @@ class PeftModel(nn.Module):
     def _bank_factors(self, _module: nn.Module, _args: Any) -> None:
         if torch.compiler.is_compiling() or all(type(config) is LoraConfig for config in self.peft_config.values()):
             return  # plain LoRA computes no factor
+        if not torch.is_grad_enabled():
+            return  # without autograd each adapter reuses its cached factors (structlora.inference)
         bank(member for _, wrapper in self._wrappers() for member in _active_bankables(wrapper))
 
     # -- adapters ------------------------------------------------------------------------------------------

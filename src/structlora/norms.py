@@ -4,12 +4,14 @@ LoRETTA trains the model's norms (`train_norms`). Llama-family RMSNorms are writ
 weight is trainable autograd keeps, per norm call, an fp32 copy of the input and the normalised output in the
 model dtype: 3x the input's size in bf16 (65 norm calls on Llama-2-7B: about 6 GiB at batch 4 x 1024).
 `LeanRMSNorm` computes the same function in one autograd node that keeps only the input and the per-token
-reciprocal RMS, and recomputes the rest in the backward (one cheap elementwise pass).
+reciprocal RMS, and recomputes the rest in the backward (one cheap elementwise pass). Without autograd
+(evaluation, generation) it is transformers' computation itself, with no autograd Function around it.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # transformers classes whose forward is exactly Llama's:
@@ -56,10 +58,24 @@ class LeanRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
+        if torch.is_grad_enabled():
+            return _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
+        return llama_rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+def llama_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype), as transformers' Llama computes it.
+
+    In fp32 the casts are no-ops and `F.rms_norm` is these same operations in one call (tests/test_norms.py
+    checks it is equal); in other dtypes it rounds once where Llama rounds twice, so the ops are spelled out.
+    """
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def lean_norm_copy(module: nn.Module) -> nn.Module | None:

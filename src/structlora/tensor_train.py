@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .bank import computed
+from .inference import CachedFactorsMixin, FactorCache, scaled_dense
 
 # The authors' shape tables (loretta 0.1.0, utils/tensor_util.py): TT_SHAPES[r][hidden] factorises
 # hidden*r, for the low-rank (r) and bottleneck projections of a hidden-size layer.
@@ -162,15 +163,17 @@ def contract_train(cores: list[torch.Tensor], rows: int, cols: int) -> torch.Ten
     return full.reshape(*batch, rows, cols)
 
 
-class TTLinear(nn.Module):
+class TTLinear(CachedFactorsMixin, nn.Module):
     """A linear layer whose (in x out) weight is a tensor train, with an optional bias: y = x @ W + b.
 
-    Used for LoRETTA_adp projections and the tensorized classifier.
+    Used for LoRETTA_adp projections and the tensorized classifier. Without autograd the contracted weight is
+    cached across forwards (`structlora.inference`).
     """
 
     def __init__(self, in_features: int, out_features: int, shape: list[int], tensor_rank: int,
                  bias: bool = True) -> None:
         super().__init__()
+        self._factor_cache = FactorCache()
         self.in_features, self.out_features = in_features, out_features
         self.weight_tt = TTMatrix(in_features, out_features, shape, tensor_rank)
         if bias:
@@ -179,10 +182,17 @@ class TTLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
+    def dense(self, dtype: torch.dtype, scaling: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """scaling·W (in x out) and scaling·b in `dtype`; without autograd, cached until a core or bias changes."""
+        if torch.is_grad_enabled():
+            return self._dense(dtype, scaling)
+        return self._factor_cache.get(self, (dtype, scaling), lambda: self._dense(dtype, scaling))
+
+    def _dense(self, dtype: torch.dtype, scaling: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return scaled_dense(self.weight_tt.matrix(), self.bias, scaling, dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight_tt.matrix().to(x.dtype)
-        if self.bias is None:
+        weight, bias = self.dense(x.dtype)
+        if bias is None:
             return x @ weight
-        return torch.addmm(self.bias.to(x.dtype), x.reshape(-1, self.in_features), weight).reshape(
-            *x.shape[:-1], self.out_features
-        )
+        return torch.addmm(bias, x.reshape(-1, self.in_features), weight).reshape(*x.shape[:-1], self.out_features)

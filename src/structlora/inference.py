@@ -1,0 +1,103 @@
+"""Inference without autograd: factors cached across forwards.
+
+When no gradient is recorded (`torch.no_grad`, `torch.inference_mode`: `generate()`, evaluation) an adapter's
+effective factors are the same from one forward to the next: LoRA's s·B, MTLoRA's T·A, LoRETTA's tensor-train
+reconstructions, LoRETTA_adp's dense projections. A `FactorCache` keeps them, in the compute dtype and in the
+layout the matmuls read, and computes them again only when something they are made of has changed:
+
+- a parameter written in place (optimizer step, `load_state_dict`, `copy_`): its version counter moves;
+- a parameter's storage replaced (`param.data = ...`): its data pointer moves;
+- a dtype or device move (`.to()`, `.half()`): the owner's `_apply` clears the cache (`CachedFactorsMixin`);
+- a parameter registered anew anywhere (`module.weight = nn.Parameter(...)`): a process-wide registration hook
+  makes every cache re-read its owner's parameters;
+- the compute dtype or the scaling: part of the key.
+
+These are the bank's guards (`structlora.bank`), kept across forwards. Which adapter runs, and whether it is
+merged or disabled, the layer decides before it asks, and every adapter has its own cache; merging clears the
+merged adapter's cache (it is not read while merged). A write that bypasses the version counter
+(`param.data.copy_(...)`) is not seen: call `clear_factor_caches(model)` after one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, TypeVar
+
+import torch
+from torch import nn
+
+Value = TypeVar("Value")
+
+# Bumped whenever any module registers a parameter: cached parameter lists are then read again.
+_registrations = 0
+
+
+def _count_registration(_module: nn.Module, _name: str, _parameter: Any) -> None:
+    global _registrations
+    _registrations += 1
+
+
+nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+
+
+def parameters_of(module: nn.Module) -> list[torch.Tensor]:
+    """The module's parameters, recursively (`parameters()` without its generator and de-duplication: 4x faster)."""
+    found = [tensor for tensor in module._parameters.values() if tensor is not None]
+    for child in module._modules.values():
+        if child is not None:
+            found += parameters_of(child)
+    return found
+
+
+class FactorCache:
+    """One value computed from a module's parameters, reused while they are certainly unchanged."""
+
+    __slots__ = ("_parameters", "_registrations", "_key", "_value")
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self._parameters: list[torch.Tensor] | None = None
+        self._registrations = -1
+        self._key: tuple | None = None
+        self._value: Any = None
+
+    def get(self, owner: nn.Module, key: tuple, compute: Callable[[], Value]) -> Value:
+        """`compute()`'s value for `owner`'s current parameters and `key` (dtype, scaling...): cached or new."""
+        if torch.compiler.is_compiling():  # a compiled graph computes the factors itself; no Python state inside
+            return compute()
+        if self._registrations != _registrations or self._parameters is None:
+            self._parameters, self._registrations, self._key = parameters_of(owner), _registrations, None
+        try:
+            full_key = (key, tuple([(t._version, t.data_ptr()) for t in self._parameters]))
+        except RuntimeError:  # inference tensors have no version counter: nothing tells a change, so no cache
+            return compute()
+        if full_key != self._key:
+            self._value, self._key = compute(), full_key
+        return self._value
+
+
+class CachedFactorsMixin:
+    """For modules holding a `FactorCache` in `_factor_cache`: a dtype or device move clears it."""
+
+    _factor_cache: FactorCache
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> Any:
+        self._factor_cache.clear()
+        return super()._apply(fn, recurse)  # type: ignore[misc]
+
+
+def scaled_dense(weight: torch.Tensor, bias: torch.Tensor | None, scaling: float | torch.Tensor,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """scaling·weight and scaling·bias in `dtype` (a learned scaling stays a tensor: no host sync)."""
+    if isinstance(scaling, torch.Tensor) or scaling != 1.0:
+        weight, bias = weight * scaling, (None if bias is None else bias * scaling)
+    return weight.to(dtype), (None if bias is None else bias.to(dtype))
+
+
+def clear_factor_caches(model: nn.Module) -> int:
+    """Drop every cached factor in `model` (after writing parameters behind autograd's back); returns how many."""
+    caches = [m._factor_cache for m in model.modules() if isinstance(getattr(m, "_factor_cache", None), FactorCache)]
+    for cache in caches:
+        cache.clear()
+    return len(caches)

@@ -1,0 +1,204 @@
+"""Inference without autograd: the factor cache and the lean path compute what the training path computes, reuse
+factors across forwards, and never serve a stale factor after a mutation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import structlora.engine as engine
+import structlora.norms as norms
+from structlora import LoraConfig, LorettaAdpConfig, LorettaRepConfig, MTLoraConfig, get_peft_model
+from structlora.inference import clear_factor_caches
+from structlora.layers import BottleneckAdapter, LowRankAdapter
+from structlora.tensor_train import TTMatrix
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=4, vocab_size=64))
+
+
+CONFIGS = {
+    "lora": lambda: LoraConfig(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"], lora_alpha=8),
+    "mtlora-icfm": lambda: MTLoraConfig(r=4, structure="icfm", init="reference"),
+    "rep": lambda: LorettaRepConfig(r=4, tensor_rank=3, target_modules=["q_proj", "v_proj"]),
+    "adp": lambda: LorettaAdpConfig(bottleneck_size=8, tensor_rank=3, init="reference"),
+    "adp-dense-learned": lambda: LorettaAdpConfig(bottleneck_size=8, tensorized=False, scaling="learned",
+                                                  non_linearity="gelu", init="reference"),
+}
+IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+def adapted(kind: str) -> nn.Module:
+    model = get_peft_model(tiny_llama(), CONFIGS[kind]())
+    randomize(model, seed=1)
+    return model.eval()
+
+
+def randomize(model: nn.Module, seed: int) -> None:
+    """Non-zero updates everywhere (as an optimizer step would write them: in place, under no_grad)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn_like(parameter) * 0.3)
+
+
+def uncached(model: nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:
+    """The training path: autograd on, every factor computed in this forward."""
+    with torch.enable_grad():
+        return model(input_ids=ids).logits.detach()
+
+
+def cached(model: nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, tol: float = 1e-5) -> None:
+    assert got.dtype == want.dtype
+    assert torch.allclose(got, want, atol=tol, rtol=tol), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_no_grad_forward_equals_the_training_path_and_reuses_factors(kind: str, monkeypatch) -> None:
+    model = adapted(kind)
+    want = uncached(model)
+    assert_close(cached(model), want)
+    # Second and third forwards: nothing is rebuilt, no autograd Function runs.
+    calls = {"factors": 0}
+    for cls in (LowRankAdapter, BottleneckAdapter):
+        for method in ("_transposed_factors", "_dense_projections"):
+            if hasattr(cls, method):
+                original = getattr(cls, method)
+
+                def counting(self, *args, original=original):
+                    calls["factors"] += 1
+                    return original(self, *args)
+                monkeypatch.setattr(cls, method, counting)
+    monkeypatch.setattr(engine._DenseLowRank, "apply", None)  # would raise if called
+    monkeypatch.setattr(norms._RMSNorm, "apply", None)
+    assert_close(cached(model), want)
+    with torch.inference_mode():
+        assert_close(model(input_ids=IDS).logits, want)
+    assert calls["factors"] == 0
+
+
+def test_greedy_generation_matches_the_uncached_model() -> None:
+    model = adapted("rep")
+    prompt = IDS[:1, :4]
+    generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
+                               pad_token_id=0)
+    reference = prompt
+    for _ in range(6):  # argmax step by step on the training path, no KV cache
+        next_token = uncached(model, reference)[:, -1].argmax(-1, keepdim=True)
+        reference = torch.cat([reference, next_token], dim=1)
+    assert torch.equal(generated, reference)
+
+
+@pytest.mark.parametrize("kind", ["mtlora-icfm", "rep", "adp-dense-learned"])
+def test_an_optimizer_step_invalidates(kind: str) -> None:
+    model = adapted(kind)
+    cached(model)
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    optimizer.step()
+    model.eval()
+    assert_close(cached(model), uncached(model))
+
+
+def test_load_and_state_dict_invalidate(tmp_path) -> None:
+    model, other, original_state = adapted("rep"), adapted("rep"), copy.deepcopy(adapted("rep").state_dict())
+    randomize(other, seed=7)
+    other.save_pretrained(str(tmp_path))
+    before = cached(model)  # built every model first: a new model's parameters alone would refresh the caches
+    model.load_adapter_weights(str(tmp_path))
+    after_load = cached(model)
+    assert not torch.allclose(after_load, before)
+    assert_close(after_load, uncached(other))
+    model.load_state_dict(original_state)
+    assert_close(cached(model), before)
+
+
+def test_adapter_switch_merge_and_disable() -> None:
+    model = adapted("mtlora-icfm")
+    model.add_adapter("other", LorettaRepConfig(r=4, tensor_rank=3, target_modules=["q_proj", "v_proj"]))
+    model.set_adapter("other")
+    randomize(model, seed=4)
+    other = cached(model)
+    model.set_adapter("default")
+    cached(model)  # both adapters have cached factors now
+    randomize(model, seed=3)  # changes only "default", the trainable one
+    default = cached(model)
+    assert_close(default, uncached(model))
+    model.set_adapter("other")
+    assert_close(cached(model), other)
+    model.set_adapter("default")
+    assert_close(cached(model), default)
+    with model.disable_adapter():
+        base = cached(model)
+        assert_close(base, uncached(model))
+    model.merge_adapter()
+    assert_close(cached(model), default, tol=1e-4)
+    assert all(a._factor_cache._value is None for n, a in model.named_modules()
+               if isinstance(a, LowRankAdapter) and n.endswith(".default"))  # merged: its cache is dropped
+    model.unmerge_adapter()
+    randomize(model, seed=5)
+    assert_close(cached(model), uncached(model))
+
+
+def test_dtype_move_and_replaced_parameters_invalidate() -> None:
+    model = adapted("rep")
+    cached(model)
+    model.to(torch.float64)
+    double = cached(model)
+    assert double.dtype == torch.float64
+    assert_close(double, uncached(model), tol=1e-10)
+    train = next(m for m in model.modules() if isinstance(m, TTMatrix))
+    train.cores[0] = nn.Parameter(train.cores[0].detach() * 2)  # a new Parameter object
+    assert_close(cached(model), uncached(model), tol=1e-10)
+    train.cores[1].data = train.cores[1].detach() * 3  # a new storage behind the same Parameter
+    assert_close(cached(model), uncached(model), tol=1e-10)
+
+
+def test_writes_behind_autograd_need_an_explicit_clear() -> None:
+    model = adapted("lora")
+    cached(model)
+    layer_a = next(m for m in model.modules() if isinstance(m, LowRankAdapter)).parameterization.lora_A
+    layer_a.data.copy_(layer_a.data * 2)  # no version bump: the documented blind spot
+    assert clear_factor_caches(model) > 0
+    assert_close(cached(model), uncached(model))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_trained_norm_in_eval_is_the_stock_computation(dtype: torch.dtype) -> None:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    stock = LlamaRMSNorm(48, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        stock.weight.normal_(1.0, 0.3)
+    lean = norms.lean_norm_copy(stock)
+    x = (torch.randn(3, 7, 48) * 2.5).to(dtype)
+    with torch.no_grad():
+        assert torch.equal(lean(x), stock(x))
+
+
+def test_dropout_in_train_mode_without_grad_still_drops() -> None:
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_dropout=0.5, target_modules=["q_proj"]))
+    randomize(model, seed=1)
+    model.train()
+    torch.manual_seed(0)
+    first = cached(model)
+    torch.manual_seed(1)
+    assert not torch.allclose(first, cached(model))
+    model.eval()
+    assert_close(cached(model), uncached(model))
