@@ -60,6 +60,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--results-md", default=str(REPO_ROOT / "benchmarks" / "RESULTS.md"))
     parser.add_argument("--plot", default=str(REPO_ROOT / "benchmarks" / "glue_quality.png"))
     parser.add_argument("--render-only", action="store_true", help="train nothing: tabulate the finished runs")
+    parser.add_argument("--note", default="", help="free text for the write-up (what did not run, and why)")
     parser.add_argument("--device-note", default="CPU (AMD EPYC, 2 cores shared with other jobs, 1 torch thread)",
                         help="where it ran, for the write-up")
     return parser.parse_args(argv)
@@ -145,12 +146,24 @@ def render(args: argparse.Namespace, output: Path, tasks: Sequence[str], seeds: 
              f"bottleneck 64, prompt/P-tuning 20 virtual tokens, default targets; every method also trains the head "
              f"(BERT pooler + classifier: MiniLM's pooler output is near-constant). Ran on {args.device_note}: "
              f"{total_wall / 60:.0f} min of wall time for the runs below. Grid run by `structlora sweep`, table by "
-             f"`structlora report`.", "", table, "", f"![metric vs trainable parameters]({plot.name})", "",
+             f"`structlora report`.", "", *_budget_warning(args, tasks), table, "", f"![metric vs trainable parameters]({plot.name})", "",
              "Time per run (wall: what the shared machine gave; process CPU: this process's own CPU time, "
              "less sensitive to the other jobs):", "", *time_rows, "",
              "Do the papers' orderings hold here? (a gap within two standard errors of the seed means is "
              "\"within noise\")", "", *verdicts(cells, tasks), END]
     return "\n".join(lines)
+
+
+def _budget_warning(args: argparse.Namespace, tasks: Sequence[str]) -> list[str]:
+    """Say plainly when this is not the issue's budget (whole training sets, 3 epochs, SST-2 and CoLA)."""
+    short = args.max_train_samples or args.epochs != "3" or set(tasks) != {"sst2", "cola"}
+    lines = []
+    if short:
+        lines.append("**This is not the issue's budget** (whole SST-2 for 3 epochs, CoLA until LoRA's MCC > 0.3, 3 "
+                     "seeds, every method): it is what fitted this session's shared CPU time.")
+    if args.note:
+        lines.append(args.note)
+    return [*lines, ""] if lines else []
 
 
 def write_section(path: Path, section: str) -> None:
