@@ -223,3 +223,31 @@ def test_every_process_sees_a_nonfinite_gradient_of_one():
     mp.spawn(_rank_problem, args=(port, results), nprocs=2, join=True)
     assert results[0].startswith("the gradient of weight is not finite")
     assert results[1] == "another process saw a non-finite loss or gradient"
+
+
+# -- data errors with file:line ----------------------------------------------------------------------------------
+
+def _write_sst2(folder, train_rows):
+    (folder / "sst2").mkdir(parents=True, exist_ok=True)
+    (folder / "sst2" / "train.tsv").write_text("\n".join("\t".join(r) for r in [["sentence", "label"], *train_rows]) + "\n",
+                                               encoding="utf-8")
+    (folder / "sst2" / "dev.tsv").write_text("sentence\tlabel\nboring\t0\n", encoding="utf-8")
+
+
+@pytest.mark.parametrize("bad,message", [("2", r"label '2' is not one of 0\.\.1"), ("0.7", "label '0.7' is not one of"),
+                                         ("yes", "label 'yes' is not one of"), ("-1", "label '-1'")])
+def test_glue_labels_are_validated_with_file_and_line(tmp_path, bad, message):
+    from structlora.glue.data import GlueDataError, load_glue_local
+    _write_sst2(tmp_path, [["a great film", "1"], ["dull", bad]])
+    with pytest.raises(GlueDataError, match=rf"sst2/train\.tsv:3: {message}"):
+        load_glue_local(tmp_path, "sst2")
+
+
+def test_glue_bom_and_counted_skips(tmp_path, capsys):
+    from structlora.glue.data import load_glue_local
+    _write_sst2(tmp_path, [["a great film", "1"], ["broken line"], ["fine", "1.0"]])
+    train = tmp_path / "sst2" / "train.tsv"
+    train.write_bytes(b"\xef\xbb\xbf" + train.read_bytes())  # a UTF-8 BOM before the header
+    data = load_glue_local(tmp_path, "sst2")
+    assert data["train"]["label"] == [1, 1]
+    assert "skipped 1 row(s) with fewer than 2 columns, first at line 3" in capsys.readouterr().err
