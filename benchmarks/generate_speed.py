@@ -139,6 +139,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         model.unmerge_adapter()
                     times.setdefault((*variant, merged), {}).setdefault(case, []).append(seconds)
         print(f"round {round_index + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+        # Written after every round, so an interrupted run still leaves its completed rounds.
+        report = summarize(times, cases, tokens_for, shape, args, rounds_done=round_index + 1)
+    print(render_markdown(report))
+    return report
+
+
+def summarize(times: dict, cases: list[Case], tokens_for: dict[str, int], shape: dict[str, int],
+              args: argparse.Namespace, rounds_done: int) -> dict[str, Any]:
     rows = []
     for key, per_case in times.items():
         for case, seconds in per_case.items():
@@ -150,21 +158,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                          "median_s": median_s,
                          "tokens_per_s": case.batch * tokens_for[case.mode] / median_s,
                          "ratio_to_base": statistics.median(ratios), "ratios": ratios})
-    checks = evaluate_targets(rows, times, cases)
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.processor(),
-        "threads": args.threads, "rounds": args.rounds, "shape": shape, "prompt_len": args.prompt_len,
-        "clock": "process CPU time", "rows": rows, "targets": checks,
+        "threads": args.threads, "rounds": rounds_done, "shape": shape, "prompt_len": args.prompt_len,
+        "clock": "process CPU time", "rows": rows, "targets": evaluate_targets(rows, times, cases),
     }
-    markdown = render_markdown(report)
-    print(markdown)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(markdown)
+        args.markdown.write_text(render_markdown(report))
     return report
 
 

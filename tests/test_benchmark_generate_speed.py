@@ -21,7 +21,7 @@ def test_generate_speed_runs_and_reports(tmp_path) -> None:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     report = module.main(["--tiny", "--rounds", "1", "--new-tokens", "2", "--beam-tokens", "2", "--batches", "1,2",
-                          "--methods", "peft_lora,lora,mtlora_icfm,loretta_rep,loretta_adp",
+                          "--methods", "peft_lora,lora,loretta_adp",
                           "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md")])
     saved = json.loads((tmp_path / "r.json").read_text())
     keys = {(r["method"], r["targets"], r["merged"]) for r in saved["rows"]}
@@ -32,6 +32,6 @@ def test_generate_speed_runs_and_reports(tmp_path) -> None:
     base_rows = [r for r in saved["rows"] if r["method"] == "base"]
     assert all(r["ratio_to_base"] == 1.0 for r in base_rows)
     assert {c["target"].split(": ")[1] for c in report["targets"]} >= {
-        "our unmerged LoRA qv / PEFT LoRA qv <= 1", "MTLoRA icfm qv / our LoRA qv <= 1.02",
-        "LoRETTA_rep qv / base <= 1.05", "LoRETTA_adp / base <= 1.15"}
+        "our unmerged LoRA qv / PEFT LoRA qv <= 1", "our unmerged LoRA all / PEFT LoRA all <= 1",
+        "LoRETTA_adp / base <= 1.15"}
     assert "| target | measured | met |" in (tmp_path / "r.md").read_text()
