@@ -53,6 +53,9 @@ FLOOR = "floor"
 PEFT_LORA = "peft_lora"
 LORETTA_ADP = "loretta_adp"
 MTLORA_STRUCTURES = ("shim", "icfm", "ctcm", "dtsm")
+# torch.optim.AdamW implementations (--adamw): "default" is what the Trainer's adamw_torch gets (foreach on
+# CUDA); "fused" does the whole update in few launches with little host work per tensor.
+ADAMW_IMPLEMENTATIONS: dict[str, dict[str, bool]] = {"default": {}, "fused": {"fused": True}}
 # Methods that take target_modules (compared on every target set); the floor and LoRETTA_adp run once.
 LOW_RANK_METHODS = (PEFT_LORA, "lora", *(f"mtlora_{s}" for s in MTLORA_STRUCTURES), "loretta_rep")
 ALL_METHODS = (FLOOR, *LOW_RANK_METHODS, LORETTA_ADP)
@@ -114,6 +117,9 @@ class BenchSettings:
     learning_rate: float
     seed: int
     cpu_clock: str = "wall"  # CPU device: "wall" (perf_counter) or "cpu" (process CPU time)
+    profile_dir: Path | None = None  # --profile: profile two extra steps per configuration (first round only)
+    throwaway_run: bool = True  # one untimed configuration per mode first (--no-throwaway skips it)
+    adamw: str = "default"  # --adamw: torch's default implementation (foreach on CUDA), or fused
 
 
 @dataclass(frozen=True)
@@ -135,6 +141,7 @@ class Measurement:
     trainable_dtypes: list[str] = field(default_factory=list)  # fp32 adapters on a bf16 model cost up-casts
     graph_breaks: int | None = None  # compiled runs only
     graph_break_reasons: dict[str, int] = field(default_factory=dict)
+    profile: dict[str, Any] | None = None  # --profile: kernels per step, device-busy time, top kernels
     error: str | None = None
 
 
@@ -314,6 +321,43 @@ def time_steps(step: Callable[[], None], settings: BenchSettings) -> list[float]
     return times_ms
 
 
+def profile_steps(step: Callable[[], None], settings: BenchSettings, steps: int, table_path: Path | None
+                  ) -> dict[str, Any]:
+    """Profile `steps` more steps: device kernels per step, the time the device was busy with them (their
+    summed durations), and the kernels that took longest. A step time well above its busy time is time the
+    device waited for the host (launch-bound); busy time above the floor's is extra device work."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    on_cuda = settings.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    synchronize(settings.device)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(settings.device)
+    kernels: dict[str, list[float]] = {}  # name -> [count, total us]
+    for event in prof.events():
+        # Device-side ranges of user annotations (Optimizer.step#AdamW.step) overlap the kernels they hold and
+        # the device's idle gaps between them: they are not device work.
+        if on_cuda and event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False):
+            entry = kernels.setdefault(event.name, [0, 0.0])
+            entry[0] += 1
+            entry[1] += event.time_range.elapsed_us()
+    if table_path is not None:
+        table_path.parent.mkdir(parents=True, exist_ok=True)
+        sort_by = "self_device_time_total" if on_cuda else "self_cpu_time_total"
+        table_path.write_text(prof.key_averages().table(sort_by=sort_by, row_limit=30, max_name_column_width=90))
+    top = sorted(kernels.items(), key=lambda item: -item[1][1])[:15]
+    return {
+        "profiled_steps": steps,
+        "kernels_per_step": sum(count for count, _ in kernels.values()) / steps if on_cuda else None,
+        "device_busy_ms_per_step": sum(us for _, us in kernels.values()) / steps / 1e3 if on_cuda else None,
+        "top_kernels": [{"name": name[:160], "calls_per_step": count / steps, "ms_per_step": us / steps / 1e3}
+                        for name, (count, us) in top],
+    }
+
+
 def graph_breaks_since_reset() -> dict[str, int]:
     """Graph-break reasons (first line) and counts recorded by dynamo since the counters were cleared."""
     from torch._dynamo.utils import counters
@@ -340,7 +384,11 @@ def recording_saved_storages(model: nn.Module) -> Iterator[dict[int, int]]:
         storage = tensor.untyped_storage()
         if storage._cdata not in parameter_storages:
             saved.setdefault(storage._cdata, storage.nbytes())
-        return tensor
+        # Detached (same storage, no grad_fn): returning the tensor itself makes a saved *output* hold its own
+        # grad_fn through C++ references that Python's collector cannot see, so a graph that is never
+        # back-propagated (saved_activation_bytes) leaked with every weight it referenced: 29 GiB per
+        # configuration at the 7B shape, which ran the first CUDA run out of memory.
+        return tensor.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         yield saved
@@ -368,7 +416,7 @@ def measure_once(configuration: Configuration, shape: Shape, settings: BenchSett
     measurement.trainable_params = sum(p.numel() for p in trainable)
     measurement.total_params = sum(p.numel() for p in model.parameters())
     measurement.trainable_dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in trainable})
-    optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate)
+    optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, **ADAMW_IMPLEMENTATIONS[settings.adamw])
     forward = torch.compile(model) if configuration.compiled else model
     input_ids = make_batch(shape, settings, model.config.vocab_size)
     if not measurement.saved_activation_bytes:
@@ -394,6 +442,14 @@ def measure_once(configuration: Configuration, shape: Shape, settings: BenchSett
     measurement.peak_memory_bytes = max(measurement.peak_memory_bytes, peak)
     measurement.step_times_ms += times_ms
     measurement.round_medians_ms.append(statistics.median(times_ms))
+    if settings.profile_dir is not None and measurement.profile is None:
+        mode = "compiled" if configuration.compiled else "eager"
+        targets = "none" if configuration.targets == NO_TARGETS else configuration.targets
+        table = settings.profile_dir / f"{mode}_{configuration.method}_{targets}.txt"
+        try:
+            measurement.profile = profile_steps(step, settings, steps=2, table_path=table)
+        except Exception as error:  # noqa: BLE001 - a profiler failure must not cost the timing
+            measurement.profile = {"error": f"{type(error).__name__}: {error}"[:300]}
     if configuration.compiled:
         measurement.graph_break_reasons = graph_breaks_since_reset()
         measurement.graph_breaks = sum(measurement.graph_break_reasons.values())
@@ -425,7 +481,7 @@ def run_rounds(settings: BenchSettings, shape: Shape, plan: list[Configuration],
     # One throwaway run per mode first: the process's one-time costs (lazy library loading, thread pools,
     # allocator growth, the compiler's own modules and caches) would otherwise land on whichever
     # configuration happens to run first.
-    first_of_each_mode = {c.compiled: c for c in reversed(plan)}.values()
+    first_of_each_mode = {c.compiled: c for c in reversed(plan)}.values() if settings.throwaway_run else ()
     for configuration in first_of_each_mode:
         with contextlib.suppress(Exception):
             measure_once(configuration, shape, settings, Measurement(configuration))
@@ -486,6 +542,7 @@ def result_rows(measurements: list[Measurement], settings: BenchSettings) -> lis
             "tokens_per_s": tokens_per_step / (step_ms / 1e3),
             "peak_memory_bytes": m.peak_memory_bytes, "saved_activation_bytes": m.saved_activation_bytes,
             "graph_breaks": m.graph_breaks, "graph_break_reasons": m.graph_break_reasons,
+            "profile": m.profile,
         })
         floor = floors.get(c.compiled)
         if floor is not None:
@@ -633,10 +690,40 @@ def markdown_report(rows: list[dict[str, Any]], meta: dict[str, Any], checks: li
                        if row["graph_breaks"]]
         summary = "; ".join(with_breaks) or f"none in any of the {len(compiled_rows)} compiled configurations"
         lines += ["", f"torch.compile graph breaks: {summary}"]
+    lines += profile_table(rows)
     if checks:
         lines += ["", "| issue target | measured | met |", "|---|---|---|"]
         lines += [f"| {c['target']} | {c['measured']} | {'yes' if c['met'] else 'NO'} |" for c in checks]
     return "\n".join(lines) + "\n"
+
+
+def profile_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Where the time over the floor goes (--profile on CUDA): more device work, or the device waiting."""
+    profiled = [row for row in rows if (row.get("profile") or {}).get("kernels_per_step") is not None]
+    failed = [f"{row['label']} {row['targets']}: {row['profile']['error']}" for row in rows
+              if "error" in (row.get("profile") or {})]
+    if failed:
+        return ["", "Profiler failed: " + "; ".join(failed)]
+    if not profiled:
+        return []
+    floors = {row["compiled"]: row for row in profiled if row["method"] == FLOOR}
+    lines = ["", "| mode | method | targets | kernels / step | device busy ms / step | step − busy ms "
+             "| extra kernels over floor | extra busy ms over floor | extra step ms over floor | top kernel |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for row in profiled:
+        profile, floor = row["profile"], floors.get(row["compiled"])
+        busy, kernels = profile["device_busy_ms_per_step"], profile["kernels_per_step"]
+        extra = ["—", "—", "—"]
+        if floor is not None and row is not floor:
+            floor_profile = floor["profile"]
+            extra = [f"{kernels - floor_profile['kernels_per_step']:+,.0f}",
+                     f"{busy - floor_profile['device_busy_ms_per_step']:+.1f}",
+                     f"{row['step_ms'] - floor['step_ms']:+.1f}"]
+        top = profile["top_kernels"][0] if profile["top_kernels"] else None
+        top_text = f"{top['name'][:48]} ({top['ms_per_step']:.1f} ms)" if top else "—"
+        lines.append(f"| {'compiled' if row['compiled'] else 'eager'} | {row['label']} | {row['targets']} | "
+                     f"{kernels:,.0f} | {busy:.1f} | {row['step_ms'] - busy:.1f} | {' | '.join(extra)} | {top_text} |")
+    return lines
 
 
 # --------------------------------------------------------------------------------------------------
@@ -678,6 +765,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="with --compile: only the compiled runs (to split a long run in two)")
     parser.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--markdown", type=Path, default=None, help="write the markdown table here too")
+    parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                        help="after timing, profile two more steps per configuration (first round only): kernels "
+                             "per step and device-busy time in the report, each profiler table written to DIR")
+    parser.add_argument("--adamw", choices=tuple(ADAMW_IMPLEMENTATIONS), default="default",
+                        help="AdamW implementation: torch's default (foreach on CUDA) or fused")
+    parser.add_argument("--no-throwaway", action="store_true",
+                        help="skip the untimed first configuration of each mode (the warm-up steps still run; saves "
+                             "a compilation per mode when device time is short)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
     args.argv = None if argv is None else list(argv)
@@ -708,7 +803,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         batch_size=args.batch_size or shape.batch_size, seq_len=args.seq_len or shape.seq_len,
         rank=args.rank, lora_alpha=args.lora_alpha, tensor_rank=args.tensor_rank,
         bottleneck_size=args.bottleneck_size, warmup_steps=args.warmup, timed_steps=args.steps,
-        learning_rate=args.lr, seed=args.seed, cpu_clock=args.clock)
+        learning_rate=args.lr, seed=args.seed, cpu_clock=args.clock, profile_dir=args.profile,
+        throwaway_run=not args.no_throwaway, adamw=args.adamw)
     compile_modes = ([] if args.no_eager else [False]) + ([True] if args.compile else [])
     plan = configurations(args.methods, args.targets, compile_modes)
 
@@ -737,7 +833,7 @@ def run_and_report(args: argparse.Namespace, settings: BenchSettings, plan: list
         "batch_size": settings.batch_size, "seq_len": settings.seq_len, "rank": settings.rank,
         "lora_alpha": settings.lora_alpha, "tensor_rank": settings.tensor_rank,
         "bottleneck_size": settings.bottleneck_size, "warmup_steps": settings.warmup_steps,
-        "timed_steps": settings.timed_steps, "rounds": args.rounds, "seed": settings.seed,
+        "timed_steps": settings.timed_steps, "rounds": args.rounds, "seed": settings.seed, "adamw": settings.adamw,
         "step_clock": ("CUDA events" if device.type == "cuda" else
                        "process CPU time" if settings.cpu_clock == "cpu" else "wall clock"),
         "memory_measure": ("torch.cuda.max_memory_allocated over the timed steps (absolute: weights included)"

@@ -42,7 +42,8 @@ def adapted(kind: str):
     return model
 
 
-IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+# Drawn on the CPU (seeded) and moved, so STRUCTLORA_TEST_DEVICE=cuda runs the same ids.
+IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0), device="cpu").to(torch.empty(0).device)
 
 
 def loss_and_grads(model) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

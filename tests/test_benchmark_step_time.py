@@ -81,3 +81,33 @@ def test_step_time_benchmark_runs_every_method_on_a_micro_llama(tmp_path: Path) 
         "CPU micro, eager, qv: our LoRA step <= PEFT LoRA step"]
     table = markdown_path.read_text()
     assert table.count("\n| eager |") == len(step_time.ALL_METHODS)
+
+
+def test_counting_saved_tensors_frees_the_graph_and_the_weights() -> None:
+    """The first CUDA run leaked every configuration's graph and weights through the saved-tensor hook."""
+    import gc
+    import weakref
+
+    step_time = load_step_time()
+    model = micro_llama(step_time)
+    weight = weakref.ref(model.get_input_embeddings().weight)
+    ids = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(0))
+    assert step_time.saved_activation_bytes(model, ids) > 0
+    del model
+    gc.collect()
+    assert weight() is None
+
+
+def test_profile_and_fused_adamw_options(tmp_path: Path) -> None:
+    step_time = load_step_time()
+    report = step_time.main(["--device", "cpu", "--shape", "micro", "--warmup", "1", "--steps", "1",
+                             "--methods", "floor,lora", "--targets", "qv", "--adamw", "fused", "--no-throwaway",
+                             "--profile", str(tmp_path / "prof"), "--quiet"])
+    assert report["meta"]["adamw"] == "fused"
+    rows = {row["method"]: row for row in report["results"]}
+    assert set(rows) == {"floor", "lora"} and all("step_ms" in row for row in rows.values())
+    assert rows["lora"]["profile"]["profiled_steps"] == 2
+    assert rows["lora"]["profile"]["kernels_per_step"] is None  # device kernels are counted on CUDA only
+    tables = sorted(p.name for p in (tmp_path / "prof").iterdir())
+    assert tables == ["eager_floor_none.txt", "eager_lora_qv.txt"]
+    assert "aten::mm" in (tmp_path / "prof" / "eager_lora_qv.txt").read_text()

@@ -19,8 +19,10 @@ def plain(x, weight, bias, a_eff, b, scaling):
 
 @pytest.mark.parametrize("dtype,factor_dtype,tol", [(torch.float32, torch.float32, 1e-5),
                                                     (torch.bfloat16, torch.bfloat16, 3e-2),
-                                                    (torch.bfloat16, torch.float32, 3e-2)],
-                         ids=["fp32", "bf16", "bf16-with-fp32-factors"])
+                                                    (torch.bfloat16, torch.float32, 3e-2),
+                                                    (torch.float16, torch.float16, 5e-3),
+                                                    (torch.float16, torch.float32, 5e-3)],
+                         ids=["fp32", "bf16", "bf16-with-fp32-factors", "fp16", "fp16-with-fp32-factors"])
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("scaling", [1.5, 1.0])
 def test_fused_function_matches_the_formula(dtype, factor_dtype, tol, with_bias, scaling):
@@ -133,7 +135,7 @@ def test_autocast_bf16_over_fp32_weights(fast, monkeypatch):
         monkeypatch.setattr(LowRankLayer, "_fast_path_weight", lambda self, adapter: None)
     x = torch.randn(5, 16)
     reference = layer(x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
         out = layer(x)
     assert out.dtype == torch.bfloat16
     assert torch.allclose(out.float(), reference, atol=3e-2 * float(reference.abs().max()))

@@ -54,9 +54,12 @@ def test_cb_three_way() -> None:
 def test_boolq() -> None:
     example = render_one("BoolQ", {"passage": "Paris is in France.", "question": "is paris in france",
                                    "label": True})
-    assert full_texts(example) == ["Paris is in France. is paris in france?\nNo",
-                                   "Paris is in France. is paris in france?\nYes"]
+    # The authors' BoolQTemplateV3: first letter capitalised, "?" added only when missing.
+    assert full_texts(example) == ["Paris is in France. Is paris in france?\nNo",
+                                   "Paris is in France. Is paris in france?\nYes"]
     assert example.gold == (1,)
+    asked = render_one("BoolQ", {"passage": "P.", "question": "is it?", "label": False})
+    assert full_texts(asked)[0] == "P. Is it?\nNo"
 
 
 def test_wic() -> None:

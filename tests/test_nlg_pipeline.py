@@ -141,7 +141,7 @@ def test_interrupted_generation_resumes_without_duplicates(tiny_gpt2, tokenizer,
 
     model = GPT2LMHeadModel.from_pretrained(tiny_gpt2)
     inputs = [NLGInput(f"name : Place {i} | area : riverside", ("x",)) for i in range(5)]
-    settings = DecodingSettings(beams=2, max_new_tokens=4, batch_size=2)
+    settings = DecodingSettings(beams=2, max_new_tokens=4, batch_size=2, mode="hf")  # patches generate()
     reference_run = tmp_path / "full.txt"
     assert generate_hypotheses(model, tokenizer, inputs, reference_run, settings, progress=False) == 5
     expected = reference_run.read_text().splitlines()

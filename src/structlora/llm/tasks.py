@@ -95,7 +95,9 @@ def render_cb(record: Mapping[str, Any]) -> list[PromptedExample]:
 
 
 def render_boolq(record: Mapping[str, Any]) -> list[PromptedExample]:
-    context = f'{record["passage"]} {record["question"]}?\n'
+    # MeZO/LoRETTA BoolQTemplateV3: "?" only when missing, the question's first letter capitalised.
+    question = record["question"] if record["question"].endswith("?") else record["question"] + "?"
+    context = f'{record["passage"]} {question[:1].upper()}{question[1:]}\n'
     return [_binary(context, record["label"], ("No", "Yes"))]
 
 

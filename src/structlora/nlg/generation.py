@@ -3,26 +3,46 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from .authors_decoding import AuthorsBeamSettings, authors_beam_search, authors_hypothesis, authors_post_process
 from .data import NLGInput, write_e2e_references, write_multi_references
 from .modeling import SEPARATOR, prompt_ids
+
+DECODING_MODES: tuple[str, ...] = ("authors", "hf")
 
 
 @dataclass
 class DecodingSettings:
-    """The LoRA / MTLoRA decoding defaults."""
+    """The LoRA / MTLoRA decoding settings (the MTLoRA README: beam 10, length penalty 0.8, 4-gram
+    blocking, 64 steps). ``mode="authors"`` is their ``gpt2_beam.py`` + ``gpt2_decode.py``
+    (``structlora.nlg.authors_decoding``); ``mode="hf"`` is transformers' ``generate``, whose n-gram
+    blocking also covers the prompt and whose beams stop differently. ``tokenize_lower`` is the decode
+    step's ``--tokenize --lower`` (the authors use it for WebNLG and DART, on outputs and references)."""
 
     beams: int = 10
-    length_penalty: float = 0.9
+    length_penalty: float = 0.8
     no_repeat_ngram_size: int = 4
     repetition_penalty: float = 1.0
     max_new_tokens: int = 64
     batch_size: int = 8
+    mode: str = "authors"
+    tokenize_lower: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in DECODING_MODES:
+            raise ValueError(f"decoding mode {self.mode!r} is not one of {', '.join(DECODING_MODES)}")
+
+
+def stop_tokens(tokenizer) -> tuple[int, ...]:
+    """The authors' stop tokens: end-of-text, and the single token for a blank line where the
+    vocabulary has one (GPT-2: 50256 and 628, the README's ``--eos_token_id 628``)."""
+    blank = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    return (tokenizer.eos_token_id,) + (tuple(blank) if len(blank) == 1 else ())
 
 
 def sidecar_paths(output: str | os.PathLike) -> dict[str, str]:
@@ -38,9 +58,19 @@ def sidecar_paths(output: str | os.PathLike) -> dict[str, str]:
     }
 
 
-def write_reference_files(dataset: str, inputs: Sequence[NLGInput], output: str | os.PathLike) -> dict[str, str]:
-    """Write the sources and the references in the layout the dataset's scorer expects."""
+def write_reference_files(dataset: str, inputs: Sequence[NLGInput], output: str | os.PathLike,
+                          tokenize_lower: bool = False) -> dict[str, str]:
+    """Write the sources and the references in the layout the dataset's scorer expects.
+    ``tokenize_lower``: as ``gpt2_decode.py --tokenize --lower`` for WebNLG/DART: references
+    lower-cased and split around non-word characters, and an input with fewer references gets its
+    first reference again instead of an empty line."""
     paths = sidecar_paths(output)
+    if tokenize_lower and dataset != "e2e":
+        inputs = [replace(x, references=tuple(authors_post_process(r, True, True) for r in x.references))
+                  for x in inputs]
+        count = max((len(x.references) for x in inputs), default=1)
+        inputs = [replace(x, references=x.references + x.references[:1] * (count - len(x.references)))
+                  if x.references else x for x in inputs]
     with open(paths["sources"], "w", encoding="utf-8") as handle:
         handle.writelines(" ".join(x.source.split()) + "\n" for x in inputs)
     written = {"sources": paths["sources"]}
@@ -93,8 +123,7 @@ def generate_hypotheses(model, tokenizer, inputs: Sequence[NLGInput], output: st
         os.remove(output)
     model.eval()
     device = next(model.parameters()).device
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     remaining = list(inputs[done:])
     bar = tqdm(total=len(inputs), initial=done, desc="generate", unit="input", disable=not progress)
     decoded = 0
@@ -104,27 +133,52 @@ def generate_hypotheses(model, tokenizer, inputs: Sequence[NLGInput], output: st
             prompts = [prompt_ids(tokenizer, x.source, separator) for x in batch]
             if max_length is not None:  # keep the end of over-long contexts (the separator must stay)
                 prompts = [p[-max(1, max_length - settings.max_new_tokens):] for p in prompts]
-            width = max(len(p) for p in prompts)
-            # Left padding: every prompt ends where generation starts.
-            input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-            attention = torch.zeros((len(prompts), width), dtype=torch.long)
-            for row, ids in enumerate(prompts):
-                input_ids[row, width - len(ids):] = torch.tensor(ids)
-                attention[row, width - len(ids):] = 1
-            generated = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                num_beams=settings.beams, num_return_sequences=1, do_sample=False,
-                length_penalty=settings.length_penalty, no_repeat_ngram_size=settings.no_repeat_ngram_size,
-                repetition_penalty=settings.repetition_penalty, max_new_tokens=settings.max_new_tokens,
-                early_stopping=True, eos_token_id=eos, pad_token_id=pad,
-            )
-            for row in generated[:, width:].tolist():
-                if eos in row:  # cut at end-of-text
-                    row = row[: row.index(eos)]
-                text = tokenizer.decode(row, skip_special_tokens=True)
-                handle.write(clean_hypothesis(text) + "\n")
+            decode = _authors_batch if settings.mode == "authors" else _hf_batch
+            for text in decode(model, tokenizer, prompts, settings, pad, device):
+                handle.write(text + "\n")
             handle.flush()  # a crash loses at most the batch in flight
             decoded += len(batch)
             bar.update(len(batch))
     bar.close()
     return decoded
+
+
+def _authors_batch(model, tokenizer, prompts: list[list[int]], settings: DecodingSettings, pad: int,
+                   device) -> list[str]:
+    """``gpt2_beam.py`` beams, then ``gpt2_decode.py``'s clean-up (and ``--tokenize --lower``)."""
+    beam = AuthorsBeamSettings(beams=settings.beams, length_penalty=settings.length_penalty,
+                               no_repeat_ngram_size=settings.no_repeat_ngram_size,
+                               repetition_penalty=settings.repetition_penalty, max_steps=settings.max_new_tokens,
+                               stop_tokens=stop_tokens(tokenizer))
+    texts = [authors_hypothesis(tokenizer, row) for row in authors_beam_search(model, prompts, beam, pad)]
+    # One output line per input: a hypothesis with single newlines stays one line, as in their file.
+    return [" ".join(authors_post_process(t, settings.tokenize_lower, settings.tokenize_lower).split("\n"))
+            for t in texts]
+
+
+def _hf_batch(model, tokenizer, prompts: list[list[int]], settings: DecodingSettings, pad: int,
+              device) -> list[str]:
+    """transformers' beam search on left-padded prompts, cut at end-of-text and the first blank line."""
+    eos = tokenizer.eos_token_id
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):  # left padding: every prompt ends where generation starts
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        attention[row, width - len(ids):] = 1
+    generated = model.generate(
+        input_ids=input_ids.to(device), attention_mask=attention.to(device),
+        num_beams=settings.beams, num_return_sequences=1, do_sample=False,
+        length_penalty=settings.length_penalty, no_repeat_ngram_size=settings.no_repeat_ngram_size,
+        repetition_penalty=settings.repetition_penalty, max_new_tokens=settings.max_new_tokens,
+        early_stopping=True, eos_token_id=eos, pad_token_id=pad,
+    )
+    texts = []
+    for row in generated[:, width:].tolist():
+        if eos in row:  # cut at end-of-text
+            row = row[: row.index(eos)]
+        text = tokenizer.decode(row, skip_special_tokens=True)
+        if settings.tokenize_lower:
+            text = authors_post_process(text, True, True)
+        texts.append(clean_hypothesis(text))
+    return texts

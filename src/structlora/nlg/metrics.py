@@ -290,10 +290,104 @@ def coco_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
     return scores, notes
 
 
+# ------------------------------------------------------------- E2E BLEU/NIST, measure_scores.py -p
+_PYMTEVAL_RULES = (  # e2e-metrics metrics/pymteval.py NGramScore.tokenize, in its order
+    (r"<skipped>", ""), (r"-\n", ""), (r"\n", " "), (r"&quot;", '"'), (r"&amp;", "&"), (r"&lt;", "<"),
+    (r"&gt;", ">"),
+)
+_PYMTEVAL_SPLITS = (
+    (r"([\{-\~\[-\` -\&\(-\+\:-\@\/])", r" \1 "),  # punctuation
+    (r"([^0-9])([\.,])", r"\1 \2 "),  # period and comma unless preceded by a digit
+    (r"([\.,])([^0-9])", r" \1 \2"),  # period and comma unless followed by a digit
+    (r"([0-9])(-)", r"\1 \2 "),  # dash after a digit
+)
+
+
+def pymteval_tokenize(text: str) -> list[str]:
+    """pymteval's tokeniser (its own port of mteval's): Unicode lower-casing is applied later, per
+    n-gram, as pymteval does; an empty text is one empty token, as ``"".split(" ")``."""
+    for pattern, replacement in _PYMTEVAL_RULES:
+        text = re.sub(pattern, replacement, text)
+    text = " " + text + " "
+    for pattern, replacement in _PYMTEVAL_SPLITS:
+        text = re.sub(pattern, replacement, text)
+    return re.sub(r"\s+", " ", text).strip().split(" ")
+
+
+def _lower_ngrams(words: Sequence[str], n: int) -> list[tuple[str, ...]]:
+    lowered = [w.lower() for w in words]
+    return [tuple(lowered[i:i + n]) for i in range(len(lowered) - n + 1)]
+
+
+def _clipped_hits(n: int, hyp: Sequence[str], refs: Sequence[Sequence[str]]) -> dict[tuple[str, ...], int]:
+    """Hypothesis n-grams matched, each clipped at its maximum count in any single reference."""
+    most: Counter = Counter()
+    for ref in refs:
+        most |= Counter(_lower_ngrams(ref, n))
+    return {g: min(c, most[g]) for g, c in Counter(_lower_ngrams(hyp, n)).items() if most[g]}
+
+
+def pymteval_bleu_nist(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Corpus BLEU and NIST as e2e-metrics ``measure_scores.py -p`` (``metrics/pymteval.py``), the
+    command the MTLoRA README scores E2E with. It differs from the Perl mteval (:func:`e2e_bleu_nist`)
+    in its NIST: information weights over the given references only (no padding references), the
+    length penalty against the mean of each input's average reference length, and n-gram counts
+    ``len - n + 1`` per sentence even when negative; BLEU adds 1e-15 to zero hit counts."""
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} reference groups")
+    hyps = [pymteval_tokenize(h) for h in hypotheses]
+    refs = [[pymteval_tokenize(r) for r in group] for group in references]
+    # BLEU (4-gram, case-insensitive, closest reference length, ties to the shorter one).
+    hits, cand, ref_len = [0] * 4, [0] * 4, 0
+    for hyp, group in zip(hyps, refs):
+        for n in range(4):
+            hits[n] += sum(_clipped_hits(n + 1, hyp, group).values())
+            cand[n] += len(hyp) - n
+        ref_len += len(min(group, key=lambda r: (abs(len(r) - len(hyp)), len(r))))
+    log_precision = sum(math.log(max(h, 1e-15) / max(c, 1e-9)) for h, c in zip(hits, cand))
+    brevity = math.exp(1.0 - ref_len / (cand[0] if cand[0] else 1e-5)) if cand[0] <= ref_len else 1.0
+    bleu = brevity * math.exp(log_precision / 4)
+    # NIST (5-gram): information from all reference n-gram counts; unigrams over the total reference words.
+    counts: list[Counter] = [Counter() for _ in range(6)]
+    matched: list[list[dict]] = [[] for _ in range(5)]
+    cand_nist, average_ref = [0] * 5, 0.0
+    for hyp, group in zip(hyps, refs):
+        for n in range(5):
+            cand_nist[n] += len(hyp) - n
+            matched[n].append(_clipped_hits(n + 1, hyp, group))
+            for ref in group:
+                counts[n + 1].update(_lower_ngrams(ref, n + 1))
+        words = sum(len(r) for r in group)
+        counts[0][()] += words
+        average_ref += words / len(group)
+
+    def information(ngram: tuple[str, ...]) -> float:
+        if ngram not in counts[len(ngram)]:
+            return 0.0
+        return math.log2(counts[len(ngram) - 1][ngram[:-1]] / counts[len(ngram)][ngram])
+
+    nist = 0.0
+    for n in range(5):
+        gained = sum(information(g) * h for sentence in matched[n] for g, h in sentence.items())
+        nist += gained / cand_nist[n] if cand_nist[n] else 0.0
+    ratio = cand_nist[0] / average_ref if average_ref else 0.0
+    beta = -math.log(0.5) / math.log(1.5) ** 2
+    penalty = 1.0 if ratio >= 1 else 0.0 if ratio <= 0 else math.exp(-beta * math.log(ratio) ** 2)
+    return {"BLEU": bleu, "NIST": penalty * nist}
+
+
+MTEVAL_VARIANTS: tuple[str, ...] = ("python", "perl")
+
+
 def e2e_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
-               use_java: bool = True) -> tuple[dict[str, float | None], list[str]]:
-    """``{"BLEU","NIST","METEOR","ROUGE_L","CIDEr"}`` as the official E2E ``measure_scores.py``."""
-    scores: dict[str, float | None] = dict(e2e_bleu_nist(hypotheses, references))
+               use_java: bool = True, mteval: str = "python") -> tuple[dict[str, float | None], list[str]]:
+    """``{"BLEU","NIST","METEOR","ROUGE_L","CIDEr"}`` as the official E2E ``measure_scores.py``:
+    ``mteval="python"`` as its ``-p`` (pymteval; the MTLoRA README's command), ``"perl"`` as without
+    it (``mteval-v13a-sig.pl``)."""
+    if mteval not in MTEVAL_VARIANTS:
+        raise ValueError(f"mteval {mteval!r} is not one of {', '.join(MTEVAL_VARIANTS)}")
+    bleu_nist = pymteval_bleu_nist if mteval == "python" else e2e_bleu_nist
+    scores: dict[str, float | None] = dict(bleu_nist(hypotheses, references))
     coco, notes = coco_scores(hypotheses, references, use_java=use_java)
     scores.update(coco)
     return {k: scores[k] for k in ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")}, notes

@@ -13,6 +13,9 @@ from typing import Any, Sequence
 import torch
 
 SEPARATOR = " ||"  # between the linearised data and the text, as in the LoRA E2E files ("mr || ref")
+# The authors' layout (gpt2_encode.py --add_bos --add_eos): data, then the end-of-text token, then " " + text.
+EOS_SEPARATOR = "<eos>"
+LAYOUTS: dict[str, str] = {"authors": EOS_SEPARATOR, "separator": SEPARATOR}
 META_FILE = "structlora_nlg.json"  # written beside the adapter: how to rebuild the base model and prompts
 # Short names for models shipped inside pip packages (no hub access needed).
 MODEL_ALIASES: dict[str, tuple[str, str]] = {
@@ -120,7 +123,10 @@ def clear_gguf_quantization_markers(model: Any) -> None:
 
 # ------------------------------------------------------------------------------------------ layout
 def prompt_ids(tokenizer, source: str, separator: str = SEPARATOR) -> list[int]:
-    """Token ids of the context: the linearised data followed by the separator."""
+    """Token ids of the context: the linearised data followed by the separator (``EOS_SEPARATOR``:
+    the end-of-text token id, as the authors' files)."""
+    if separator == EOS_SEPARATOR:
+        return tokenizer(source, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return tokenizer(source + separator, add_special_tokens=False)["input_ids"]
 
 

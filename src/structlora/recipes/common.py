@@ -135,6 +135,14 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     group.add_argument("--warmup-steps", type=int, default=0, help="warm-up steps (wins over --warmup-ratio)")
     group.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     group.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing factor")
+    group.add_argument("--max-grad-norm", type=float, default=1.0,
+                       help="gradient clipping norm (0: no clipping, as the LoRA/MTLoRA GPT-2 runs)")
+    group.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW beta1")
+    group.add_argument("--adam-beta2", type=float, default=0.999, help="AdamW beta2")
+    group.add_argument("--adam-epsilon", type=float, default=1e-8, help="AdamW epsilon")
+    group.add_argument("--checkpoint", choices=("best", "final"), default="best",
+                       help="which weights the run keeps: the best evaluated checkpoint, or the final one "
+                            "(the MTLoRA GPT-2 runs decode their last checkpoint)")
     group.add_argument("--seed", type=int, default=42, help="random seed (model init, data order, dropout)")
     group.add_argument("--eval-every", type=int, default=None,
                        help="evaluate and checkpoint every N steps (default: every epoch)")
@@ -353,6 +361,10 @@ def make_training_arguments(args: argparse.Namespace, **overrides: Any):  # -> t
         lr_scheduler_type=args.lr_scheduler,
         warmup_steps=warmup,
         weight_decay=args.weight_decay,
+        max_grad_norm=getattr(args, "max_grad_norm", 1.0),
+        adam_beta1=getattr(args, "adam_beta1", 0.9),
+        adam_beta2=getattr(args, "adam_beta2", 0.999),
+        adam_epsilon=getattr(args, "adam_epsilon", 1e-8),
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.eval_batch_size or max(args.batch_size, 32),
         gradient_accumulation_steps=args.grad_accum,
@@ -369,7 +381,7 @@ def make_training_arguments(args: argparse.Namespace, **overrides: Any):  # -> t
         logging_steps=logging_steps,
         # Best + latest survive; Trainer never deletes the best one.
         save_total_limit=2,
-        load_best_model_at_end=True,
+        load_best_model_at_end=getattr(args, "checkpoint", "best") == "best",
         # The adapter wrapper's forward is generic (**kwargs): Trainer cannot infer columns or labels.
         label_names=["labels"],
         remove_unused_columns=False,

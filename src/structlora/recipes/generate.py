@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from structlora.nlg.data import DATASETS, SPLITS, load_split
-from structlora.nlg.generation import DecodingSettings, generate_hypotheses, sidecar_paths, write_reference_files
+from structlora.nlg.generation import (DECODING_MODES, DecodingSettings, generate_hypotheses, sidecar_paths,
+                                      write_reference_files)
 from structlora.nlg.modeling import META_FILE, ModelSpec, load_causal_lm, load_tokenizer
 
 
@@ -36,8 +37,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dev-train/dev-heldout split fraction (default: the training run's)")
     parser.add_argument("--heldout-seed", type=int, default=None, help="dev split seed (default: the training run's)")
     parser.add_argument("--limit", type=int, default=None, help="decode only the first N inputs")
+    parser.add_argument("--decoding", choices=DECODING_MODES, default="authors",
+                        help="authors: the LoRA/MTLoRA gpt2_beam.py + gpt2_decode.py (default; n-grams blocked "
+                             "among generated tokens only, stop at end-of-text or a blank line, score/len^lp); "
+                             "hf: transformers' generate()")
+    parser.add_argument("--tokenize-lower", action=argparse.BooleanOptionalAction, default=None,
+                        help="gpt2_decode.py --tokenize --lower on outputs and references "
+                             "(default: on for WebNLG/DART with --decoding authors, as the authors score them)")
     parser.add_argument("--beams", type=int, default=10)
-    parser.add_argument("--length-penalty", type=float, default=0.9)
+    parser.add_argument("--length-penalty", type=float, default=0.8)
     parser.add_argument("--no-repeat-ngram-size", type=int, default=4)
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -104,11 +112,15 @@ def run(args: argparse.Namespace) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     paths = sidecar_paths(args.output)
     _check_resumable(paths["sources"], inputs, args.output, args.restart)
-    written = write_reference_files(dataset, inputs, args.output)
+    tokenize_lower = args.tokenize_lower
+    if tokenize_lower is None:
+        tokenize_lower = args.decoding == "authors" and dataset in ("webnlg", "dart")
+    written = write_reference_files(dataset, inputs, args.output, tokenize_lower=tokenize_lower)
     settings = DecodingSettings(beams=args.beams, length_penalty=args.length_penalty,
                                 no_repeat_ngram_size=args.no_repeat_ngram_size,
                                 repetition_penalty=args.repetition_penalty,
-                                max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+                                max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                mode=args.decoding, tokenize_lower=tokenize_lower)
     decoded = generate_hypotheses(model, tokenizer, inputs, args.output, settings, separator=spec.separator,
                                   resume=not args.restart, progress=not args.no_progress,
                                   max_length=spec.max_length)

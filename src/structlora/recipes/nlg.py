@@ -4,8 +4,9 @@
         --config recipes/nlg/mtlora_gpt2_e2e.yaml --output runs/e2e-mtlora
     structlora train nlg --dataset webnlg --model smollm2-135m --method lora --output runs/webnlg-lora
 
-Layout (as the LoRA / MTLoRA code): linearised data, separator " ||", " " + text, end-of-text; the loss
-covers the text and its end-of-text only, with optional label smoothing. Linear schedule with warm-up.
+Layout (``--layout authors``, the LoRA / MTLoRA files): linearised data, end-of-text, " " + text,
+end-of-text (``--layout separator``: data + " ||" instead of the first end-of-text); the loss covers the
+text and its end-of-text only, with optional label smoothing. Linear schedule with warm-up.
 E2E trains on the train split by default; with only the dev set available use ``--train-split dev-train``
 (dev split by MR; ``dev-heldout`` is then the evaluation part). Writes ``OUTPUT/adapter`` (adapter +
 ``structlora_nlg.json`` for ``structlora generate``), ``results.json`` and ``curves.png``.
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from structlora.nlg.data import DATASETS, SPLITS, load_split, training_pairs
-from structlora.nlg.modeling import (SEPARATOR, CompletionCollator, ModelSpec, completion_loss, encode_example,
+from structlora.nlg.modeling import (LAYOUTS, SEPARATOR, CompletionCollator, ModelSpec, completion_loss, encode_example,
                                      load_causal_lm, load_tokenizer)
 from structlora.recipes import common
 
@@ -45,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--heldout-seed", type=int, default=0, help="seed of the dev split by input")
     group.add_argument("--max-train-examples", type=int, default=None, help="use only the first N pairs")
     group.add_argument("--max-eval-examples", type=int, default=None, help="evaluate on the first N pairs")
+    group.add_argument("--layout", choices=tuple(LAYOUTS), default="authors",
+                       help="authors: data + end-of-text + ' ' + text + end-of-text (their gpt2_encode.py); "
+                            "separator: data + ' ||' + ' ' + text + end-of-text")
     group.add_argument("--enable-lora", default=None,
                        help="fused projections: which parts get an update, e.g. c_attn=True,True,True for "
                             "GPT-2's fused q,k,v (a bare list applies to every target)")
@@ -133,8 +137,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.output:
         raise SystemExit("error: --output DIR is required")
     torch.manual_seed(args.seed)
+    separator = LAYOUTS[args.layout]
     spec = ModelSpec(model=args.model, gguf_file=args.gguf_file, tokenizer=args.tokenizer,
-                     separator=SEPARATOR, max_length=args.max_length)
+                     separator=separator, max_length=args.max_length)
     tokenizer = load_tokenizer(spec)
     eval_split = args.eval_split or ("dev-heldout" if args.train_split == "dev-train" else "dev")
     split_kwargs = dict(heldout_fraction=args.heldout_fraction, heldout_seed=args.heldout_seed,
@@ -147,8 +152,8 @@ def run(args: argparse.Namespace) -> int:
         eval_pairs = eval_pairs[: args.max_eval_examples]
     print(f"{args.dataset}: {len(train_pairs)} training pairs ({args.train_split}), "
           f"{len(eval_pairs)} evaluation pairs ({eval_split})", file=sys.stderr)
-    train_set = encode_pairs(tokenizer, train_pairs, args.max_length)
-    eval_set = encode_pairs(tokenizer, eval_pairs, args.max_length)
+    train_set = encode_pairs(tokenizer, train_pairs, args.max_length, separator)
+    eval_set = encode_pairs(tokenizer, eval_pairs, args.max_length, separator)
 
     model = build_model(args, spec)
     trainable = common.count_trainable_parameters(model)

@@ -4,7 +4,8 @@
     structlora score webnlg --ref-prefix hyps.reference --hyp hyps.txt [--seen-file hyps.seen.txt] --json
     structlora score dart --ref-prefix hyps.reference --hyp hyps.txt --json
 
-E2E prints BLEU, NIST, METEOR, ROUGE_L, CIDEr as e2e-metrics ``measure_scores.py``; WebNLG / DART print
+E2E prints BLEU, NIST, METEOR, ROUGE_L, CIDEr as e2e-metrics ``measure_scores.py -p`` (``--mteval perl``:
+without ``-p``); WebNLG / DART print
 BLEU (multi-bleu-detok.perl, 0-100), METEOR 1.5 and TER as the WebNLG GenerationEval script, and for
 WebNLG also the seen / unseen subsets. Without Java METEOR is reported as null, with a note.
 """
@@ -31,15 +32,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                             "(default: HYP's .seen.txt beside it, when present)")
     parser.add_argument("--json", action="store_true", help="print the scores as one JSON object")
     parser.add_argument("--no-java", action="store_true", help="skip the Java metrics (METEOR) even if Java exists")
+    parser.add_argument("--mteval", choices=metrics.MTEVAL_VARIANTS, default="python",
+                        help="E2E BLEU/NIST: python = measure_scores.py -p (pymteval; the MTLoRA README's "
+                             "command, default), perl = measure_scores.py without -p (mteval-v13a-sig.pl)")
 
 
-def score_e2e(hyp_path: str, ref_path: str, use_java: bool = True) -> dict[str, Any]:
+def score_e2e(hyp_path: str, ref_path: str, use_java: bool = True, mteval: str = "python") -> dict[str, Any]:
     hypotheses = read_lines(hyp_path)
     references = read_e2e_references(ref_path)
     if len(hypotheses) != len(references):
         raise SystemExit(f"error: {hyp_path} has {len(hypotheses)} lines but {ref_path} has "
                          f"{len(references)} reference groups")
-    scores, notes = metrics.e2e_scores(hypotheses, references, use_java=use_java)
+    scores, notes = metrics.e2e_scores(hypotheses, references, use_java=use_java, mteval=mteval)
     result: dict[str, Any] = dict(scores)
     if notes:
         result["notes"] = notes
@@ -87,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dataset == "e2e":
         if not args.ref:
             raise SystemExit("error: score e2e needs --ref")
-        result = score_e2e(args.hyp, args.ref, use_java)
+        result = score_e2e(args.hyp, args.ref, use_java, args.mteval)
     else:
         if not args.ref_prefix:
             raise SystemExit(f"error: score {args.dataset} needs --ref-prefix")

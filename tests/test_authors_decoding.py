@@ -1,0 +1,96 @@
+"""The authors' decoding (structlora.nlg.authors_decoding) against golden beams of their script.
+
+tests/fixtures/authors_beam_e2e.json was produced by running MTLoRA-main's examples/NLG/src/gpt2_beam.py
+``beam()`` (commit 08e89b0) outside this repository, on CPU, on the seeded GPT-2 of
+tests/authors_beam_model.py (real vocabulary); docs/FIDELITY.md says how."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from authors_beam_model import tiny_gpt2_real_vocab
+from shared_paths import GPT2_TOKENIZER
+from structlora.nlg.authors_decoding import (AuthorsBeamSettings, authors_beam_search, authors_post_process,
+                                             banned_ngram_tokens)
+
+FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "authors_beam_e2e.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(1)
+    return tiny_gpt2_real_vocab()
+
+
+@pytest.mark.parametrize("key,length_penalty", [("lp08_batch1", 0.8), ("lp09_batch1", 0.9)])
+def test_beams_equal_the_authors_script_token_for_token(model, key, length_penalty):
+    # All six prompts in one left-padded batch; the authors decoded them one at a time.
+    ours = authors_beam_search(model, FIXTURE["prompts"], AuthorsBeamSettings(length_penalty=length_penalty))
+    assert ours == FIXTURE["predict"][key]
+    assert all(len(row) == 64 for row in ours)
+
+
+def test_the_golden_beams_end_like_the_script(model):
+    rows = FIXTURE["predict"]["lp08_batch1"]
+    # Each best sequence is cut by a stop token (then zeros) or runs the full 64 steps.
+    for row in rows:
+        ends = [i for i, t in enumerate(row) if t in (50256, 628)]
+        assert ends == [] and 0 not in row or all(t == 0 for t in row[ends[0] + 1:])
+
+
+def test_ngram_blocking_sees_generated_tokens_only():
+    history = torch.tensor([[5, 6, 7, 8, 5, 6, 7], [1, 2, 3, 4, 5, 6, 7]])
+    assert banned_ngram_tokens(history, 4, 7) == [[8], []]
+    assert banned_ngram_tokens(history[:, :2], 4, 2) == [[], []]  # fewer than n-1 generated tokens
+
+
+def test_prompt_ngram_is_not_blocked():
+    # A model that always prefers "copy the prompt": HF's no_repeat_ngram_size blocks it, ours does not.
+    class Copy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=True):
+            from transformers import DynamicCache
+            from transformers.modeling_outputs import CausalLMOutputWithPast
+
+            cache = past_key_values if past_key_values is not None else DynamicCache()
+            seen = getattr(cache, "tokens", None)
+            seen = input_ids if seen is None else torch.cat([seen, input_ids], dim=1)
+            cache.tokens = seen
+            cache.reorder_cache = lambda index: setattr(cache, "tokens", cache.tokens[index])
+            logits = torch.full((input_ids.shape[0], 1, 20), -5.0)
+            step = seen.shape[1] - 4  # prompt [1, 2, 3, 4] -> wants 1, 2, 3, 4, then end (19)
+            wanted = [1, 2, 3, 4][step] if step < 4 else 19
+            logits[:, -1, wanted] = 5.0
+            return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
+
+    rows = authors_beam_search(Copy(), [[1, 2, 3, 4]], AuthorsBeamSettings(beams=2, max_steps=8, stop_tokens=(19,)))
+    assert rows[0][:5] == [1, 2, 3, 4, 19]
+
+
+def test_decode_post_processing():
+    assert authors_post_process("The Eagle's café, 5-star.", tokenize=True, lower=True) == \
+        "the eagle ' s café , 5 - star ."
+    assert authors_post_process("A  B", tokenize=False, lower=False) == "A  B"
+
+
+@pytest.mark.skipif(not GPT2_TOKENIZER.exists(), reason="needs the shared GPT-2 tokenizer")
+def test_prompt_layout_is_the_authors(model):
+    from transformers import GPT2TokenizerFast
+
+    from structlora.nlg.authors_decoding import authors_hypothesis
+    from structlora.nlg.generation import stop_tokens
+    from structlora.nlg.modeling import EOS_SEPARATOR, prompt_ids
+
+    tokenizer = GPT2TokenizerFast.from_pretrained(str(GPT2_TOKENIZER))
+    assert [prompt_ids(tokenizer, s, EOS_SEPARATOR) for s in FIXTURE["sources"]] == FIXTURE["prompts"]
+    assert stop_tokens(tokenizer) == (50256, 628)
+    decoded = [authors_hypothesis(tokenizer, row) for row in FIXTURE["predict"]["lp08_batch1"]]
+    expected = [t.split("<|endoftext|>")[0].split("\n\n")[0].strip() for t in FIXTURE["decoded"]["lp08_batch1"]]
+    assert decoded == expected

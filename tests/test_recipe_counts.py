@@ -1,0 +1,86 @@
+"""Each recipe file, built on the meta device (no weights), trains exactly the parameters the authors'
+run (or the paper) trains. Configs are the published architectures' config values."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+
+import structlora
+from structlora.recipes import common, glue, llm, nlg
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def recipe_args(module, path: Path, *argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return common.apply_config_file(parser.parse_args(["--config", str(path), *argv]))
+
+
+def trained_count(model: torch.nn.Module, args: argparse.Namespace, task_type: str, enable_lora=None) -> int:
+    config = common.build_peft_config(args, task_type)
+    if enable_lora is not None:
+        config.enable_lora = enable_lora
+    return common.count_trainable_parameters(structlora.get_peft_model(model, config))
+
+
+def roberta_base(num_labels: int):
+    from transformers import AutoModelForSequenceClassification, RobertaConfig
+
+    config = RobertaConfig(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, num_labels=num_labels)
+    with torch.device("meta"):
+        return AutoModelForSequenceClassification.from_config(config)
+
+
+@pytest.mark.parametrize("structure,expected", [("shim", 1_627_394), ("icfm", 1_627_394),
+                                                ("ctcm", 1_630_466), ("dtsm", 1_630_466)])
+def test_glue_mtlora_roberta_base_count(structure, expected):
+    args = recipe_args(glue, RECIPES / "glue" / "mtlora_roberta_base_sst2.yaml", "--structure", structure)
+    assert trained_count(roberta_base(2), args, "SEQ_CLS") == expected
+
+
+def test_glue_mtlora_adapts_the_ffn_output_but_not_the_attention_output():
+    args = recipe_args(glue, RECIPES / "glue" / "mtlora_roberta_base_rte.yaml")
+    model = structlora.get_peft_model(roberta_base(2), common.build_peft_config(args, "SEQ_CLS"))
+    adapted = {name.split(".layer.0.", 1)[1].split(".adapters.", 1)[0] for name, p in model.named_parameters()
+               if p.requires_grad and ".layer.0." in name}
+    assert adapted == {"attention.self.query", "attention.self.value", "intermediate.dense", "output.dense"}
+
+
+def test_nlg_mtlora_gpt2_medium_count():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    args = recipe_args(nlg, RECIPES / "nlg" / "mtlora_gpt2.yaml", "--dataset", "e2e", "--model", "gpt2-medium")
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(GPT2Config(n_embd=1024, n_layer=24, n_head=16))
+    assert trained_count(model, args, "CAUSAL_LM", nlg._parse_enable_lora(args.enable_lora)) == 1_085_184
+
+
+def llama_2_7b():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=32)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("recipe,expected", [("loretta-adp.yaml", 876_800), ("loretta-rep.yaml", 516_096)])
+def test_llm_loretta_llama_2_7b_counts(recipe, expected):
+    args = recipe_args(llm, RECIPES / "llm" / recipe, "--task", "RTE", "--model", "meta-llama/Llama-2-7b-hf")
+    assert trained_count(llama_2_7b(), args, "CAUSAL_LM") == expected
+
+
+def test_glue_loretta_adp_deberta_base_count():
+    from transformers import AutoModelForSequenceClassification, DebertaConfig
+
+    args = recipe_args(glue, RECIPES / "glue" / "loretta_adp_deberta_base.yaml", "--task", "sst2")
+    config = DebertaConfig(vocab_size=50265, relative_attention=True, max_relative_positions=-1,
+                           position_biased_input=False, pos_att_type=["c2p", "p2c"], num_labels=2)
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config)
+    assert trained_count(model, args, "SEQ_CLS") == 99_194
