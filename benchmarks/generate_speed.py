@@ -106,6 +106,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--tiny", action="store_true", help="a hidden-64 model, for the smoke test")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of timing: torch.profiler's top operations (self CPU time) of one greedy batch-1 "
+                             "generate per configuration")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     settings = step_time.BenchSettings(
@@ -121,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     prompts = {b: torch.randint(3, shape["vocab_size"], (b, args.prompt_len), generator=torch.Generator().manual_seed(b))
                for b in {c.batch for c in cases}}
     tokens_for = {"greedy": args.new_tokens, "beam": args.beam_tokens}
+    if args.profile:
+        return profile(models, prompts[min(prompts)], args.new_tokens)
     # (method, targets, merged) -> case -> per-round seconds
     times: dict[tuple[str, str, bool], dict[Case, list[float]]] = {}
     for case in cases:  # warm-up: one untimed run of everything
@@ -143,6 +148,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         report = summarize(times, cases, tokens_for, shape, args, rounds_done=round_index + 1)
     print(render_markdown(report))
     return report
+
+
+def profile(models: dict[tuple[str, str], nn.Module], prompt: torch.Tensor, new_tokens: int) -> dict[str, Any]:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    tables = {}
+    for (method, targets), model in models.items():
+        generate_once(model, prompt, 4, "greedy")
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            generate_once(model, prompt, new_tokens, "greedy")
+        tables[f"{method} {targets}"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+        print(f"## {method} {targets}\n{tables[f'{method} {targets}']}")
+    return {"profiles": tables}
 
 
 def summarize(times: dict, cases: list[Case], tokens_for: dict[str, int], shape: dict[str, int],

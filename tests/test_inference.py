@@ -33,7 +33,8 @@ CONFIGS = {
     "adp-dense-learned": lambda: LorettaAdpConfig(bottleneck_size=8, tensorized=False, scaling="learned",
                                                   non_linearity="gelu", init="reference"),
 }
-IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+# Drawn on the CPU (seeded) and moved, so STRUCTLORA_TEST_DEVICE=cuda runs the same ids.
+IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0), device="cpu").to(torch.empty(0).device)
 
 
 def adapted(kind: str) -> nn.Module:
