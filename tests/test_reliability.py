@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from structlora import LoraConfig, LorettaAdpConfig, MTLoraConfig, PeftModel, get_peft_model
+from structlora import LoraConfig, LorettaAdpConfig, MTLoraConfig, PeftModel, from_loretta, get_peft_model
 from structlora.adapter_state import AdapterState, AdapterStateError, validate_adapter_name
 from test_core import inputs, outputs, randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
 
@@ -37,7 +37,8 @@ def assert_unchanged(before: dict, model: torch.nn.Module) -> None:
     assert after.get("state") == before.get("state")
     assert after["tensors"].keys() == before["tensors"].keys()
     for key, tensor in before["tensors"].items():
-        assert torch.equal(after["tensors"][key], tensor), f"{key} changed"
+        torch.testing.assert_close(after["tensors"][key], tensor, rtol=0, atol=0, equal_nan=True,
+                                   msg=f"{key} changed")
 
 
 def adapted(seed: int = 3) -> PeftModel:
@@ -236,3 +237,203 @@ def test_state_survives_deepcopy_and_switching():
     clone.set_adapter("b")
     assert model.active_adapter == "default" and clone.active_adapter == "b"
     assert clone.adapter_state is not model.adapter_state
+
+
+# -- merges that cannot corrupt --------------------------------------------------------------------------------
+
+def test_fp16_merge_overflow_is_refused_and_weights_untouched():
+    model = get_peft_model(tiny_bert().half(), LoraConfig(r=4, target_modules=["query", "value"]))
+    randomize_adapters(model)
+    layer = model.base_model.bert.encoder.layer[1].attention.self.value
+    with torch.no_grad():
+        layer.adapters["default"].parameterization.lora_B.mul_(1e6)  # ΔW beyond fp16's 65504 in this layer only
+    before = fingerprint(model)
+    with pytest.raises(ValueError, match=r"merge refused at 'bert\.encoder\.layer\.1\.attention\.self\.value'.*"
+                                         r"not finite in torch\.float16.*no weight was changed"):
+        model.merge_adapter()
+    assert_unchanged(before, model)  # layer 0 (checked and fine) was not written either
+    with pytest.raises(ValueError, match="merge refused"):
+        model.merge_and_unload()
+    assert_unchanged(before, model)
+
+
+def test_nan_adapter_is_never_merged():
+    model = adapted()
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
+    before = fingerprint(model)
+    with pytest.raises(ValueError, match="ΔW of adapter 'default' is not finite"):
+        model.merge_adapter()
+    assert_unchanged(before, model)
+
+
+@pytest.mark.parametrize("make,error,message", [
+    (lambda: LoraConfig(lora_alpha=float("nan")), ValueError, "lora_alpha must be finite, got nan"),
+    (lambda: LoraConfig(lora_alpha=float("inf")), ValueError, "lora_alpha must be finite"),
+    (lambda: LoraConfig(lora_alpha=-1), ValueError, r"lora_alpha must be in \(0, inf\), got -1"),
+    (lambda: LoraConfig(lora_alpha=0), ValueError, r"lora_alpha must be in \(0, inf\)"),
+    (lambda: LoraConfig(lora_alpha="16"), TypeError, "lora_alpha must be a number, got str"),
+    (lambda: LoraConfig(lora_dropout=float("nan")), ValueError, "lora_dropout must be finite"),
+    (lambda: LoraConfig(lora_dropout=-0.1), ValueError, r"lora_dropout must be in \[0, 1\)"),
+    (lambda: LoraConfig(lora_dropout=True), TypeError, "lora_dropout must be a number, got bool"),
+    (lambda: LorettaAdpConfig(scaling=float("nan")), ValueError, "scaling must be finite"),
+    (lambda: LorettaAdpConfig(scaling=-2.0), ValueError, r"scaling must be in \(0, inf\)"),
+    (lambda: LorettaAdpConfig(scaling="big"), ValueError, "scaling must be a number or 'learned'"),
+    (lambda: LorettaAdpConfig(adapter_dropout=float("inf")), ValueError, "adapter_dropout must be finite"),
+    (lambda: LorettaAdpConfig(use_parallel_adapter="yes"), TypeError, "use_parallel_adapter must be true or false"),
+    (lambda: LoraConfig(r=4.0), ValueError, "r must be a positive integer, got 4.0"),
+    (lambda: LoraConfig(r=True), ValueError, "r must be a positive integer, got True"),
+    (lambda: LoraConfig(target_modules=[]), TypeError, "target_modules must be a non-empty list"),
+    (lambda: LoraConfig(target_modules=["q", 3]), TypeError, "target_modules entries must be non-empty strings"),
+    (lambda: LoraConfig(target_modules="(unclosed"), ValueError, "target_modules '\\(unclosed' is not a valid regular"),
+    (lambda: LoraConfig(target_modules=5), TypeError, "target_modules must be a non-empty list"),
+    (lambda: LoraConfig(modules_to_save="classifier"), TypeError, "modules_to_save must be a list of module names"),
+    (lambda: LoraConfig(enable_lora=[1, 0, 1]), TypeError, "enable_lora must be a non-empty list of true/false"),
+    (lambda: LoraConfig(enable_lora={"c_attn": "yes"}), TypeError, r"enable_lora\['c_attn'\] must be"),
+    (lambda: LoraConfig(enable_lora={}), TypeError, "enable_lora must not be an empty dict"),
+    (lambda: LoraConfig(fan_in_fan_out="no"), TypeError, "fan_in_fan_out must be true or false"),
+    (lambda: LoraConfig(train_norms=1), TypeError, "train_norms must be true or false"),
+    (lambda: LoraConfig(bias=None), ValueError, "unknown bias None"),
+    (lambda: LoraConfig(task_type=3), TypeError, "task_type must be one of"),
+    (lambda: MTLoraConfig(structure=["shim"]), ValueError, "unknown structure"),
+])
+def test_config_fields_are_validated_by_name(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
+
+
+# -- config checked against the model -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("config,message", [
+    (lambda: LoraConfig(r=2, target_modules=["c_attn"], enable_lora={"c_atn": [True, False, True]}),
+     "enable_lora key 'c_atn' matches none of the target modules"),
+    (lambda: LoraConfig(r=2, target_modules=["c_attn"], enable_lora=[True, False, True, True]),
+     r"enable_lora gives 4 slices for 'transformer\.h\.0\.attn\.c_attn', which is a fused projection of 3"),
+    (lambda: LoraConfig(r=2, target_modules=["c_attn", "c_proj"], enable_lora=[True, True]),
+     "gives 2 slices for 'transformer.h.0.attn.c_attn'"),
+    (lambda: LoraConfig(r=2, target_modules=["ln_1"]), r"matches 2 module\(s\) that lora cannot adapt: "
+                                                       r"transformer\.h\.0\.ln_1 \(LayerNorm\)"),
+    (lambda: LoraConfig(r=2, target_modules=["c_attn", "ln_f"]), "cannot adapt: transformer.ln_f"),
+    (lambda: LorettaAdpConfig(bottleneck_size=4, tensor_rank=2, target_modules=["wte", "c_fc"]),
+     r"loretta_adp cannot adapt: transformer\.wte \(Embedding\)"),
+    (lambda: LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=False),
+     "fan_in_fan_out=False does not fit 'transformer.h.0.attn.c_attn', a conv1d layer"),
+])
+def test_config_that_does_not_fit_the_model_is_refused(config, message):
+    base = tiny_gpt2()
+    before = fingerprint(base)
+    with pytest.raises(ValueError, match=message):
+        get_peft_model(base, config())
+    assert_unchanged(before, base)
+
+
+def test_fan_in_fan_out_on_linear_is_refused():
+    with pytest.raises(ValueError, match="fan_in_fan_out=True does not fit .*a linear layer"):
+        get_peft_model(tiny_bert(), LoraConfig(r=2, target_modules=["query"], fan_in_fan_out=True))
+
+
+# -- loaders that verify ---------------------------------------------------------------------------------------
+
+def _saved(tmp_path, config=None, build=tiny_bert):
+    model = get_peft_model(build(), config or LoraConfig(r=4, target_modules=["query", "value"]))
+    randomize_adapters(model)
+    model.save_pretrained(tmp_path)
+    return model
+
+
+def _rewrite_weights(folder, change):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    path = str(folder / "adapter_model.safetensors")
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata=metadata)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda t: t.pop(sorted(t)[0]), "lacks 1 adapter weights"),
+    (lambda t: t.__setitem__(sorted(t)[0], torch.full_like(t[sorted(t)[0]], float("nan"))), "non-finite value"),
+    (lambda t: t.__setitem__(sorted(t)[0], torch.full_like(t[sorted(t)[0]], float("inf"))), "non-finite value"),
+    (lambda t: t.__setitem__(sorted(t)[0], torch.ones_like(t[sorted(t)[0]], dtype=torch.int64)), "has dtype torch.int64"),
+    (lambda t: t.__setitem__(sorted(t)[0], torch.zeros(3, 3)), "shape mismatch"),
+    (lambda t: t.__setitem__("bert.pooler.dense.weight", torch.zeros(3)), "does not have"),
+])
+def test_corrupt_adapter_folders_are_refused(tmp_path, change, message):
+    _saved(tmp_path)
+    _rewrite_weights(tmp_path, change)
+    base = tiny_bert()
+    before = fingerprint(base)
+    with pytest.raises(ValueError, match=message):
+        PeftModel.from_pretrained(base, str(tmp_path))
+    assert_unchanged(before, base)
+
+
+def test_fp16_overflow_on_load_is_refused(tmp_path):
+    _saved(tmp_path)
+    _rewrite_weights(tmp_path, lambda t: t.__setitem__(sorted(t)[0], t[sorted(t)[0]] * 1e36))
+    model = get_peft_model(tiny_bert(), LoraConfig(r=4, target_modules=["query", "value"]))
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.half()  # fp16 adapters: the file's 3e35 is inf there
+    before = fingerprint(model)
+    with pytest.raises(ValueError, match="non-finite value.*in torch.float16"):
+        model.load_adapter_weights(str(tmp_path))
+    assert_unchanged(before, model)
+
+
+def test_config_that_no_longer_matches_the_weights_is_refused(tmp_path):
+    """ctcm and dtsm have the same tensors; the metadata saved beside them tells them apart."""
+    import json
+    _saved(tmp_path, MTLoraConfig(r=4, structure="ctcm", target_modules=["query"]))
+    config_path = tmp_path / "adapter_config.json"
+    data = json.loads(config_path.read_text())
+    data["structure"] = "dtsm"
+    config_path.write_text(json.dumps(data))
+    base = tiny_bert()
+    before = fingerprint(base)
+    with pytest.raises(ValueError, match="structure: weights saved with 'ctcm', config has 'dtsm'"):
+        PeftModel.from_pretrained(base, str(tmp_path))
+    assert_unchanged(before, base)
+    data["structure"], data["lora_alpha"] = "ctcm", 99
+    config_path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="lora_alpha: weights saved with 8, config has 99"):
+        PeftModel.from_pretrained(tiny_bert(), str(tmp_path))
+
+
+def test_loretta_folder_with_empty_or_partial_weights_is_refused(tmp_path):
+    import json
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "tensor_rank": 2, "target_modules": ["query"],
+         "task_type": "CAUSAL_LM"}))
+    torch.save({}, tmp_path / "adapter_model.bin")
+    base = tiny_bert()
+    before = fingerprint(base)
+    with pytest.raises(ValueError, match=r"adapter_model\.bin' holds no tensors"):
+        from_loretta(base, str(tmp_path))
+    torch.save({"base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.layer.tensor.factors.0":
+                torch.zeros(1, 4, 2)}, tmp_path / "adapter_model.bin")
+    with pytest.raises(ValueError, match=r"adapter_model\.bin' lacks \d+ adapter tensor"):
+        from_loretta(base, str(tmp_path))
+    torch.save({"base_model.model.bert.whatever": torch.zeros(2)}, tmp_path / "adapter_model.bin")
+    with pytest.raises(ValueError, match=r"adapter_model\.bin': unrecognised key 'base_model\.model\.bert\.whatever'"):
+        from_loretta(base, str(tmp_path))
+    assert_unchanged(before, base)
+
+
+def test_trained_norm_copies_are_fp32_masters_on_a_bf16_base():
+    from structlora import LorettaRepConfig
+    base = tiny_llama().to(torch.bfloat16)
+    reference = outputs(copy.deepcopy(base), "logits")
+    model = get_peft_model(base, LorettaRepConfig(r=4, tensor_rank=2))
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert any("norm" in n for n in trainable)
+    assert all(p.dtype == torch.float32 for p in trainable.values())
+    logits = outputs(model, "logits")
+    assert logits.dtype == torch.bfloat16 and torch.equal(logits, reference)  # same function at init
+    norms = {n: p.detach().clone() for n, p in trainable.items() if "norm" in n}
+    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-4, weight_decay=0.0)
+    model(**inputs()).logits.float().pow(2).mean().backward()
+    optimizer.step()
+    assert all(not torch.equal(trainable[n].detach(), before) for n, before in norms.items())

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -29,8 +31,54 @@ def _require_positive(name: str, value: Any) -> None:
 
 
 def _require_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         raise ValueError(f"unknown {name} {value!r}; valid values: {', '.join(choices)}")
+
+
+def _require_number(name: str, value: Any, low: float, high: float = math.inf, low_inclusive: bool = False,
+                    high_inclusive: bool = False) -> float:
+    """A finite real number in the range, or an error naming the field (bools and strings are not numbers)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    above = value >= low if low_inclusive else value > low
+    below = value <= high if high_inclusive else value < high
+    if not (above and below):
+        interval = f"{'[' if low_inclusive else '('}{low:g}, {high:g}{']' if high_inclusive else ')'}"
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+    return float(value)
+
+
+def _require_bool(name: str, value: Any, allow_none: bool = False) -> None:
+    if not (isinstance(value, bool) or (allow_none and value is None)):
+        raise TypeError(f"{name} must be true or false{' (or None)' if allow_none else ''}, got {value!r}")
+
+
+def _require_names(name: str, value: Any, allow_regex: bool) -> None:
+    """None, a non-empty list of non-empty strings, or (target_modules) one regex that compiles."""
+    if value is None:
+        return
+    if isinstance(value, str):
+        if not allow_regex:
+            raise TypeError(f"{name} must be a list of module names, got the string {value!r}")
+        try:
+            re.compile(value)
+        except re.error as error:
+            raise ValueError(f"{name} {value!r} is not a valid regular expression: {error}") from error
+        return
+    if not isinstance(value, list) or not value:
+        raise TypeError(f"{name} must be a non-empty list of module names{' or a regex string' if allow_regex else ''}"
+                        f", got {value!r}")
+    for entry in value:
+        if not isinstance(entry, str) or not entry:
+            raise TypeError(f"{name} entries must be non-empty strings, got {entry!r}")
+
+
+def _require_slices(name: str, value: Any) -> None:
+    if not isinstance(value, list) or not value or not all(isinstance(v, bool) for v in value):
+        raise TypeError(f"{name} must be a non-empty list of true/false per slice (e.g. [true, false, true]), "
+                        f"got {value!r}")
 
 
 @dataclass
@@ -53,9 +101,18 @@ class AdapterConfig:
         if isinstance(self.task_type, str) and not isinstance(self.task_type, TaskType):
             _require_choice("task_type", self.task_type, tuple(t.value for t in TaskType))
             self.task_type = TaskType(self.task_type)
+        elif self.task_type is not None and not isinstance(self.task_type, TaskType):
+            raise TypeError(f"task_type must be one of {', '.join(t.value for t in TaskType)} or None, "
+                            f"got {self.task_type!r}")
         if isinstance(self.target_modules, (tuple, set)):
             self.target_modules = sorted(self.target_modules) if isinstance(self.target_modules, set) else list(
                 self.target_modules)
+        if isinstance(self.modules_to_save, tuple):
+            self.modules_to_save = list(self.modules_to_save)
+        _require_names("target_modules", self.target_modules, allow_regex=True)
+        _require_names("modules_to_save", self.modules_to_save, allow_regex=False)
+        _require_bool("train_norms", self.train_norms)
+        _require_bool("inference_mode", self.inference_mode)
 
     # -- serialisation -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -112,10 +169,22 @@ class LoraConfig(AdapterConfig):
         super().__post_init__()
         self.method = "lora"
         _require_positive("r", self.r)
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        _require_number("lora_dropout", self.lora_dropout, 0.0, 1.0, low_inclusive=True)
         if self.lora_alpha is None:
             self.lora_alpha = self.r
+        _require_number("lora_alpha", self.lora_alpha, 0.0)
+        if isinstance(self.enable_lora, tuple):
+            self.enable_lora = list(self.enable_lora)
+        if isinstance(self.enable_lora, dict):
+            if not self.enable_lora:
+                raise TypeError("enable_lora must not be an empty dict (use None for unfused projections)")
+            for key, slices in self.enable_lora.items():
+                if not isinstance(key, str) or not key:
+                    raise TypeError(f"enable_lora keys must be module names, got {key!r}")
+                _require_slices(f"enable_lora[{key!r}]", list(slices) if isinstance(slices, tuple) else slices)
+        elif self.enable_lora is not None:
+            _require_slices("enable_lora", self.enable_lora)
+        _require_bool("fan_in_fan_out", self.fan_in_fan_out, allow_none=True)
 
     @property
     def scaling(self) -> float:
@@ -160,6 +229,7 @@ class LorettaRepConfig(LoraConfig):
         self.method = "loretta_rep"
         _require_positive("tensor_rank", self.tensor_rank)
         _require_choice("init", self.init, ("default", "reference"))
+        _require_bool("tensorize_classifier", self.tensorize_classifier)
 
 
 NON_LINEARITIES = ("relu", "gelu", "gelu_new", "tanh", "silu", "swish", "sigmoid", "leaky_relu", "linear",
@@ -194,10 +264,13 @@ class LorettaAdpConfig(AdapterConfig):
         _require_positive("tensor_rank", self.tensor_rank)
         _require_choice("non_linearity", self.non_linearity, NON_LINEARITIES)
         _require_choice("init", self.init, ("default", "reference"))
-        if not (self.scaling == "learned" or isinstance(self.scaling, (int, float))):
-            raise ValueError(f"scaling must be a number or 'learned', got {self.scaling!r}")
-        if not 0.0 <= float(self.adapter_dropout) < 1.0:
-            raise ValueError(f"adapter_dropout must be in [0, 1), got {self.adapter_dropout!r}")
+        if self.scaling != "learned":
+            if isinstance(self.scaling, str):
+                raise ValueError(f"scaling must be a number or 'learned', got {self.scaling!r}")
+            _require_number("scaling", self.scaling, 0.0)
+        _require_number("adapter_dropout", self.adapter_dropout, 0.0, 1.0, low_inclusive=True)
+        for flag in ("use_parallel_adapter", "tensorized", "tensorize_classifier", "use_adapterp"):
+            _require_bool(flag, getattr(self, flag))
 
 
 CONFIG_CLASSES: dict[str, type[AdapterConfig]] = {

@@ -76,7 +76,8 @@ def run_method(method: str, args: argparse.Namespace, model: str, data_dir: str 
     argv = ["train", "glue", "--task", "sst2", "--model", model, "--method", method,
             "--structure", args.structure, "--output", str(output), "--epochs", str(epochs),
             "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-            "--lr", str(args.lr or DEFAULT_LR[method]), "--warmup-ratio", "0.06", "--seed", str(args.seed)]
+            "--lr", str(args.lr or DEFAULT_LR[method]), "--warmup-ratio", "0.06", "--seed", str(args.seed),
+            "--overwrite"]  # the demo regenerates its own runs
     if method != "full":
         argv += ["--modules-to-save", HEAD_MODULES]
     if not args.full:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from typing import Any
@@ -14,7 +15,10 @@ from torch import nn
 from .config import LorettaAdpConfig, LorettaRepConfig, TaskType
 from .layers import LowRankLayer, TrainableCopy
 from .model import PeftModel, _is_internal
+from .targets import is_norm_module
 from .tensor_train import TTLinear
+
+logger = logging.getLogger("structlora")
 
 
 def _materialize(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -119,21 +123,33 @@ _LORETTA_KEY_RULES = [
 ]
 
 
-def _read_loretta_weights(directory: str) -> dict[str, torch.Tensor]:
+def _read_loretta_weights(directory: str) -> tuple[str, dict[str, torch.Tensor]]:
+    """(path of the weights file, its tensors): a non-empty dict of string keys to tensors, or an error."""
     safe_path = os.path.join(directory, "adapter_model.safetensors")
     bin_path = os.path.join(directory, "adapter_model.bin")
     if os.path.isfile(safe_path):
-        return load_file(safe_path)
-    if not os.path.isfile(bin_path):
+        path = safe_path
+        try:
+            state = load_file(safe_path)
+        except Exception as error:  # safetensors raises its own error type for a corrupt header
+            raise ValueError(f"corrupt loretta weights file {safe_path!r}: {error}") from error
+    elif not os.path.isfile(bin_path):
         raise FileNotFoundError(f"no adapter_model.bin or adapter_model.safetensors in {directory!r}")
-    try:
-        # The one non-safetensors read we allow: plain tensors only, never arbitrary objects.
-        state = torch.load(bin_path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for a corrupt or non-tensor file
-        raise ValueError(f"corrupt or unsafe loretta weights file {bin_path!r}: {error}") from error
+    else:
+        path = bin_path
+        try:
+            # The one non-safetensors read we allow: plain tensors only, never arbitrary objects.
+            state = torch.load(bin_path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises several types for a corrupt or non-tensor file
+            raise ValueError(f"corrupt or unsafe loretta weights file {bin_path!r}: {error}") from error
     if not isinstance(state, dict):
-        raise ValueError(f"{bin_path!r} does not hold a state dict")
-    return state
+        raise ValueError(f"{path!r} does not hold a state dict")
+    if not state:
+        raise ValueError(f"{path!r} holds no tensors: an empty save, not a trained adapter")
+    for key, tensor in state.items():
+        if not isinstance(key, str) or not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{path!r}: entry {key!r} is not a named tensor")
+    return path, state
 
 
 def _loretta_config(data: dict[str, Any]) -> LorettaRepConfig | LorettaAdpConfig:
@@ -167,27 +183,45 @@ def from_loretta(model: nn.Module, directory: str, adapter_name: str = "default"
             data = json.load(handle)
     except json.JSONDecodeError as error:
         raise ValueError(f"corrupt loretta config {config_path!r}: {error}") from error
-    config = _loretta_config(data)
+    if not isinstance(data, dict):
+        raise ValueError(f"corrupt loretta config {config_path!r}: expected a JSON object")
+    try:
+        config = _loretta_config(data)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"loretta config {config_path!r}: {error!s}") from error
     config.inference_mode = not is_trainable
-    peft_model = PeftModel(model, config, adapter_name)
+    path, tensors = _read_loretta_weights(directory)  # read and checked before the model is touched
+    return PeftModel.wrap_and_fill(model, config, adapter_name,
+                                   lambda peft_model: _fill_from_loretta(peft_model, adapter_name, path, tensors))
+
+
+def _fill_from_loretta(peft_model: PeftModel, adapter_name: str, path: str, tensors: dict[str, torch.Tensor]) -> None:
     expected = peft_model.adapter_state_dict(adapter_name)
     converted: dict[str, torch.Tensor] = {}
-    for key, tensor in _read_loretta_weights(directory).items():
+    for key, tensor in tensors.items():
         short = key.removeprefix("base_model.model.")
         for pattern, replacement in _LORETTA_KEY_RULES:
             if pattern.match(short):
-                converted[_route(pattern.sub(replacement, short), expected)] = tensor
+                target = pattern.sub(replacement, short)
+                if target not in expected:
+                    raise ValueError(f"{path!r}: key {key!r} (as {target!r}) has no place in this model's adapter "
+                                     f"(an adapter for another base model or config?)")
+                converted[target] = tensor
                 break
         else:
-            raise ValueError(f"unrecognised key {key!r} in the loretta weights of {directory!r}")
-    # The reference never saves trained norms: keep the base model's (what `loretta` reloads too).
-    for key in expected:
-        converted.setdefault(key, expected[key].clone())
-    peft_model.set_adapter_state_dict(converted, adapter_name, source=directory)
-    return peft_model
-
-
-def _route(key: str, expected: dict[str, torch.Tensor]) -> str:
-    if key not in expected:
-        raise ValueError(f"loretta weight {key!r} has no place in this model's adapter (another base model?)")
-    return key
+            raise ValueError(f"{path!r}: unrecognised key {key!r} for a loretta adapter")
+    # The reference never saves trained norms: keep the base model's (what `loretta` reloads too). Nothing
+    # else may be missing: a missing adapter tensor would silently stay at its random initial value.
+    norm_prefixes = tuple(f"{name}." for name, module in peft_model.base_model.named_modules()
+                          if isinstance(module, TrainableCopy) and is_norm_module(module.original))
+    missing = [key for key in expected if key not in converted]
+    absent = [key for key in missing if not key.startswith(norm_prefixes)]
+    if absent:
+        raise ValueError(f"{path!r} lacks {len(absent)} adapter tensor(s) this config implies, e.g. "
+                         f"{', '.join(absent[:3])} (in loretta's naming: base_model.model.<module>...)")
+    if missing:
+        logger.warning("from_loretta: %d trained-norm tensor(s) are not in %s (loretta never saves them); "
+                       "the base model's norms are used, as when loretta reloads the folder", len(missing), path)
+    for key in missing:
+        converted[key] = expected[key].clone()
+    peft_model.set_adapter_state_dict(converted, adapter_name, source=path)

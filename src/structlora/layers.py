@@ -358,10 +358,17 @@ class TrainableCopy(nn.Module, AdapterLayerMixin):
         super().__init__()
         self.original = original
         self.adapters = nn.ModuleDict()
+        # Copies of a low-precision (fp16/bf16) module train fp32 masters and compute in this dtype: in bf16 an
+        # AdamW update of 1e-4 rounds away and the copy would never change.
+        self.compute_dtypes: dict[str, torch.dtype] = {}
 
     def add_copy(self, name: str, module: nn.Module | None = None) -> nn.Module:
         if module is None:  # a lean norm when it computes the same function, else an exact copy
             module = lean_norm_copy(self.original) or copy.deepcopy(self.original)
+        low = [p.dtype for p in module.parameters() if p.dtype in (torch.float16, torch.bfloat16)]
+        if low:
+            self.compute_dtypes[name] = low[0]
+            module.float()
         self.adapters[name] = module
         for parameter in self.adapters[name].parameters():
             parameter.requires_grad_(True)
@@ -372,7 +379,13 @@ class TrainableCopy(nn.Module, AdapterLayerMixin):
         return self.original if name is None else self.adapters[name]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.current()(*args, **kwargs)
+        name = self._active()
+        dtype = None if name is None else self.compute_dtypes.get(name)
+        if dtype is None:
+            return self.current()(*args, **kwargs)
+        module = self.adapters[name]
+        cast = {key: value.to(dtype) for key, value in module.named_parameters()}
+        return torch.func.functional_call(module, cast, args, kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:

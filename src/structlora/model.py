@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import os
 import types
-from typing import Any, Iterator, Union
+from typing import Any, Callable, Iterator, Union
 
 import torch
 from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -17,12 +19,20 @@ from .adapter_state import AdapterState, AdapterStateError, ModuleSnapshot
 from .bank import bank
 from .inference import clear_factor_caches
 from .config import (AdapterConfig, LoraConfig, LorettaAdpConfig, LorettaRepConfig, TaskType)
-from .layers import AdapterLayerMixin, BottleneckLayer, LowRankLayer, TrainableCopy, layer_kind
-from .targets import (BOTTLENECK_PLACEMENT, CLASSIFIER_HEAD_NAMES, default_targets, is_norm_module,
-                      module_matches, unknown_target_error)
+from .layers import AdapterLayerMixin, BottleneckLayer, LowRankLayer, TrainableCopy, base_shape, layer_kind
+from .targets import (BOTTLENECK_PLACEMENT, CLASSIFIER_HEAD_NAMES, FUSED_PROJECTIONS, default_targets,
+                      is_norm_module, module_matches, unknown_target_error)
 from .tensor_train import TTLinear, classifier_tt_shape
 
 WEIGHTS_NAME = "adapter_model.safetensors"
+# The adapter's structure, stored in the safetensors metadata so that an adapter_config.json edited (or
+# swapped) after saving is caught: e.g. `dtsm` and `ctcm` have the same tensors but compute different things.
+CONFIG_METADATA_KEY = "structlora_config"
+_UNCHECKED_CONFIG_FIELDS = ("inference_mode", "base_model_name_or_path", "init", "init_weights", "merge_weights")
+
+
+def _structure_fields(config: AdapterConfig) -> dict[str, Any]:
+    return {k: v for k, v in config.to_dict().items() if k not in _UNCHECKED_CONFIG_FIELDS}
 _INTERNAL_SEGMENTS = ("base_layer", "original", "adapters")
 
 
@@ -174,6 +184,7 @@ class PeftModel(nn.Module):
         targets = config.target_modules
         if targets is None:
             targets = default_targets(model_type, config.method, getattr(config, "use_parallel_adapter", False))
+        self._check_targets(config, targets, model_type)
         with self._transaction():
             if isinstance(config, LorettaAdpConfig):
                 injected = self._inject_bottleneck(adapter_name, config, targets, model_type)
@@ -191,6 +202,52 @@ class PeftModel(nn.Module):
         config.base_model_type = model_type or None
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(self.base_model, "name_or_path", None) or None
+
+    def _check_targets(self, config: AdapterConfig, targets: Union[list[str], str], model_type: str) -> None:
+        """Refuse, before anything is injected, targets the method cannot adapt and per-layer options
+        (enable_lora, fan_in_fan_out) that do not fit the layers they would apply to."""
+        bottleneck = isinstance(config, LorettaAdpConfig)
+        kinds = ("linear", "conv1d") if bottleneck else ("linear", "conv1d", "embedding")
+        candidates = []
+        unadaptable = []
+        for name, module in self._candidates(targets):
+            inner = module.base_layer if isinstance(module, (LowRankLayer, BottleneckLayer)) else module
+            kind = layer_kind(inner)
+            if kind in kinds:
+                candidates.append((name, kind))
+            else:
+                unadaptable.append(f"{name} ({type(inner).__name__})")
+        if unadaptable:
+            raise ValueError(
+                f"target_modules {targets!r} matches {len(unadaptable)} module(s) that {config.method} cannot adapt: "
+                f"{', '.join(unadaptable[:5])}{' …' if len(unadaptable) > 5 else ''}. It adapts "
+                f"{', '.join(kinds)} layers only: narrow target_modules to those")
+        if bottleneck or not candidates:
+            return
+        enable = config.enable_lora
+        if isinstance(enable, dict):
+            for key in enable:
+                if not any(name == key or name.endswith("." + key) for name, _ in candidates):
+                    leaves = sorted({name.rsplit(".", 1)[-1] for name, _ in candidates})
+                    raise ValueError(f"enable_lora key {key!r} matches none of the target modules "
+                                     f"(targets: {', '.join(leaves)}); a key must name a targeted fused projection")
+        fused = FUSED_PROJECTIONS.get(model_type)
+        for name, kind in candidates:
+            slices = self._enabled_slices(config, name)
+            if slices is not None and fused is not None:
+                expected = fused.get(name.rsplit(".", 1)[-1], 1)
+                out_features = base_shape(self.base_model.get_submodule(name))[1] if kind != "embedding" else None
+                divides = out_features is None or out_features % len(slices) == 0
+                if len(slices) != expected and divides:  # a count that does not divide is reported by the layer
+                    what = f"a fused projection of {expected} slices" if expected > 1 else "not a fused projection"
+                    raise ValueError(f"enable_lora gives {len(slices)} slices for {name!r}, which is {what} in a "
+                                     f"{model_type} model; give exactly {expected} entr{'ies' if expected > 1 else 'y'}"
+                                     f"{'' if expected > 1 else ' or leave enable_lora unset for it'}")
+            if config.fan_in_fan_out is not None and config.fan_in_fan_out != (kind == "conv1d"):
+                raise ValueError(
+                    f"fan_in_fan_out={config.fan_in_fan_out} does not fit {name!r}, a {kind} layer (stored "
+                    f"{'in x out' if kind == 'conv1d' else 'out x in'}); structlora detects the layout itself: "
+                    f"leave fan_in_fan_out unset")
 
     def _candidates(self, targets: Union[list[str], str]) -> list[tuple[str, nn.Module]]:
         return [(n, m) for n, m in self.base_model.named_modules()
@@ -431,12 +488,18 @@ class PeftModel(nn.Module):
             tensors = {k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict(adapter_name).items()}
             if not tensors:
                 raise ValueError(f"save_pretrained: adapter {adapter_name!r} has no weights to save")
+            bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+            if bad:
+                raise ValueError(f"save_pretrained: adapter {adapter_name!r} has non-finite values (NaN/inf) in "
+                                 f"{len(bad)} tensor(s), e.g. {bad[0]}; refusing to save a diverged adapter")
             states[adapter_name] = tensors
         for adapter_name, tensors in states.items():
             directory = save_directory if adapter_name == "default" else os.path.join(save_directory, adapter_name)
             os.makedirs(directory, exist_ok=True)
             self.peft_config[adapter_name].save_pretrained(directory)
-            save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+            metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(
+                _structure_fields(self.peft_config[adapter_name]), sort_keys=True)}
+            save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata=metadata)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
@@ -444,12 +507,20 @@ class PeftModel(nn.Module):
         _refuse_adapted_base(model, hint=f"use model.load_adapter({model_id!r}, adapter_name=...) to add it")
         config = AdapterConfig.from_pretrained(model_id)
         config.inference_mode = not is_trainable
+        return cls.wrap_and_fill(model, config, adapter_name,
+                                 lambda peft_model: peft_model.load_adapter_weights(model_id, adapter_name))
+
+    @classmethod
+    def wrap_and_fill(cls, model: nn.Module, config: AdapterConfig, adapter_name: str,
+                      fill: Callable[["PeftModel"], None]) -> "PeftModel":
+        """Wrap `model` and fill the new adapter's weights with `fill`; if anything fails, `model` is left
+        exactly as it was (module tree, requires_grad, hooks)."""
         snapshot = ModuleSnapshot(model)
         peft_model = cls(model, config, adapter_name)
         try:
-            peft_model.load_adapter_weights(model_id, adapter_name)
+            fill(peft_model)
         except BaseException:
-            snapshot.restore()  # the caller's model is left exactly as it was
+            snapshot.restore()
             raise
         return peft_model
 
@@ -475,9 +546,29 @@ class PeftModel(nn.Module):
             raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!r}: not a saved structlora adapter folder")
         try:
             tensors = load_file(path)
+            with safe_open(path, framework="pt") as handle:
+                metadata = handle.metadata() or {}
         except (SafetensorError, OSError, ValueError) as error:
             raise ValueError(f"corrupt adapter weights file {path!r}: {error}") from error
+        self._check_saved_structure(metadata, adapter_name or self.active_adapter, path)
         self.set_adapter_state_dict(tensors, adapter_name, source=path)
+
+    def _check_saved_structure(self, metadata: dict[str, str], adapter_name: str, path: str) -> None:
+        """Refuse weights saved from an adapter whose structure differs from the one they are loaded into.
+        (Files written before the structure was recorded have no such metadata and are checked by shape only.)"""
+        if CONFIG_METADATA_KEY not in metadata:
+            return
+        self._state.check_exists(adapter_name, "loading adapter weights")
+        try:
+            saved = json.loads(metadata[CONFIG_METADATA_KEY])
+        except json.JSONDecodeError as error:
+            raise ValueError(f"corrupt {CONFIG_METADATA_KEY} metadata in {path!r}: {error}") from error
+        current = _structure_fields(self.peft_config[adapter_name])
+        differing = sorted(k for k in set(saved) & set(current) if saved[k] != current[k])
+        if differing:
+            details = "; ".join(f"{k}: weights saved with {saved[k]!r}, config has {current[k]!r}" for k in differing)
+            raise ValueError(f"{path!r} was saved from a different adapter than its config describes ({details}); "
+                             f"refusing to load weights that would compute something else")
 
     @torch.no_grad()
     def set_adapter_state_dict(self, tensors: dict[str, torch.Tensor], adapter_name: str | None = None,

@@ -61,6 +61,13 @@ PARALLEL_DEFAULT_TARGETS: dict[str, list[str]] = {
     family: ["q_proj", "k_proj", "v_proj"] for family in ("llama", "mistral", "qwen2", "gemma", "gemma2", "opt")
 }
 
+# Fused projections and their slice count (an `enable_lora` list must have exactly this many entries there).
+FUSED_PROJECTIONS: dict[str, dict[str, int]] = {
+    "gpt2": {"c_attn": 3},  # q, k, v
+    "gpt_neox": {"query_key_value": 3},
+    "phi3": {"qkv_proj": 3, "gate_up_proj": 2},
+}
+
 # Heads of a sequence classifier (trained and saved with the adapter, as PEFT's modules_to_save).
 CLASSIFIER_HEAD_NAMES = ("classifier", "score")
 

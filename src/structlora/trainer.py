@@ -3,19 +3,71 @@
 The stock Trainer saves a full state dict for models it does not recognise; this subclass saves
 `save_pretrained()`'s adapter folder instead and reloads it for `resume_from_checkpoint` and
 `load_best_model_at_end`.
+
+It also refuses to go on silently when something is wrong: a non-finite loss or gradient stops the run with
+`NonFiniteTrainingError` (or, with `skip_nonfinite_steps=True`, drops that step's gradients and counts it in
+`skipped_nonfinite_steps`), and resuming from a checkpoint that lacks the optimizer, scheduler or trainer state
+(which would silently give another result) is refused unless `allow_incomplete_checkpoint=True`.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 from transformers import Trainer
 
 from .model import PeftModel
 
+# What a checkpoint needs so that resuming it continues the same run (Trainer file names).
+CHECKPOINT_STATE_FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json")
 
-class AdapterTrainer(Trainer):
+
+class NonFiniteTrainingError(ValueError):
+    """The loss or a gradient became NaN/inf: the run stopped instead of training (and saving) garbage."""
+
+
+def missing_checkpoint_state(checkpoint: str) -> list[str]:
+    """The files of CHECKPOINT_STATE_FILES (and the adapter weights) that `checkpoint` lacks."""
+    wanted = ("adapter_model.safetensors", "adapter_config.json", *CHECKPOINT_STATE_FILES)
+    return [name for name in wanted if not os.path.isfile(os.path.join(checkpoint, name))]
+
+
+class NonFiniteGuard:
+    """Trainer mixin: stop (or skip and count) on a non-finite loss or gradient."""
+
+    def __init__(self, *args: Any, skip_nonfinite_steps: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.skip_nonfinite_steps = skip_nonfinite_steps
+        self.skipped_nonfinite_steps = 0
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],
+                      num_items_in_batch: Any = None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        problem = _nonfinite_problem(model, loss)
+        if problem is None:
+            return loss
+        step = self.state.global_step + 1
+        if not self.skip_nonfinite_steps:
+            raise NonFiniteTrainingError(
+                f"step {step}: {problem}; training stopped (the learning rate may be too high). Checkpoints "
+                f"saved before this step are kept; skip such steps instead with skip_nonfinite_steps "
+                f"(--skip-nonfinite-steps)")
+        self.skipped_nonfinite_steps += 1
+        model.zero_grad(set_to_none=True)  # the optimizer skips parameters without a gradient
+        return loss.detach().new_zeros(())
+
+
+class GuardedTrainer(NonFiniteGuard, Trainer):
+    """transformers' Trainer with the non-finite guard (full fine-tuning)."""
+
+
+class AdapterTrainer(NonFiniteGuard, Trainer):
+    def __init__(self, *args: Any, allow_incomplete_checkpoint: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.allow_incomplete_checkpoint = allow_incomplete_checkpoint
+
     def _peft_model(self, model: torch.nn.Module | None = None) -> PeftModel:
         unwrapped = self.accelerator.unwrap_model(model if model is not None else self.model)
         if not isinstance(unwrapped, PeftModel):
@@ -27,14 +79,53 @@ class AdapterTrainer(Trainer):
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        self._peft_model().save_pretrained(output_dir)
+        self._peft_model().save_pretrained(output_dir)  # refuses non-finite weights
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        missing = missing_checkpoint_state(resume_from_checkpoint)
+        if missing and not (self.allow_incomplete_checkpoint and "adapter_model.safetensors" not in missing):
+            raise ValueError(
+                f"checkpoint {resume_from_checkpoint!r} lacks {', '.join(missing)}: resuming it would not continue "
+                f"the same run. Resume from a complete checkpoint"
+                f"{'' if 'adapter_model.safetensors' in missing else ' (or allow_incomplete_checkpoint=True)'}")
         peft_model = self._peft_model(model)
         peft_model.load_adapter_weights(resume_from_checkpoint, peft_model.active_adapter)
 
     def _load_best_model(self) -> None:
         peft_model = self._peft_model()
         peft_model.load_adapter_weights(self.state.best_model_checkpoint, peft_model.active_adapter)
+
+
+def _nonfinite_problem(model: torch.nn.Module, loss: torch.Tensor) -> str | None:
+    """What is not finite after a backward (the loss, else the first gradient), or None. Under torch.distributed
+    every process gets the same answer (one tiny all-reduce), so all stop or skip together instead of some
+    waiting forever in the next collective (sharded gradients differ between processes)."""
+    problem = _local_nonfinite_problem(model, loss)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and torch.distributed.get_world_size() > 1:
+        flag = torch.tensor([0.0 if problem is None else 1.0], device=loss.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() > 0 and problem is None:
+            problem = "another process saw a non-finite loss or gradient"
+    return problem
+
+
+def _local_nonfinite_problem(model: torch.nn.Module, loss: torch.Tensor) -> str | None:
+    if not torch.isfinite(loss.detach()).all():
+        return f"the loss is {float(loss.detach().float().mean())}"
+    named = []
+    for name, parameter in model.named_parameters():
+        grad = parameter.grad
+        if grad is not None:
+            named.append((name, grad.to_local() if hasattr(grad, "to_local") else grad))  # DTensor: own shard
+    if not named:
+        return None
+    norms = torch._foreach_norm([grad for _, grad in named])
+    finite = torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms]))
+    if bool(finite.all()):
+        return None
+    # A low-precision norm can overflow for finite gradients: confirm element-wise.
+    bad = [name for (name, grad), ok in zip(named, finite.tolist()) if not ok and not torch.isfinite(grad).all()]
+    return f"the gradient of {bad[0]} is not finite ({len(bad)} parameter(s) affected)" if bad else None

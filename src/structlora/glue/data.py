@@ -16,6 +16,7 @@ Local layouts understood by ``load_glue_local`` (``DATA_DIR/<task folder>/<split
 from __future__ import annotations
 
 import csv
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -135,20 +136,40 @@ def _split_files(folder: Path, task: GlueTask) -> dict[str, Path]:
     return files
 
 
-def _read_tsv(path: Path) -> list[list[str]]:
+def _read_tsv(path: Path) -> list[tuple[int, list[str]]]:
+    """(line number, cells) of every non-empty row. A UTF-8 byte-order mark is dropped."""
     # GLUE's TSVs hold unbalanced quotes (MNLI, SST-2): never treat quotes as quoting.
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    with open(path, encoding="utf-8", newline="") as handle:
-        return [row for row in csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE) if row]
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+            return [(reader.line_num, row) for row in reader if row]
+    except UnicodeDecodeError as error:
+        raise GlueDataError(f"{path}: not UTF-8 text ({error})") from None
+
+
+# A gold label of "-" marks an example the annotators did not agree on (MNLI): unlabelled, not malformed.
+_NO_GOLD_LABEL = "-"
 
 
 def _parse_label(task: GlueTask, raw: str) -> int | float:
+    """The label as the hub stores it; ValueError (with what is valid) for anything else."""
     raw = raw.strip()
     if task.is_regression:
-        return float(raw)
+        value = float(raw)
+        if not math.isfinite(value):
+            raise ValueError(f"label {raw!r} is not a finite number")
+        return value
     if raw in task.label_names:
         return task.label_names.index(raw)
-    return int(float(raw))
+    valid = f"0..{task.num_labels - 1}" + (f" or {', '.join(task.label_names)}" if task.label_names else "")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"label {raw!r} is not one of {valid}") from None
+    if not value.is_integer() or not 0 <= value < task.num_labels:
+        raise ValueError(f"label {raw!r} is not one of {valid}")
+    return int(value)
 
 
 def read_task_file(path: Path, task: GlueTask) -> dict[str, list[Any]]:
@@ -156,7 +177,7 @@ def read_task_file(path: Path, task: GlueTask) -> dict[str, list[Any]]:
     rows = _read_tsv(path)
     if not rows:
         raise GlueDataError(f"{path} is empty")
-    header = [cell.strip() for cell in rows[0]]
+    header = [cell.strip() for cell in rows[0][1]]
     aliases = {column: task.column_aliases.get(column, (column,)) for column in task.text_columns}
     aliases["label"] = _LABEL_ALIASES
     positions: dict[str, int] = {}
@@ -177,16 +198,26 @@ def read_task_file(path: Path, task: GlueTask) -> dict[str, list[Any]]:
             )
     columns: dict[str, list[Any]] = {column: [] for column in (*task.text_columns, "label")}
     width = max(positions.values()) + 1
-    for row in body:
+    short: list[int] = []
+    unlabelled: list[int] = []
+    for line, row in body:
         if len(row) < width:
-            continue  # QQP and MNLI have a few broken lines
+            short.append(line)  # QQP and MNLI have a few broken lines: skipped, counted, reported
+            continue
+        raw = row[positions["label"]]
+        if raw.strip() == _NO_GOLD_LABEL:
+            unlabelled.append(line)
+            continue
         try:
-            label = _parse_label(task, row[positions["label"]])
-        except ValueError:
-            continue  # e.g. MNLI rows whose gold label is "-"
+            label = _parse_label(task, raw)
+        except ValueError as error:
+            raise GlueDataError(f"{path}:{line}: {error} (task '{task.name}')") from None
         for column in task.text_columns:
             columns[column].append(row[positions[column]])
         columns["label"].append(label)
+    for lines, what in ((short, f"with fewer than {width} columns"), (unlabelled, "without a gold label ('-')")):
+        if lines:
+            print(f"note: {path}: skipped {len(lines)} row(s) {what}, first at line {lines[0]}", file=sys.stderr)
     return columns
 
 

@@ -55,6 +55,7 @@ def sidecar_paths(output: str | os.PathLike) -> dict[str, str]:
         "e2e_references": f"{stem}.references.txt",
         "reference_prefix": f"{stem}.reference",
         "seen": f"{stem}.seen.txt",
+        "record": f"{stem}.generate.json",  # what produced the hypotheses: adapter fingerprint, data, settings
     }
 
 

@@ -75,6 +75,8 @@ def _require_java() -> str:
 
 
 # --------------------------------------------------------------------------------- mteval tokeniser
+# A Java scorer that runs longer than this is stopped (subprocess.TimeoutExpired) instead of hanging the run.
+JAVA_TIMEOUT_S = float(os.environ.get("STRUCTLORA_JAVA_TIMEOUT", "1800"))
 _ASCII_UPPER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
@@ -201,7 +203,7 @@ def ptb_tokenize(sentences: Sequence[str]) -> list[str]:
         result = subprocess.run(
             [java, "-cp", str(ptb_tokenizer_jar()), "edu.stanford.nlp.process.PTBTokenizer",
              "-preserveLines", "-lowerCase", path],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=True, timeout=JAVA_TIMEOUT_S,
         )
     lines = result.stdout.decode("utf-8").split("\n")
     return [" ".join(w for w in line.rstrip().split(" ") if w not in _PTB_PUNCTUATION)
@@ -496,7 +498,8 @@ def meteor_generation_eval(hypotheses_tok: Sequence[str], references_tok: Sequen
                                    for r in list(refs) + [""] * (num_refs - len(refs))))
         output = subprocess.run([java, "-Xmx2G", "-jar", str(meteor_jar()), hyp_path, ref_path, "-l", "en",
                                  "-norm", "-r", str(num_refs)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=True).stdout
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=True,
+                                timeout=JAVA_TIMEOUT_S).stdout
     return float(output.decode("utf-8").strip().split("\n")[-1].split()[-1])
 
 

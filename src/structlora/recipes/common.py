@@ -37,6 +37,9 @@ import dataclasses
 import json
 import math
 import os
+import re
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -157,6 +160,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                        help="resume from CHECKPOINT, or from the latest one in OUTPUT/checkpoints")
     group.add_argument("--init-from", default=None, metavar="DIR",
                        help="start from a trained adapter folder (e.g. an MNLI adapter for RTE)")
+    group.add_argument("--overwrite", action="store_true",
+                       help="replace the run already in --output (its checkpoints and results.json are deleted)")
+    group.add_argument("--skip-nonfinite-steps", action="store_true",
+                       help="skip (and count) steps whose loss or gradient is NaN/inf instead of stopping")
     return parser
 
 
@@ -311,9 +318,20 @@ def load_adapter_from(peft_model: Any, folder: Path) -> None:
         raise FileNotFoundError(f"--init-from: {weights_path} not found (expected an adapter folder)")
     tensors = load_file(str(weights_path))
     own_state = peft_model.adapter_state_dict()
-    for name, tensor in tensors.items():
-        if name in own_state and own_state[name].shape != tensor.shape:
-            tensors[name] = own_state[name].detach().clone()
+    mismatched = sorted(name for name, tensor in tensors.items()
+                        if name in own_state and own_state[name].shape != tensor.shape)
+    not_head = [name for name in mismatched if not set(name.split(".")) & set(HEAD_MODULE_NAMES)]
+    if not_head:
+        name = not_head[0]
+        raise ValueError(
+            f"--init-from {folder}: {len(not_head)} adapter tensor(s) have another shape than this model's, e.g. "
+            f"{name}: {tuple(tensors[name].shape)} in the folder, {tuple(own_state[name].shape)} here (another base "
+            f"model size or adapter rank?). Only a task head may differ; it is then re-initialised")
+    for name in mismatched:
+        tensors[name] = own_state[name].detach().clone()
+    if mismatched:
+        print(f"--init-from: re-initialised {len(mismatched)} head tensor(s) of another shape (a head for another "
+              f"label count): {', '.join(mismatched)}", file=sys.stderr)
     peft_model.set_adapter_state_dict(tensors, source=str(weights_path))
 
 
@@ -401,9 +419,9 @@ def make_training_arguments(args: argparse.Namespace, **overrides: Any):  # -> t
 
 def default_trainer_class(method: str) -> type:
     if method == "full":
-        from transformers import Trainer
+        from structlora.trainer import GuardedTrainer
 
-        return Trainer
+        return GuardedTrainer
     from structlora import AdapterTrainer
 
     return AdapterTrainer
@@ -414,16 +432,104 @@ def _resume_checkpoint(args: argparse.Namespace) -> str | bool | None:
     if not resume:
         return None
     if resume in ("latest", "auto", True):
-        from transformers.trainer_utils import get_last_checkpoint
-
         folder = checkpoint_dir(args)
-        last = get_last_checkpoint(folder) if os.path.isdir(folder) else None
-        if last is None:
+        checkpoints = _checkpoints_newest_first(folder)
+        if not checkpoints:
             raise SystemExit(f"error: --resume: no checkpoint-* folder in {folder}")
-        return last
+        for checkpoint in checkpoints:
+            missing = _missing_state(checkpoint, args.method)
+            if not missing:
+                return checkpoint
+            print(f"--resume: {checkpoint} is incomplete (lacks {', '.join(missing)}; interrupted while saving?): "
+                  f"trying the one before", file=sys.stderr)
+        raise SystemExit(f"error: --resume: no complete checkpoint in {folder}")
     if not os.path.isdir(resume):
         raise SystemExit(f"error: --resume: {resume} is not a checkpoint folder")
+    missing = _missing_state(resume, args.method)
+    if missing:
+        raise SystemExit(f"error: --resume: {resume} lacks {', '.join(missing)}; resuming it would not continue the "
+                         f"same run")
     return resume
+
+
+def _checkpoints_newest_first(folder: str) -> list[str]:
+    if not os.path.isdir(folder):
+        return []
+    steps = [(int(m.group(1)), name) for name in os.listdir(folder)
+             if (m := re.fullmatch(r"checkpoint-(\d+)", name)) and os.path.isdir(os.path.join(folder, name))]
+    return [os.path.join(folder, name) for _, name in sorted(steps, reverse=True)]
+
+
+def _missing_state(checkpoint: str, method: str) -> list[str]:
+    from structlora.trainer import CHECKPOINT_STATE_FILES, missing_checkpoint_state
+
+    if method != "full":
+        return missing_checkpoint_state(checkpoint)
+    return [name for name in CHECKPOINT_STATE_FILES if not os.path.isfile(os.path.join(checkpoint, name))]
+
+
+def _run_status(output: str) -> str | None:
+    """The status of the run in `output`: None (no results.json), else results.json's status ("completed" for
+    results written before runs recorded one)."""
+    path = os.path.join(output, "results.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as handle:
+            return str(json.load(handle).get("status", "completed"))
+    except (OSError, ValueError, AttributeError):
+        return "unreadable"
+
+
+def check_output_dir(args: argparse.Namespace) -> None:
+    """Never train over a finished run or another run's checkpoints without an explicit flag."""
+    output = args.output
+    status = _run_status(output)
+    has_checkpoints = bool(_checkpoints_newest_first(checkpoint_dir(args)))
+    if getattr(args, "overwrite", False):
+        if is_main_process():
+            shutil.rmtree(checkpoint_dir(args), ignore_errors=True)
+            if status is not None:
+                os.remove(os.path.join(output, "results.json"))
+        return
+    if getattr(args, "resume", None):
+        if status == "completed" and _schedule_done(args):
+            print(f"{output} holds a finished run (results.json) whose last checkpoint already reached the "
+                  f"requested schedule: nothing to resume, nothing was done. Pass --overwrite to train it again, or "
+                  f"a longer --max-steps/--epochs to continue it", file=sys.stderr)
+            raise SystemExit(0)
+        return
+    if status is not None:
+        raise SystemExit(f"error: --output {output} holds a {status} run (results.json); pass --overwrite to replace "
+                         f"it, --resume to continue it, or choose another --output")
+    if has_checkpoints:
+        raise SystemExit(f"error: --output {output} holds checkpoints of an unfinished run; pass --resume to continue "
+                         f"it, --overwrite to start over, or choose another --output")
+
+
+def _schedule_done(args: argparse.Namespace) -> bool:
+    """Whether the newest checkpoint already completed the schedule these flags ask for."""
+    checkpoints = _checkpoints_newest_first(checkpoint_dir(args))
+    if not checkpoints:
+        return True  # a finished run without checkpoints: nothing to resume from either
+    try:
+        with open(os.path.join(checkpoints[0], "trainer_state.json")) as handle:
+            state = json.load(handle)
+        step, planned = int(state["global_step"]), int(state["max_steps"])
+        epochs = float(state.get("num_train_epochs") or 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # let --resume pick a complete checkpoint and report
+    if args.max_steps is not None and args.max_steps > 0:
+        return step >= args.max_steps
+    return step >= planned and epochs >= float(args.epochs)
+
+
+def _write_status(output: str, status: str, error: str) -> None:
+    if is_main_process():
+        os.makedirs(output, exist_ok=True)
+        with open(os.path.join(output, "results.json"), "w") as handle:
+            json.dump({"status": status, "error": error}, handle, indent=2)
+            handle.write("\n")
 
 
 def run_training(
@@ -441,6 +547,9 @@ def run_training(
     """Train with evaluation + checkpointing per epoch (or every ``--eval-every`` steps), reload the best
     checkpoint, and return ``(trainer, history, train_seconds)``. ``eval_dataset`` may be a dict of named
     sets (metric names then carry the set name, e.g. ``matched_accuracy``)."""
+    if not args.output:
+        raise SystemExit("error: --output DIR is required (flag or config file)")
+    check_output_dir(args)
     overrides: dict[str, Any] = {}
     if not args.logging_steps and not args.eval_every and train_dataset is not None:
         # At least one loss log per epoch, so every history record has a training loss.
@@ -451,6 +560,10 @@ def run_training(
         args, metric_for_best_model=metric_for_best_model, greater_is_better=greater_is_better, **overrides
     )
     trainer_cls = trainer_cls or default_trainer_class(args.method)
+    from structlora.trainer import NonFiniteGuard
+
+    if issubclass(trainer_cls, NonFiniteGuard):
+        trainer_kwargs.setdefault("skip_nonfinite_steps", bool(getattr(args, "skip_nonfinite_steps", False)))
     trainer = trainer_cls(
         model=model,
         args=training_args,
@@ -467,8 +580,17 @@ def run_training(
         # loss and gradients come out multiplied by grad-accum steps / number of processes.
         trainer.model_accepts_loss_kwargs = False
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=_resume_checkpoint(args))
+    from structlora.trainer import NonFiniteTrainingError
+
+    try:
+        trainer.train(resume_from_checkpoint=_resume_checkpoint(args))
+    except NonFiniteTrainingError as error:
+        _write_status(args.output, "diverged", str(error))
+        raise SystemExit(f"error: {error}") from None
     train_seconds = time.perf_counter() - start
+    skipped = getattr(trainer, "skipped_nonfinite_steps", 0)
+    if skipped:
+        print(f"warning: skipped {skipped} step(s) with a non-finite loss or gradient", file=sys.stderr)
     return trainer, history_from_log(trainer.state.log_history), train_seconds
 
 
@@ -568,6 +690,7 @@ def write_results(
     if not is_main_process():
         return path
     payload: dict[str, Any] = {
+        "status": "completed",
         "task": task,
         "method": method,
         "trainable_params": int(trainable_params),

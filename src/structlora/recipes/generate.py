@@ -11,6 +11,8 @@ appends after the hypotheses already written. ``--score`` runs the matching scor
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -90,6 +92,35 @@ def _check_resumable(sources_path: str, inputs: list, output: str, restart: bool
         raise SystemExit(f"error: {output} was generated for other inputs; use --restart or another --output")
 
 
+def adapter_fingerprint(folder: Path) -> str:
+    """sha256 over the folder's weight and config files: changes whenever the trained model does."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*config.json")):
+        digest.update(path.name.encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_output_owner(output: str, record_path: str, record: dict[str, Any], restart: bool) -> None:
+    """Only append to (or keep) hypotheses this command wrote with the same adapter, data and decoding."""
+    if restart or not os.path.exists(output):
+        return
+    if not os.path.exists(record_path):
+        raise SystemExit(f"error: {output} exists but was not written by structlora generate (no {record_path}); "
+                         f"choose another --output, or pass --restart to replace it")
+    try:
+        with open(record_path, encoding="utf-8") as handle:
+            previous = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: {record_path} is unreadable ({error}); pass --restart to start over") from None
+    differing = sorted(k for k in set(record) | set(previous) if record.get(k) != previous.get(k))
+    if differing:
+        raise SystemExit(f"error: {output} was generated with another {', '.join(differing)}; pass --restart to "
+                         f"start over, or choose another --output")
+
+
 def run(args: argparse.Namespace) -> int:
     folder = adapter_folder(args.adapter)
     model, tokenizer, spec, meta = load_trained_model(folder)
@@ -111,16 +142,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: skipped {without_refs} inputs without references", file=sys.stderr)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     paths = sidecar_paths(args.output)
-    _check_resumable(paths["sources"], inputs, args.output, args.restart)
     tokenize_lower = args.tokenize_lower
     if tokenize_lower is None:
         tokenize_lower = args.decoding == "authors" and dataset in ("webnlg", "dart")
-    written = write_reference_files(dataset, inputs, args.output, tokenize_lower=tokenize_lower)
     settings = DecodingSettings(beams=args.beams, length_penalty=args.length_penalty,
                                 no_repeat_ngram_size=args.no_repeat_ngram_size,
                                 repetition_penalty=args.repetition_penalty,
                                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                 mode=args.decoding, tokenize_lower=tokenize_lower)
+    decoding = {k: v for k, v in dataclasses.asdict(settings).items() if k != "batch_size"}
+    record = {"adapter": adapter_fingerprint(folder), "dataset": dataset, "split": split, "decoding": decoding}
+    _check_output_owner(args.output, paths["record"], record, args.restart)
+    _check_resumable(paths["sources"], inputs, args.output, args.restart)
+    with open(paths["record"], "w", encoding="utf-8") as handle:
+        json.dump(record, handle, indent=2, sort_keys=True)
+    written = write_reference_files(dataset, inputs, args.output, tokenize_lower=tokenize_lower)
     decoded = generate_hypotheses(model, tokenizer, inputs, args.output, settings, separator=spec.separator,
                                   resume=not args.restart, progress=not args.no_progress,
                                   max_length=spec.max_length)

@@ -37,9 +37,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "command, default), perl = measure_scores.py without -p (mteval-v13a-sig.pl)")
 
 
+def _require_content(path: str, items: Sequence[Any]) -> None:
+    """Empty inputs are an error (scoring nothing gives no number, and the METEOR process would wait forever)."""
+    if not items:
+        raise SystemExit(f"error: {path} is empty: nothing to score")
+
+
 def score_e2e(hyp_path: str, ref_path: str, use_java: bool = True, mteval: str = "python") -> dict[str, Any]:
     hypotheses = read_lines(hyp_path)
     references = read_e2e_references(ref_path)
+    _require_content(hyp_path, hypotheses)
+    _require_content(ref_path, references)
     if len(hypotheses) != len(references):
         raise SystemExit(f"error: {hyp_path} has {len(hypotheses)} lines but {ref_path} has "
                          f"{len(references)} reference groups")
@@ -59,6 +67,8 @@ def score_generation_eval(dataset: str, hyp_path: str, ref_prefix: str, seen_fil
                           use_java: bool = True) -> dict[str, Any]:
     hypotheses = read_lines(hyp_path)
     references = read_multi_references(ref_prefix)
+    _require_content(hyp_path, hypotheses)
+    _require_content(f"{ref_prefix}*", references)
     if len(hypotheses) != len(references):
         raise SystemExit(f"error: {hyp_path} has {len(hypotheses)} lines but the reference files have "
                          f"{len(references)}")
