@@ -8,11 +8,16 @@ import torch
 
 SEED = 20261126
 VOCAB = 50257
+# The end-of-text (50256) and blank-line (628) embeddings are scaled up so that beams end at different
+# steps: the stop-token, length-penalty and finished-beam logic is then exercised.
+STOP_TOKENS = (50256, 628)
+STOP_BOOST = 3.0
 
 
 def tiny_gpt2_real_vocab():
     """GPT-2 with 2 layers, width 32, 1,024 positions and GPT-2's vocabulary, seeded weights: every
-    matrix N(0, 0.5²) (peaked next-token distributions), biases N(0, 0.1²), layer-norm gains 1 + N(0, 0.1²)."""
+    matrix N(0, 0.5²) (peaked next-token distributions), biases N(0, 0.1²), layer-norm gains 1 + N(0, 0.1²),
+    the two stop tokens' embeddings (tied with the output layer) times ``STOP_BOOST``."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(vocab_size=VOCAB, n_positions=1024, n_embd=32, n_layer=2, n_head=2,
@@ -28,5 +33,7 @@ def tiny_gpt2_real_vocab():
                 parameter.copy_(0.1 * noise)
             else:
                 parameter.copy_(0.5 * noise)
+        for token in STOP_TOKENS:
+            model.transformer.wte.weight[token] *= STOP_BOOST
     model.tie_weights()
     return model

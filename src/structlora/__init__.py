@@ -1,7 +1,7 @@
 """structlora: MTLoRA and LoRETTA parameter-efficient fine-tuning for Hugging Face transformers."""
 
-from .config import (AdapterConfig, LoraConfig, LorettaAdpConfig, LorettaRepConfig, MTLoraConfig,
-                     TaskType)
+from .config import (AdapterConfig, BitFitConfig, DenseAdapterConfig, LoraConfig, LorettaAdpConfig,
+                     LorettaRepConfig, MTLoraConfig, TaskType)
 from .interop import export_to_peft, from_loretta
 from .model import PeftModel, adapted_layers, get_peft_model
 
@@ -17,6 +17,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "AdapterConfig", "LoraConfig", "MTLoraConfig", "LorettaRepConfig", "LorettaAdpConfig", "TaskType",
+    "AdapterConfig", "LoraConfig", "MTLoraConfig", "LorettaRepConfig", "LorettaAdpConfig", "DenseAdapterConfig",
+    "BitFitConfig", "TaskType",
     "get_peft_model", "PeftModel", "adapted_layers", "export_to_peft", "from_loretta", "AdapterTrainer",
 ]

@@ -21,7 +21,8 @@ _COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("train", "llm"), "structlora.recipes.llm", "fine-tune a causal LM on SuperGLUE-style tasks, SQuAD, DROP"),
     (("generate",), "structlora.recipes.generate", "beam-search decoding of an NLG test set"),
     (("score",), "structlora.recipes.score", "official-equivalent E2E / WebNLG / DART metrics"),
-    (("report",), "structlora.recipes.report", "markdown table of several runs"),
+    (("report",), "structlora.recipes.report", "the papers' comparison table (markdown, CSV, plot) of runs"),
+    (("sweep",), "structlora.recipes.sweep", "run a grid of tasks x methods x seeds, resumably"),
 ]
 
 

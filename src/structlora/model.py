@@ -18,7 +18,7 @@ from torch import nn
 from .adapter_state import AdapterState, AdapterStateError, ModuleSnapshot
 from .bank import bank
 from .inference import clear_factor_caches
-from .config import (AdapterConfig, LoraConfig, LorettaAdpConfig, LorettaRepConfig, TaskType)
+from .config import (AdapterConfig, BitFitConfig, LoraConfig, LorettaAdpConfig, LorettaRepConfig, TaskType)
 from .layers import AdapterLayerMixin, BottleneckLayer, LowRankLayer, TrainableCopy, base_shape, layer_kind
 from .targets import (BOTTLENECK_PLACEMENT, CLASSIFIER_HEAD_NAMES, FUSED_PROJECTIONS, default_targets,
                       is_norm_module, module_matches, unknown_target_error)
@@ -182,15 +182,22 @@ class PeftModel(nn.Module):
                 f"adapter {adapter_name!r} was made for a {config.base_model_type!r} model, but this base model "
                 f"is {model_type!r}")
         targets = config.target_modules
-        if targets is None:
-            targets = default_targets(model_type, config.method, getattr(config, "use_parallel_adapter", False))
-        self._check_targets(config, targets, model_type)
+        if isinstance(config, BitFitConfig):
+            if not any(n.endswith("bias") for n, _ in self.base_model.named_parameters()):
+                raise ValueError(f"BitFit trains biases, but this {model_type or 'model'} has no bias parameters")
+        else:
+            if targets is None:
+                targets = default_targets(model_type, config.method, getattr(config, "use_parallel_adapter", False),
+                                          getattr(config, "placement", "houlsby"))
+            self._check_targets(config, targets, model_type)
         with self._transaction():
-            if isinstance(config, LorettaAdpConfig):
+            if isinstance(config, BitFitConfig):
+                injected = []  # BitFit only trains the base model's biases (and the head)
+            elif isinstance(config, LorettaAdpConfig):
                 injected = self._inject_bottleneck(adapter_name, config, targets, model_type)
             else:
                 injected = self._inject_low_rank(adapter_name, config, targets)
-            if not injected:
+            if not injected and not isinstance(config, BitFitConfig):
                 names = [n for n, _ in self.base_model.named_modules() if not _is_internal(n)]
                 adaptable = [n for n, m in self.base_model.named_modules() if layer_kind(m) and not _is_internal(n)]
                 raise unknown_target_error(targets, names, adaptable)
@@ -351,7 +358,9 @@ class PeftModel(nn.Module):
     def _select_trained_biases(self, config: AdapterConfig, injected: list[str]) -> list[str]:
         if config.bias == "none":
             return []
-        names = [n for n, _ in self.base_model.named_parameters() if n.endswith("bias") and ".adapters." not in n]
+        # Not the adapters' own biases, nor those of a wrapped head's frozen original (its copy is trained).
+        names = [n for n, _ in self.base_model.named_parameters()
+                 if n.endswith("bias") and ".adapters." not in n and ".original." not in n]
         if config.bias in ("lora_only", "adapter_only"):
             names = [n for n in names if any(n.startswith(layer + ".base_layer.") for layer in injected)]
         return names
@@ -377,7 +386,15 @@ class PeftModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Inside the block the model computes exactly what the base model computes. Blocks nest."""
+        """Inside the block the model computes exactly what the base model computes. Blocks nest.
+
+        Refused for an adapter that trains the base model's own biases (BitFit, bias="all"/"lora_only"):
+        those are changed in place, so the base function is no longer there to switch back to."""
+        in_place = self._trained_base_params.get(self.active_adapter, [])
+        if in_place:
+            raise ValueError(
+                f"disable_adapter cannot give the base model's outputs for adapter {self.active_adapter!r}: it "
+                f"trains {len(in_place)} of the base model's biases in place (e.g. {in_place[0]})")
         self._state.enter_disabled()
         self._sync_disabled()
         try:
@@ -394,8 +411,9 @@ class PeftModel(nn.Module):
     def _require_mergeable(self, what: str) -> None:
         config = self.peft_config[self.active_adapter]
         if isinstance(config, LorettaAdpConfig):
+            kind = "dense" if config.method == "adapter" else "LoRETTA_adp"
             raise ValueError(
-                f"{what} is not possible for LoRETTA_adp adapter {self.active_adapter!r}: a bottleneck adapter "
+                f"{what} is not possible for {kind} adapter {self.active_adapter!r}: a bottleneck adapter "
                 f"applies a non-linearity (down → {config.non_linearity} → up) to the activations, so it is not "
                 f"a change of the weights and cannot be folded into them")
 

@@ -46,7 +46,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-METHODS: tuple[str, ...] = ("lora", "mtlora", "loretta-rep", "loretta-adp", "full")
+METHODS: tuple[str, ...] = ("lora", "mtlora", "loretta-rep", "loretta-adp", "full",
+                             # the papers' baselines: dense adapters, BitFit, and PEFT's own methods
+                             "adapter", "bitfit", "ia3", "prefix", "prompt", "ptuning")
+PEFT_LIBRARY_METHODS: tuple[str, ...] = ("ia3", "prefix", "prompt", "ptuning")  # see peft_methods.py
+ADAPTER_PLACEMENTS: tuple[str, ...] = ("houlsby", "pfeiffer")
 MTLORA_STRUCTURES: tuple[str, ...] = ("shim", "icfm", "ctcm", "dtsm")
 INIT_CHOICES: tuple[str, ...] = ("default", "reference", "identity")
 LR_SCHEDULERS: tuple[str, ...] = (
@@ -101,7 +105,9 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     _track_explicit_flags(parser)
     group = parser.add_argument_group("adapter")
     group.add_argument("--method", choices=METHODS, default="lora",
-                       help="lora, mtlora, loretta-rep, loretta-adp, or full fine-tuning (default: lora)")
+                       help="lora, mtlora, loretta-rep, loretta-adp, full fine-tuning, or a baseline: adapter "
+                            "(dense bottleneck), bitfit, ia3, prefix, prompt, ptuning (the last four need peft) "
+                            "(default: lora)")
     group.add_argument("--structure", choices=MTLORA_STRUCTURES, default="shim",
                        help="MTLoRA structure (only with --method mtlora; default: shim)")
     group.add_argument("--r", type=int, default=None, help="LoRA rank (default: the config's, 8)")
@@ -111,6 +117,11 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     group.add_argument("--tensor-rank", type=int, default=None, help="tensor-train rank (LoRETTA; default 5)")
     group.add_argument("--bottleneck-size", type=int, default=None,
                        help="bottleneck width of LoRETTA_adp adapters (default 64)")
+    group.add_argument("--adapter-placement", choices=ADAPTER_PLACEMENTS, default="houlsby",
+                       help="dense adapters (--method adapter): houlsby = after attention and FFN, "
+                            "pfeiffer = after FFN (default: houlsby)")
+    group.add_argument("--num-virtual-tokens", type=int, default=None,
+                       help="virtual tokens of --method prefix/prompt/ptuning (default 20)")
     group.add_argument("--target-modules", type=_comma_list, default=None,
                        help="comma-separated module names to adapt (default: per-architecture)")
     group.add_argument("--modules-to-save", type=_comma_list, default=None,
@@ -245,6 +256,10 @@ def build_peft_config(args: argparse.Namespace, task_type: str) -> Any | None:
     method = args.method
     if method == "full":
         return None
+    if method in PEFT_LIBRARY_METHODS:
+        from . import peft_methods
+
+        return peft_methods.build_config(args, task_type)
     import structlora
 
     def given(**kwargs: Any) -> dict[str, Any]:
@@ -270,12 +285,22 @@ def build_peft_config(args: argparse.Namespace, task_type: str) -> Any | None:
         return structlora.LorettaAdpConfig(**common, **given(bottleneck_size=args.bottleneck_size,
                                                              adapter_dropout=args.lora_dropout,
                                                              tensor_rank=args.tensor_rank, init=init))
+    if method == "adapter":
+        return structlora.DenseAdapterConfig(**common, placement=getattr(args, "adapter_placement", "houlsby"),
+                                             **given(bottleneck_size=args.bottleneck_size,
+                                                     adapter_dropout=args.lora_dropout, init=init))
+    if method == "bitfit":
+        return structlora.BitFitConfig(**common)
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
 def wrap_model(model: torch.nn.Module, args: argparse.Namespace, task_type: str) -> torch.nn.Module:
     """Apply the adapter chosen by ``args.method`` (or unfreeze everything for ``full``) and load
     ``args.init_from`` if given."""
+    if args.method in PEFT_LIBRARY_METHODS:
+        from . import peft_methods
+
+        return peft_methods.wrap(model, args, task_type)
     config = build_peft_config(args, task_type)
     init_from = getattr(args, "init_from", None)
     if config is None:
@@ -418,7 +443,7 @@ def make_training_arguments(args: argparse.Namespace, **overrides: Any):  # -> t
 
 
 def default_trainer_class(method: str) -> type:
-    if method == "full":
+    if method == "full" or method in PEFT_LIBRARY_METHODS:  # transformers' Trainer saves PEFT models itself
         from structlora.trainer import GuardedTrainer
 
         return GuardedTrainer

@@ -114,9 +114,9 @@ def completion_trainer_class(base_cls: type, label_smoothing: float) -> type:
 def build_model(args: argparse.Namespace, spec: ModelSpec):
     """Base model with the adapter of ``--method`` (``--enable-lora`` set on the config)."""
     model = load_causal_lm(spec)
-    config = common.build_peft_config(args, TASK_TYPE)
-    if config is None:
+    if args.method == "full" or args.method in common.PEFT_LIBRARY_METHODS:
         return common.wrap_model(model, args, TASK_TYPE)
+    config = common.build_peft_config(args, TASK_TYPE)
     enable_lora = _parse_enable_lora(getattr(args, "enable_lora", None))
     if enable_lora is not None:
         if not hasattr(config, "enable_lora"):
