@@ -17,6 +17,7 @@ from torch import nn
 
 from .adapter_state import AdapterState, AdapterStateError, ModuleSnapshot
 from .bank import bank
+from .inference import clear_factor_caches
 from .config import (AdapterConfig, BitFitConfig, LoraConfig, LorettaAdpConfig, LorettaRepConfig, TaskType)
 from .distributed import gather_full, is_writer
 from .layers import AdapterLayerMixin, BottleneckLayer, LowRankLayer, TrainableCopy, base_shape, layer_kind
@@ -59,6 +60,7 @@ class PeftModel(nn.Module):
         super().__init__()
         _refuse_adapted_base(model)
         self._state = AdapterState()
+        self._factors_cached_at = self._state.version  # the adapter state the cached factors belong to
         self._state.check_add(adapter_name)
         snapshot = ModuleSnapshot(model)
         self.base_model = model
@@ -144,7 +146,13 @@ class PeftModel(nn.Module):
         self.activation_checkpointing_enable(gradient_checkpointing_kwargs)
 
     def _bank_factors(self, _module: nn.Module, _args: Any) -> None:
-        if torch.compiler.is_compiling() or all(type(config) is LoraConfig for config in self.peft_config.values()):
+        if torch.compiler.is_compiling():
+            return
+        if self._factors_cached_at != self._state.version:
+            # Any adapter transition (switch, merge, disable, load): no factor cached before it is reused.
+            clear_factor_caches(self.base_model)
+            self._factors_cached_at = self._state.version
+        if all(type(config) is LoraConfig for config in self.peft_config.values()):
             return  # plain LoRA computes no factor
         if not torch.is_grad_enabled():
             return  # without autograd each adapter reuses its cached factors (structlora.inference)
