@@ -91,7 +91,8 @@ def test_report_markdown_table(tmp_path, capsys):
     for name, method, accuracy in (("a", "lora", 0.8), ("b", "loretta-rep", 0.75)):
         common.write_results(str(tmp_path / name), "sst2", method, 1234 if method == "lora" else 99,
                              {"accuracy": accuracy}, [{"epoch": 1.0, "step": 2, "accuracy": accuracy}], 12.34)
-    assert report.run(argparse.Namespace(runs=[str(tmp_path)], output=str(tmp_path / "table.md"))) == 0
+    assert report.run(argparse.Namespace(runs=[str(tmp_path)], output=str(tmp_path / "table.md"),
+                                         per_run=True)) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == "| run | task | method | trainable params | accuracy | train time (s) |"
     assert lines[2] == f"| {tmp_path / 'a'} | sst2 | lora | 1,234 | 0.8000 | 12.3 |"

@@ -33,7 +33,8 @@ CONFIGS = {
     "adp-dense-learned": lambda: LorettaAdpConfig(bottleneck_size=8, tensorized=False, scaling="learned",
                                                   non_linearity="gelu", init="reference"),
 }
-IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+# Drawn on the CPU (seeded) and moved, so STRUCTLORA_TEST_DEVICE=cuda runs the same ids.
+IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0), device="cpu").to(torch.empty(0).device)
 
 
 def adapted(kind: str) -> nn.Module:
@@ -141,7 +142,12 @@ def test_adapter_switch_merge_and_disable() -> None:
     assert_close(default, uncached(model))
     model.set_adapter("other")
     assert_close(cached(model), other)
+    # Every transition of the adapter state machine drops the cached factors (the next forward rebuilds them).
+    caches = [m._factor_cache for m in model.modules() if hasattr(m, "_factor_cache")]
+    assert any(c._value is not None for c in caches)
     model.set_adapter("default")
+    model(input_ids=IDS[:, :1])  # the forward that sees the new state version
+    assert all(c._value is None for c in caches)
     assert_close(cached(model), default)
     with model.disable_adapter():
         base = cached(model)

@@ -109,6 +109,9 @@ def test_report_reads_llm_runs(workspace: dict[str, Path], capsys: pytest.Captur
     train_llm(workspace, "RTE", "none", "report-runs/rte-none")
     assert main(["report", str(workspace["root"] / "report-runs")]) == 0
     table = capsys.readouterr().out
+    assert "| none | " in table and "| RTE (" in table  # the paper table: a method row, a task column
+    assert main(["report", str(workspace["root"] / "report-runs"), "--per-run"]) == 0
+    table = capsys.readouterr().out
     assert "| RTE | none | 0 |" in table and "accuracy" in table
 
 

@@ -56,3 +56,30 @@ def save_tiny_bert(
     BertModel(config).save_pretrained(folder)  # safetensors
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def tiny_word_tokenizer():
+    """A whitespace word-level fast tokenizer over TINY_WORDS, with <pad>, <s>, </s> and <unk>: no files."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {word: index for index, word in enumerate(dict.fromkeys([*specials, *TINY_WORDS]))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def tiny_llama_for(tokenizer, seed: int = 0, hidden_size: int = 32, num_hidden_layers: int = 2,
+                   intermediate_size: int = 56):
+    """A randomly initialised tiny LlamaForCausalLM whose vocabulary and special ids match `tokenizer`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+                         num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return LlamaForCausalLM(config)

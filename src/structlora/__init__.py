@@ -11,15 +11,15 @@ __version__ = "0.1.0"
 # `import structlora` (and `structlora --help`) does not pay for torch and transformers until needed.
 _EXPORTS: dict[str, str] = {
     "AdapterConfig": "config", "LoraConfig": "config", "MTLoraConfig": "config", "LorettaRepConfig": "config",
-    "LorettaAdpConfig": "config", "TaskType": "config",
+    "LorettaAdpConfig": "config", "TaskType": "config", "DenseAdapterConfig": "config", "BitFitConfig": "config",
     "export_to_peft": "interop", "from_loretta": "interop",
     "PeftModel": "model", "adapted_layers": "model", "get_peft_model": "model",
     "AdapterTrainer": "trainer",
 }
 
 if TYPE_CHECKING:
-    from .config import (AdapterConfig, LoraConfig, LorettaAdpConfig, LorettaRepConfig, MTLoraConfig,
-                         TaskType)
+    from .config import (AdapterConfig, BitFitConfig, DenseAdapterConfig, LoraConfig, LorettaAdpConfig,
+                         LorettaRepConfig, MTLoraConfig, TaskType)
     from .interop import export_to_peft, from_loretta
     from .model import PeftModel, adapted_layers, get_peft_model
     from .trainer import AdapterTrainer
@@ -39,6 +39,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "AdapterConfig", "LoraConfig", "MTLoraConfig", "LorettaRepConfig", "LorettaAdpConfig", "TaskType",
+    "AdapterConfig", "LoraConfig", "MTLoraConfig", "LorettaRepConfig", "LorettaAdpConfig", "DenseAdapterConfig",
+    "BitFitConfig", "TaskType",
     "get_peft_model", "PeftModel", "adapted_layers", "export_to_peft", "from_loretta", "AdapterTrainer",
 ]

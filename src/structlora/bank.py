@@ -25,6 +25,8 @@ from typing import Any, Iterable, Protocol
 
 import torch
 
+from .distributed import any_sharded
+
 
 class Bankable(Protocol):
     def bank_key(self) -> tuple | None: ...
@@ -76,8 +78,15 @@ def bank(members: Iterable[Bankable]) -> int:
     groups: dict[tuple, list[tuple[Bankable, list[torch.Tensor]]]] = {}
     for member in members:
         key = member.bank_key()
-        if key is not None:
-            groups.setdefault(key, []).append((member, member.bank_inputs()))
+        if key is None:
+            continue
+        inputs = member.bank_inputs()
+        if any_sharded(inputs):
+            # FSDP2 shards the parameters outside their layer's forward: the member computes its factor inside
+            # that forward, from the gathered parameters.
+            _SLOTS.pop(member, None)
+            continue
+        groups.setdefault(key, []).append((member, inputs))
     current, banked = _Bank(grad_enabled=torch.is_grad_enabled()), 0
     for group in groups.values():
         if len(group) < 2:

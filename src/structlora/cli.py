@@ -31,7 +31,9 @@ _COMMANDS: list[tuple[tuple[str, ...], str, str, bool]] = [
     (("generate",), "structlora.recipes.generate", "beam-search decoding of an NLG split with a trained adapter",
      True),
     (("score",), "structlora.recipes.score", "official-equivalent E2E / WebNLG / DART metrics", False),
-    (("report",), "structlora.recipes.report", "markdown table of several runs", False),
+    (("report",), "structlora.recipes.report", "the papers' comparison table (markdown, CSV, plot) of runs",
+     False),
+    (("sweep",), "structlora.recipes.sweep", "run a grid of tasks x methods x seeds, resumably", True),
     (("eval",), "structlora.recipes.adapters:EVAL", "evaluate a trained run on a split and write its predictions",
      True),
     (("merge",), "structlora.recipes.adapters:MERGE", "merge a trained adapter into its base: a plain "

@@ -273,9 +273,56 @@ class LorettaAdpConfig(AdapterConfig):
             _require_bool(flag, getattr(self, flag))
 
 
+DENSE_ADAPTER_PLACEMENTS = ("houlsby", "pfeiffer")
+
+
+@dataclass
+class DenseAdapterConfig(LorettaAdpConfig):
+    """Dense bottleneck adapters (the papers' "Adapter" baselines): LoRETTA_adp's layer with plain
+    nn.Linear down/up projections instead of tensor trains.
+
+    placement: "houlsby" (Houlsby et al. 2019: after the attention output projection and after the FFN)
+    or "pfeiffer" (Pfeiffer et al. 2021: after the FFN only). Each adapter is y + up(act(down(y))) on the
+    projection's output, before the block's residual and layer norm. init "default": up projection zero
+    (the model computes the base function at init); "reference": both projections N(0, 0.02).
+    The tensor-train fields of LorettaAdpConfig are not used.
+    """
+
+    placement: str = "houlsby"
+    tensorized: bool = False
+    tensorize_classifier: bool = False
+    train_norms: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.method = "adapter"
+        _require_choice("placement", self.placement, DENSE_ADAPTER_PLACEMENTS)
+        if self.tensorized or self.tensorize_classifier:
+            raise ValueError("DenseAdapterConfig is the dense adapter: tensorized and tensorize_classifier must be "
+                             "False (LorettaAdpConfig gives tensor-train adapters)")
+
+
+@dataclass
+class BitFitConfig(AdapterConfig):
+    """BitFit (Ben Zaken et al. 2022): train every bias of the base model (plus, for SEQ_CLS, the head);
+    nothing is injected. The trained biases are saved and loaded like any adapter's weights."""
+
+    bias: str = "all"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.method = "bitfit"
+        if self.bias != "all":
+            raise ValueError(f"BitFit trains every bias: bias must be 'all', got {self.bias!r}")
+        if self.target_modules:
+            raise ValueError("BitFit injects no module: leave target_modules unset")
+
+
 CONFIG_CLASSES: dict[str, type[AdapterConfig]] = {
     "lora": LoraConfig,
     "mtlora": MTLoraConfig,
     "loretta_rep": LorettaRepConfig,
     "loretta_adp": LorettaAdpConfig,
+    "adapter": DenseAdapterConfig,
+    "bitfit": BitFitConfig,
 }

@@ -23,6 +23,7 @@ from .engine import _scaled_to, add_lowrank_embedding_update, add_lowrank_update
 from .inference import CachedFactorsMixin, FactorCache, scaled_dense
 from .norms import lean_norm_copy
 from .parameterizations import LowRankParameterization, make_parameterization
+from .quantized import is_quantized
 from .tensor_train import TTLinear, tt_shape_for
 
 
@@ -122,7 +123,10 @@ class LowRankLayer(nn.Module, AdapterLayerMixin):
         return self._plain_weight() if isinstance(adapter.dropout, nn.Identity) else None
 
     def _plain_weight(self) -> torch.Tensor | None:
-        """The base weight in (out x in) layout when the base is a plain nn.Linear or Conv1D, else None."""
+        """The base weight in (out x in) layout when the base is a plain nn.Linear or Conv1D, else None (a
+        torchao-quantized nn.Linear keeps its type, but its weight is a quantized tensor)."""
+        if is_quantized(self.base_layer):
+            return None
         if type(self.base_layer) is nn.Linear:
             return self.base_layer.weight
         if type(self.base_layer) is Conv1D:

@@ -17,8 +17,12 @@ from torch import nn
 
 from .adapter_state import AdapterState, AdapterStateError, ModuleSnapshot
 from .bank import bank
-from .config import (AdapterConfig, LoraConfig, LorettaAdpConfig, LorettaRepConfig, TaskType)
+from .inference import clear_factor_caches
+from .config import (AdapterConfig, BitFitConfig, LoraConfig, LorettaAdpConfig, LorettaRepConfig, TaskType)
+from .distributed import gather_full, is_writer
 from .layers import AdapterLayerMixin, BottleneckLayer, LowRankLayer, TrainableCopy, base_shape, layer_kind
+from .mixed import routed_adapters
+from .quantized import refuse_quantized_merge
 from .targets import (BOTTLENECK_PLACEMENT, CLASSIFIER_HEAD_NAMES, FUSED_PROJECTIONS, default_targets,
                       is_norm_module, module_matches, unknown_target_error)
 from .tensor_train import TTLinear, classifier_tt_shape
@@ -56,6 +60,7 @@ class PeftModel(nn.Module):
         super().__init__()
         _refuse_adapted_base(model)
         self._state = AdapterState()
+        self._factors_cached_at = self._state.version  # the adapter state the cached factors belong to
         self._state.check_add(adapter_name)
         snapshot = ModuleSnapshot(model)
         self.base_model = model
@@ -86,6 +91,10 @@ class PeftModel(nn.Module):
         # `labels` is named so that transformers' Trainer finds the label column by inspecting this class.
         if labels is not None:
             kwargs["labels"] = labels
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None:  # one adapter per row (structlora.mixed)
+            with routed_adapters(self, adapter_names):
+                return self.base_model(*args, **kwargs)
         return self.base_model(*args, **kwargs)
 
     def _bind_forward_signature(self) -> None:
@@ -114,7 +123,10 @@ class PeftModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         return self.base_model
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        if adapter_names is not None:  # one adapter per row (structlora.mixed)
+            with routed_adapters(self, adapter_names):
+                return self.base_model.generate(*args, **kwargs)
         return self.base_model.generate(*args, **kwargs)
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
@@ -134,7 +146,13 @@ class PeftModel(nn.Module):
         self.activation_checkpointing_enable(gradient_checkpointing_kwargs)
 
     def _bank_factors(self, _module: nn.Module, _args: Any) -> None:
-        if torch.compiler.is_compiling() or all(type(config) is LoraConfig for config in self.peft_config.values()):
+        if torch.compiler.is_compiling():
+            return
+        if self._factors_cached_at != self._state.version:
+            # Any adapter transition (switch, merge, disable, load): no factor cached before it is reused.
+            clear_factor_caches(self.base_model)
+            self._factors_cached_at = self._state.version
+        if all(type(config) is LoraConfig for config in self.peft_config.values()):
             return  # plain LoRA computes no factor
         if not torch.is_grad_enabled():
             return  # without autograd each adapter reuses its cached factors (structlora.inference)
@@ -174,15 +192,22 @@ class PeftModel(nn.Module):
                 f"adapter {adapter_name!r} was made for a {config.base_model_type!r} model, but this base model "
                 f"is {model_type!r}")
         targets = config.target_modules
-        if targets is None:
-            targets = default_targets(model_type, config.method, getattr(config, "use_parallel_adapter", False))
-        self._check_targets(config, targets, model_type)
+        if isinstance(config, BitFitConfig):
+            if not any(n.endswith("bias") for n, _ in self.base_model.named_parameters()):
+                raise ValueError(f"BitFit trains biases, but this {model_type or 'model'} has no bias parameters")
+        else:
+            if targets is None:
+                targets = default_targets(model_type, config.method, getattr(config, "use_parallel_adapter", False),
+                                          getattr(config, "placement", "houlsby"))
+            self._check_targets(config, targets, model_type)
         with self._transaction():
-            if isinstance(config, LorettaAdpConfig):
+            if isinstance(config, BitFitConfig):
+                injected = []  # BitFit only trains the base model's biases (and the head)
+            elif isinstance(config, LorettaAdpConfig):
                 injected = self._inject_bottleneck(adapter_name, config, targets, model_type)
             else:
                 injected = self._inject_low_rank(adapter_name, config, targets)
-            if not injected:
+            if not injected and not isinstance(config, BitFitConfig):
                 names = [n for n, _ in self.base_model.named_modules() if not _is_internal(n)]
                 adaptable = [n for n, m in self.base_model.named_modules() if layer_kind(m) and not _is_internal(n)]
                 raise unknown_target_error(targets, names, adaptable)
@@ -343,7 +368,9 @@ class PeftModel(nn.Module):
     def _select_trained_biases(self, config: AdapterConfig, injected: list[str]) -> list[str]:
         if config.bias == "none":
             return []
-        names = [n for n, _ in self.base_model.named_parameters() if n.endswith("bias") and ".adapters." not in n]
+        # Not the adapters' own biases, nor those of a wrapped head's frozen original (its copy is trained).
+        names = [n for n, _ in self.base_model.named_parameters()
+                 if n.endswith("bias") and ".adapters." not in n and ".original." not in n]
         if config.bias in ("lora_only", "adapter_only"):
             names = [n for n in names if any(n.startswith(layer + ".base_layer.") for layer in injected)]
         return names
@@ -369,7 +396,15 @@ class PeftModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Inside the block the model computes exactly what the base model computes. Blocks nest."""
+        """Inside the block the model computes exactly what the base model computes. Blocks nest.
+
+        Refused for an adapter that trains the base model's own biases (BitFit, bias="all"/"lora_only"):
+        those are changed in place, so the base function is no longer there to switch back to."""
+        in_place = self._trained_base_params.get(self.active_adapter, [])
+        if in_place:
+            raise ValueError(
+                f"disable_adapter cannot give the base model's outputs for adapter {self.active_adapter!r}: it "
+                f"trains {len(in_place)} of the base model's biases in place (e.g. {in_place[0]})")
         self._state.enter_disabled()
         self._sync_disabled()
         try:
@@ -384,10 +419,12 @@ class PeftModel(nn.Module):
 
     # -- merging ------------------------------------------------------------------------------------------
     def _require_mergeable(self, what: str) -> None:
+        refuse_quantized_merge(self._wrappers(), what)
         config = self.peft_config[self.active_adapter]
         if isinstance(config, LorettaAdpConfig):
+            kind = "dense" if config.method == "adapter" else "LoRETTA_adp"
             raise ValueError(
-                f"{what} is not possible for LoRETTA_adp adapter {self.active_adapter!r}: a bottleneck adapter "
+                f"{what} is not possible for {kind} adapter {self.active_adapter!r}: a bottleneck adapter "
                 f"applies a non-linearity (down → {config.non_linearity} → up) to the activations, so it is not "
                 f"a change of the weights and cannot be folded into them")
 
@@ -475,9 +512,12 @@ class PeftModel(nn.Module):
         self._state.check_save(names)
         if os.path.isfile(save_directory):
             raise ValueError(f"save_pretrained needs a directory, but {save_directory!r} is a file")
-        states = {}
+        states, sharded = {}, False
         for adapter_name in names:  # everything is gathered and checked before the first file is written
-            tensors = {k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict(adapter_name).items()}
+            # Sharded (FSDP2) weights are gathered on every rank, which must all call this; rank 0 writes.
+            state, gathered = gather_full(self.adapter_state_dict(adapter_name))
+            sharded |= gathered
+            tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
             if not tensors:
                 raise ValueError(f"save_pretrained: adapter {adapter_name!r} has no weights to save")
             bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -485,6 +525,8 @@ class PeftModel(nn.Module):
                 raise ValueError(f"save_pretrained: adapter {adapter_name!r} has non-finite values (NaN/inf) in "
                                  f"{len(bad)} tensor(s), e.g. {bad[0]}; refusing to save a diverged adapter")
             states[adapter_name] = tensors
+        if sharded and not is_writer():
+            return
         for adapter_name, tensors in states.items():
             directory = save_directory if adapter_name == "default" else os.path.join(save_directory, adapter_name)
             os.makedirs(directory, exist_ok=True)

@@ -35,17 +35,18 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, rstd, weight = ctx.saved_tensors
-        normed32 = x.float() * rstd
-        grad_weight = None
+        width = x.shape[-1]
+        x32, grad32 = x.float(), grad_out.float()  # no copies in fp32
+        grad_x = grad_weight = None
         if ctx.needs_input_grad[1]:
-            # The same product and reduction as autograd's for `weight * normed` (weight broadcast over tokens).
-            grad_weight = (grad_out * normed32.to(x.dtype)).reshape(-1, weight.shape[-1]).sum(0).to(weight.dtype)
-        grad_x = None
+            # Σ over tokens of grad·x·rstd: the per-token rstd times grad·x as one vector-matrix product.
+            grad_weight = (rstd.reshape(1, -1) @ (grad32 * x32).reshape(-1, width)).reshape(width).to(weight.dtype)
         if ctx.needs_input_grad[0]:
-            grad_normed = (grad_out * weight).float()
-            # d/dx of x * rsqrt(mean(x^2) + eps), per token.
-            grad_x = rstd * (grad_normed - normed32 * (grad_normed * normed32).mean(-1, keepdim=True))
-            grad_x = grad_x.to(x.dtype)
+            # d/dx of x·rsqrt(mean(x²) + eps), per token: rstd·g − x·rstd³·mean(g·x), g = grad·weight; in place
+            # on one buffer (4 passes over it instead of the 9 of the plain-ops backward).
+            scaled = grad32 * weight
+            coefficient = (scaled * x32).sum(-1, keepdim=True).mul_(rstd.pow(3))
+            grad_x = scaled.mul_(rstd).addcmul_(x32, coefficient, value=-1.0 / width).to(x.dtype)
         return grad_x, grad_weight, None
 
 

@@ -57,6 +57,25 @@ BOTTLENECK_DEFAULT_TARGETS: dict[str, Union[list[str], str]] = {
     "opt": ["fc1", "fc2"],
     "gpt2": r".*\.mlp\.c_(fc|proj)",
 }
+# Dense adapters (DenseAdapterConfig): Houlsby = after the attention output projection and after the FFN,
+# Pfeiffer = after the FFN only. Every one sits on the projection's output ("output" placement).
+_LLAMA_FAMILY = ("llama", "mistral", "qwen2", "gemma", "gemma2")
+DENSE_ADAPTER_DEFAULT_TARGETS: dict[str, dict[str, Union[list[str], str]]] = {
+    "houlsby": {
+        **{family: _BERT_FAMILY_ADAPTER_TARGETS for family in ("bert", "roberta", "xlm-roberta", "deberta",
+                                                               "deberta-v2")},
+        **{family: ["o_proj", "down_proj"] for family in _LLAMA_FAMILY},
+        "opt": ["out_proj", "fc2"],
+        "gpt2": r".*\.(attn|mlp)\.c_proj",
+    },
+    "pfeiffer": {
+        **{family: r".*\.layer\.\d+\.output\.dense" for family in ("bert", "roberta", "xlm-roberta",
+                                                                     "deberta", "deberta-v2")},
+        **{family: ["down_proj"] for family in _LLAMA_FAMILY},
+        "opt": ["fc2"],
+        "gpt2": r".*\.mlp\.c_proj",
+    },
+}
 PARALLEL_DEFAULT_TARGETS: dict[str, list[str]] = {
     family: ["q_proj", "k_proj", "v_proj"] for family in ("llama", "mistral", "qwen2", "gemma", "gemma2", "opt")
 }
@@ -80,8 +99,11 @@ def module_matches(name: str, targets: Union[list[str], str]) -> bool:
     return any(name == target or name.endswith("." + target) for target in targets)
 
 
-def default_targets(model_type: str, method: str, parallel: bool = False) -> Union[list[str], str]:
-    if method == "loretta_adp":
+def default_targets(model_type: str, method: str, parallel: bool = False,
+                    placement: str = "houlsby") -> Union[list[str], str]:
+    if method == "adapter" and not parallel:
+        table = DENSE_ADAPTER_DEFAULT_TARGETS[placement]
+    elif method in ("loretta_adp", "adapter"):
         table = PARALLEL_DEFAULT_TARGETS if parallel else BOTTLENECK_DEFAULT_TARGETS
     else:
         table = LOW_RANK_DEFAULT_TARGETS

@@ -2,10 +2,11 @@
 
 The stock Trainer saves a full state dict for models it does not recognise; this subclass saves
 `save_pretrained()`'s adapter folder instead and reloads it for `resume_from_checkpoint` and
-`load_best_model_at_end`.
+`load_best_model_at_end`. `AdapterCheckpoints` is that part alone, a mixin for other Trainer subclasses
+(TRL's, `structlora.integrations.trl`).
 
-It also refuses to go on silently when something is wrong: a non-finite loss or gradient stops the run with
-`NonFiniteTrainingError` (or, with `skip_nonfinite_steps=True`, drops that step's gradients and counts it in
+`AdapterTrainer` also refuses to go on silently when something is wrong: a non-finite loss or gradient stops the
+run with `NonFiniteTrainingError` (or, with `skip_nonfinite_steps=True`, drops that step's gradients and counts it in
 `skipped_nonfinite_steps`), and resuming from a checkpoint that lacks the optimizer, scheduler or trainer state
 (which would silently give another result) is refused unless `allow_incomplete_checkpoint=True`.
 """
@@ -63,15 +64,16 @@ class GuardedTrainer(NonFiniteGuard, Trainer):
     """transformers' Trainer with the non-finite guard (full fine-tuning)."""
 
 
-class AdapterTrainer(NonFiniteGuard, Trainer):
-    def __init__(self, *args: Any, allow_incomplete_checkpoint: bool = False, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.allow_incomplete_checkpoint = allow_incomplete_checkpoint
+class AdapterCheckpoints:
+    """Mixin for a transformers Trainer (sub)class: checkpoints hold the adapter folder only (the TRL trainers of
+    `structlora.integrations.trl` use it too)."""
+
+    allow_incomplete_checkpoint = False
 
     def _peft_model(self, model: torch.nn.Module | None = None) -> PeftModel:
         unwrapped = self.accelerator.unwrap_model(model if model is not None else self.model)
         if not isinstance(unwrapped, PeftModel):
-            raise TypeError(f"AdapterTrainer trains a structlora PeftModel, got {type(unwrapped).__name__}")
+            raise TypeError(f"{type(self).__name__} trains a structlora PeftModel, got {type(unwrapped).__name__}")
         return unwrapped
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -96,6 +98,12 @@ class AdapterTrainer(NonFiniteGuard, Trainer):
     def _load_best_model(self) -> None:
         peft_model = self._peft_model()
         peft_model.load_adapter_weights(self.state.best_model_checkpoint, peft_model.active_adapter)
+
+
+class AdapterTrainer(NonFiniteGuard, AdapterCheckpoints, Trainer):
+    def __init__(self, *args: Any, allow_incomplete_checkpoint: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.allow_incomplete_checkpoint = allow_incomplete_checkpoint
 
 
 def _nonfinite_problem(model: torch.nn.Module, loss: torch.Tensor) -> str | None:

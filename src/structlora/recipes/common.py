@@ -52,7 +52,11 @@ from .device import resolve_device_settings
 if TYPE_CHECKING:
     import torch
 
-METHODS: tuple[str, ...] = ("lora", "mtlora", "loretta-rep", "loretta-adp", "full")
+METHODS: tuple[str, ...] = ("lora", "mtlora", "loretta-rep", "loretta-adp", "full",
+                             # the papers' baselines: dense adapters, BitFit, and PEFT's own methods
+                             "adapter", "bitfit", "ia3", "prefix", "prompt", "ptuning")
+PEFT_LIBRARY_METHODS: tuple[str, ...] = ("ia3", "prefix", "prompt", "ptuning")  # see peft_methods.py
+ADAPTER_PLACEMENTS: tuple[str, ...] = ("houlsby", "pfeiffer")
 MTLORA_STRUCTURES: tuple[str, ...] = ("shim", "icfm", "ctcm", "dtsm")
 INIT_CHOICES: tuple[str, ...] = ("default", "reference", "identity")
 LR_SCHEDULERS: tuple[str, ...] = (
@@ -109,7 +113,9 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     _track_explicit_flags(parser)
     group = parser.add_argument_group("adapter")
     group.add_argument("--method", choices=METHODS, default="lora",
-                       help="adapter method, or full fine-tuning")
+                       help="lora, mtlora, loretta-rep, loretta-adp, full fine-tuning, or a baseline: adapter "
+                            "(dense bottleneck), bitfit, ia3, prefix, prompt, ptuning (the last four need peft) "
+                            "(default: lora)")
     group.add_argument("--structure", choices=MTLORA_STRUCTURES, default="shim",
                        help="MTLoRA's T: shim T=C, icfm T=C·Cᵀ, ctcm T=C·D, dtsm T=C+D (only with --method mtlora)")
     group.add_argument("--r", type=int, default=None, help="LoRA rank (default: the method's config, 8)")
@@ -122,6 +128,11 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                        help="tensor-train rank of LoRETTA's cores (default: the method's config, 5)")
     group.add_argument("--bottleneck-size", type=int, default=None,
                        help="bottleneck width of LoRETTA_adp adapters (default: the method's config, 64)")
+    group.add_argument("--adapter-placement", choices=ADAPTER_PLACEMENTS, default="houlsby",
+                       help="dense adapters (--method adapter): houlsby = after attention and FFN, "
+                            "pfeiffer = after FFN")
+    group.add_argument("--num-virtual-tokens", type=int, default=None,
+                       help="virtual tokens of --method prefix/prompt/ptuning (default 20)")
     group.add_argument("--target-modules", type=_comma_list, default=None,
                        help="comma-separated module names to adapt, or one regular expression (default: the "
                             "architecture's, e.g. query,value for BERT/RoBERTa, q_proj,v_proj for Llama)")
@@ -279,6 +290,10 @@ def build_peft_config(args: argparse.Namespace, task_type: str) -> Any | None:
     method = args.method
     if method == "full":
         return None
+    if method in PEFT_LIBRARY_METHODS:
+        from . import peft_methods
+
+        return peft_methods.build_config(args, task_type)
     import structlora
 
     def given(**kwargs: Any) -> dict[str, Any]:
@@ -304,12 +319,22 @@ def build_peft_config(args: argparse.Namespace, task_type: str) -> Any | None:
         return structlora.LorettaAdpConfig(**common, **given(bottleneck_size=args.bottleneck_size,
                                                              adapter_dropout=args.lora_dropout,
                                                              tensor_rank=args.tensor_rank, init=init))
+    if method == "adapter":
+        return structlora.DenseAdapterConfig(**common, placement=getattr(args, "adapter_placement", "houlsby"),
+                                             **given(bottleneck_size=args.bottleneck_size,
+                                                     adapter_dropout=args.lora_dropout, init=init))
+    if method == "bitfit":
+        return structlora.BitFitConfig(**common)
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
 def wrap_model(model: torch.nn.Module, args: argparse.Namespace, task_type: str) -> torch.nn.Module:
     """Apply the adapter chosen by ``args.method`` (or unfreeze everything for ``full``) and load
     ``args.init_from`` if given."""
+    if args.method in PEFT_LIBRARY_METHODS:
+        from . import peft_methods
+
+        return peft_methods.wrap(model, args, task_type)
     config = build_peft_config(args, task_type)
     init_from = getattr(args, "init_from", None)
     if config is None:
@@ -461,7 +486,7 @@ def _report_to(value: Any) -> str | list[str]:
 
 
 def default_trainer_class(method: str) -> type:
-    if method == "full":
+    if method == "full" or method in PEFT_LIBRARY_METHODS:  # transformers' Trainer saves PEFT models itself
         from structlora.trainer import GuardedTrainer
 
         return GuardedTrainer

@@ -63,7 +63,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def method_label(args: argparse.Namespace) -> str:
-    return f"mtlora-{args.structure}" if args.method == "mtlora" else args.method
+    if args.method == "mtlora":
+        return f"mtlora-{args.structure}"
+    if args.method == "adapter":
+        return f"adapter-{args.adapter_placement}"
+    return args.method
 
 
 def _tokenize(dataset: Any, tokenizer: Any, text_columns: tuple[str, ...], max_length: int,

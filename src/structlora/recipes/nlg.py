@@ -129,9 +129,9 @@ def build_model(args: argparse.Namespace, spec: Any):
     from structlora.nlg.modeling import load_causal_lm
 
     model = load_causal_lm(spec)
-    config = common.build_peft_config(args, TASK_TYPE)
-    if config is None:
+    if args.method == "full" or args.method in common.PEFT_LIBRARY_METHODS:
         return common.wrap_model(model, args, TASK_TYPE)
+    config = common.build_peft_config(args, TASK_TYPE)
     enable_lora = _parse_enable_lora(getattr(args, "enable_lora", None))
     if enable_lora is not None:
         if not hasattr(config, "enable_lora"):

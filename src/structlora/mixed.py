@@ -1,0 +1,178 @@
+"""Several adapters in one batch, and replacing an adapter's weights in place.
+
+`model(..., adapter_names=[...])` and `model.generate(..., adapter_names=[...])` run row i of the batch with
+adapter `adapter_names[i]`, or with none for "__base__", as PEFT does. Inside the call the adapters are
+disabled (every wrapper computes its base output) and temporary hooks add, per group of rows sharing an
+adapter, that adapter's contribution to those rows: the low-rank update, a bottleneck adapter before, after or
+beside its projection, a trained norm or head copy. A row therefore gets what it gets when run alone with its
+adapter active. Rows expanded by generate (beams, several return sequences) follow their source row.
+
+`hotswap_adapter` writes another saved adapter's weights into an existing adapter in place: no module is
+rebuilt, the parameters stay the same objects, so an optimizer or a `torch.compile`d model keeps working
+without recompiling (tested with `error_on_recompile`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any, Iterator
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig, LoraConfig
+from .engine import add_lowrank_embedding_update, add_lowrank_update
+from .layers import BottleneckLayer, LowRankLayer, TrainableCopy
+
+if TYPE_CHECKING:
+    from .model import PeftModel
+
+BASE_ADAPTER = "__base__"
+
+
+class _Routing:
+    """Which rows use which adapter; index tensors made once per (batch size, device)."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self._groups: dict[tuple[int, torch.device], list[tuple[str, torch.Tensor]]] = {}
+
+    def groups(self, rows: int, device: torch.device) -> list[tuple[str, torch.Tensor]]:
+        key = (rows, device)
+        if key not in self._groups:
+            if rows % len(self.names):
+                raise ValueError(f"adapter_names has {len(self.names)} entries, but the batch has {rows} rows")
+            repeat = rows // len(self.names)  # generate repeats each row for beams / return sequences
+            per_row = [name for name in self.names for _ in range(repeat)]
+            groups = {}
+            for row, name in enumerate(per_row):
+                if name != BASE_ADAPTER:
+                    groups.setdefault(name, []).append(row)
+            self._groups[key] = [(name, torch.tensor(rows_, device=device)) for name, rows_ in groups.items()]
+        return self._groups[key]
+
+
+def _low_rank_hook(routing: _Routing):
+    def hook(layer: LowRankLayer, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        for name, rows in routing.groups(x.shape[0], x.device):
+            if name not in layer.adapters:
+                continue
+            adapter = layer.adapters[name]
+            a_eff, b_eff = adapter.effective_factors(output.dtype)
+            base_rows, x_rows = output.index_select(0, rows), x.index_select(0, rows)
+            if layer.kind == "embedding":
+                base = layer.base_layer
+                updated = add_lowrank_embedding_update(
+                    base_rows, x_rows, a_eff, b_eff, padding_idx=base.padding_idx, max_norm=base.max_norm,
+                    norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
+            else:
+                updated = add_lowrank_update(base_rows, adapter.dropout(x_rows).to(output.dtype), a_eff, b_eff)
+            output = output.index_copy(0, rows, updated)
+        return output
+    return hook
+
+
+def _bottleneck_pre_hook(routing: _Routing):
+    def hook(layer: BottleneckLayer, args: tuple) -> tuple | None:
+        x = args[0]
+        for name, rows in routing.groups(x.shape[0], x.device):
+            if name in layer.adapters and layer.placements[name] == "input":
+                x_rows = x.index_select(0, rows)
+                x = x.index_copy(0, rows, x_rows + layer.adapters[name](x_rows))
+        return (x, *args[1:])
+    return hook
+
+
+def _bottleneck_hook(routing: _Routing):
+    def hook(layer: BottleneckLayer, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]  # (as modified by the pre-hook only in rows whose placement is "input")
+        for name, rows in routing.groups(output.shape[0], output.device):
+            placement = layer.placements.get(name)
+            if placement not in ("output", "parallel"):
+                continue
+            out_rows = output.index_select(0, rows)
+            source = out_rows if placement == "output" else x.index_select(0, rows)
+            output = output.index_copy(0, rows, out_rows + layer.adapters[name](source))
+        return output
+    return hook
+
+
+def _copy_hook(routing: _Routing):
+    def hook(wrapper: TrainableCopy, args: tuple, kwargs: dict, output: Any) -> Any:
+        if not isinstance(output, torch.Tensor) or not args:
+            raise TypeError(f"adapter_names: a trained copy of {type(wrapper.original).__name__} returning "
+                            f"{type(output).__name__} cannot be routed per row")
+        x = args[0]
+        for name, rows in routing.groups(x.shape[0], x.device):
+            if name in wrapper.adapters:
+                row_args = (x.index_select(0, rows), *args[1:])
+                output = output.index_copy(0, rows, wrapper.adapters[name](*row_args, **kwargs).to(output.dtype))
+        return output
+    return hook
+
+
+def _check_names(model: "PeftModel", adapter_names: Any) -> list[str]:
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)) or not adapter_names:
+        raise TypeError(f"adapter_names must be a non-empty list with one adapter name per row, got {adapter_names!r}")
+    unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in model.peft_config})
+    if unknown:
+        raise ValueError(f"adapter_names: no adapter named {', '.join(map(repr, unknown))}; adapters: "
+                         f"{', '.join(model.peft_config)}, or {BASE_ADAPTER!r} for the base model")
+    return list(adapter_names)
+
+
+@contextlib.contextmanager
+def routed_adapters(model: "PeftModel", adapter_names: list[str]) -> Iterator[None]:
+    """Inside the block, row i of every batch runs with adapter `adapter_names[i]` ("__base__": none)."""
+    routing = _Routing(_check_names(model, adapter_names))
+    handles = []
+    with model.disable_adapter():  # refused while merged: a merged ΔW would apply to every row
+        try:
+            for _, wrapper in model._wrappers():
+                if isinstance(wrapper, LowRankLayer):
+                    handles.append(wrapper.register_forward_hook(_low_rank_hook(routing)))
+                elif isinstance(wrapper, BottleneckLayer):
+                    handles.append(wrapper.register_forward_pre_hook(_bottleneck_pre_hook(routing)))
+                    handles.append(wrapper.register_forward_hook(_bottleneck_hook(routing)))
+                elif isinstance(wrapper, TrainableCopy):
+                    handles.append(wrapper.register_forward_hook(_copy_hook(routing), with_kwargs=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+# Config fields that change only values, not the module tree: a hot swap may differ in these.
+_SWAPPABLE_FIELDS = {"lora_alpha", "lora_dropout", "base_model_name_or_path", "inference_mode", "init"}
+
+
+def hotswap_adapter(model: "PeftModel", model_id: str, adapter_name: str = "default") -> None:
+    """Replace the weights of `adapter_name` with those saved in `model_id`, in place.
+
+    The saved adapter must have the same structure (method, targets, ranks, …); a different `lora_alpha` sets
+    the new scaling (a Python float: under torch.compile that one change recompiles). Checked before anything
+    is written; refused while an adapter is merged."""
+    if adapter_name not in model.peft_config:
+        raise ValueError(f"hotswap_adapter: no adapter named {adapter_name!r}; adapters: {', '.join(model.peft_config)}")
+    current, new = model.peft_config[adapter_name], AdapterConfig.from_pretrained(model_id)
+    old_fields, new_fields = current.to_dict(), new.to_dict()
+    different = sorted(k for k in old_fields.keys() | new_fields.keys()
+                       if k not in _SWAPPABLE_FIELDS and k != "base_model_type" and old_fields.get(k) != new_fields.get(k))
+    if different:
+        raise ValueError(f"hotswap_adapter: {model_id!r} is not the same adapter structure as {adapter_name!r} "
+                         f"(differs in {', '.join(different)}); load it with model.load_adapter(path, new_name)")
+    alpha_changes = isinstance(current, LoraConfig) and new.lora_alpha != current.lora_alpha
+    previous_alpha = getattr(current, "lora_alpha", None)
+    if alpha_changes:
+        current.lora_alpha = new.lora_alpha  # the weights file records the alpha it was saved with
+    try:
+        model.load_adapter_weights(model_id, adapter_name)
+    except BaseException:
+        if alpha_changes:
+            current.lora_alpha = previous_alpha
+        raise
+    if alpha_changes:
+        for _, wrapper in model._wrappers():
+            if isinstance(wrapper, LowRankLayer) and adapter_name in wrapper.adapters:
+                wrapper.adapters[adapter_name].scaling = current.scaling

@@ -1,0 +1,142 @@
+"""Quantized base models (QLoRA-style): bitsandbytes `Linear4bit` (nf4, fp4, double quant) and `Linear8bitLt`,
+torchao weight-only tensors (e.g. `Int8WeightOnlyConfig`).
+
+Every method wraps such a layer like any nn.Linear: the layer's own forward computes the base output in its
+compute dtype and the adapter, kept in fp32 masters, adds its update cast to that dtype (the generic path of
+`structlora.engine`; the fused dense path needs a plain weight). What cannot be done in place is merging:
+adding ΔW to a 4- or 8-bit weight means re-quantizing W + ΔW, which rounds a small ΔW mostly away and cannot
+be undone by `unmerge_adapter`. So `merge_adapter` and `merge_and_unload` refuse on a quantized base, and
+`merge_and_unload_dequantized` gives the merged model in full precision instead (exact: dequantized W + ΔW),
+which plain transformers saves and reloads, and which can be quantized again at load time.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+
+def _bnb_class(module: nn.Module) -> str | None:
+    """'Linear4bit' / 'Linear8bitLt' for bitsandbytes layers (by class, without importing bitsandbytes)."""
+    for cls in type(module).__mro__:
+        if cls.__module__.startswith("bitsandbytes") and cls.__name__ in ("Linear4bit", "Linear8bitLt"):
+            return cls.__name__
+    return None
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """A linear layer whose weight is not a plain floating-point tensor (bitsandbytes, torchao, …)."""
+    if _bnb_class(module) is not None:
+        return True
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return False
+    tensor_subclass = type(weight) not in (torch.Tensor, nn.Parameter) and hasattr(weight, "dequantize")
+    return tensor_subclass or not weight.dtype.is_floating_point
+
+
+def describe(module: nn.Module) -> str:
+    kind = _bnb_class(module)
+    if kind == "Linear4bit":
+        state = getattr(module.weight, "quant_state", None)
+        quant_type = getattr(state, "quant_type", "4-bit")
+        return f"bitsandbytes Linear4bit ({quant_type})"
+    if kind:
+        return f"bitsandbytes {kind}"
+    return f"{type(module).__name__} with a {type(module.weight).__name__} weight"
+
+
+@torch.no_grad()
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """The (out x in) weight a quantized linear computes with, in fp32."""
+    kind = _bnb_class(module)
+    if kind:
+        import bitsandbytes.functional as bnb_functional
+    if kind == "Linear4bit":
+        data, state = module.weight.data, module.weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            # bitsandbytes repacks the weight for its CPU kernel at the first no-grad forward: unpack a copy.
+            data, state = bnb_functional._convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(state))
+        return bnb_functional.dequantize_4bit(data, state).float()
+    if kind == "Linear8bitLt":
+        # The row scales move from the weight to the layer's state at the first forward.
+        weight = module.weight
+        codes = weight.CB if getattr(weight, "CB", None) is not None else weight.data
+        scales = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
+        return bnb_functional.int8_vectorwise_dequant(codes, scales).float()
+    weight = module.weight
+    if hasattr(weight, "dequantize"):
+        return weight.dequantize().float()
+    raise TypeError(f"cannot dequantize {describe(module)}")
+
+
+def refuse_quantized_merge(layers: Iterable[tuple[str, nn.Module]], what: str) -> None:
+    """Raise before anything changes if an adapted layer's base is quantized."""
+    for name, layer in layers:
+        base = getattr(layer, "base_layer", None)
+        if base is not None and is_quantized(base):
+            raise ValueError(
+                f"{what} cannot merge into {name!r}: its base is a {describe(base)}, so merging would re-quantize "
+                f"W + ΔW, which rounds most of the adapter's update away and cannot be unmerged. Use "
+                f"structlora.quantized.merge_and_unload_dequantized(model) for a full-precision merged model, or "
+                f"keep the adapter unmerged (it runs on the quantized base as it is)")
+
+
+def _plain_linear(module: nn.Module, dtype: torch.dtype) -> nn.Linear:
+    weight = dequantized_weight(module)
+    bias = getattr(module, "bias", None)
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias.float())
+    return linear
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Replace every quantized linear of `model` (adapter wrappers' bases included) by an nn.Linear holding its
+    dequantized weight, in place; drop transformers' quantization markers so `save_pretrained` writes a plain
+    checkpoint."""
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and is_quantized(child):
+                setattr(module, child_name, _plain_linear(child, dtype))
+    for target in (model, getattr(model, "base_model", None)):
+        config = getattr(target, "config", None)
+        if config is not None and hasattr(config, "quantization_config"):
+            del config.quantization_config
+        for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized", "hf_quantizer", "quantization_method"):
+            if isinstance(target, nn.Module) and flag in target.__dict__:
+                delattr(target, flag)
+    return model
+
+
+def merge_and_unload_dequantized(model: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The active adapter merged into a full-precision copy of the quantized base: every quantized linear
+    becomes an nn.Linear with its dequantized weight (the weights the quantized model computes with), then the
+    adapter is merged exactly. The quantized model is consumed (its modules are replaced)."""
+    dequantize_model(model.base_model, dtype)
+    return model.merge_and_unload()
+
+
+def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True,
+                                    gradient_checkpointing_kwargs: dict | None = None) -> nn.Module:
+    """PEFT's preparation of a 4/8-bit model, before `get_peft_model`: freeze everything, keep every
+    non-quantized fp16/bf16 parameter (norms, embeddings, head) in fp32, and make the embedding output require
+    grad so that checkpointed layers with a frozen input still back-propagate into the adapters."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    quantized_ids = {id(p) for m in model.modules() if is_quantized(m) for p in m.parameters(recurse=False)}
+    for parameter in model.parameters():
+        if id(parameter) not in quantized_ids and parameter.dtype in (torch.float16, torch.bfloat16):
+            parameter.data = parameter.data.float()
+    if use_gradient_checkpointing:
+        options = {"use_reentrant": True, **(gradient_checkpointing_kwargs or {})}
+        if options["use_reentrant"] and hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+        if hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    return model

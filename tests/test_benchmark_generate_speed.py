@@ -1,0 +1,37 @@
+"""Smoke test of benchmarks/generate_speed.py on a tiny Llama: it runs every kind of configuration, unmerged and
+merged, and reports ratios and the issue's targets. No timing assertions (a shared CPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("peft")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "generate_speed.py"
+
+
+def test_generate_speed_runs_and_reports(tmp_path) -> None:
+    spec = importlib.util.spec_from_file_location("generate_speed_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    report = module.main(["--tiny", "--rounds", "1", "--new-tokens", "2", "--beam-tokens", "2", "--batches", "1,2",
+                          "--methods", "peft_lora,lora,loretta_adp",
+                          "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md")])
+    saved = json.loads((tmp_path / "r.json").read_text())
+    keys = {(r["method"], r["targets"], r["merged"]) for r in saved["rows"]}
+    assert ("lora", "qv", True) in keys and ("loretta_adp", "default", False) in keys
+    assert ("loretta_adp", "default", True) not in keys  # not mergeable
+    assert len(saved["rows"]) == len(keys) * 4  # greedy and beam at batch 1 and 2
+    assert all(r["ratio_to_base"] > 0 and r["tokens_per_s"] > 0 for r in saved["rows"])
+    base_rows = [r for r in saved["rows"] if r["method"] == "base"]
+    assert all(r["ratio_to_base"] == 1.0 for r in base_rows)
+    assert {c["target"].split(": ")[1] for c in report["targets"]} >= {
+        "our unmerged LoRA qv / PEFT LoRA qv <= 1", "our unmerged LoRA all / PEFT LoRA all <= 1",
+        "LoRETTA_adp / base <= 1.15"}
+    assert "| target | measured | met |" in (tmp_path / "r.md").read_text()
