@@ -91,6 +91,11 @@ def test_every_command_parses_and_its_files_exist(command):
 
 @pytest.fixture()
 def offline(monkeypatch):
+    import huggingface_hub.constants
+
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import: without the constant a hub id tries the network,
+    # which on a machine without one can hang for many minutes instead of failing.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
@@ -171,7 +176,31 @@ def small_version(argv: list[str], models: dict[str, Path]) -> list[str]:
         argv[argv.index("--model") + 1] = str(models[argv[1]])
     if argv[0] == "report":
         argv = ["report", *sorted(p for a in argv[1:] for p in glob.glob(a))]
+    if argv[0] == "sweep":
+        return small_sweep(argv, models)
     return argv + BUDGETS.get(key, [])
+
+
+def small_sweep(argv: list[str], models: dict[str, Path]) -> list[str]:
+    """The README's grid cut to its first task, first two methods and first seed, each run on the tiny model
+    with the GLUE budget (the flags for the runs travel inside --train-args)."""
+    argv = list(argv)
+    for flag in ("--tasks", "--seeds"):
+        argv[argv.index(flag) + 1] = argv[argv.index(flag) + 1].split(",")[0]
+    methods = argv.index("--methods") + 1
+    argv[methods] = ",".join(argv[methods].split(",")[:2])
+    kept_methods = argv[methods].split(",")
+    while "--method-args" in argv:  # (repeatable) per-method flags: only those of the methods kept
+        at = argv.index("--method-args")
+        entry = argv[at + 1]
+        del argv[at:at + 2]
+        if entry.split("=", 1)[0] in kept_methods:
+            argv += ["--method-args=" + entry]
+    train_args = shlex.split(argv[argv.index("--train-args") + 1])
+    if "--model" in train_args:
+        train_args[train_args.index("--model") + 1] = str(models["glue"])
+    argv[argv.index("--train-args") + 1] = shlex.join(train_args + BUDGETS[("train", "glue")])
+    return argv
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "sst2").is_dir() or not (SHARED_DATA / "e2e").is_dir(),
