@@ -255,3 +255,14 @@ def test_train_nlg_on_e2e_without_a_train_file_uses_dev_train(tmp_path):
     assert default_train_split("e2e", str(tmp_path), "auto") == "dev-train"
     (tmp_path / "e2e" / "trainset.csv").write_text("mr,ref\n\"name[A]\",A.\n")
     assert default_train_split("e2e", str(tmp_path), "auto") == "train"
+
+
+def test_a_data_set_the_hub_did_not_provide_names_data_dir():
+    """Without ../shared/data (a clean clone) and offline, the NLG recipe's error says what to pass."""
+    import argparse
+
+    from structlora.cli import _one_line
+
+    error = ConnectionError("Couldn't reach 'e2e_nlg' on the Hub (LocalEntryNotFoundError)")
+    line = _one_line(error, argparse.Namespace(data_dir=None, model="gpt2-medium"))
+    assert "--data-dir" in line and "e2e_nlg" in line and "--model" not in line

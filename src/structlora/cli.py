@@ -99,8 +99,16 @@ _HUB_FAILURE_HINTS = ("huggingface.co", "couldn't connect", "offline mode", "is 
                       "repository not found", "not a valid model identifier")
 
 
+# datasets' message when neither a local copy nor the Hub has a data set ("Couldn't reach 'e2e_nlg' on the Hub").
+_DATASET_HUB_FAILURE = "couldn't reach"
+
+
 def _one_line(error: BaseException, args: argparse.Namespace) -> str:
     text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, OSError) and _DATASET_HUB_FAILURE in text.lower() and hasattr(args, "data_dir"):
+        # Checked before the model: datasets' message names the data set but not where a local copy goes.
+        return (f"cannot load the data set: no local copy was found and the Hugging Face Hub did not provide it "
+                f"({text}). Pass --data-dir with the folder that holds it ({DATA_RULE})")
     model = getattr(args, "model", None)
     if model and isinstance(error, OSError) and any(h in text.lower() for h in _HUB_FAILURE_HINTS):
         # transformers' message names neither the model nor what to do instead.
