@@ -30,9 +30,9 @@ import argparse
 import copy
 import json
 import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
+from unittest.mock import patch
 
 import torch
 
@@ -107,23 +107,13 @@ def forward_and_grads(model: torch.nn.Module, ids: torch.Tensor, loss_scale: flo
     return out.logits.detach(), grads
 
 
-@contextmanager
-def patched(owner: Any, name: str, value: Any) -> Iterator[None]:
-    original = getattr(owner, name)
-    setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        setattr(owner, name, original)
-
-
 def bank_switched_off() -> Any:
-    return patched(model_module, "bank", lambda members: 0)
+    return patch.object(model_module, "bank", lambda members: 0)
 
 
 def generic_path() -> Any:
     """The plain formula in ordinary autograd ops instead of the fused node (what the engine must match)."""
-    return patched(LowRankLayer, "_fast_path_weight", lambda self, adapter: None)
+    return patch.object(LowRankLayer, "_fast_path_weight", lambda self, adapter: None)
 
 
 def gradient_error(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:

@@ -14,6 +14,7 @@ from .data import NLGInput, write_e2e_references, write_multi_references
 from .modeling import SEPARATOR, prompt_ids
 
 DECODING_MODES: tuple[str, ...] = ("authors", "hf")
+_AUTHORS = AuthorsBeamSettings()  # the README's values, defined once in authors_decoding
 
 
 @dataclass
@@ -24,11 +25,11 @@ class DecodingSettings:
     blocking also covers the prompt and whose beams stop differently. ``tokenize_lower`` is the decode
     step's ``--tokenize --lower`` (the authors use it for WebNLG and DART, on outputs and references)."""
 
-    beams: int = 10
-    length_penalty: float = 0.8
-    no_repeat_ngram_size: int = 4
-    repetition_penalty: float = 1.0
-    max_new_tokens: int = 64
+    beams: int = _AUTHORS.beams
+    length_penalty: float = _AUTHORS.length_penalty
+    no_repeat_ngram_size: int = _AUTHORS.no_repeat_ngram_size
+    repetition_penalty: float = _AUTHORS.repetition_penalty
+    max_new_tokens: int = _AUTHORS.max_steps
     batch_size: int = 8
     mode: str = "authors"
     tokenize_lower: bool = False
