@@ -123,6 +123,15 @@ class PeftModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         return self.base_model
 
+    def clear_factor_caches(self) -> int:
+        """Drop the factors cached for inference (`structlora.inference`); returns how many caches were dropped.
+
+        Needed only after writing adapter weights in a way autograd does not see, `param.data.copy_(...)` or
+        writes through `.numpy()` / DLPack: nothing records those, so a later no-grad forward would reuse factors
+        of the old weights. Optimizer steps, `load_state_dict`, `copy_` under `torch.no_grad()`, loading,
+        switching, merging and `.to()` are all detected without it."""
+        return clear_factor_caches(self.base_model)
+
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         if adapter_names is not None:  # one adapter per row (structlora.mixed)
             with routed_adapters(self, adapter_names):
