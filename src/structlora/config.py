@@ -12,6 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 CONFIG_NAME = "adapter_config.json"
+# Written as `peft_type` in our adapter_config.json. PEFT's loaders (PeftModel / PeftConfig / AutoPeftModel
+# .from_pretrained) look this key up in their table of methods and fail with a KeyError quoting the value, so
+# the value is the instruction a user meeting that error needs. Our loader ignores the key.
+PEFT_TYPE_MARKER = ("structlora adapter folder, not a PEFT one: load it with structlora.PeftModel.from_pretrained("
+                    "model, path), or write a PEFT LoRA folder from it with structlora.export_to_peft(peft_model, "
+                    "out_dir)")
+_HUB_CACHE_SNAPSHOT = re.compile(r"models--(?P<repo>[^/\\]+)[/\\]snapshots[/\\]")
 
 
 class TaskType(str, enum.Enum):
@@ -81,6 +88,22 @@ def _require_slices(name: str, value: Any) -> None:
                         f"got {value!r}")
 
 
+def portable_model_name(name: Union[str, None]) -> Union[str, None]:
+    """The base model's name as a saved config should record it: a Hub id stays as it is; a local folder
+    becomes its folder name (an absolute path would not exist on another machine); a Hugging Face cache
+    snapshot (`.../models--org--name/snapshots/<hash>`) becomes its Hub id `org/name`."""
+    if not name:
+        return None
+    name = str(name)
+    cached = _HUB_CACHE_SNAPSHOT.search(name)
+    if cached:
+        return cached.group("repo").replace("--", "/")
+    expanded = os.path.expanduser(name)
+    if os.path.isabs(expanded) or name.startswith((".", "~")) or os.path.exists(expanded):
+        return os.path.basename(os.path.normpath(expanded)) or None
+    return name
+
+
 @dataclass
 class AdapterConfig:
     """Fields shared by every method."""
@@ -122,13 +145,24 @@ class AdapterConfig:
         return data
 
     def save_pretrained(self, directory: str) -> None:
+        """Write `adapter_config.json` into `directory` (created if needed). The base model is recorded by a
+        portable name (`portable_model_name`), and `peft_type` holds PEFT_TYPE_MARKER so that PEFT's loaders
+        fail with a message naming structlora's loader and `export_to_peft`."""
         os.makedirs(directory, exist_ok=True)
+        data = self.to_dict()
+        data["base_model_name_or_path"] = portable_model_name(self.base_model_name_or_path)
+        data["peft_type"] = PEFT_TYPE_MARKER
         with open(os.path.join(directory, CONFIG_NAME), "w") as handle:
-            json.dump(self.to_dict(), handle, indent=2, sort_keys=True)
+            json.dump(data, handle, indent=2, sort_keys=True)
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> "AdapterConfig":
         method = data.get("method")
+        peft_type = data.get("peft_type")
+        if method is None and isinstance(peft_type, str) and peft_type != PEFT_TYPE_MARKER:
+            raise ValueError(
+                f"this adapter config is PEFT's (peft_type {peft_type!r}), not structlora's: load it with "
+                "peft.PeftModel.from_pretrained (a `loretta` package folder loads with structlora.from_loretta)")
         if method not in CONFIG_CLASSES:
             raise ValueError(
                 f"adapter config names method {method!r}, which structlora does not know; valid: "

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import LorettaAdpConfig, LorettaRepConfig, TaskType
+from .config import LorettaAdpConfig, LorettaRepConfig, TaskType, portable_model_name
 from .layers import LowRankLayer, TrainableCopy
 from .model import PeftModel, _is_internal
 from .targets import is_norm_module
@@ -95,7 +95,7 @@ def export_to_peft(model: PeftModel, save_directory: str, adapter_name: str | No
         "bias": "none",
         "fan_in_fan_out": fan_in_fan_out,
         "modules_to_save": modules_to_save or None,
-        "base_model_name_or_path": config.base_model_name_or_path,
+        "base_model_name_or_path": portable_model_name(config.base_model_name_or_path),
         "inference_mode": True,
     }
     if config.bias != "none":

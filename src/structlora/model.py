@@ -18,7 +18,8 @@ from torch import nn
 from .adapter_state import AdapterState, AdapterStateError, ModuleSnapshot
 from .bank import bank
 from .inference import clear_factor_caches
-from .config import (AdapterConfig, BitFitConfig, LoraConfig, LorettaAdpConfig, LorettaRepConfig, TaskType)
+from .config import (AdapterConfig, BitFitConfig, LoraConfig, LorettaAdpConfig, LorettaRepConfig, TaskType,
+                     portable_model_name)
 from .distributed import gather_full, is_writer
 from .layers import AdapterLayerMixin, BottleneckLayer, LowRankLayer, TrainableCopy, base_shape, layer_kind
 from .mixed import routed_adapters
@@ -217,8 +218,12 @@ class PeftModel(nn.Module):
             self._state.add(adapter_name)
             self.set_adapter(self._state.active or adapter_name)
         config.base_model_type = model_type or None
+        if config.target_modules is None and not isinstance(config, BitFitConfig):
+            # Record what the defaults resolved to, so that the saved config says which modules were adapted:
+            # a default list as it is, a default regex as the module names it matched.
+            config.target_modules = list(targets) if isinstance(targets, list) else injected
         if config.base_model_name_or_path is None:
-            config.base_model_name_or_path = getattr(self.base_model, "name_or_path", None) or None
+            config.base_model_name_or_path = portable_model_name(getattr(self.base_model, "name_or_path", None))
 
     def _check_targets(self, config: AdapterConfig, targets: Union[list[str], str], model_type: str) -> None:
         """Refuse, before anything is injected, targets the method cannot adapt and per-layer options
@@ -598,6 +603,10 @@ class PeftModel(nn.Module):
         except json.JSONDecodeError as error:
             raise ValueError(f"corrupt {CONFIG_METADATA_KEY} metadata in {path!r}: {error}") from error
         current = _structure_fields(self.peft_config[adapter_name])
+        if saved.get("target_modules", ()) is None:
+            # Saved before resolved defaults were recorded: the loaded config's targets are the same defaults
+            # resolved again, and a different module set is refused by the strict key check of the weights.
+            del saved["target_modules"]
         differing = sorted(k for k in set(saved) & set(current) if saved[k] != current[k])
         if differing:
             details = "; ".join(f"{k}: weights saved with {saved[k]!r}, config has {current[k]!r}" for k in differing)
