@@ -116,7 +116,9 @@ def completion_trainer_class(base_cls: type, label_smoothing: float) -> type:
             # Normalise by Trainer's token count over accumulated batches only when Trainer then skips its
             # own division by the accumulation steps (it does exactly when model_accepts_loss_kwargs).
             use_count = model.training and getattr(self, "model_accepts_loss_kwargs", False)
-            loss = completion_loss(outputs.logits, labels, label_smoothing if model.training else 0.0,
+            # Prompt and P-tuning prepend virtual tokens: their logits come first and have no label.
+            logits = outputs.logits[:, -labels.shape[1]:]
+            loss = completion_loss(logits, labels, label_smoothing if model.training else 0.0,
                                    num_items_in_batch if use_count else None)
             return (loss, outputs) if return_outputs else loss
 
