@@ -18,6 +18,7 @@ from test_llm_cli import rte_records
 from test_llm_tasks import write_jsonl
 
 peft = pytest.importorskip("peft")
+REPO = Path(__file__).resolve().parents[1]
 
 METHODS = ("ia3", "prompt", "ptuning", "prefix")
 VIRTUAL_TOKENS = 4
@@ -223,3 +224,25 @@ def test_prefix_tuning_on_gpt2_trains_and_decodes(workspace: dict[str, Path], ti
     generate, hyps = generate_command(workspace, "nlg-gpt2-prefix")
     assert main([*generate, "--decoding", "hf"]) == 0
     assert_greedy_by_hand(workspace, "nlg-gpt2-prefix", hyps)
+
+
+@pytest.mark.parametrize("recipe", ["ia3", "prompt", "prefix", "adapter"])
+def test_llm_baseline_recipes_train(recipe: str, workspace: dict[str, Path]) -> None:
+    """The LoRETTA large-model baseline recipes (bf16, gradient checkpointing, their virtual-token counts) run
+    one step on the tiny Llama and count what they should."""
+    from transformers import AutoConfig
+
+    output = workspace["root"] / f"recipe-{recipe}"
+    assert main(["train", "llm", "--config", str(REPO / "recipes" / "llm" / f"{recipe}.yaml"), "--task", "RTE",
+                 "--model", str(workspace["model"]), "--output", str(output), "--data-dir", str(workspace["data"]),
+                 "--n-train", "2", "--n-dev", "2", "--n-eval", "2", "--max-steps", "1", "--batch-size", "2",
+                 "--max-length", "96"]) == 0
+    result = json.loads((output / "results.json").read_text())
+    config = AutoConfig.from_pretrained(workspace["model"])
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * (hidden // config.num_attention_heads)
+    expected = {"ia3": layers * (2 * kv + config.intermediate_size), "prompt": 8 * hidden,
+                "prefix": 5 * layers * 2 * kv,
+                "adapter": layers * (hidden * 64 + 64 + 64 * hidden + hidden)}  # one down_proj adapter per layer
+    assert result["method"] == {"adapter": "adapter-pfeiffer"}.get(recipe, recipe)
+    assert result["trainable_params"] == expected[recipe]

@@ -221,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
     if args.method == "full":
         tokenizer.save_pretrained(adapter_dir)
     final = common.clean_eval_metrics(trainer.evaluate(), keep_loss=True)
-    common.write_results(args.output, f"nlg-{args.dataset}", args.method, trainable, final, history, seconds,
+    common.write_results(args.output, f"nlg-{args.dataset}", common.method_label(args), trainable, final, history, seconds,
                          extra={"model": args.model, "structure": getattr(args, "structure", None)
                                 if args.method == "mtlora" else None,
                                 "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
