@@ -236,6 +236,18 @@ def low_precision_rep(dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
+def test_routed_rows_use_the_low_precision_norm_copies_as_the_model_does() -> None:
+    """adapter_names (structlora.mixed) runs a trained norm copy in the model's dtype too: rows equal solo rows."""
+    model = low_precision_rep(torch.bfloat16)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad and parameter.dim() == 1:  # the norm masters: far from their bf16 values
+                parameter.add_(torch.randn_like(parameter) * 0.37)
+        solo = model(input_ids=IDS).logits
+        routed = model(input_ids=IDS, adapter_names=["default", "default"]).logits
+    assert torch.equal(routed, solo)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_norm_copies_cache_their_cast_weights(dtype: torch.dtype, monkeypatch) -> None:
     from structlora.layers import TrainableCopy

@@ -418,6 +418,10 @@ class TrainableCopy(CachedFactorsMixin, nn.Module, AdapterLayerMixin):
         name = self._active()
         if name is None:
             return self._modules["original"](*args, **kwargs)
+        return self.run_copy(name, *args, **kwargs)
+
+    def run_copy(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """Adapter `name`'s copy on these inputs, as the model computes it (fp32 masters in the module's dtype)."""
         module = self._modules["adapters"]._modules[name]
         dtype = self.compute_dtypes.get(name)
         if dtype is None:

@@ -107,7 +107,7 @@ def _copy_hook(routing: _Routing):
         for name, rows in routing.groups(x.shape[0], x.device):
             if name in wrapper.adapters:
                 row_args = (x.index_select(0, rows), *args[1:])
-                output = output.index_copy(0, rows, wrapper.adapters[name](*row_args, **kwargs).to(output.dtype))
+                output = output.index_copy(0, rows, wrapper.run_copy(name, *row_args, **kwargs).to(output.dtype))
         return output
     return hook
 
