@@ -81,6 +81,19 @@ def test_sharded_trainer_checkpoints_equal_the_single_process_run(tmp_path):
                     assert module and all(".adapters." in key for key in module), (backend, method, list(module))
 
 
+@pytest.fixture
+def restored_environ():
+    """accelerate records FSDP / DeepSpeed in os.environ (ACCELERATE_USE_FSDP, ACCELERATE_USE_DEEPSPEED), and
+    transformers keeps a DeepSpeed config globally: later Trainers in this process must not inherit them."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+
+
 def _trainer(tmp_path, **sharding) -> AdapterTrainer:
     from transformers import TrainingArguments
 
@@ -89,13 +102,14 @@ def _trainer(tmp_path, **sharding) -> AdapterTrainer:
     return AdapterTrainer(model=model, args=args, train_dataset=worker.TokenRows(60))
 
 
-def test_fsdp_on_one_process_is_refused(tmp_path):
+def test_fsdp_on_one_process_is_refused(tmp_path, restored_environ):
     with pytest.raises(ValueError, match="fsdp only works in distributed training"):
         _trainer(tmp_path, fsdp=True, fsdp_config=worker.FSDP_CONFIG)
 
 
 @pytest.mark.skipif(deepspeed is None, reason="needs deepspeed (the `distributed` extra)")
-def test_deepspeed_that_accelerate_runs_as_one_process_of_several_is_refused(tmp_path, monkeypatch):
+def test_deepspeed_that_accelerate_runs_as_one_process_of_several_is_refused(tmp_path, monkeypatch,
+                                                                            restored_environ):
     trainer = _trainer(tmp_path, deepspeed=worker.deepspeed_config(2))  # one process: fine
     assert trainer.is_deepspeed_enabled and trainer.accelerator.num_processes == 1
     # What accelerate does on CPU processes without use_cpu: DeepSpeed's 2 processes, each seen as the only one.
