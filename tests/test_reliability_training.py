@@ -184,6 +184,26 @@ def test_score_refuses_empty_inputs_instead_of_hanging(tmp_path):
         score_generation_eval("webnlg", str(hyps), str(tmp_path / "ref"), use_java=False)
 
 
+def test_java_scorers_time_out_instead_of_hanging(tmp_path, monkeypatch):
+    """A Java process that never answers (here a fake `java` that sleeps) is stopped after the timeout: the
+    persistent METEOR process (E2E) and the one-shot jars (PTB tokenizer, METEOR file mode)."""
+    from structlora.nlg import metrics
+    fake_java = tmp_path / "java"
+    fake_java.write_text("#!/bin/sh\nexec sleep 600\n")
+    fake_java.chmod(0o755)
+    monkeypatch.setenv("JAVA", str(fake_java))
+    scorer = metrics.MeteorScorer()
+    with pytest.raises(metrics.JavaTimeout, match=r"METEOR 1.5 .* did not finish within 0.5 s"):
+        scorer.compute_score({"a": ["the cat"]}, {"a": ["a cat"]}, timeout=0.5)
+    assert scorer._meteor.meteor_p.poll() is not None  # the process was stopped, not left behind
+    scorer._meteor.__del__()  # pycocoevalcap's finaliser takes the lock its failed call kept: must not hang
+    monkeypatch.setattr(metrics, "JAVA_TIMEOUT_S", 0.5)
+    with pytest.raises(metrics.JavaTimeout, match="the Stanford PTB tokenizer"):
+        metrics.ptb_tokenize(["a cat"])
+    with pytest.raises(OSError, match=r"METEOR 1.5 \(Java\) did not finish"):  # the CLI's one-line error class
+        metrics.meteor_generation_eval(["a cat"], [["the cat"]])
+
+
 def test_generate_refuses_an_output_it_did_not_write(tmp_path):
     from structlora.recipes.generate import _check_output_owner
     output, record_path = tmp_path / "hyps.txt", tmp_path / "hyps.generate.json"
