@@ -105,6 +105,21 @@ def test_zero_shot_and_icl_are_deterministic(workspace: dict[str, Path]) -> None
     assert icl["icl"] == 2 and 0.0 <= icl["eval"]["accuracy"] <= 1.0
 
 
+def test_evaluation_progress_goes_to_stderr_and_keeps_logs_short(workspace: dict[str, Path],
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """The dev evaluations during training and the final evaluation show a bar on stderr; stdout (the Trainer's
+    log lines, then the result as JSON) gets none of it. Off a terminal (here: captured) a bar draws its start and
+    end, not one line per batch."""
+    capsys.readouterr()
+    train_llm(workspace, "RTE", "lora", "rte-progress", "--eval-every", "1", "--eval-batch-size", "1")
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.splitlines()[-1])["task"] == "RTE"
+    assert "RTE:" not in captured.out and "\r" not in captured.out
+    final = [part for part in captured.err.replace("\r", "\n").splitlines() if part.startswith("eval RTE:")]
+    assert final and "4/4" in final[-1] and len(final) <= 3  # 4 batches of 1: not one redraw per batch
+    assert captured.err.count("dev RTE:") >= 2  # the dev set is evaluated at steps 1 and 2
+
+
 def test_report_reads_llm_runs(workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     train_llm(workspace, "RTE", "none", "report-runs/rte-none")
     assert main(["report", str(workspace["root"] / "report-runs")]) == 0

@@ -12,9 +12,18 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 CONFIG_NAME = "adapter_config.json"
+# Written as `peft_type` in our adapter_config.json. PEFT's loaders (PeftModel / PeftConfig / AutoPeftModel
+# .from_pretrained) look this key up in their table of methods and fail with a KeyError quoting the value, so
+# the value is the instruction a user meeting that error needs. Our loader ignores the key.
+PEFT_TYPE_MARKER = ("structlora adapter folder, not a PEFT one: load it with structlora.PeftModel.from_pretrained("
+                    "model, path), or write a PEFT LoRA folder from it with structlora.export_to_peft(peft_model, "
+                    "out_dir)")
+_HUB_CACHE_SNAPSHOT = re.compile(r"models--(?P<repo>[^/\\]+)[/\\]snapshots[/\\]")
 
 
 class TaskType(str, enum.Enum):
+    """The model head an adapter is made for (PEFT's names). SEQ_CLS also trains and saves the classifier head."""
+
     SEQ_CLS = "SEQ_CLS"
     SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
     CAUSAL_LM = "CAUSAL_LM"
@@ -81,9 +90,43 @@ def _require_slices(name: str, value: Any) -> None:
                         f"got {value!r}")
 
 
+def portable_model_name(name: Union[str, None]) -> Union[str, None]:
+    """The base model's name as a saved config should record it: a Hub id stays as it is; a local folder
+    becomes its folder name (an absolute path would not exist on another machine); a Hugging Face cache
+    snapshot (`.../models--org--name/snapshots/<hash>`) becomes its Hub id `org/name`."""
+    if not name:
+        return None
+    name = str(name)
+    cached = _HUB_CACHE_SNAPSHOT.search(name)
+    if cached:
+        return cached.group("repo").replace("--", "/")
+    expanded = os.path.expanduser(name)
+    if os.path.isabs(expanded) or name.startswith((".", "~")) or os.path.exists(expanded):
+        return os.path.basename(os.path.normpath(expanded)) or None
+    return name
+
+
 @dataclass
 class AdapterConfig:
-    """Fields shared by every method."""
+    """Fields shared by every method (a base class: build one of the method configs below).
+
+    Args:
+        target_modules: the modules to adapt: a list of names (a module matches when its name equals an entry
+            or ends in `.entry`) or one regex matched against the whole name. None: the method's default for
+            the architecture (e.g. query/value for BERT); the saved config records what it resolved to.
+        bias: "none"; "all" trains every bias of the base model; "lora_only" / "adapter_only" the biases of
+            the adapted modules.
+        task_type: a TaskType or its name. SEQ_CLS trains and saves the classifier head with the adapter.
+        modules_to_save: further modules trained as a whole and saved with the adapter.
+        train_norms: train per-adapter copies of the layer norms.
+        base_model_name_or_path: the base model's Hub id or folder name; filled in from the model when None.
+        base_model_type: the base model's `model_type`, recorded when the adapter is added; loading the
+            adapter onto another type is refused.
+        inference_mode: freeze the adapter's weights (from_pretrained sets it unless `is_trainable`).
+
+    Raises:
+        ValueError, TypeError: a field has a wrong value or type; the message names the field.
+    """
 
     target_modules: Union[list[str], str, None] = None
     bias: str = "none"
@@ -116,19 +159,37 @@ class AdapterConfig:
 
     # -- serialisation -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict: task_type as its name, plus `method` (which config class it is)."""
         data = dataclasses.asdict(self)
         data["task_type"] = self.task_type.value if isinstance(self.task_type, TaskType) else self.task_type
         data["method"] = self.method
         return data
 
     def save_pretrained(self, directory: str) -> None:
+        """Write `adapter_config.json` into `directory` (created if needed). The base model is recorded by a
+        portable name (`portable_model_name`), and `peft_type` holds PEFT_TYPE_MARKER so that PEFT's loaders
+        fail with a message naming structlora's loader and `export_to_peft`."""
         os.makedirs(directory, exist_ok=True)
+        data = self.to_dict()
+        data["base_model_name_or_path"] = portable_model_name(self.base_model_name_or_path)
+        data["peft_type"] = PEFT_TYPE_MARKER
         with open(os.path.join(directory, CONFIG_NAME), "w") as handle:
-            json.dump(self.to_dict(), handle, indent=2, sort_keys=True)
+            json.dump(data, handle, indent=2, sort_keys=True)
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> "AdapterConfig":
+        """The config of the method that `data["method"]` names, built from `data` (other keys are ignored).
+
+        Raises:
+            ValueError: `method` is missing or unknown (a PEFT or `loretta` config is named as such), or a field
+                is invalid.
+        """
         method = data.get("method")
+        peft_type = data.get("peft_type")
+        if method is None and isinstance(peft_type, str) and peft_type != PEFT_TYPE_MARKER:
+            raise ValueError(
+                f"this adapter config is PEFT's (peft_type {peft_type!r}), not structlora's: load it with "
+                "peft.PeftModel.from_pretrained (a `loretta` package folder loads with structlora.from_loretta)")
         if method not in CONFIG_CLASSES:
             raise ValueError(
                 f"adapter config names method {method!r}, which structlora does not know; valid: "
@@ -140,6 +201,12 @@ class AdapterConfig:
 
     @staticmethod
     def from_pretrained(directory: str) -> "AdapterConfig":
+        """Read `adapter_config.json` from `directory` (a folder written by save_pretrained).
+
+        Raises:
+            FileNotFoundError: the folder has no adapter_config.json.
+            ValueError: the file is not valid JSON, or not a structlora config.
+        """
         path = os.path.join(directory, CONFIG_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}: not a saved structlora adapter folder")
@@ -155,7 +222,17 @@ class AdapterConfig:
 
 @dataclass
 class LoraConfig(AdapterConfig):
-    """LoRA: ΔW = (lora_alpha / r) · B · A. A Kaiming-uniform, B zero (output unchanged at init)."""
+    """LoRA: ΔW = (lora_alpha / r) · B · A. A Kaiming-uniform, B zero (output unchanged at init).
+
+    Args:
+        r: the rank.
+        lora_alpha: the scale numerator (ΔW is scaled by lora_alpha / r); None means r.
+        lora_dropout: dropout on the adapter's input, in [0, 1).
+        enable_lora: for fused projections (GPT-2's c_attn = q, k, v): which slices get an adapter, as a list
+            for every target or a dict from a module-name suffix to its list. None: no fused projections.
+        fan_in_fan_out: None detects the weight layout (transformers' Conv1D stores in x out); a value that
+            does not fit the layer is refused.
+    """
 
     r: int = 8
     lora_alpha: float = 8
@@ -188,6 +265,7 @@ class LoraConfig(AdapterConfig):
 
     @property
     def scaling(self) -> float:
+        """lora_alpha / r, the factor ΔW is scaled by."""
         return float(self.lora_alpha) / self.r
 
 
@@ -195,8 +273,11 @@ class LoraConfig(AdapterConfig):
 class MTLoraConfig(LoraConfig):
     """MTLoRA: ΔW = (lora_alpha / r) · B · T · A with a learnable r×r transformation T.
 
-    structure: shim T=C, icfm T=C·Cᵀ, ctcm T=C·D, dtsm T=C+D.
-    init: "reference" (the authors' code: A, C, D Kaiming-uniform a=√5, B=0) or "identity" (T starts at I).
+    Args:
+        structure: "shim" T=C, "icfm" T=C·Cᵀ, "ctcm" T=C·D, "dtsm" T=C+D.
+        init: "reference" (the authors' code: A, C, D Kaiming-uniform a=√5, B=0) or "identity" (T starts at I).
+
+    The LoRA fields (r, lora_alpha, target_modules, …) are LoraConfig's.
     """
 
     structure: str = "shim"
@@ -213,8 +294,14 @@ class MTLoraConfig(LoraConfig):
 class LorettaRepConfig(LoraConfig):
     """LoRETTA_rep: LoRA whose A (in→r) and B (r→out) are tensor trains of TT rank `tensor_rank`.
 
-    init: "default" (B's last core zero: output unchanged at init) or "reference" (the authors'
-    Gaussian cores for both: ΔW starts as noise).
+    Args:
+        lora_alpha: as LoraConfig's, default 16 (the authors').
+        tensor_rank: the tensor-train rank of the A and B cores.
+        train_norms: train the layer norms too (default True, as the authors).
+        tensorize_classifier: SEQ_CLS only: the head's hidden dense layer becomes a tensor train.
+        init: "default" (B's last core zero: output unchanged at init) or "reference" (the authors' Gaussian
+            cores for both: ΔW starts as noise).
+        merge_weights: accepted for `loretta` compatibility and ignored: merging is explicit (merge_adapter).
     """
 
     lora_alpha: float = 16
@@ -240,8 +327,22 @@ NON_LINEARITIES = ("relu", "gelu", "gelu_new", "tanh", "silu", "swish", "sigmoid
 class LorettaAdpConfig(AdapterConfig):
     """LoRETTA_adp: bottleneck adapters (down → act → up, + residual) with tensor-train projections.
 
-    init: "default" (up projection's last core and bias zero: output unchanged at init) or
-    "reference" (the authors' Gaussian cores and uniform biases).
+    Args:
+        bottleneck_size: the adapter's hidden width.
+        non_linearity: the activation between the projections (a transformers activation name).
+        adapter_dropout: dropout in the adapter, in [0, 1).
+        scaling: the factor on the adapter's output, or "learned" (a trained scalar per adapter).
+        use_parallel_adapter: put the adapter beside the projection instead of after it.
+        tensor_rank: the tensor-train rank of the projections.
+        tensorized: projections as tensor trains (False only in DenseAdapterConfig).
+        tensorize_classifier: SEQ_CLS only: the head's hidden dense layer becomes a tensor train.
+        train_norms: train the layer norms too (default True, as the authors).
+        init: "default" (up projection's last core and bias zero: output unchanged at init) or "reference"
+            (the authors' Gaussian cores and uniform biases).
+        init_weights: accepted for `loretta` compatibility (it only affects dense adapters there).
+        use_adapterp: accepted for `loretta` compatibility; not a separate variant here.
+
+    Bottleneck adapters apply a non-linearity, so they cannot be merged into the weights or exported to PEFT.
     """
 
     bottleneck_size: int = 64
@@ -285,7 +386,8 @@ class DenseAdapterConfig(LorettaAdpConfig):
     or "pfeiffer" (Pfeiffer et al. 2021: after the FFN only). Each adapter is y + up(act(down(y))) on the
     projection's output, before the block's residual and layer norm. init "default": up projection zero
     (the model computes the base function at init); "reference": both projections N(0, 0.02).
-    The tensor-train fields of LorettaAdpConfig are not used.
+    The tensor-train fields of LorettaAdpConfig are not used: tensorized and tensorize_classifier must stay
+    False, and train_norms defaults to False.
     """
 
     placement: str = "houlsby"
@@ -305,7 +407,9 @@ class DenseAdapterConfig(LorettaAdpConfig):
 @dataclass
 class BitFitConfig(AdapterConfig):
     """BitFit (Ben Zaken et al. 2022): train every bias of the base model (plus, for SEQ_CLS, the head);
-    nothing is injected. The trained biases are saved and loaded like any adapter's weights."""
+    nothing is injected. The trained biases are saved and loaded like any adapter's weights.
+
+    bias must stay "all" and target_modules unset (a ValueError otherwise)."""
 
     bias: str = "all"
 

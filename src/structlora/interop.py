@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import LorettaAdpConfig, LorettaRepConfig, TaskType
+from .config import LorettaAdpConfig, LorettaRepConfig, TaskType, portable_model_name
 from .layers import LowRankLayer, TrainableCopy
 from .model import PeftModel, _is_internal
 from .targets import is_norm_module
@@ -45,6 +45,14 @@ def export_to_peft(model: PeftModel, save_directory: str, adapter_name: str | No
     Exact for LoRA, MTLoRA (B·T·A is a rank-R LoRA with A' = T·A) and LoRETTA_rep (tensor trains
     expanded). Per-module ranks go to `rank_pattern` (a fused q,k,v projection has rank 3r); trained
     norms and heads become `modules_to_save` (tensorized heads expanded to dense).
+
+    Args:
+        model: the structlora PeftModel.
+        save_directory: the folder to write (created if needed).
+        adapter_name: the adapter to export (default: the active one).
+    Raises:
+        ValueError: a bottleneck adapter (LoRETTA_adp, dense adapters), trained base biases, or two adapter
+            kinds nested on one module: PEFT's LoRA cannot express them.
     """
     adapter_name = adapter_name or model.active_adapter
     config = model.peft_config[adapter_name]
@@ -95,7 +103,7 @@ def export_to_peft(model: PeftModel, save_directory: str, adapter_name: str | No
         "bias": "none",
         "fan_in_fan_out": fan_in_fan_out,
         "modules_to_save": modules_to_save or None,
-        "base_model_name_or_path": config.base_model_name_or_path,
+        "base_model_name_or_path": portable_model_name(config.base_model_name_or_path),
         "inference_mode": True,
     }
     if config.bias != "none":
@@ -174,6 +182,17 @@ def from_loretta(model: nn.Module, directory: str, adapter_name: str = "default"
 
     Their save holds adapter (and SEQ_CLS head) weights only: norms they trained are not in the folder,
     so the loaded norms are the base model's, exactly as when `loretta` itself reloads the folder.
+
+    Args:
+        model: the base model the folder was trained on.
+        directory: the `loretta` folder (adapter_config.json and adapter_model.bin or .safetensors).
+        adapter_name: the name to give the adapter.
+        is_trainable: False (default) freezes the adapter.
+    Returns:
+        A structlora PeftModel (LoRETTA_rep for peft_type LORA, LoRETTA_adp for BOTTLENECK).
+    Raises:
+        FileNotFoundError: a missing file. ValueError: a corrupt or unsafe file, an unsupported config, or
+            weights that do not fit the model; `model` is left as it was.
     """
     config_path = os.path.join(directory, "adapter_config.json")
     if not os.path.isfile(config_path):

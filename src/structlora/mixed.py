@@ -158,7 +158,9 @@ def hotswap_adapter(model: "PeftModel", model_id: str, adapter_name: str = "defa
     current, new = model.peft_config[adapter_name], AdapterConfig.from_pretrained(model_id)
     old_fields, new_fields = current.to_dict(), new.to_dict()
     different = sorted(k for k in old_fields.keys() | new_fields.keys()
-                       if k not in _SWAPPABLE_FIELDS and k != "base_model_type" and old_fields.get(k) != new_fields.get(k))
+                       if k not in _SWAPPABLE_FIELDS and k != "base_model_type" and old_fields.get(k) != new_fields.get(k)
+                       # an older folder saved default targets as None; the weights' strict key check compares them
+                       and not (k == "target_modules" and new_fields.get(k) is None))
     if different:
         raise ValueError(f"hotswap_adapter: {model_id!r} is not the same adapter structure as {adapter_name!r} "
                          f"(differs in {', '.join(different)}); load it with model.load_adapter(path, new_name)")

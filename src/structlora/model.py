@@ -18,7 +18,8 @@ from torch import nn
 from .adapter_state import AdapterState, AdapterStateError, ModuleSnapshot
 from .bank import bank
 from .inference import clear_factor_caches
-from .config import (AdapterConfig, BitFitConfig, LoraConfig, LorettaAdpConfig, LorettaRepConfig, TaskType)
+from .config import (AdapterConfig, BitFitConfig, LoraConfig, LorettaAdpConfig, LorettaRepConfig, TaskType,
+                     portable_model_name)
 from .distributed import gather_full, is_writer
 from .layers import AdapterLayerMixin, BottleneckLayer, LowRankLayer, TrainableCopy, base_shape, layer_kind
 from .mixed import routed_adapters
@@ -54,7 +55,20 @@ def _model_type(model: nn.Module) -> str:
 
 
 class PeftModel(nn.Module):
-    """Wraps a transformers model; behaves like it (same forward signature, generate, config…)."""
+    """A transformers model with structlora adapters injected; behaves like it (same forward signature,
+    generate, config…). Usually built with `get_peft_model` or `PeftModel.from_pretrained`.
+
+    Args:
+        model: the base model; its weights are frozen and adapter layers are put in place of the targets.
+        config: the first adapter's config (LoraConfig, MTLoraConfig, LorettaRepConfig, LorettaAdpConfig, …).
+        adapter_name: the first adapter's name; it becomes the active one.
+
+    Raises:
+        TypeError: `config` is not a structlora config (a PEFT config is named as such).
+        ValueError: the targets match no adaptable module, or a field does not fit the model; the model is
+            left exactly as it was.
+        AdapterStateError: `model` already holds structlora adapters.
+    """
 
     def __init__(self, model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> None:
         super().__init__()
@@ -84,10 +98,13 @@ class PeftModel(nn.Module):
 
     @property
     def active_adapter(self) -> str:
+        """The name of the adapter the forward uses (and the only one being trained)."""
         return self._state.active
 
     # -- behaving like the base model --------------------------------------------------------------------
     def forward(self, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
+        """The base model's forward with the active adapter (same arguments and outputs). `labels` go to the
+        base model; `adapter_names=[...]` (one adapter name per row) routes each row to its own adapter."""
         # `labels` is named so that transformers' Trainer finds the label column by inspecting this class.
         if labels is not None:
             kwargs["labels"] = labels
@@ -121,9 +138,12 @@ class PeftModel(nn.Module):
             return getattr(self.base_model, name)
 
     def get_base_model(self) -> nn.Module:
+        """The wrapped transformers model (with the adapter layers in it)."""
         return self.base_model
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The base model's `generate` with the active adapter; `adapter_names` (one per row) routes each row
+        to its own adapter."""
         if adapter_names is not None:  # one adapter per row (structlora.mixed)
             with routed_adapters(self, adapter_names):
                 return self.base_model.generate(*args, **kwargs)
@@ -131,7 +151,12 @@ class PeftModel(nn.Module):
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
                                         **kwargs: Any) -> None:
-        """Checkpoint the base model's layers (non-reentrant by default, which frozen inputs need)."""
+        """Checkpoint the base model's layers (non-reentrant by default, which frozen inputs need).
+
+        Args:
+            activation_checkpointing_kwargs: passed to torch.utils.checkpoint (e.g. {"use_reentrant": True}).
+            kwargs: passed to the base model's activation_checkpointing_enable (transformers >= 5).
+        """
         options = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
         base = self.base_model
         if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5
@@ -143,6 +168,8 @@ class PeftModel(nn.Module):
             base.enable_input_require_grads()
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **_: Any) -> None:
+        """transformers' older name of activation_checkpointing_enable (gradient_checkpointing_kwargs is
+        activation_checkpointing_kwargs)."""
         self.activation_checkpointing_enable(gradient_checkpointing_kwargs)
 
     def _bank_factors(self, _module: nn.Module, _args: Any) -> None:
@@ -182,7 +209,13 @@ class PeftModel(nn.Module):
             raise
 
     def add_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
-        """Inject a new adapter (not made active unless it is the first). On any error nothing is changed."""
+        """Inject a new adapter `adapter_name` described by `config` (made active only if it is the first).
+
+        Raises:
+            ValueError: the name exists; or as the constructor (TypeError too).
+            AdapterStateError: an adapter is merged, inside disable_adapter(), or after merge_and_unload().
+            On any error nothing is changed.
+        """
         self._state.check_add(adapter_name)
         if not isinstance(config, AdapterConfig):
             raise TypeError(_foreign_config_message(config))
@@ -217,8 +250,12 @@ class PeftModel(nn.Module):
             self._state.add(adapter_name)
             self.set_adapter(self._state.active or adapter_name)
         config.base_model_type = model_type or None
+        if config.target_modules is None and not isinstance(config, BitFitConfig):
+            # Record what the defaults resolved to, so that the saved config says which modules were adapted:
+            # a default list as it is, a default regex as the module names it matched.
+            config.target_modules = list(targets) if isinstance(targets, list) else injected
         if config.base_model_name_or_path is None:
-            config.base_model_name_or_path = getattr(self.base_model, "name_or_path", None) or None
+            config.base_model_name_or_path = portable_model_name(getattr(self.base_model, "name_or_path", None))
 
     def _check_targets(self, config: AdapterConfig, targets: Union[list[str], str], model_type: str) -> None:
         """Refuse, before anything is injected, targets the method cannot adapt and per-layer options
@@ -376,7 +413,12 @@ class PeftModel(nn.Module):
         return names
 
     def set_adapter(self, adapter_name: str) -> None:
-        """Make `adapter_name` the active (and only trainable) adapter; refused while another one is merged."""
+        """Make `adapter_name` the active (and only trainable) adapter.
+
+        Raises:
+            ValueError: no adapter has that name.
+            AdapterStateError: another adapter is merged.
+        """
         self._state.activate(adapter_name)
         for parameter in self.base_model.parameters():
             parameter.requires_grad_(False)
@@ -392,6 +434,7 @@ class PeftModel(nn.Module):
 
     @property
     def active_adapters(self) -> list[str]:
+        """[active_adapter] (PEFT's list form)."""
         return [self.active_adapter]
 
     @contextlib.contextmanager
@@ -432,7 +475,12 @@ class PeftModel(nn.Module):
         """Fold the active adapter's ΔW into the base weights (forward then skips the adapter path).
 
         All or nothing: every layer's ΔW and merged weight are checked to be finite in the base weight's dtype
-        before any weight is written; otherwise a ValueError names the layer and no weight changes.
+        before any weight is written.
+
+        Raises:
+            ValueError: a non-finite merged weight (the layer is named; no weight changes), a bottleneck adapter
+                (LoRETTA_adp, dense adapters: not a weight change) or a quantized base.
+            AdapterStateError: inside disable_adapter(), or after merge_and_unload().
         """
         self._state.check_merge()
         self._require_mergeable("merge_adapter")
@@ -450,6 +498,8 @@ class PeftModel(nn.Module):
         self._state.mark_merged(name)
 
     def unmerge_adapter(self) -> None:
+        """Take merged ΔW back out of the base weights (the adapter path runs again); nothing to do if none is
+        merged. Refused after merge_and_unload."""
         self._state.check_usable("unmerge_adapter")
         for _, wrapper in self._wrappers():
             if isinstance(wrapper, LowRankLayer):
@@ -458,7 +508,13 @@ class PeftModel(nn.Module):
 
     def merge_and_unload(self) -> nn.Module:
         """The base model with the active adapter folded in and every wrapper removed. The PeftModel is then
-        spent: saving or changing its adapters is refused (save the adapter first)."""
+        spent: saving or changing its adapters is refused (save the adapter first).
+
+        Returns:
+            The plain transformers model (trained norms and heads in place), frozen.
+        Raises:
+            As merge_adapter.
+        """
         self._state.check_merge()
         self._require_mergeable("merge_and_unload")
         self.merge_adapter()
@@ -483,12 +539,18 @@ class PeftModel(nn.Module):
         return trainable, total
 
     def print_trainable_parameters(self) -> None:
+        """Print the trainable and total parameter counts and their ratio (PEFT's format)."""
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
               f"trainable%: {100 * trainable / max(total, 1):.4f}")
 
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-        """Everything that adapter trained, keyed by module path (no adapter name in the keys)."""
+        """Everything adapter `adapter_name` (default: the active one) trained, keyed by module path (no adapter
+        name in the keys): the tensors save_pretrained writes.
+
+        Raises:
+            ValueError: no adapter has that name.
+        """
         adapter_name = adapter_name or self.active_adapter
         self._state.check_exists(adapter_name, "adapter_state_dict")
         state: dict[str, torch.Tensor] = {}
@@ -504,9 +566,17 @@ class PeftModel(nn.Module):
     # -- saving and loading ------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str, selected_adapters: list[str] | None = None,
                         **_: Any) -> None:
-        """adapter_config.json + adapter_model.safetensors per adapter (non-default ones in subfolders).
+        """Write adapter_config.json and adapter_model.safetensors per adapter into `save_directory`
+        ("default" at its top, the others in subfolders named after them). Only adapter weights are written.
 
+        Args:
+            save_directory: the folder (created if needed).
+            selected_adapters: the adapters to save (default: all).
         Extra keyword arguments (the Trainer passes `state_dict`, `safe_serialization`…) are ignored.
+
+        Raises:
+            ValueError: `save_directory` is a file, or an adapter has no or non-finite weights (nothing is written).
+            ValueError: an unknown adapter name; AdapterStateError after merge_and_unload().
         """
         names = list(selected_adapters or self.peft_config)
         self._state.check_save(names)
@@ -538,6 +608,20 @@ class PeftModel(nn.Module):
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
                         is_trainable: bool = False, **_: Any) -> "PeftModel":
+        """Load the adapter saved in folder `model_id` (by save_pretrained) into `model`.
+
+        Args:
+            model: the base model it was trained on (a different architecture or size is refused).
+            model_id: the adapter folder.
+            adapter_name: the name to give it.
+            is_trainable: False (default) freezes the adapter for inference.
+        Returns:
+            The PeftModel, with that adapter active.
+        Raises:
+            FileNotFoundError: no adapter_config.json or adapter_model.safetensors in the folder.
+            ValueError: a corrupt file, a PEFT folder (load those with peft), or weights that do not fit the
+                model or the config. `model` is left exactly as it was.
+        """
         _refuse_adapted_base(model, hint=f"use model.load_adapter({model_id!r}, adapter_name=...) to add it")
         config = AdapterConfig.from_pretrained(model_id)
         config.inference_mode = not is_trainable
@@ -547,8 +631,9 @@ class PeftModel(nn.Module):
     @classmethod
     def wrap_and_fill(cls, model: nn.Module, config: AdapterConfig, adapter_name: str,
                       fill: Callable[["PeftModel"], None]) -> "PeftModel":
-        """Wrap `model` and fill the new adapter's weights with `fill`; if anything fails, `model` is left
-        exactly as it was (module tree, requires_grad, hooks)."""
+        """Wrap `model` with an adapter `adapter_name` described by `config` and fill its weights with `fill`
+        (called with the new PeftModel); if anything fails, `model` is left exactly as it was (module tree,
+        requires_grad, hooks) and the error is raised. Returns the PeftModel."""
         snapshot = ModuleSnapshot(model)
         peft_model = cls(model, config, adapter_name)
         try:
@@ -559,9 +644,13 @@ class PeftModel(nn.Module):
         return peft_model
 
     def load_adapter(self, model_id: str, adapter_name: str = "default", is_trainable: bool = True) -> None:
-        """Add the adapter saved in `model_id` under `adapter_name` (replacing weights if it exists).
+        """Add the adapter saved in folder `model_id` under `adapter_name`, or replace that adapter's weights if
+        it exists. `is_trainable` False freezes a new adapter.
 
-        Refused while an adapter is merged; on any error the model is left as it was."""
+        Raises:
+            AdapterStateError: an adapter is merged.
+            FileNotFoundError, ValueError: as from_pretrained. On any error the model is left as it was.
+        """
         if adapter_name in self._state:
             self._state.check_write_weights(adapter_name, "load_adapter")
             self.load_adapter_weights(model_id, adapter_name)
@@ -574,7 +663,13 @@ class PeftModel(nn.Module):
             self.load_adapter_weights(model_id, adapter_name)
 
     def load_adapter_weights(self, directory: str, adapter_name: str | None = None) -> None:
-        """Load adapter_model.safetensors from `directory` into an existing adapter; strict."""
+        """Load adapter_model.safetensors from `directory` into the existing adapter `adapter_name` (default: the
+        active one). Strict: every tensor present with its shape, and the structure recorded in the file equal
+        to the adapter's config.
+
+        Raises:
+            FileNotFoundError: no weights file. ValueError: a corrupt file or weights that do not fit.
+        """
         path = os.path.join(directory, WEIGHTS_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!r}: not a saved structlora adapter folder")
@@ -598,6 +693,10 @@ class PeftModel(nn.Module):
         except json.JSONDecodeError as error:
             raise ValueError(f"corrupt {CONFIG_METADATA_KEY} metadata in {path!r}: {error}") from error
         current = _structure_fields(self.peft_config[adapter_name])
+        if saved.get("target_modules", ()) is None:
+            # Saved before resolved defaults were recorded: the loaded config's targets are the same defaults
+            # resolved again, and a different module set is refused by the strict key check of the weights.
+            del saved["target_modules"]
         differing = sorted(k for k in set(saved) & set(current) if saved[k] != current[k])
         if differing:
             details = "; ".join(f"{k}: weights saved with {saved[k]!r}, config has {current[k]!r}" for k in differing)
@@ -607,8 +706,14 @@ class PeftModel(nn.Module):
     @torch.no_grad()
     def set_adapter_state_dict(self, tensors: dict[str, torch.Tensor], adapter_name: str | None = None,
                                source: str = "state dict") -> None:
-        """Write an adapter's weights: every key present, shapes equal, floating point and finite in the
-        adapter's dtype, all checked before the first write (refused while an adapter is merged)."""
+        """Write `tensors` (keyed as adapter_state_dict) into adapter `adapter_name` (default: the active one):
+        every key present, shapes equal, floating point and finite in the adapter's dtype, all checked before the
+        first write. `source` names the tensors' origin in error messages.
+
+        Raises:
+            ValueError: a missing, unexpected, misshapen or non-finite tensor (nothing is written).
+            AdapterStateError: an adapter is merged.
+        """
         adapter_name = adapter_name or self.active_adapter
         self._state.check_write_weights(adapter_name, "loading adapter weights")
         expected = self.adapter_state_dict(adapter_name)
@@ -674,12 +779,23 @@ def _refuse_adapted_base(model: nn.Module, hint: str = "use model.add_adapter(na
 
 
 def get_peft_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> PeftModel:
-    """Inject the adapter described by `config` into `model` (frozen) and return the wrapper."""
+    """Inject the adapter described by `config` into `model` (whose own weights are frozen).
+
+    Args:
+        model: a transformers model (or any nn.Module with linear / Conv1D / embedding layers).
+        config: a structlora config (LoraConfig, MTLoraConfig, LorettaRepConfig, LorettaAdpConfig, …).
+        adapter_name: the adapter's name.
+    Returns:
+        The PeftModel; only the adapter (and, as configured, heads, norms, biases) is trainable.
+    Raises:
+        As PeftModel.
+    """
     return PeftModel(model, config, adapter_name)
 
 
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, Union[LowRankLayer, BottleneckLayer]]]:
-    """(name, layer) for every adapter layer, names relative to the base model."""
+    """Yield (name, layer) for every adapter layer of `model` (a PeftModel or its base model), names relative
+    to the base model."""
     root = model.base_model if isinstance(model, PeftModel) else model
     for name, module in root.named_modules():
         if isinstance(module, (LowRankLayer, BottleneckLayer)):

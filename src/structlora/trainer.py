@@ -107,6 +107,17 @@ class AdapterCheckpoints:
 
 
 class AdapterTrainer(NonFiniteGuard, AdapterCheckpoints, Trainer):
+    """transformers' Trainer for a structlora PeftModel: checkpoints hold the adapter folder only (and are reloaded
+    for resume_from_checkpoint and load_best_model_at_end), and a non-finite loss or gradient stops the run.
+
+    Args:
+        args, kwargs: those of transformers.Trainer.
+        skip_nonfinite_steps: instead of stopping with NonFiniteTrainingError, drop a non-finite step's gradients
+            and count it in `skipped_nonfinite_steps`.
+        allow_incomplete_checkpoint: resume from a checkpoint that lacks the optimizer, scheduler or trainer
+            state (refused by default: it would not continue the same run).
+    """
+
     def __init__(self, *args: Any, allow_incomplete_checkpoint: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.allow_incomplete_checkpoint = allow_incomplete_checkpoint

@@ -26,21 +26,25 @@ def primary_metric(spec: TaskSpec) -> str:
 
 def evaluate_examples(model: torch.nn.Module, tokenizer: Any, spec: TaskSpec, examples: Sequence[PromptedExample],
                       settings: EvaluationSettings, objective: Objective | None = None,
-                      with_loss: bool = False) -> tuple[dict[str, float], list[dict[str, Any]]]:
+                      with_loss: bool = False, progress: str | None = None
+                      ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Metrics (accuracy, or F1 / exact match for generation; `loss` = the training objective when
-    `with_loss`) and one prediction record per example."""
+    `with_loss`) and one prediction record per example. `progress`: the title of a progress bar on stderr
+    (None: no bar)."""
     objective = objective or spec.objective
     metrics: dict[str, float] = {}
     if spec.family == "generation":
         answers = generate_answers(model, tokenizer, examples, settings.max_length, settings.max_new_tokens,
-                                   settings.batch_size)
+                                   settings.batch_size, progress=progress and f"{progress}: generate")
         metrics.update(generation_metrics(answers, [e.answers for e in examples]))
         predictions = [{"prediction": a, "answers": list(e.answers)} for a, e in zip(answers, examples)]
         if with_loss:  # the gold completion is the only candidate of a generation example
-            scores = score_candidates(model, tokenizer, examples, settings.max_length, settings.batch_size)
+            scores = score_candidates(model, tokenizer, examples, settings.max_length, settings.batch_size,
+                                      progress=progress and f"{progress}: loss")
             metrics["loss"] = scores.objective_loss([0] * len(examples), "lm")
         return metrics, predictions
-    scores = score_candidates(model, tokenizer, examples, settings.max_length, settings.batch_size)
+    scores = score_candidates(model, tokenizer, examples, settings.max_length, settings.batch_size,
+                              progress=progress)
     chosen = scores.predictions()
     metrics["accuracy"] = choice_accuracy(chosen, [e.gold for e in examples])
     if with_loss:
@@ -80,7 +84,8 @@ def llm_trainer_class(base: type) -> type:
                      metric_key_prefix: str = "eval") -> dict[str, float]:
             examples = eval_dataset if eval_dataset is not None else self.eval_dataset
             metrics, _ = evaluate_examples(self.model, self.llm_tokenizer, self.task, examples, self.evaluation,
-                                           self.objective, with_loss=True)
+                                           self.objective, with_loss=True,
+                                           progress=None if self.args.disable_tqdm else f"dev {self.task.name}")
             metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
             self.log(metrics)
             self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)

@@ -10,6 +10,7 @@ the context an example's candidates share goes through the model once (`shared_p
 from __future__ import annotations
 
 import inspect
+import sys
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal, Sequence
 
@@ -249,6 +250,18 @@ def example_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], objecti
     return F.cross_entropy(_split_scores(sums / lengths, batch["group_sizes"]), batch["gold"])
 
 
+# Off a terminal (a log file, CI) the bar redraws at most this often, so a log gets a few lines, not one per batch.
+LOG_REDRAW_SECONDS = 30.0
+
+
+def progress_bar(total: int, description: str | None) -> Any:
+    """A tqdm bar over `total` examples on stderr (stdout stays for results); no bar when `description` is None."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, unit="example", file=sys.stderr, disable=description is None,
+                mininterval=0.1 if sys.stderr.isatty() else LOG_REDRAW_SECONDS, dynamic_ncols=True)
+
+
 def _token_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
     """Indices sorted by length (less padding), `batch_size` at a time."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
@@ -281,8 +294,9 @@ class CandidateScores:
 
 @torch.no_grad()
 def score_candidates(model: torch.nn.Module, tokenizer: Any, examples: Sequence[PromptedExample],
-                     max_length: int, batch_size: int = 8) -> CandidateScores:
-    """Summed log-likelihood (and token count) of every candidate of every example."""
+                     max_length: int, batch_size: int = 8, progress: str | None = None) -> CandidateScores:
+    """Summed log-likelihood (and token count) of every candidate of every example (a progress bar titled
+    `progress` unless it is None)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -292,12 +306,14 @@ def score_candidates(model: torch.nn.Module, tokenizer: Any, examples: Sequence[
     collate = ExampleCollator(pad_token_id(tokenizer))
     # Batches of whole examples, about `batch_size` rows each, similar lengths together.
     per_batch = max(1, batch_size // max(len(ex.rows) for ex in encoded)) if encoded else 1
-    for indices in _token_batches([len(ex.rows[0].input_ids) for ex in encoded], per_batch):
-        batch = {k: v.to(device) for k, v in collate([encoded[i] for i in indices]).items()}
-        totals, _ = row_log_likelihoods(model, batch)
-        flat = iter(totals.tolist())
-        for i in indices:
-            sums[i] = [next(flat) for _ in encoded[i].rows]
+    with progress_bar(len(encoded), progress) as bar:
+        for indices in _token_batches([len(ex.rows[0].input_ids) for ex in encoded], per_batch):
+            batch = {k: v.to(device) for k, v in collate([encoded[i] for i in indices]).items()}
+            totals, _ = row_log_likelihoods(model, batch)
+            flat = iter(totals.tolist())
+            for i in indices:
+                sums[i] = [next(flat) for _ in encoded[i].rows]
+            bar.update(len(indices))
     model.train(was_training)
     return CandidateScores(sums, lengths)
 
@@ -324,8 +340,10 @@ class _StopAtNewline:
 
 @torch.no_grad()
 def generate_answers(model: torch.nn.Module, tokenizer: Any, examples: Sequence[PromptedExample],
-                     max_length: int, max_new_tokens: int = 50, batch_size: int = 8) -> list[str]:
-    """Greedy decoding of at most `max_new_tokens`, cut at the first newline and stripped."""
+                     max_length: int, max_new_tokens: int = 50, batch_size: int = 8,
+                     progress: str | None = None) -> list[str]:
+    """Greedy decoding of at most `max_new_tokens`, cut at the first newline and stripped (a progress bar titled
+    `progress` unless it is None)."""
     from transformers import StoppingCriteriaList
 
     was_training = model.training
@@ -335,17 +353,19 @@ def generate_answers(model: torch.nn.Module, tokenizer: Any, examples: Sequence[
     contexts = [encode_context(tokenizer, e.context)[-(max_length - max_new_tokens):] for e in examples]
     answers = [""] * len(examples)
     newline_ids = newline_token_ids(tokenizer)
-    for indices in _token_batches([len(c) for c in contexts], batch_size):
-        rows = [EncodedRow(tuple(contexts[i]), 1) for i in indices]
-        batch = collate_rows(rows, pad_id)
-        width = batch["input_ids"].shape[1]
-        stop = StoppingCriteriaList([_StopAtNewline(newline_ids, width)])
-        output = model.generate(input_ids=batch["input_ids"].to(device),
-                                attention_mask=batch["attention_mask"].to(device),
-                                max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                stopping_criteria=stop, pad_token_id=pad_id)
-        for position, index in enumerate(indices):
-            text = tokenizer.decode(output[position, width:], skip_special_tokens=True)
-            answers[index] = text.split("\n")[0].strip()
+    with progress_bar(len(examples), progress) as bar:
+        for indices in _token_batches([len(c) for c in contexts], batch_size):
+            rows = [EncodedRow(tuple(contexts[i]), 1) for i in indices]
+            batch = collate_rows(rows, pad_id)
+            width = batch["input_ids"].shape[1]
+            stop = StoppingCriteriaList([_StopAtNewline(newline_ids, width)])
+            output = model.generate(input_ids=batch["input_ids"].to(device),
+                                    attention_mask=batch["attention_mask"].to(device),
+                                    max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                    stopping_criteria=stop, pad_token_id=pad_id)
+            for position, index in enumerate(indices):
+                text = tokenizer.decode(output[position, width:], skip_special_tokens=True)
+                answers[index] = text.split("\n")[0].strip()
+            bar.update(len(indices))
     model.train(was_training)
     return answers

@@ -281,7 +281,8 @@ def _eval_llm(run: TrainedRun, args: argparse.Namespace, bad_rows: BadRows) -> t
     settings = EvaluationSettings(max_length=int(flags.get("max_length") or 2048), batch_size=args.batch_size,
                                   max_new_tokens=int(flags.get("max_new_tokens") or 50))
     examples = add_demonstrations(splits.eval, splits.train, int(results.get("icl", 0)), seed=seed)
-    metrics, predictions = evaluate_examples(model, tokenizer, spec, examples, settings, results.get("objective"))
+    metrics, predictions = evaluate_examples(model, tokenizer, spec, examples, settings, results.get("objective"),
+                                             progress=f"eval {spec.name}")
     return metrics, predictions, {"eval_examples": len(examples)}
 
 

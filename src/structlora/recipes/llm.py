@@ -166,7 +166,8 @@ def run(args: argparse.Namespace) -> int:
 
     eval_examples = add_demonstrations(splits.eval, splits.train, args.icl, seed=args.seed)
     start = time.perf_counter()
-    eval_metrics, predictions = evaluate_examples(model, tokenizer, spec, eval_examples, evaluation, objective)
+    eval_metrics, predictions = evaluate_examples(model, tokenizer, spec, eval_examples, evaluation, objective,
+                                                  progress=f"eval {spec.name}")
     eval_seconds = time.perf_counter() - start
     from structlora.recipes.adapters import warn_if_collapsed
 
