@@ -245,23 +245,6 @@ def test_overwrite_keeps_the_old_run_when_the_new_one_fails_before_training(tiny
     assert (output / "results.json").is_file() and checkpoint.is_dir()
 
 
-def test_skip_bad_rows_is_counted_in_results(tiny_bert_folder, tmp_path):
-    from structlora.cli import main
-    (tmp_path / "sst2").mkdir()
-    rows = "".join(f"{word}\t{i % 2}\n" for i, word in enumerate(["good", "bad", "fine", "dull"] * 2))
-    (tmp_path / "sst2" / "train.tsv").write_text("sentence\tlabel\n" + rows + "broken\n" + "odd\t0.5\n")
-    (tmp_path / "sst2" / "dev.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t0\n")
-    output = tmp_path / "run"
-    assert main(["train", "glue", "--task", "sst2", "--model", str(tiny_bert_folder), "--data-dir", str(tmp_path),
-                 "--output", str(output), "--max-steps", "1", "--eval-every", "1", "--batch-size", "4",
-                 "--skip-bad-rows"]) == 0
-    results = json.loads((output / "results.json").read_text())
-    assert results["skipped_bad_rows"] == 2 and results["skipped_nonfinite_steps"] == 0
-    assert results["train_examples"] == 8
-    assert results["bad_rows"]["first"][0].endswith("train.tsv:10: 1 tab-separated column(s), task 'sst2' needs at "
-                                                   "least 2 here")
-
-
 def test_resume_refuses_a_checkpoint_without_rng_state_unless_allowed(tmp_path, capsys):
     import argparse
     checkpoint = tmp_path / "checkpoints" / "checkpoint-2"
@@ -278,3 +261,39 @@ def test_resume_refuses_a_checkpoint_without_rng_state_unless_allowed(tmp_path, 
     (checkpoint / "adapter_model.safetensors").unlink()  # the weights themselves are never optional
     with pytest.raises(SystemExit, match="lacks adapter_model.safetensors"):
         common._resume_checkpoint(args)
+
+
+def test_a_diverging_run_stops_and_a_skipped_step_is_counted(tiny_bert_folder, tmp_path, monkeypatch):
+    """The recipe path of the issue's first example: a NaN loss at step 2 stops `train glue` with one error line,
+    results.json says "diverged", no adapter is saved and checkpoint-1 stays finite. With --skip-nonfinite-steps
+    the step is skipped, and with --skip-bad-rows two bad data rows are skipped: results.json counts both."""
+    from safetensors.torch import load_file
+
+    from structlora import AdapterTrainer
+    from structlora.cli import main
+    compute_loss = AdapterTrainer.compute_loss
+
+    def nan_at_step_2(self, model, inputs, *args, **kwargs):
+        loss = compute_loss(self, model, inputs, *args, **kwargs)
+        poisoned = model.training and self.state.global_step == 1 and not isinstance(loss, tuple)
+        return loss * float("nan") if poisoned else loss
+    monkeypatch.setattr(AdapterTrainer, "compute_loss", nan_at_step_2)
+    (tmp_path / "sst2").mkdir()
+    (tmp_path / "sst2" / "train.tsv").write_text("sentence\tlabel\n" + "good\t1\nbad\t0\n" * 4 + "broken\nodd\t0.5\n")
+    (tmp_path / "sst2" / "dev.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t0\n")
+    run = ["train", "glue", "--task", "sst2", "--model", str(tiny_bert_folder), "--data-dir", str(tmp_path),
+           "--max-steps", "2", "--eval-every", "1", "--batch-size", "4"]
+    output = tmp_path / "diverged"
+    with pytest.raises(SystemExit, match=r"^error: step 2: the loss is nan; training stopped"):
+        main([*run, "--output", str(output), "--skip-bad-rows"])
+    assert json.loads((output / "results.json").read_text())["status"] == "diverged"
+    assert not (output / "adapter").exists()
+    kept = load_file(str(output / "checkpoints" / "checkpoint-1" / "adapter_model.safetensors"))
+    assert all(tensor.isfinite().all() for tensor in kept.values())
+    assert main([*run, "--output", str(tmp_path / "skipped"), "--skip-nonfinite-steps", "--skip-bad-rows"]) == 0
+    results = json.loads((tmp_path / "skipped" / "results.json").read_text())
+    assert (results["status"], results["skipped_nonfinite_steps"], results["train_examples"]) == ("completed", 1, 8)
+    assert results["skipped_bad_rows"] == 2
+    assert results["bad_rows"]["first"] == [
+        f"{tmp_path / 'sst2' / 'train.tsv'}:10: 1 tab-separated column(s), task 'sst2' needs at least 2 here",
+        f"{tmp_path / 'sst2' / 'train.tsv'}:11: label '0.5' is not one of 0..1 (task 'sst2')"]

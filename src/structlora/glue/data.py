@@ -76,8 +76,9 @@ GLUE_TASKS: dict[str, GlueTask] = {
 }
 
 
-class GlueDataError(RuntimeError):
-    """GLUE data could not be found or read; the message says how to get it."""
+class GlueDataError(ValueError, RuntimeError):
+    """GLUE data could not be found or read; the message says how to get it (a ValueError, as the library's other
+    errors; also a RuntimeError for code written against earlier releases)."""
 
 
 def get_task(name: str) -> GlueTask:

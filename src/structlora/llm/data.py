@@ -22,8 +22,9 @@ DATA_ENV = "STRUCTLORA_DATA"
 _EXTENSIONS = (".jsonl", ".json", ".tsv")
 
 
-class DataUnavailableError(RuntimeError):
-    """Neither a local copy nor the hub could provide a split."""
+class DataUnavailableError(ValueError, RuntimeError):
+    """Neither a local copy nor the hub could provide a split (a ValueError, as the library's other errors; also a
+    RuntimeError for code written against earlier releases)."""
 
 
 @dataclass(frozen=True)
