@@ -197,6 +197,7 @@ def test_java_scorers_time_out_instead_of_hanging(tmp_path, monkeypatch):
     with pytest.raises(metrics.JavaTimeout, match=r"METEOR 1.5 .* did not finish within 0.5 s"):
         scorer.compute_score({"a": ["the cat"]}, {"a": ["a cat"]}, timeout=0.5)
     assert scorer._meteor.meteor_p.poll() is not None  # the process was stopped, not left behind
+    assert scorer._meteor.meteor_p.stdin.closed  # so pycocoevalcap's __del__ cannot fail while holding its lock
     scorer._meteor.__del__()  # pycocoevalcap's finaliser takes the lock its failed call kept: must not hang
     monkeypatch.setattr(metrics, "JAVA_TIMEOUT_S", 0.5)
     with pytest.raises(metrics.JavaTimeout, match="the Stanford PTB tokenizer"):

@@ -22,6 +22,7 @@ functions that need it raise :class:`JavaUnavailable`; the scorers report that a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -274,8 +275,11 @@ class MeteorScorer:
 
     def close(self) -> None:
         process = self._meteor.meteor_p
-        if process.poll() is None:
+        # A dead process's pipe fails the flush of the unsent line (BrokenPipeError); the file is closed all the same,
+        # so pycocoevalcap's Meteor.__del__ later closes nothing and cannot raise while it holds its lock.
+        with contextlib.suppress(OSError):
             process.stdin.close()
+        if process.poll() is None:
             process.kill()
         process.wait()
         # pycocoevalcap's compute_score keeps its lock when it raises, and Meteor.__del__ takes that lock:
