@@ -89,3 +89,21 @@ def test_export_gives_a_peft_folder_with_the_same_outputs(trained, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(trained["model"])
     adapted, _ = load_run_model(TrainedRun(str(trained["run"])), None)
     torch.testing.assert_close(logits_of(exported, tokenizer), logits_of(adapted, tokenizer), atol=1e-5, rtol=1e-4)
+
+
+def test_eval_refuses_a_bad_row_unless_skipped_and_counts_it(trained, tmp_path):
+    """`eval` reads data with the same rule as training: a bad row is one error line naming file:line (nothing is
+    written); with --skip-bad-rows it is skipped and counted in the evaluation's results.json."""
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(trained["data"], data)
+    dev = data / "sst2" / "dev.tsv"
+    dev.write_text(dev.read_text() + "2\ta third class\n")
+    output = tmp_path / "eval"
+    argv = ["eval", "--run", str(trained["run"]), "--data-dir", str(data), "--output", str(output)]
+    assert main(argv) == 1
+    assert not output.exists()
+    assert main([*argv, "--skip-bad-rows"]) == 0
+    results = json.loads((output / "results.json").read_text())
+    assert (results["eval_examples"], results["skipped_bad_rows"]) == (12, 1)
+    assert results["bad_rows"]["first"] == [f"{dev}:14: label '2' is not one of 0..1 (task 'sst2')"]

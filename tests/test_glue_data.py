@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from structlora.data_errors import BadRows, DataRowError
 from structlora.glue import GLUE_TASKS, GlueDataError, load_glue, load_glue_local
 from shared_paths import SHARED_DATA
 
@@ -91,10 +92,14 @@ def test_glue_stsb_float_scores(tmp_path):
     ],
 )
 def test_glue_pair_layouts(tmp_path, task, folder, header, row, expected):
-    broken = row[:2]  # QQP's TSVs hold a few truncated lines: skipped
+    broken = row[:2]  # a truncated line: an error naming file:line, skipped and counted with --skip-bad-rows
     write_tsv(tmp_path / folder / "train.tsv", [header, row, broken])
     write_tsv(tmp_path / folder / "dev.tsv", [header, row])
-    data = load_glue_local(tmp_path, task)
+    with pytest.raises(DataRowError, match=rf"{folder}/train\.tsv:3: 2 tab-separated column\(s\)"):
+        load_glue_local(tmp_path, task)
+    bad_rows = BadRows(skip=True)
+    data = load_glue_local(tmp_path, task, bad_rows)
+    assert bad_rows.count == 1
     assert data["train"]["label"] == [expected]
     for column in GLUE_TASKS[task].text_columns:
         assert len(data["validation"][column]) == 1

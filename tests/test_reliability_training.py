@@ -54,6 +54,7 @@ def test_skip_nonfinite_steps_counts_and_keeps_weights_finite(tmp_path):
     trainer.train()
     assert trainer.skipped_nonfinite_steps == 1
     assert all(torch.isfinite(v).all() for v in trainer.model.adapter_state_dict().values())
+    assert common.robustness_record(trainer, None) == {"skipped_nonfinite_steps": 1}  # what results.json records
 
 
 def test_nonfinite_adapter_is_never_saved(tmp_path):
@@ -87,7 +88,7 @@ def _args(output, **flags) -> argparse.Namespace:
 def _checkpoint(output, step: int, complete: bool = True, max_steps: int = 4, epochs: float = 3.0):
     folder = output / "checkpoints" / f"checkpoint-{step}"
     folder.mkdir(parents=True)
-    names = ["adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt"]
+    names = ["adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt", "rng_state.pth"]
     for name in names if complete else names[:2]:
         (folder / name).write_text("x")
     (folder / "trainer_state.json").write_text(json.dumps(
@@ -133,7 +134,7 @@ def test_resume_falls_back_from_a_half_written_checkpoint(tmp_path, capsys):
     _checkpoint(tmp_path, 4, complete=False)
     chosen = common._resume_checkpoint(_args(tmp_path, resume="latest"))
     assert chosen.endswith("checkpoint-2")
-    assert "checkpoint-4 is incomplete (lacks optimizer.pt, scheduler.pt" in capsys.readouterr().err
+    assert "checkpoint-4 is incomplete (lacks optimizer.pt, scheduler.pt, rng_state.pth" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="lacks optimizer.pt"):
         common._resume_checkpoint(_args(tmp_path, resume=str(tmp_path / "checkpoints" / "checkpoint-4")))
 
@@ -182,6 +183,27 @@ def test_score_refuses_empty_inputs_instead_of_hanging(tmp_path):
     (tmp_path / "ref0").write_text("")
     with pytest.raises(SystemExit, match="is empty: nothing to score"):
         score_generation_eval("webnlg", str(hyps), str(tmp_path / "ref"), use_java=False)
+
+
+def test_java_scorers_time_out_instead_of_hanging(tmp_path, monkeypatch):
+    """A Java process that never answers (here a fake `java` that sleeps) is stopped after the timeout: the
+    persistent METEOR process (E2E) and the one-shot jars (PTB tokenizer, METEOR file mode)."""
+    from structlora.nlg import metrics
+    fake_java = tmp_path / "java"
+    fake_java.write_text("#!/bin/sh\nexec sleep 600\n")
+    fake_java.chmod(0o755)
+    monkeypatch.setenv("JAVA", str(fake_java))
+    scorer = metrics.MeteorScorer()
+    with pytest.raises(metrics.JavaTimeout, match=r"METEOR 1.5 .* did not finish within 0.5 s"):
+        scorer.compute_score({"a": ["the cat"]}, {"a": ["a cat"]}, timeout=0.5)
+    assert scorer._meteor.meteor_p.poll() is not None  # the process was stopped, not left behind
+    assert scorer._meteor.meteor_p.stdin.closed  # so pycocoevalcap's __del__ cannot fail while holding its lock
+    scorer._meteor.__del__()  # pycocoevalcap's finaliser takes the lock its failed call kept: must not hang
+    monkeypatch.setattr(metrics, "JAVA_TIMEOUT_S", 0.5)
+    with pytest.raises(metrics.JavaTimeout, match="the Stanford PTB tokenizer"):
+        metrics.ptb_tokenize(["a cat"])
+    with pytest.raises(OSError, match=r"METEOR 1.5 \(Java\) did not finish"):  # the CLI's one-line error class
+        metrics.meteor_generation_eval(["a cat"], [["the cat"]])
 
 
 def test_generate_refuses_an_output_it_did_not_write(tmp_path):
@@ -237,17 +259,26 @@ def _write_sst2(folder, train_rows):
 @pytest.mark.parametrize("bad,message", [("2", r"label '2' is not one of 0\.\.1"), ("0.7", "label '0.7' is not one of"),
                                          ("yes", "label 'yes' is not one of"), ("-1", "label '-1'")])
 def test_glue_labels_are_validated_with_file_and_line(tmp_path, bad, message):
-    from structlora.glue.data import GlueDataError, load_glue_local
+    from structlora.data_errors import DataRowError
+    from structlora.glue.data import load_glue_local
     _write_sst2(tmp_path, [["a great film", "1"], ["dull", bad]])
-    with pytest.raises(GlueDataError, match=rf"sst2/train\.tsv:3: {message}"):
+    with pytest.raises(DataRowError, match=rf"sst2/train\.tsv:3: {message}.*pass --skip-bad-rows"):
         load_glue_local(tmp_path, "sst2")
 
 
-def test_glue_bom_and_counted_skips(tmp_path, capsys):
+def test_glue_bom_short_rows_and_counted_skips(tmp_path):
+    """A short row is an error naming file:line (none of the real GLUE files in ../shared/data has one); with
+    --skip-bad-rows it is skipped and counted."""
+    from structlora.data_errors import BadRows, DataRowError
     from structlora.glue.data import load_glue_local
-    _write_sst2(tmp_path, [["a great film", "1"], ["broken line"], ["fine", "1.0"]])
+    _write_sst2(tmp_path, [["a great film", "1"], ["broken line"], ["fine", "1.0"], ["dull", "7"]])
     train = tmp_path / "sst2" / "train.tsv"
     train.write_bytes(b"\xef\xbb\xbf" + train.read_bytes())  # a UTF-8 BOM before the header
-    data = load_glue_local(tmp_path, "sst2")
-    assert data["train"]["label"] == [1, 1]
-    assert "skipped 1 row(s) with fewer than 2 columns, first at line 3" in capsys.readouterr().err
+    with pytest.raises(DataRowError, match=r"train\.tsv:3: 1 tab-separated column\(s\), task 'sst2' needs at least 2"):
+        load_glue_local(tmp_path, "sst2")
+    bad_rows = BadRows(skip=True)
+    data = load_glue_local(tmp_path, "sst2", bad_rows)
+    assert data["train"]["label"] == [1, 1]  # the BOM did not hide the header's first column
+    assert bad_rows.summary() == {"skipped_bad_rows": 2, "bad_rows": {
+        "by_file": {str(train): 2}, "first": [f"{train}:3: 1 tab-separated column(s), task 'sst2' needs at least 2 here",
+                                              f"{train}:5: label '7' is not one of 0..1 (task 'sst2')"]}}

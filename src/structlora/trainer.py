@@ -7,14 +7,15 @@ The stock Trainer saves a full state dict for models it does not recognise; this
 
 `AdapterTrainer` also refuses to go on silently when something is wrong: a non-finite loss or gradient stops the
 run with `NonFiniteTrainingError` (or, with `skip_nonfinite_steps=True`, drops that step's gradients and counts it in
-`skipped_nonfinite_steps`), and resuming from a checkpoint that lacks the optimizer, scheduler or trainer state
+`skipped_nonfinite_steps`), and resuming from a checkpoint that lacks the optimizer, scheduler, trainer or RNG state
 (which would silently give another result) is refused unless `allow_incomplete_checkpoint=True`.
 """
 
 from __future__ import annotations
 
+import glob
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from transformers import Trainer
@@ -36,12 +37,17 @@ class NonFiniteTrainingError(ValueError):
 SHARDED_OPTIMIZER_STATE = ("optimizer.bin", "optimizer_0", "latest")
 
 
-def missing_checkpoint_state(checkpoint: str) -> list[str]:
-    """The files of CHECKPOINT_STATE_FILES (and the adapter weights) that `checkpoint` lacks."""
-    wanted = ("adapter_model.safetensors", "adapter_config.json", *CHECKPOINT_STATE_FILES)
+def missing_checkpoint_state(checkpoint: str, weights: Sequence[str] = ("adapter_model.safetensors",
+                                                                        "adapter_config.json")) -> list[str]:
+    """The files of CHECKPOINT_STATE_FILES, the RNG state and the ``weights`` files that `checkpoint` lacks
+    (without the RNG state a resumed run draws other batches and dropout masks: another result)."""
     sharded_optimizer = any(os.path.exists(os.path.join(checkpoint, name)) for name in SHARDED_OPTIMIZER_STATE)
-    return [name for name in wanted if not os.path.isfile(os.path.join(checkpoint, name))
-            and not (name == "optimizer.pt" and sharded_optimizer)]
+    missing = [name for name in (*weights, *CHECKPOINT_STATE_FILES) if not os.path.isfile(os.path.join(checkpoint, name))
+               and not (name == "optimizer.pt" and sharded_optimizer)]
+    # Trainer writes rng_state.pth, or rng_state_<rank>.pth per process of a distributed run.
+    if not glob.glob(os.path.join(glob.escape(checkpoint), "rng_state*.pth")):
+        missing.append("rng_state.pth")
+    return missing
 
 
 class NonFiniteGuard:

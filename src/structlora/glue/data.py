@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..data_errors import BadRows, strict
+
 HUB_ID = "nyu-mll/glue"
 
 
@@ -74,8 +76,9 @@ GLUE_TASKS: dict[str, GlueTask] = {
 }
 
 
-class GlueDataError(RuntimeError):
-    """GLUE data could not be found or read; the message says how to get it."""
+class GlueDataError(ValueError, RuntimeError):
+    """GLUE data could not be found or read; the message says how to get it (a ValueError, as the library's other
+    errors; also a RuntimeError for code written against earlier releases)."""
 
 
 def get_task(name: str) -> GlueTask:
@@ -172,8 +175,11 @@ def _parse_label(task: GlueTask, raw: str) -> int | float:
     return int(value)
 
 
-def read_task_file(path: Path, task: GlueTask) -> dict[str, list[Any]]:
-    """Columns (hub names + ``label``) of one local TSV file of ``task``; malformed rows are skipped."""
+def read_task_file(path: Path, task: GlueTask, bad_rows: BadRows | None = None) -> dict[str, list[Any]]:
+    """Columns (hub names + ``label``) of one local TSV file of ``task``. A row with too few columns or an invalid
+    label is a DataRowError naming ``file:line`` (``bad_rows`` with ``skip=True``: skipped and counted); rows whose
+    gold label is ``-`` (MultiNLI's "no annotator consensus") are skipped and reported."""
+    bad_rows = strict(bad_rows)
     rows = _read_tsv(path)
     if not rows:
         raise GlueDataError(f"{path} is empty")
@@ -198,11 +204,11 @@ def read_task_file(path: Path, task: GlueTask) -> dict[str, list[Any]]:
             )
     columns: dict[str, list[Any]] = {column: [] for column in (*task.text_columns, "label")}
     width = max(positions.values()) + 1
-    short: list[int] = []
     unlabelled: list[int] = []
     for line, row in body:
         if len(row) < width:
-            short.append(line)  # QQP and MNLI have a few broken lines: skipped, counted, reported
+            bad_rows.report(path, line, f"{len(row)} tab-separated column(s), task '{task.name}' needs at least "
+                                        f"{width} here")
             continue
         raw = row[positions["label"]]
         if raw.strip() == _NO_GOLD_LABEL:
@@ -211,18 +217,20 @@ def read_task_file(path: Path, task: GlueTask) -> dict[str, list[Any]]:
         try:
             label = _parse_label(task, raw)
         except ValueError as error:
-            raise GlueDataError(f"{path}:{line}: {error} (task '{task.name}')") from None
+            bad_rows.report(path, line, f"{error} (task '{task.name}')")
+            continue
         for column in task.text_columns:
             columns[column].append(row[positions[column]])
         columns["label"].append(label)
-    for lines, what in ((short, f"with fewer than {width} columns"), (unlabelled, "without a gold label ('-')")):
-        if lines:
-            print(f"note: {path}: skipped {len(lines)} row(s) {what}, first at line {lines[0]}", file=sys.stderr)
+    if unlabelled:
+        print(f"note: {path}: skipped {len(unlabelled)} row(s) without a gold label ('-'), first at line "
+              f"{unlabelled[0]}", file=sys.stderr)
     return columns
 
 
-def load_glue_local(data_dir: str | os.PathLike, task_name: str) -> Any:
-    """Read ``task_name`` from local files under ``data_dir`` (see the module docstring for layouts)."""
+def load_glue_local(data_dir: str | os.PathLike, task_name: str, bad_rows: BadRows | None = None) -> Any:
+    """Read ``task_name`` from local files under ``data_dir`` (see the module docstring for layouts); bad rows
+    are errors unless ``bad_rows`` skips them (see :mod:`structlora.data_errors`)."""
     import datasets
 
     task = get_task(task_name)
@@ -238,18 +246,18 @@ def load_glue_local(data_dir: str | os.PathLike, task_name: str) -> Any:
     features = datasets.Features({**{c: datasets.Value("string") for c in task.text_columns}, "label": label_feature})
     splits = {}
     for split, path in _split_files(folder, task).items():
-        columns = read_task_file(path, task)
+        columns = read_task_file(path, task, bad_rows)
         if not columns["label"]:
             raise GlueDataError(f"{path}: no labelled rows")
         splits[split] = datasets.Dataset.from_dict(columns, features=features)
     return datasets.DatasetDict(splits)
 
 
-def load_glue(task_name: str, data_dir: str | os.PathLike | None = None) -> Any:
+def load_glue(task_name: str, data_dir: str | os.PathLike | None = None, bad_rows: BadRows | None = None) -> Any:
     """Local files when ``data_dir`` is given, else the hub (``nyu-mll/glue``)."""
     task = get_task(task_name)
     if data_dir:
         if not Path(data_dir).is_dir():
             raise GlueDataError(f"--data-dir {data_dir} does not exist. {how_to_get_data(task)}")
-        return load_glue_local(data_dir, task.name)
+        return load_glue_local(data_dir, task.name, bad_rows)
     return load_glue_hub(task)

@@ -15,14 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..data_errors import BadRows, DataRowError, location, strict
 from .tasks import PromptedExample, TaskSpec, with_demonstrations
 
 DATA_ENV = "STRUCTLORA_DATA"
 _EXTENSIONS = (".jsonl", ".json", ".tsv")
 
 
-class DataUnavailableError(RuntimeError):
-    """Neither a local copy nor the hub could provide a split."""
+class DataUnavailableError(ValueError, RuntimeError):
+    """Neither a local copy nor the hub could provide a split (a ValueError, as the library's other errors; also a
+    RuntimeError for code written against earlier releases)."""
 
 
 @dataclass(frozen=True)
@@ -44,15 +46,46 @@ def local_candidates(spec: TaskSpec, data_dir: Path, split: str) -> list[Path]:
     return [folder / f"{split}{ext}" for folder in folders for ext in _EXTENSIONS]
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
+def read_records(path: Path, bad_rows: BadRows | None = None) -> list[dict[str, Any]]:
     """Read a jsonl (one object per line), a json list or a tab-separated file with a header."""
+    return [record for _, record in read_located_records(path, bad_rows)]
+
+
+def read_located_records(path: Path, bad_rows: BadRows | None = None) -> list[tuple[int | None, dict[str, Any]]]:
+    """``(line, record)`` of every record of a jsonl / json list / tsv file (a UTF-8 BOM is dropped); a line
+    that is not a JSON object, or a tsv row with too few columns, is a bad row (DataRowError by default)."""
+    bad_rows = strict(bad_rows)
     if path.suffix == ".tsv":
-        with path.open(newline="", encoding="utf-8") as handle:
-            return [dict(row) for row in csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)]
-    text = path.read_text(encoding="utf-8")
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+            located = []
+            for row in reader:
+                if None in row or None in row.values():
+                    bad_rows.report(path, reader.line_num, f"not the {len(reader.fieldnames or [])} tab-separated "
+                                                           f"columns of the header")
+                    continue
+                located.append((reader.line_num, dict(row)))
+            return located
+    text = path.read_text(encoding="utf-8-sig")
     if path.suffix == ".json" and text.lstrip().startswith("["):
-        return list(json.loads(text))
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+        try:
+            return [(None, record) for record in json.loads(text)]
+        except json.JSONDecodeError as error:
+            raise DataRowError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+    located = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            bad_rows.report(path, number, f"not a JSON object ({error.msg})")
+            continue
+        if not isinstance(record, dict):
+            bad_rows.report(path, number, f"a JSON {type(record).__name__}, not an object")
+            continue
+        located.append((number, record))
+    return located
 
 
 def _load_hub(spec: TaskSpec, split: str, hub_path: str | None) -> list[dict[str, Any]]:
@@ -65,6 +98,13 @@ def _load_hub(spec: TaskSpec, split: str, hub_path: str | None) -> list[dict[str
 def load_records(spec: TaskSpec, role: str, data_dir: str | os.PathLike[str] | None = None,
                  hub_path: str | None = None) -> list[dict[str, Any]]:
     """Raw records of the `role` ("train" or "eval") split: local copy first, then the hub."""
+    return [record for _, record in load_located_records(spec, role, data_dir, hub_path)]
+
+
+def load_located_records(spec: TaskSpec, role: str, data_dir: str | os.PathLike[str] | None = None,
+                         hub_path: str | None = None, bad_rows: BadRows | None = None
+                         ) -> list[tuple[str, dict[str, Any]]]:
+    """``(where, record)`` of the `role` split, ``where`` being ``file:line`` (or the hub split and row)."""
     index = {"train": 0, "eval": 1}[role]
     local_split, hub_split = spec.local_splits[index], spec.hub_splits[index]
     root = resolve_data_dir(data_dir)
@@ -72,10 +112,11 @@ def load_records(spec: TaskSpec, role: str, data_dir: str | os.PathLike[str] | N
     if root is not None:
         for path in local_candidates(spec, root, local_split):
             if path.is_file():
-                return read_records(path)
+                return [(location(path, line), record) for line, record in read_located_records(path, bad_rows)]
         tried.append(f"{root}/[superglue/]{spec.local_dir}/{local_split}{{{','.join(_EXTENSIONS)}}}")
     try:
-        return _load_hub(spec, hub_split, hub_path)
+        hub_rows = _load_hub(spec, hub_split, hub_path)
+        return [(f"hub {hub_path or spec.hub_path} {hub_split} row {i}", row) for i, row in enumerate(hub_rows)]
     except Exception as error:  # offline, unknown id, missing `datasets`: all mean "no data"
         hub_id = f"{hub_path or spec.hub_path}" + (f"/{spec.hub_name}" if spec.hub_name else "")
         tried.append(f"hub {hub_id} split {hub_split!r} ({type(error).__name__}: {error})")
@@ -84,9 +125,35 @@ def load_records(spec: TaskSpec, role: str, data_dir: str | os.PathLike[str] | N
         f"no {role} data for task {spec.name}; tried: " + "; ".join(tried) + f". {hint}")
 
 
-def render_all(spec: TaskSpec, records: Sequence[dict[str, Any]]) -> list[list[PromptedExample]]:
-    """Render every record; a record may yield several examples (MultiRC options, ReCoRD queries)."""
-    return [spec.render(record) for record in records]
+def render_all(spec: TaskSpec, records: Sequence[dict[str, Any]], locations: Sequence[str] | None = None,
+               bad_rows: BadRows | None = None) -> list[list[PromptedExample]]:
+    """Render every record; a record may yield several examples (MultiRC options, ReCoRD queries). A record
+    that cannot be rendered (a missing field, a label out of range or of the wrong type) is a DataRowError naming
+    its ``file:line`` (``locations``), or skipped and counted by ``bad_rows``."""
+    bad_rows = strict(bad_rows)
+    rendered = []
+    for index, record in enumerate(records):
+        try:
+            rendered.append(spec.render(record))
+        except KeyError as error:
+            reason = f"missing field {error} for task {spec.name}"
+        except (ValueError, TypeError, AttributeError) as error:
+            reason = f"{error} (task {spec.name})"
+        else:
+            continue
+        where = locations[index] if locations is not None else f"record {index}"
+        path, _, line = where.rpartition(":")
+        if line.isdigit():
+            bad_rows.report(path, int(line), reason)
+        else:
+            bad_rows.report(where, None, reason)
+    return rendered
+
+
+def _render_split(spec: TaskSpec, role: str, data_dir: Any, hub_path: str | None,
+                  bad_rows: BadRows | None) -> list[list[PromptedExample]]:
+    located = load_located_records(spec, role, data_dir, hub_path, bad_rows)
+    return render_all(spec, [record for _, record in located], [where for where, _ in located], bad_rows)
 
 
 def _take(groups: Sequence[list[PromptedExample]], sizes: Sequence[int]) -> list[list[PromptedExample]]:
@@ -133,7 +200,7 @@ def _count(groups: Sequence[list[PromptedExample]]) -> int:
 
 def sample_splits(spec: TaskSpec, n_train: int, n_dev: int, n_eval: int, seed: int = 0,
                   data_dir: str | os.PathLike[str] | None = None, split_validation: bool = False,
-                  hub_path: str | None = None) -> TaskSplits:
+                  hub_path: str | None = None, bad_rows: BadRows | None = None) -> TaskSplits:
     """Seeded train / dev / eval samples.
 
     Default (the authors' protocol): train and dev are disjoint samples of the training split,
@@ -141,13 +208,13 @@ def sample_splits(spec: TaskSpec, n_train: int, n_dev: int, n_eval: int, seed: i
     SuperGLUE copy, whose train split holds only 32 examples): the validation split is shuffled
     and cut into eval first, then train and dev.
     """
-    eval_groups = _shuffled(render_all(spec, load_records(spec, "eval", data_dir, hub_path)), seed)
+    eval_groups = _shuffled(_render_split(spec, "eval", data_dir, hub_path, bad_rows), seed)
     if split_validation:
         (evaluation,) = _take(eval_groups, (n_eval,))
         train_groups = eval_groups[_groups_used(eval_groups, len(evaluation)):]
     else:
         (evaluation,) = _take(eval_groups, (n_eval,))
-        train_groups = _shuffled(render_all(spec, load_records(spec, "train", data_dir, hub_path)), seed)
+        train_groups = _shuffled(_render_split(spec, "train", data_dir, hub_path, bad_rows), seed)
     train, dev = _take(train_groups, _fit_train_dev(_count(train_groups), n_train, n_dev))
     return TaskSplits(train=train, dev=dev, eval=evaluation)
 

@@ -64,8 +64,10 @@ def _label_index(value: Any, names: Sequence[str]) -> int:
             return int(lowered == "true")
         if lowered.isdigit():
             return _label_index(int(lowered), names)
-        return list(names).index(lowered)
-    raise ValueError(f"cannot read label {value!r}")
+        if lowered in names:
+            return list(names).index(lowered)
+    raise ValueError(f"label {value!r} is not one of 0..{len(names) - 1}"
+                     + ("" if tuple(names) == tuple(str(i) for i in range(len(names))) else f", {', '.join(names)}"))
 
 
 def _binary(context: str, label: Any, verbalizer: tuple[str, ...], separator: str = "") -> PromptedExample:

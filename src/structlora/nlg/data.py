@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from ..data_errors import BadRows, DataRowError, strict
+
 DATASETS: tuple[str, ...] = ("e2e", "webnlg", "dart")
 # dev-train / dev-heldout: the dev set split by unique input (the official test sets are held back).
 SPLITS: tuple[str, ...] = ("train", "dev", "test", "dev-train", "dev-heldout")
@@ -99,51 +101,91 @@ def linearize_e2e_mr(mr: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------- E2E
-def read_e2e_csv(path: str | os.PathLike) -> list[NLGInput]:
-    """The official E2E CSV (header ``mr,ref``; a test file may have ``mr`` only)."""
+# Bad rows (a malformed MR, a missing reference, a broken triple) are a DataRowError naming file:line, or skipped
+# and counted when the caller passes BadRows(skip=True) (the recipes' --skip-bad-rows).
+def read_e2e_csv(path: str | os.PathLike, bad_rows: BadRows | None = None) -> list[NLGInput]:
+    """The official E2E CSV (header ``mr,ref``; a test file may have ``mr`` only). A UTF-8 BOM is dropped."""
+    bad_rows = strict(bad_rows)
     grouper = _Grouper()
     with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         if reader.fieldnames is None or "mr" not in reader.fieldnames:
-            raise ValueError(f"{path}: expected a header with an 'mr' column, got {reader.fieldnames}")
+            raise DataRowError(f"{path}:1: expected a header with an 'mr' column, got {reader.fieldnames}")
+        has_ref = "ref" in reader.fieldnames
         for row in reader:
+            line = reader.line_num
+            if None in row or None in row.values():
+                bad_rows.report(path, line, f"{len(reader.fieldnames) + len(row.get(None) or [])} comma-separated "
+                                            f"fields where the header has {len(reader.fieldnames)} (an unquoted "
+                                            f"comma?)" if None in row else "fewer fields than the header")
+                continue
             # The official scripts repair these mis-encoded pound/e-acute signs in some releases.
             ref = (row.get("ref") or "").replace("Â£", "£").replace("Ã©", "é")
-            grouper.add(linearize_e2e_mr(row["mr"].replace("Â£", "£")), ref)
+            if has_ref and not ref.strip():
+                bad_rows.report(path, line, "empty 'ref' (every row of a file with a ref column needs a reference)")
+                continue
+            try:
+                source = linearize_e2e_mr(row["mr"].replace("Â£", "£"))
+            except ValueError as error:
+                bad_rows.report(path, line, str(error))
+                continue
+            grouper.add(source, ref)
     return grouper.inputs()
 
 
-def read_e2e_lines(path: str | os.PathLike) -> list[NLGInput]:
+def read_e2e_lines(path: str | os.PathLike, bad_rows: BadRows | None = None) -> list[NLGInput]:
     """The LoRA / prefix-tuning line format ``linearised mr || reference`` (one pair per line)."""
+    bad_rows = strict(bad_rows)
     grouper = _Grouper()
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8-sig") as handle:
         for number, line in enumerate(handle, start=1):
             line = line.rstrip("\n")
             if not line.strip():
                 continue
             if "||" not in line:
-                raise ValueError(f"{path}:{number}: expected 'mr || ref'")
+                bad_rows.report(path, number, "expected 'linearised mr || reference'")
+                continue
             source, reference = line.split("||", 1)
+            if not source.strip() or not reference.strip():
+                bad_rows.report(path, number, f"empty {'mr' if not source.strip() else 'reference'} around '||'")
+                continue
             grouper.add(source.strip(), reference)
     return grouper.inputs()
 
 
 # ---------------------------------------------------------------------------------------- WebNLG
-def read_webnlg_xml(paths: Iterable[str | os.PathLike], good_only: bool = True) -> list[NLGInput]:
+def _entry_line(path: str | os.PathLike, entry: ElementTree.Element) -> int | None:
+    """The line of ``<entry eid=...>`` in ``path`` (ElementTree keeps no positions; only read on an error)."""
+    eid = entry.get("eid")
+    if eid is None:
+        return None
+    text = Path(path).read_text(encoding="utf-8-sig")
+    position = text.find(f'eid="{eid}"')
+    return text.count("\n", 0, position) + 1 if position >= 0 else None
+
+
+def read_webnlg_xml(paths: Iterable[str | os.PathLike], good_only: bool = True,
+                    bad_rows: BadRows | None = None) -> list[NLGInput]:
     """WebNLG 2017 challenge XML files (``<entry category=..><modifiedtripleset><mtriple>s | p | o``
     and ``<lex comment="good">text``). Lexicalisations marked other than "good" are skipped by default,
-    as the LoRA converter does."""
+    as the LoRA converter does. An entry with a malformed or no triple is a bad row (file:line of the entry)."""
+    bad_rows = strict(bad_rows)
     grouper = _Grouper()
     for path in paths:
-        root = ElementTree.parse(path).getroot()
+        try:
+            root = ElementTree.parse(path).getroot()
+        except ElementTree.ParseError as error:
+            raise DataRowError(f"{path}:{error.position[0]}: not well-formed XML ({error})") from None
         for entry in root.iter("entry"):
             category = entry.get("category")
-            triples = []
-            for mtriple in entry.iter("mtriple"):
-                parts = [part.strip() for part in (mtriple.text or "").split(" | ")]
-                if len(parts) != 3:
-                    raise ValueError(f"{path}: malformed triple {mtriple.text!r}")
-                triples.append(parts)
+            mtriples = [mtriple.text or "" for mtriple in entry.iter("mtriple")]
+            triples = [[part.strip() for part in text.split(" | ")] for text in mtriples]
+            malformed = next((text for text, parts in zip(mtriples, triples) if len(parts) != 3), None)
+            if malformed is not None or not triples:
+                reason = (f"malformed triple {malformed!r} (expected 'subject | predicate | object')"
+                          if malformed is not None else "no <mtriple>")
+                bad_rows.report(path, _entry_line(path, entry), f"entry {entry.get('eid')}: {reason}")
+                continue
             source = linearize_triples(triples)
             seen = category in WEBNLG_SEEN_CATEGORIES if category else None
             grouper.add(source, None, category, seen)
@@ -169,13 +211,53 @@ def webnlg_xml_files(folder: str | os.PathLike) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------------------ DART
-def read_dart_json(path: str | os.PathLike) -> list[NLGInput]:
+def _json_array_line(text: str, index: int) -> int | None:
+    """The line where element ``index`` of the top-level JSON array in ``text`` starts (only read on an error)."""
+    decoder = json.JSONDecoder()
+    position = text.index("[") + 1
+    for current in range(index + 1):
+        while text[position] in " \t\r\n,":
+            position += 1
+        if current == index:
+            return text.count("\n", 0, position) + 1
+        position = decoder.raw_decode(text, position)[1]
+    return None
+
+
+def _dart_problem(record: object) -> str | None:
+    if not isinstance(record, dict):
+        return f"a {type(record).__name__}, not an object"
+    triples = record.get("tripleset")
+    if not isinstance(triples, list) or not triples:
+        return "no 'tripleset' list"
+    for triple in triples:
+        if not (isinstance(triple, list) and len(triple) == 3 and all(isinstance(x, str) for x in triple)):
+            return f"triple {triple!r} is not [subject, predicate, object] strings"
+    annotations = record.get("annotations", [])
+    if not isinstance(annotations, list) or not all(isinstance(a, dict) and isinstance(a.get("text", ""), str)
+                                                    for a in annotations):
+        return "'annotations' is not a list of {\"text\": string} objects"
+    return None
+
+
+def read_dart_json(path: str | os.PathLike, bad_rows: BadRows | None = None) -> list[NLGInput]:
     """DART v1.1.1 JSON (a list of ``{"tripleset": [[s, p, o]...], "annotations": [{"text"}...]}``);
-    predicates lower-cased as in the LoRA converter."""
-    with open(path, encoding="utf-8") as handle:
-        records = json.load(handle)
+    predicates lower-cased as in the LoRA converter. A UTF-8 BOM is dropped; a malformed record is a bad row."""
+    bad_rows = strict(bad_rows)
+    with open(path, encoding="utf-8-sig") as handle:
+        text = handle.read()
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataRowError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+    if not isinstance(records, list):
+        raise DataRowError(f"{path}:1: expected a JSON list of DART records, got a {type(records).__name__}")
     grouper = _Grouper()
-    for record in records:
+    for index, record in enumerate(records):
+        problem = _dart_problem(record)
+        if problem:
+            bad_rows.report(path, _json_array_line(text, index), f"record {index}: {problem}")
+            continue
         source = linearize_triples((s, p.lower(), o) for s, p, o in record["tripleset"])
         grouper.add(source, None)
         for annotation in record.get("annotations", []):
@@ -203,16 +285,17 @@ def _first_existing(folder: Path, names: Sequence[str]) -> Path | None:
 
 def load_split(dataset: str, split: str, data_root: str | os.PathLike | None = None,
                heldout_fraction: float = 0.1, heldout_seed: int = 0,
-               source: str = "auto") -> list[NLGInput]:
+               source: str = "auto", bad_rows: BadRows | None = None) -> list[NLGInput]:
     """Inputs of ``dataset`` / ``split`` from the official files under ``data_root`` (or the Hub when
-    ``source="hub"``). ``dev-train`` / ``dev-heldout`` split the dev set by unique input."""
+    ``source="hub"``). ``dev-train`` / ``dev-heldout`` split the dev set by unique input. A bad row is a
+    DataRowError naming file:line unless ``bad_rows`` skips (and counts) it."""
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
     if split in ("dev-train", "dev-heldout"):
         train_part, heldout_part = split_by_input(
-            load_split(dataset, "dev", data_root, source=source), heldout_fraction, heldout_seed)
+            load_split(dataset, "dev", data_root, source=source, bad_rows=bad_rows), heldout_fraction, heldout_seed)
         return train_part if split == "dev-train" else heldout_part
     if source == "hub":
         return load_from_hub(dataset, split)
@@ -224,10 +307,10 @@ def load_split(dataset: str, split: str, data_root: str | os.PathLike | None = N
         lines = {"train": ["train.txt"], "dev": ["valid.txt", "dev.txt"], "test": ["test.txt"]}[split]
         path = _first_existing(folder, official)
         if path is not None:
-            return read_e2e_csv(path)
+            return read_e2e_csv(path, bad_rows)
         path = _first_existing(folder, lines)
         if path is not None:
-            return read_e2e_lines(path)
+            return read_e2e_lines(path, bad_rows)
         raise FileNotFoundError(f"E2E {split}: none of {official + lines} in {folder} "
                                 f"(set --data-dir or ${DATA_ENV_VAR})")
     if dataset == "webnlg":
@@ -237,12 +320,12 @@ def load_split(dataset: str, split: str, data_root: str | os.PathLike | None = N
         split_folder = folder / split
         if not split_folder.is_dir():
             raise FileNotFoundError(f"WebNLG {split}: {split_folder} does not exist")
-        return read_webnlg_xml(webnlg_xml_files(split_folder))
+        return read_webnlg_xml(webnlg_xml_files(split_folder), bad_rows=bad_rows)
     folder = root / "dart"
     path = _first_existing(folder, [f"dart-v1.1.1-full-{split}.json"])
     if path is None:
         raise FileNotFoundError(f"DART {split}: dart-v1.1.1-full-{split}.json not in {folder}")
-    return read_dart_json(path)
+    return read_dart_json(path, bad_rows)
 
 
 def split_by_input(inputs: Sequence[NLGInput], heldout_fraction: float = 0.1,

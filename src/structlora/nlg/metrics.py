@@ -22,12 +22,14 @@ functions that need it raise :class:`JavaUnavailable`; the scorers report that a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
@@ -36,6 +38,23 @@ from typing import Iterable, Sequence
 # --------------------------------------------------------------------------------------------- Java
 class JavaUnavailable(RuntimeError):
     """Raised when a metric needs Java (METEOR 1.5, Stanford PTB tokenizer) and there is none."""
+
+
+class JavaTimeout(TimeoutError):
+    """A Java scorer ran longer than ``STRUCTLORA_JAVA_TIMEOUT`` seconds and was stopped (an OSError: the CLI
+    prints it as one ``error:`` line)."""
+
+    def __init__(self, what: str, timeout: float) -> None:
+        super().__init__(f"{what} did not finish within {timeout:g} s and was stopped "
+                         f"(raise STRUCTLORA_JAVA_TIMEOUT, in seconds, for very large inputs)")
+
+
+def _run_java(command: list[str], what: str) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=True,
+                              timeout=JAVA_TIMEOUT_S)
+    except subprocess.TimeoutExpired as err:
+        raise JavaTimeout(what, JAVA_TIMEOUT_S) from err
 
 
 def java_executable() -> str | None:
@@ -75,7 +94,7 @@ def _require_java() -> str:
 
 
 # --------------------------------------------------------------------------------- mteval tokeniser
-# A Java scorer that runs longer than this is stopped (subprocess.TimeoutExpired) instead of hanging the run.
+# A Java scorer that runs longer than this is stopped (JavaTimeout) instead of hanging the run.
 JAVA_TIMEOUT_S = float(os.environ.get("STRUCTLORA_JAVA_TIMEOUT", "1800"))
 _ASCII_UPPER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
@@ -200,11 +219,8 @@ def ptb_tokenize(sentences: Sequence[str]) -> list[str]:
         path = os.path.join(tmp, "sentences.txt")
         with open(path, "w", encoding="utf-8") as handle:
             handle.write("\n".join(s.replace("\n", " ") for s in sentences))
-        result = subprocess.run(
-            [java, "-cp", str(ptb_tokenizer_jar()), "edu.stanford.nlp.process.PTBTokenizer",
-             "-preserveLines", "-lowerCase", path],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=True, timeout=JAVA_TIMEOUT_S,
-        )
+        result = _run_java([java, "-cp", str(ptb_tokenizer_jar()), "edu.stanford.nlp.process.PTBTokenizer",
+                            "-preserveLines", "-lowerCase", path], "the Stanford PTB tokenizer (Java)")
     lines = result.stdout.decode("utf-8").split("\n")
     return [" ".join(w for w in line.rstrip().split(" ") if w not in _PTB_PUNCTUATION)
             for line, _ in zip(lines, sentences)]
@@ -231,8 +247,6 @@ class MeteorScorer:
         from pycocoevalcap.meteor.meteor import Meteor
 
         self._meteor = Meteor.__new__(Meteor)
-        import threading
-
         self._meteor.meteor_cmd = [java, "-jar", "-Xmx2G", str(meteor_jar()), "-", "-", "-stdio", "-l", "en",
                                    "-norm"]
         self._meteor.meteor_p = subprocess.Popen(self._meteor.meteor_cmd, cwd=str(meteor_jar().parent),
@@ -240,15 +254,37 @@ class MeteorScorer:
                                                  stderr=subprocess.PIPE)
         self._meteor.lock = threading.Lock()
 
-    def compute_score(self, gts: dict, res: dict) -> tuple[float, list[float]]:
-        return self._meteor.compute_score(gts, res)
+    def compute_score(self, gts: dict, res: dict, timeout: float | None = None) -> tuple[float, list[float]]:
+        """METEOR of ``res`` against ``gts``. The process answers line by line on a pipe: a watchdog kills it
+        after ``timeout`` seconds (default ``JAVA_TIMEOUT_S``) so a stuck jar raises JavaTimeout, not a hang."""
+        timeout = JAVA_TIMEOUT_S if timeout is None else timeout
+        process = self._meteor.meteor_p
+        fired = threading.Event()
+        watchdog = threading.Timer(timeout, lambda: (fired.set(), process.kill()))
+        watchdog.start()
+        try:
+            return self._meteor.compute_score(gts, res)
+        except Exception as err:
+            watchdog.cancel()
+            self.close()  # the process is in an unknown state; close() also frees the lock the failed call kept
+            if fired.is_set():  # the error is the pipe the watchdog closed
+                raise JavaTimeout("METEOR 1.5 (Java, persistent process)", timeout) from err
+            raise
+        finally:
+            watchdog.cancel()
 
     def close(self) -> None:
         process = self._meteor.meteor_p
-        if process.poll() is None:
+        # A dead process's pipe fails the flush of the unsent line (BrokenPipeError); the file is closed all the same,
+        # so pycocoevalcap's Meteor.__del__ later closes nothing and cannot raise while it holds its lock.
+        with contextlib.suppress(OSError):
             process.stdin.close()
+        if process.poll() is None:
             process.kill()
-            process.wait()
+        process.wait()
+        # pycocoevalcap's compute_score keeps its lock when it raises, and Meteor.__del__ takes that lock:
+        # a fresh one lets the garbage collector finish instead of hanging the interpreter at exit.
+        self._meteor.lock = threading.Lock()
 
 
 def coco_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
@@ -496,10 +532,8 @@ def meteor_generation_eval(hypotheses_tok: Sequence[str], references_tok: Sequen
         with open(ref_path, "w", encoding="utf-8") as handle:
             handle.write("\n".join(r for refs in references_tok
                                    for r in list(refs) + [""] * (num_refs - len(refs))))
-        output = subprocess.run([java, "-Xmx2G", "-jar", str(meteor_jar()), hyp_path, ref_path, "-l", "en",
-                                 "-norm", "-r", str(num_refs)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=True,
-                                timeout=JAVA_TIMEOUT_S).stdout
+        output = _run_java([java, "-Xmx2G", "-jar", str(meteor_jar()), hyp_path, ref_path, "-l", "en",
+                            "-norm", "-r", str(num_refs)], "METEOR 1.5 (Java)").stdout
     return float(output.decode("utf-8").strip().split("\n")[-1].split()[-1])
 
 

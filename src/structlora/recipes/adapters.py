@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..data_errors import BadRows, add_skip_bad_rows_argument
 from .data_dir import add_data_dir_argument, resolve_data_dir
 
 NLG_META = "structlora_nlg.json"
@@ -139,6 +140,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="evaluation batch size")
     parser.add_argument("--output", default=None, metavar="DIR",
                         help="where results.json and predictions.jsonl go (default: RUN/eval-SPLIT)")
+    add_skip_bad_rows_argument(parser)
+    parser.set_defaults(skip_bad_rows=None)  # None: as the training run did (its results.json flags)
 
 
 def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
@@ -187,19 +190,27 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from . import limits
+
+    limits.check_integers(args, {"batch_size": 1, "max_eval_samples": 1, "n_eval": 1})
     run = TrainedRun(args.run)
+    if args.skip_bad_rows is None:  # the same data as the training run saw (an LLM sample depends on it)
+        args.skip_bad_rows = bool(run.flags.get("skip_bad_rows", False))
+    bad_rows = BadRows(skip=args.skip_bad_rows)
     output = Path(args.output or run.run_dir / f"eval-{args.split}")
     if run.recipe == "nlg":
         raise SystemExit("error: NLG runs are evaluated by decoding: `structlora generate --adapter RUN --output "
                          "HYPS --score`")
-    metrics, predictions, sizes = (_eval_glue(run, args) if run.recipe == "glue" else _eval_llm(run, args))
+    metrics, predictions, sizes = (_eval_glue(run, args, bad_rows) if run.recipe == "glue"
+                                   else _eval_llm(run, args, bad_rows))
+    bad_rows.print_summary()
     output.mkdir(parents=True, exist_ok=True)
     with open(output / "predictions.jsonl", "w") as handle:
         for record in predictions:
             handle.write(json.dumps(record) + "\n")
     warn_if_collapsed([p["prediction"] for p in predictions])
     payload = {"run": str(run.run_dir), "task": run.results.get("task"), "method": run.results.get("method"),
-               "split": args.split, "eval": metrics, **sizes}
+               "split": args.split, "eval": metrics, **sizes, **bad_rows.summary()}
     (output / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
     print(json.dumps({**payload, "results": str(output / "results.json")}))
     return 0
@@ -214,7 +225,7 @@ def warn_if_collapsed(predictions: list[Any]) -> None:
               file=sys.stderr)
 
 
-def _eval_glue(run: TrainedRun, args: argparse.Namespace) -> tuple[dict[str, float], list[dict], dict]:
+def _eval_glue(run: TrainedRun, args: argparse.Namespace, bad_rows: BadRows) -> tuple[dict[str, float], list[dict], dict]:
     import numpy as np
     import torch
     from transformers import DataCollatorWithPadding
@@ -227,7 +238,7 @@ def _eval_glue(run: TrainedRun, args: argparse.Namespace) -> tuple[dict[str, flo
     model, tokenizer, task = _load_glue_model(run, run.base_model(args.model))
     data_dir = resolve_data_dir(args.data_dir or run.flags.get("data_dir"),
                                 has_data=lambda root: find_task_folder(root, task) is not None)
-    raw = load_glue(task.name, data_dir)
+    raw = load_glue(task.name, data_dir, bad_rows)
     split = task.eval_splits[0] if args.split == "dev" else "train"
     dataset = _tokenize(_subset(raw[split], args.max_eval_samples, None), tokenizer, task.text_columns,
                         int(run.flags.get("max_length") or 128))
@@ -251,7 +262,7 @@ def _eval_glue(run: TrainedRun, args: argparse.Namespace) -> tuple[dict[str, flo
     return metrics, predictions, {"eval_examples": len(dataset)}
 
 
-def _eval_llm(run: TrainedRun, args: argparse.Namespace) -> tuple[dict[str, float], list[dict], dict]:
+def _eval_llm(run: TrainedRun, args: argparse.Namespace, bad_rows: BadRows) -> tuple[dict[str, float], list[dict], dict]:
     from ..llm.data import add_demonstrations, sample_splits
     from ..llm.evaluation import EvaluationSettings, evaluate_examples
     from ..llm.tasks import get_task
@@ -264,7 +275,7 @@ def _eval_llm(run: TrainedRun, args: argparse.Namespace) -> tuple[dict[str, floa
                            int(args.n_eval or flags.get("n_eval") or results.get("n_eval", 1000)), seed=seed,
                            data_dir=resolve_data_dir(args.data_dir or flags.get("data_dir")),
                            split_validation=bool(flags.get("split_validation", False)),
-                           hub_path=flags.get("dataset_path"))
+                           hub_path=flags.get("dataset_path"), bad_rows=bad_rows)
     model, tokenizer = load_run_model(run, args.model)
     model.eval()
     settings = EvaluationSettings(max_length=int(flags.get("max_length") or 2048), batch_size=args.batch_size,

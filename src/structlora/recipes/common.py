@@ -7,7 +7,8 @@ Contract (signatures are stable; the NLG and LLM recipes import them):
 - ``add_training_arguments(parser)``: training flags ``--epochs --lr --batch-size --eval-batch-size
   --max-length --warmup-ratio --warmup-steps --weight-decay --seed --eval-every --grad-accum --bf16 --fp16
   --gradient-checkpointing --resume --init-from --config --output --max-steps --lr-scheduler
-  --label-smoothing --logging-steps``.
+  --label-smoothing --logging-steps --overwrite --skip-nonfinite-steps --allow-incomplete-checkpoint
+  --skip-bad-rows``.
 - ``apply_config_file(args, parser=None)``: values of the ``--config`` YAML/JSON file become defaults;
   flags given explicitly on the command line win. ``parser`` may be omitted inside ``run(args)``:
   ``add_training_arguments`` stores the parser in ``args._parser``.
@@ -46,6 +47,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
+from ..data_errors import BadRows, add_skip_bad_rows_argument
 from .device import has_accelerator as _has_accelerator
 from .device import resolve_device_settings
 
@@ -208,7 +210,12 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     group.add_argument("--overwrite", action="boolean", default=False,
                        help="replace the run already in --output (its checkpoints and results.json are deleted)")
     group.add_argument("--skip-nonfinite-steps", action="boolean", default=False,
-                       help="skip (and count) steps whose loss or gradient is NaN/inf instead of stopping")
+                       help="skip (and count, in results.json) steps whose loss or gradient is NaN/inf instead of "
+                            "stopping")
+    group.add_argument("--allow-incomplete-checkpoint", action="boolean", default=False,
+                       help="--resume from a checkpoint that lacks its optimizer, scheduler or RNG state (fresh state "
+                            "for them; the result then differs from an uninterrupted run) instead of refusing it")
+    add_skip_bad_rows_argument(group)
     return parser
 
 
@@ -516,7 +523,8 @@ def _resume_checkpoint(args: argparse.Namespace) -> str | bool | None:
             raise SystemExit(f"error: --resume: no checkpoint-* folder in {folder}")
         for checkpoint in checkpoints:
             missing = _missing_state(checkpoint, args.method)
-            if not missing:
+            if not missing or _tolerated_missing(missing, args):
+                _warn_incomplete(checkpoint, missing)
                 return checkpoint
             print(f"--resume: {checkpoint} is incomplete (lacks {', '.join(missing)}; interrupted while saving?): "
                   f"trying the one before", file=sys.stderr)
@@ -524,10 +532,18 @@ def _resume_checkpoint(args: argparse.Namespace) -> str | bool | None:
     if not os.path.isdir(resume):
         raise SystemExit(f"error: --resume: {resume} is not a checkpoint folder")
     missing = _missing_state(resume, args.method)
-    if missing:
+    if missing and not _tolerated_missing(missing, args):
         raise SystemExit(f"error: --resume: {resume} lacks {', '.join(missing)}; resuming it would not continue the "
-                         f"same run")
+                         f"same run (--allow-incomplete-checkpoint resumes anyway, with fresh state for what is "
+                         f"missing)")
+    _warn_incomplete(resume, missing)
     return resume
+
+
+def _warn_incomplete(checkpoint: str, missing: list[str]) -> None:
+    if missing:
+        print(f"warning: --allow-incomplete-checkpoint: resuming {checkpoint} without {', '.join(missing)} (fresh "
+              f"state for them: the result differs from an uninterrupted run)", file=sys.stderr)
 
 
 def _checkpoints_newest_first(folder: str) -> list[str]:
@@ -539,11 +555,17 @@ def _checkpoints_newest_first(folder: str) -> list[str]:
 
 
 def _missing_state(checkpoint: str, method: str) -> list[str]:
-    from structlora.trainer import CHECKPOINT_STATE_FILES, missing_checkpoint_state
+    from structlora.trainer import missing_checkpoint_state
 
-    if method != "full":
-        return missing_checkpoint_state(checkpoint)
-    return [name for name in CHECKPOINT_STATE_FILES if not os.path.isfile(os.path.join(checkpoint, name))]
+    # --method full (and PEFT's methods) checkpoint transformers' own weight files: only the state files are checked.
+    return missing_checkpoint_state(checkpoint, weights=() if method == "full" else ("adapter_model.safetensors",
+                                                                                      "adapter_config.json"))
+
+
+def _tolerated_missing(missing: list[str], args: argparse.Namespace) -> bool:
+    """--allow-incomplete-checkpoint resumes without optimizer/scheduler/RNG state, never without the weights."""
+    return bool(getattr(args, "allow_incomplete_checkpoint", False)) and not any(
+        name.startswith("adapter_") for name in missing)
 
 
 def _run_status(output: str) -> str | None:
@@ -559,13 +581,15 @@ def _run_status(output: str) -> str | None:
         return "unreadable"
 
 
-def check_output_dir(args: argparse.Namespace) -> None:
-    """Never train over a finished run or another run's checkpoints without an explicit flag."""
+def check_output_dir(args: argparse.Namespace, remove: bool = True) -> None:
+    """Never train over a finished run or another run's checkpoints without an explicit flag. The recipes call it
+    twice: before loading anything with ``remove=False`` (refusals only), and when training starts, where
+    ``--overwrite`` then deletes the old run (so a failure in between leaves it in place)."""
     output = args.output
     status = _run_status(output)
     has_checkpoints = bool(_checkpoints_newest_first(checkpoint_dir(args)))
     if getattr(args, "overwrite", False):
-        if is_main_process():
+        if remove and is_main_process():
             shutil.rmtree(checkpoint_dir(args), ignore_errors=True)
             if status is not None:
                 os.remove(os.path.join(output, "results.json"))
@@ -651,6 +675,10 @@ def run_training(
         compute_metrics=compute_metrics,
         **trainer_kwargs,
     )
+    from structlora.trainer import AdapterCheckpoints
+
+    if isinstance(trainer, AdapterCheckpoints):
+        trainer.allow_incomplete_checkpoint = bool(getattr(args, "allow_incomplete_checkpoint", False))
     if not _loss_uses_num_items_in_batch(model):
         # Trainer assumes a model whose forward takes **kwargs normalises its loss by the token count it
         # passes (num_items_in_batch) and so skips the division by gradient-accumulation steps and scales
@@ -679,6 +707,20 @@ def run_training(
     if skipped:
         print(f"warning: skipped {skipped} step(s) with a non-finite loss or gradient", file=sys.stderr)
     return trainer, history_from_log(trainer.state.log_history), train_seconds
+
+
+def bad_rows_for(args: argparse.Namespace) -> BadRows:
+    """The bad-row policy of ``--skip-bad-rows`` (default: the first bad data row is an error naming file:line)."""
+    return BadRows(skip=bool(getattr(args, "skip_bad_rows", False)))
+
+
+def robustness_record(trainer: Any, bad_rows: BadRows | None) -> dict[str, Any]:
+    """What results.json records of the run's skips: non-finite steps (``--skip-nonfinite-steps``) and bad data
+    rows (``--skip-bad-rows``), printed too."""
+    if bad_rows is not None:
+        bad_rows.print_summary()
+    return {"skipped_nonfinite_steps": int(getattr(trainer, "skipped_nonfinite_steps", 0) or 0),
+            **(bad_rows.summary() if bad_rows is not None else {})}
 
 
 def print_run_summary(args: argparse.Namespace, model: Any, train_dataset: Any, eval_dataset: Any,

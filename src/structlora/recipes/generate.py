@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from structlora.data_errors import BadRows, add_skip_bad_rows_argument
 from structlora.nlg.data import DATASETS, SPLITS, load_split
 from structlora.recipes.data_dir import add_data_dir_argument, resolve_data_dir
 from structlora.recipes.peft_methods import PROMPT_LEARNING_METHODS, load_adapter
@@ -68,6 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="show a progress bar")
     parser.add_argument("--score", action=argparse.BooleanOptionalAction, default=False,
                         help="score the hypotheses when done (prints JSON)")
+    add_skip_bad_rows_argument(parser)
 
 
 def adapter_folder(path: str) -> Path:
@@ -137,8 +139,17 @@ def _check_output_owner(output: str, record_path: str, record: dict[str, Any], r
 def run(args: argparse.Namespace) -> int:
     from structlora.nlg.generation import DecodingSettings, generate_hypotheses, sidecar_paths, write_reference_files
 
+    from . import limits
+
+    limits.check_integers(args, {"beams": 1, "batch_size": 1, "max_new_tokens": 1, "limit": 1,
+                                 "no_repeat_ngram_size": 0, "heldout_seed": 0})
+    limits.check_floats(args, {"length_penalty": (float("-inf"), float("inf"), False),
+                               "repetition_penalty": (0.0, float("inf"), True), "heldout_fraction": (0.0, 1.0, True)})
     folder = adapter_folder(args.adapter)
     meta = json.loads((folder / META_FILE).read_text())
+    # The prompt keeps at least one token: the new tokens must fit the model's positions with it.
+    limits.check_max_length(args.max_new_tokens, meta.get("model", ""), meta.get("gguf_file"), flag="--max-new-tokens",
+                            extra=(("1 prompt token", 1),))
     if args.decoding == "authors" and meta.get("method") in PROMPT_LEARNING_METHODS:
         # The authors' beam search feeds its own key/value cache step by step; PEFT's virtual tokens would be
         # fed again at every step. transformers' generate() goes through PEFT, which feeds them once.
@@ -153,12 +164,13 @@ def run(args: argparse.Namespace) -> int:
     if data_dir is None and source == "auto":
         source = "hub"
     # The data first: a missing split is one error line before minutes of model loading.
+    bad_rows = BadRows(skip=args.skip_bad_rows)
     try:
         inputs = load_split(
             dataset, split, data_dir,
             heldout_fraction=args.heldout_fraction if args.heldout_fraction is not None else meta.get("heldout_fraction", 0.1),
             heldout_seed=args.heldout_seed if args.heldout_seed is not None else meta.get("heldout_seed", 0),
-            source=source,
+            source=source, bad_rows=bad_rows,
         )
     except FileNotFoundError as error:
         raise SystemExit(f"error: {error}. Pass --split dev or dev-heldout (shipped data has no test "
@@ -189,6 +201,9 @@ def run(args: argparse.Namespace) -> int:
                                 mode=args.decoding, tokenize_lower=tokenize_lower)
     decoding = {k: v for k, v in dataclasses.asdict(settings).items() if k != "batch_size"}
     record = {"adapter": adapter_fingerprint(folder), "dataset": dataset, "split": split, "decoding": decoding}
+    if bad_rows.count:  # recorded (and so compared on resume) only when rows were skipped
+        record["skipped_bad_rows"] = bad_rows.count
+    bad_rows.print_summary()
     _check_output_owner(args.output, paths["record"], record, args.restart)
     _check_resumable(paths["sources"], inputs, args.output, args.restart)
     with open(paths["record"], "w", encoding="utf-8") as handle:

@@ -13,7 +13,7 @@ import argparse
 import sys
 from typing import Any
 
-from . import common
+from . import common, limits
 from .data_dir import add_data_dir_argument, resolve_data_dir
 
 TASK_TYPE = "SEQ_CLS"
@@ -48,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
     for required in ("task", "model", "output"):
         if not getattr(args, required):
             raise SystemExit(f"error: --{required} is required (flag or config file)")
+    # Before any data or weights are read: flag ranges, --max-length against the model, the output folder.
+    limits.check_before_work(args, integers={"max_train_samples": 1, "max_eval_samples": 1, "eval_subset": 1})
     from ..glue import GlueDataError
 
     try:
@@ -115,7 +117,8 @@ def train_glue(args: argparse.Namespace) -> dict[str, Any]:
     from ..glue.data import find_task_folder
 
     data_dir = resolve_data_dir(args.data_dir, has_data=lambda root: find_task_folder(root, task) is not None)
-    raw = load_glue(task.name, data_dir)
+    bad_rows = common.bad_rows_for(args)
+    raw = load_glue(task.name, data_dir, bad_rows)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     for flag, asked, available in (("--max-train-samples", args.max_train_samples, len(raw["train"])),
                                    ("--eval-subset", args.eval_subset, len(raw[task.eval_splits[0]]))):
@@ -167,7 +170,8 @@ def train_glue(args: argparse.Namespace) -> dict[str, Any]:
     extra = {"adapter_params": adapter_params, "model": args.model, "seed": args.seed, "main_metric": task.main_metric,
              "train_examples": len(train_set), "eval_examples": {k: len(v) for k, v in eval_sets.items()},
              "selection_eval_examples": {k: len(v) for k, v in selection_sets.items()},
-             **trainer.structlora_clock.train_and_eval(), "flags": common.flags_of(args)}
+             **trainer.structlora_clock.train_and_eval(), **common.robustness_record(trainer, bad_rows),
+             "flags": common.flags_of(args)}
     common.write_results(args.output, task.name, method, trainable_params, eval_metrics, history,
                          train_seconds, extra)
     common.plot_curves(args.output, history, task.main_metric)

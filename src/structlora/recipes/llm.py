@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from structlora.recipes import common
+from structlora.recipes import common, limits
 from structlora.recipes.data_dir import add_data_dir_argument, resolve_data_dir
 
 NO_TRAINING = "none"
@@ -123,13 +123,16 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {error}") from None
     if not args.output:
         raise SystemExit("error: --output DIR is required (flag or config file)")
+    # Before any data or weights are read: flag ranges, --max-length against the model, the output folder.
+    limits.check_before_work(args, integers={"n_train": 0, "n_dev": 0, "n_eval": 1, "icl": 0, "max_new_tokens": 1})
     objective = spec.objective if args.train_objective == "auto" else args.train_objective
     common.resolve_device_settings(args)
     set_seed(args.seed)
+    bad_rows = common.bad_rows_for(args)
     try:
         splits = sample_splits(spec, args.n_train, args.n_dev, args.n_eval, seed=args.seed,
                                data_dir=resolve_data_dir(args.data_dir), split_validation=args.split_validation,
-                               hub_path=args.dataset_path)
+                               hub_path=args.dataset_path, bad_rows=bad_rows)
     except DataUnavailableError as error:
         raise SystemExit(f"error: {error}") from None
     if not splits.eval:
@@ -146,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
     metric = primary_metric(spec)
     history: list[dict[str, Any]] = []
     train_seconds = 0.0
+    trainer = None
     if args.method == NO_TRAINING:
         trainable = 0
     else:
@@ -175,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
             handle.write(json.dumps(record) + "\n")
     extra = {"model": args.model, "family": spec.family, "objective": objective, "icl": args.icl,
              "n_train": len(splits.train), "n_dev": len(splits.dev), "n_eval": len(splits.eval),
-             "seed": args.seed, "eval_seconds": round(eval_seconds, 3), "flags": common.flags_of(args)}
+             "seed": args.seed, "eval_seconds": round(eval_seconds, 3),
+             **common.robustness_record(trainer, bad_rows), "flags": common.flags_of(args)}
     path = common.write_results(args.output, spec.name, common.method_label(args), trainable, eval_metrics, history,
                                 train_seconds, extra=extra)
     if history:

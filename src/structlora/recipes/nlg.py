@@ -19,8 +19,9 @@ import copy
 import sys
 from typing import Any
 
+from structlora.data_errors import BadRows
 from structlora.nlg.data import DATASETS, SPLITS, load_split, training_pairs
-from structlora.recipes import common
+from structlora.recipes import common, limits
 from structlora.recipes.data_dir import DATA_RULE, add_data_dir_argument, resolve_data_dir
 
 TASK_TYPE = "CAUSAL_LM"
@@ -164,8 +165,8 @@ def default_train_split(dataset: str, data_dir: str | None, source: str) -> str:
     """``train`` when its file is there, else ``dev-train`` (shipped data often holds only the dev set)."""
     if source == "hub":
         return "train"
-    try:
-        load_split(dataset, "train", data_dir, source=source)
+    try:  # only whether the file is there: its rows are checked (and counted) when it is read for training
+        load_split(dataset, "train", data_dir, source=source, bad_rows=BadRows(skip=True))
     except FileNotFoundError:
         print(f"note: no {dataset} train file in {data_dir}: training on dev-train (the dev set split by "
               "input; dev-heldout is evaluated). Pass --train-split to choose", file=sys.stderr)
@@ -181,11 +182,16 @@ def run(args: argparse.Namespace) -> int:
     common.apply_config_file(args)
     if not args.output:
         raise SystemExit("error: --output DIR is required")
+    # Before any data or weights are read: flag ranges, --max-length against the model, the output folder.
+    limits.check_before_work(args, integers={"max_train_examples": 1, "max_eval_examples": 1},
+                             floats={"heldout_fraction": (0.0, 1.0, True)})
     common.resolve_device_settings(args)
     data_dir, source = resolve_data(args)
     args.train_split = args.train_split or default_train_split(args.dataset, data_dir, source)
     eval_split = args.eval_split or ("dev-heldout" if args.train_split == "dev-train" else "dev")
-    split_kwargs = dict(heldout_fraction=args.heldout_fraction, heldout_seed=args.heldout_seed, source=source)
+    bad_rows = common.bad_rows_for(args)
+    split_kwargs = dict(heldout_fraction=args.heldout_fraction, heldout_seed=args.heldout_seed, source=source,
+                        bad_rows=bad_rows)
     # Data first: a missing split is reported before minutes of model loading.
     train_pairs = training_pairs(load_split(args.dataset, args.train_split, data_dir, **split_kwargs))
     eval_pairs = training_pairs(load_split(args.dataset, eval_split, data_dir, **split_kwargs))
@@ -226,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
                                 if args.method == "mtlora" else None,
                                 "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
                                 "label_smoothing": label_smoothing, **trainer.structlora_clock.train_and_eval(),
-                                "flags": common.flags_of(args)})
+                                **common.robustness_record(trainer, bad_rows), "flags": common.flags_of(args)})
     common.plot_curves(args.output, history, "eval_loss")
     print(f"trainable parameters: {trainable}; train time {seconds:.1f}s; eval loss "
           f"{final.get('eval_loss', float('nan')):.4f} -> {adapter_dir}", file=sys.stderr)
