@@ -238,6 +238,66 @@ def test_generation_eval_meteor_equal_official_eval_py():
     assert scores["METEOR"] == pytest.approx(0.41762145892324465, abs=1e-12)
 
 
+# The official WebNLG GenerationEval (github.com/WebNLG/GenerationEval, 8067849), run outside this repository as
+# the LoRA/MTLoRA README does, `eval.py -R reference -H hypothesis -nr 6 -m bleu,meteor,ter`, on the six files
+# gpt2_decode.py --ref_num 6 --tokenize --lower writes for these raw texts (docs/FIDELITY.md says how it ran).
+# It printed BLEU 74.51, METEOR 0.5, TER 0.22; its run() returned METEOR 0.49578656081476247 and
+# TER 0.22415193350067297 on files without a final newline (with one, its split('\n') adds a phantom empty
+# input: METEOR fails (-1) and TER is (7 * 0.22415 + 1) / 8 = 0.32113).
+GE_OFFICIAL_REFS = [
+    ["Alan Bean was born in Wheeler, Texas and was a crew member of Apollo 12.",
+     "Alan Bean, a member of the Apollo 12 crew, was born in Wheeler, Texas.",
+     "Born in Wheeler, Texas, Alan Bean flew on Apollo 12."],
+    ["Aarhus Airport serves the city of Aarhus in Denmark."],
+    ["The Acharya Institute of Technology is located in Bangalore, India.",
+     "Bangalore, India is home to the Acharya Institute of Technology."],
+    ["Ajoblanco is a dish from Spain; its main ingredients are bread, almonds and garlic.",
+     "Bread, almonds and garlic are the main ingredients of ajoblanco, which comes from Spain.",
+     "Ajoblanco, from Spain, is made with bread, almonds and garlic.",
+     "The Spanish dish ajoblanco contains bread, almonds and garlic.",
+     "Ajoblanco originates from Spain and is made of bread, almonds and garlic.",
+     "Spain is the home of ajoblanco, made from bread, almonds and garlic.",
+     "A dish called ajoblanco comes from Spain and uses bread, almonds and garlic."],
+    ["The runway of Amsterdam Airport Schiphol is 2014 metres long.",
+     "Amsterdam Airport Schiphol has a runway length of 2014.0."],
+    ["Alfred Garth Jones was born in Manchester in 1872 and died in Sidcup in 1955.",
+     "Born in Manchester in 1872, Alfred Garth Jones died in Sidcup in 1955.",
+     "Alfred Garth Jones (1872-1955) was born in Manchester and died in Sidcup.",
+     "Alfred Garth Jones, who died in Sidcup in 1955, was born in Manchester in 1872."],
+    ["The 11th Mississippi Infantry Monument is in Adams County, Pennsylvania.",
+     "Adams County, Pennsylvania has the 11th Mississippi Infantry Monument."],
+]
+GE_OFFICIAL_HYPS = [
+    "Alan Bean was born in Wheeler, Texas and flew on Apollo 12.",
+    "Aarhus Airport serves the city of Aarhus.",
+    "The Acharya Institute of Technology is in Bangalore, India.",
+    "Ajoblanco is a Spanish dish made with bread, almonds and garlic.",
+    "Amsterdam Airport Schiphol's runway is 2014 metres long.",
+    "Alfred Garth Jones was born in Manchester in 1872 and he died in Sidcup.",
+    "The 11th Mississippi Infantry Monument is located in Adams County, Pennsylvania.",
+]
+
+
+def test_score_equals_official_generation_eval_nr6(tmp_path, capsys):
+    dataset = "dart"  # `score webnlg` shares the code (plus the seen/unseen split, tested above)
+    from structlora.cli import main
+    from structlora.nlg.authors_decoding import authors_post_process
+    from structlora.nlg.generation import write_reference_files
+
+    inputs = [NLGInput(f"input {i}", tuple(refs)) for i, refs in enumerate(GE_OFFICIAL_REFS)]
+    written = write_reference_files(dataset, inputs, tmp_path / "hyps.txt", tokenize_lower=True)
+    assert len(read_multi_references(written["reference_prefix"])[0]) == 6  # -nr 6
+    (tmp_path / "hyps.txt").write_text("".join(authors_post_process(h, True, True) + "\n" for h in GE_OFFICIAL_HYPS))
+    java = ["--java"] if M.java_executable() else ["--no-java"]
+    assert main(["score", dataset, "--ref-prefix", written["reference_prefix"], "--hyp", str(tmp_path / "hyps.txt"),
+                 "--json", *java]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert round(scores["BLEU"], 2) == 74.51
+    assert scores["TER"] == pytest.approx(0.22415193350067297, abs=1e-12)
+    if M.java_executable():
+        assert scores["METEOR"] == pytest.approx(0.49578656081476247, abs=1e-12)
+
+
 def test_nltk_version_other_than_generation_evals_pin_is_noted(monkeypatch):
     import nltk
 

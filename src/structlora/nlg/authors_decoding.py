@@ -6,7 +6,8 @@ It differs from ``transformers``' ``generate(num_beams=...)`` in ways that chang
 
 * n-gram blocking looks at the *generated* tokens only (``generate`` also blocks n-grams of the prompt
   of a decoder-only model, so it cannot copy a 4-gram of the meaning representation);
-* a hypothesis ends at any stop token (50256 ``<|endoftext|>`` or 628 ``"\\n\\n"`` for GPT-2) and is
+* a hypothesis ends at any stop token (50256 ``<|endoftext|>`` or 628 ``"\\n\\n"`` for GPT-2; for another
+  vocabulary its end-of-text and the token(s) it writes a blank line with, see ``stop_sequences``) and is
   scored ``sum log p / len ** length_penalty`` with ``len`` the generated length including the stop
   token; a finished beam stays in the beam with score ``-inf``; decoding always runs ``max_steps``
   steps and then also considers the unfinished beams;
@@ -26,6 +27,9 @@ from typing import Sequence
 import torch
 
 GPT2_STOP_TOKENS: tuple[int, ...] = (50256, 628)  # <|endoftext|> and "\n\n" (the README's --eos_token_id 628)
+# WebNLG / DART references: gpt2_decode.py --ref_num 6 writes six files (an input's first six references; the
+# first one again where it has fewer), which GenerationEval reads with eval.py -nr 6 (LoRA NLG README).
+AUTHORS_REFERENCE_FILES = 6
 
 
 @dataclass
@@ -40,6 +44,17 @@ class AuthorsBeamSettings:
     max_steps: int = 64
     min_length: int = 0
     stop_tokens: tuple[int, ...] = GPT2_STOP_TOKENS
+    # Multi-token stops: a hypothesis also ends when its generated tokens end with one of these (a blank line
+    # in a vocabulary without a single "\n\n" token, e.g. Llama-2's 13, 13). GPT-2 needs none.
+    stop_sequences: tuple[tuple[int, ...], ...] = ()
+
+    def __post_init__(self) -> None:
+        if any(len(sequence) < 2 for sequence in self.stop_sequences):
+            raise ValueError(f"stop_sequences must hold sequences of 2 or more tokens (single tokens go in "
+                             f"stop_tokens), got {self.stop_sequences}")
+        if self.stop_sequences and self.min_length > 0:
+            raise ValueError("min_length > 0 with multi-token stop_sequences is not supported (the script bans "
+                             "single stop tokens only)")
 
 
 def banned_ngram_tokens(history: torch.Tensor, n: int, step: int) -> list[list[int]]:
@@ -83,6 +98,16 @@ def _left_padded(prompts: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tens
     return input_ids, attention
 
 
+def _ended(history: torch.Tensor, stop: torch.Tensor, sequences: tuple[tuple[int, ...], ...]) -> torch.Tensor:
+    """Which hypotheses end here: last token a stop token, or last tokens one of the stop sequences."""
+    ended = torch.isin(history[:, -1], stop)
+    for sequence in sequences:
+        if history.shape[-1] >= len(sequence):
+            tail = torch.tensor(sequence, device=history.device)
+            ended |= (history[:, -len(sequence):] == tail).all(dim=-1)
+    return ended
+
+
 @torch.no_grad()
 def authors_beam_search(model, prompts: Sequence[Sequence[int]],
                         settings: AuthorsBeamSettings = AuthorsBeamSettings(), pad_token_id: int = 0
@@ -113,7 +138,8 @@ def authors_beam_search(model, prompts: Sequence[Sequence[int]],
     def add_candidates(only_stopped: bool) -> None:
         length = history.shape[-1]
         flat = beam_scores.view(-1)
-        ended = torch.isin(history[:, -1], stop) if only_stopped else torch.ones_like(flat, dtype=torch.bool)
+        ended = _ended(history, stop, settings.stop_sequences) if only_stopped \
+            else torch.ones_like(flat, dtype=torch.bool)
         for index in ended.nonzero().flatten().tolist():
             score = flat[index] / length ** settings.length_penalty
             owner = index // beams

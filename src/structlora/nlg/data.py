@@ -301,7 +301,8 @@ def write_e2e_references(inputs: Sequence[NLGInput], path: str | os.PathLike) ->
 
 def write_multi_references(inputs: Sequence[NLGInput], prefix: str | os.PathLike) -> list[str]:
     """GenerationEval layout: files ``PREFIX0``, ``PREFIX1``, … with line i of file k the k-th reference
-    of input i (empty when input i has fewer). Returns the file paths."""
+    of input i (empty when input i has fewer). Returns the file paths. Higher-numbered files an earlier
+    run left under the same prefix are removed (the scorer would read them as more references)."""
     count = max((len(x.references) for x in inputs), default=1)
     paths = []
     for k in range(count):
@@ -310,6 +311,10 @@ def write_multi_references(inputs: Sequence[NLGInput], prefix: str | os.PathLike
             for x in inputs:
                 handle.write((_one_line(x.references[k]) if k < len(x.references) else "") + "\n")
         paths.append(path)
+    stale = count
+    while os.path.exists(f"{prefix}{stale}"):
+        os.remove(f"{prefix}{stale}")
+        stale += 1
     return paths
 
 

@@ -9,7 +9,8 @@ from typing import Sequence
 
 import torch
 
-from .authors_decoding import AuthorsBeamSettings, authors_beam_search, authors_hypothesis, authors_post_process
+from .authors_decoding import (AUTHORS_REFERENCE_FILES, AuthorsBeamSettings, authors_beam_search, authors_hypothesis,
+                               authors_post_process)
 from .data import NLGInput, write_e2e_references, write_multi_references
 from .modeling import SEPARATOR, prompt_ids
 
@@ -39,11 +40,30 @@ class DecodingSettings:
             raise ValueError(f"decoding mode {self.mode!r} is not one of {', '.join(DECODING_MODES)}")
 
 
+def blank_line_tokens(tokenizer) -> tuple[int, ...]:
+    """The token(s) the tokenizer writes a blank line with after text: ``ids("x\\n\\n")`` minus ``ids("x")``
+    (GPT-2: 628; SmolLM2: 1116; Llama-2's SentencePiece: 13, 13, without the word-start piece a bare
+    ``"\\n\\n"`` would get). Raises ValueError when the two encodings do not share that prefix."""
+    word = tokenizer("x", add_special_tokens=False)["input_ids"]
+    with_blank = tokenizer("x\n\n", add_special_tokens=False)["input_ids"]
+    if with_blank[:len(word)] != word or len(with_blank) == len(word):
+        raise ValueError(f"cannot tell which tokens write a blank line in this vocabulary ('x' -> {word}, "
+                         f"'x\\n\\n' -> {with_blank}): the authors' decoding stops at end-of-text or a blank line; "
+                         f"use --decoding hf")
+    return tuple(with_blank[len(word):])
+
+
 def stop_tokens(tokenizer) -> tuple[int, ...]:
-    """The authors' stop tokens: end-of-text, and the single token for a blank line where the
-    vocabulary has one (GPT-2: 50256 and 628, the README's ``--eos_token_id 628``)."""
-    blank = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
-    return (tokenizer.eos_token_id,) + (tuple(blank) if len(blank) == 1 else ())
+    """The authors' single stop tokens: end-of-text and, where the vocabulary has one token for it, the blank
+    line (GPT-2: 50256 and 628, the README's ``--eos_token_id 628``)."""
+    blank = blank_line_tokens(tokenizer)
+    return (tokenizer.eos_token_id,) + (blank if len(blank) == 1 else ())
+
+
+def stop_sequences(tokenizer) -> tuple[tuple[int, ...], ...]:
+    """The blank line as a multi-token stop, for vocabularies without a single ``"\\n\\n"`` token."""
+    blank = blank_line_tokens(tokenizer)
+    return (blank,) if len(blank) > 1 else ()
 
 
 def sidecar_paths(output: str | os.PathLike) -> dict[str, str]:
@@ -63,15 +83,14 @@ def sidecar_paths(output: str | os.PathLike) -> dict[str, str]:
 def write_reference_files(dataset: str, inputs: Sequence[NLGInput], output: str | os.PathLike,
                           tokenize_lower: bool = False) -> dict[str, str]:
     """Write the sources and the references in the layout the dataset's scorer expects.
-    ``tokenize_lower``: as ``gpt2_decode.py --tokenize --lower`` for WebNLG/DART: references
-    lower-cased and split around non-word characters, and an input with fewer references gets its
-    first reference again instead of an empty line."""
+    ``tokenize_lower``: as ``gpt2_decode.py --ref_num 6 --tokenize --lower`` for WebNLG/DART: references
+    lower-cased and split around non-word characters, exactly six per input (the first six; an input with
+    fewer gets its first reference again instead of an empty line)."""
     paths = sidecar_paths(output)
     if tokenize_lower and dataset != "e2e":
-        inputs = [replace(x, references=tuple(authors_post_process(r, True, True) for r in x.references))
-                  for x in inputs]
-        count = max((len(x.references) for x in inputs), default=1)
-        inputs = [replace(x, references=x.references + x.references[:1] * (count - len(x.references)))
+        count = AUTHORS_REFERENCE_FILES
+        inputs = [replace(x, references=tuple(authors_post_process(r, True, True)
+                                              for r in (x.references + x.references[:1] * count)[:count]))
                   if x.references else x for x in inputs]
     with open(paths["sources"], "w", encoding="utf-8") as handle:
         handle.writelines(" ".join(x.source.split()) + "\n" for x in inputs)
@@ -151,7 +170,7 @@ def _authors_batch(model, tokenizer, prompts: list[list[int]], settings: Decodin
     beam = AuthorsBeamSettings(beams=settings.beams, length_penalty=settings.length_penalty,
                                no_repeat_ngram_size=settings.no_repeat_ngram_size,
                                repetition_penalty=settings.repetition_penalty, max_steps=settings.max_new_tokens,
-                               stop_tokens=stop_tokens(tokenizer))
+                               stop_tokens=stop_tokens(tokenizer), stop_sequences=stop_sequences(tokenizer))
     texts = [authors_hypothesis(tokenizer, row) for row in authors_beam_search(model, prompts, beam, pad)]
     # One output line per input: a hypothesis with single newlines stays one line, as in their file.
     return [" ".join(authors_post_process(t, settings.tokenize_lower, settings.tokenize_lower).split("\n"))

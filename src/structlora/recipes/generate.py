@@ -160,6 +160,13 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {error}. Pass --split dev or dev-heldout (shipped data has no test "
                          "files), or --data-dir with the split's files") from None
     model, tokenizer, spec, meta = load_trained_model(folder)
+    if args.decoding == "authors":
+        from structlora.nlg.generation import stop_tokens
+
+        try:
+            stop_tokens(tokenizer)  # the blank-line stop must be known before any decoding
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
     without_refs = sum(1 for x in inputs if not x.references)
     inputs = [x for x in inputs if x.references]  # nothing to score them against
     if args.limit is not None:
