@@ -32,6 +32,8 @@ CONFIGS = {
     "adp": lambda: LorettaAdpConfig(bottleneck_size=8, tensor_rank=3, init="reference"),
     "adp-dense-learned": lambda: LorettaAdpConfig(bottleneck_size=8, tensorized=False, scaling="learned",
                                                   non_linearity="gelu", init="reference"),
+    "adp-parallel": lambda: LorettaAdpConfig(bottleneck_size=8, tensor_rank=3, use_parallel_adapter=True,
+                                             non_linearity="silu", init="reference"),
 }
 # Drawn on the CPU (seeded) and moved, so STRUCTLORA_TEST_DEVICE=cuda runs the same ids.
 IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0), device="cpu").to(torch.empty(0).device)
@@ -176,12 +178,99 @@ def test_dtype_move_and_replaced_parameters_invalidate() -> None:
 
 
 def test_writes_behind_autograd_need_an_explicit_clear() -> None:
-    model = adapted("lora")
-    cached(model)
-    layer_a = next(m for m in model.modules() if isinstance(m, LowRankAdapter)).parameterization.lora_A
-    layer_a.data.copy_(layer_a.data * 2)  # no version bump: the documented blind spot
+    model = adapted("rep")
+    before = cached(model)
+    core = next(m for m in model.modules() if isinstance(m, TTMatrix)).cores[0]
+    core.data.copy_(core.data * 2)  # no version bump: the documented blind spot
+    assert torch.equal(cached(model), before)  # stale, as documented
     assert clear_factor_caches(model) > 0
     assert_close(cached(model), uncached(model))
+    assert not torch.allclose(cached(model), before)
+
+
+def test_plain_lora_reads_its_parameters_and_sees_every_write() -> None:
+    """Plain LoRA in the compute dtype computes no factor, so nothing is cached and no write can be missed."""
+    model = adapted("lora")
+    before = cached(model)
+    adapter = next(m for m in model.modules() if isinstance(m, LowRankAdapter))
+    lora_b = adapter.parameterization.lora_B
+    lora_b.data.copy_(lora_b.data * 3)  # behind autograd's back: no version bump
+    after = cached(model)
+    assert not torch.allclose(after, before)
+    assert_close(after, uncached(model))
+    assert adapter._factor_cache._value is None  # never filled
+
+
+@pytest.mark.parametrize("kind, hooked", [("lora", "self_attn.q_proj.base_layer"),
+                                          ("mtlora-icfm", "self_attn.q_proj.base_layer"),
+                                          ("adp", "mlp.down_proj.adapters.default"),
+                                          ("adp-parallel", "self_attn.v_proj.adapters.default")])
+def test_hooks_on_the_wrapped_modules_run_in_every_path(kind: str, hooked: str) -> None:
+    """A hook on a base module or an adapter module runs: the lean path then calls that module."""
+    model = adapted(kind)
+    want_no_grad, want_grad = cached(model), uncached(model)
+    module = model.base_model.model.layers[0].get_submodule(hooked)
+    calls = []
+    handle = module.register_forward_hook(lambda module, args, output: calls.append(1))
+    assert_close(cached(model), want_no_grad)
+    assert_close(uncached(model), want_grad)
+    handle.remove()
+    assert len(calls) == 2
+
+
+def test_copies_and_pickles_carry_no_cached_factor() -> None:
+    import pickle
+
+    model = adapted("rep")
+    want = cached(model)
+    for duplicate in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert all(m._factor_cache._value is None for m in duplicate.modules() if hasattr(m, "_factor_cache"))
+        assert_close(cached(duplicate), want)
+
+
+def low_precision_rep(dtype: torch.dtype) -> nn.Module:
+    """LoRETTA_rep on a low-precision Llama: its trained norms are fp32 masters computed in `dtype`."""
+    model = get_peft_model(tiny_llama().to(dtype), LorettaRepConfig(r=4, tensor_rank=3,
+                                                                   target_modules=["q_proj", "v_proj"]))
+    randomize(model, seed=1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_norm_copies_cache_their_cast_weights(dtype: torch.dtype, monkeypatch) -> None:
+    from structlora.layers import TrainableCopy
+
+    model = low_precision_rep(dtype)
+    copies = [m for m in model.modules() if isinstance(m, TrainableCopy)]
+    assert copies and all(c.compute_dtypes["default"] == dtype for c in copies)
+    assert all(p.dtype == torch.float32 for c in copies for p in c.adapters.parameters())
+    want = uncached(model)  # functional_call on weights cast in this forward
+    assert want.dtype == dtype
+    assert torch.equal(cached(model), want)  # same ops on the same cast weights: bit-equal
+    casts = {"count": 0}
+    original = torch.Tensor.to
+
+    def counting_to(self, *args, **kwargs):
+        casts["count"] += isinstance(self, nn.Parameter)
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(torch.Tensor, "to", counting_to)
+    monkeypatch.setattr(torch.func, "functional_call", None)  # the cached path calls the norm directly
+    assert torch.equal(cached(model), want)
+    assert casts["count"] == 0  # nothing cast again
+    monkeypatch.undo()
+    # An optimizer step (in place on the fp32 masters) and a dtype move invalidate.
+    model.train()
+    optimizer = torch.optim.SGD([p for c in copies for p in c.adapters.parameters()], lr=0.5)
+    model(input_ids=IDS, labels=IDS).loss.float().backward()
+    optimizer.step()
+    model.eval()
+    stepped = uncached(model)
+    assert not torch.equal(stepped, want)
+    assert torch.equal(cached(model), stepped)
+    norm = copies[0].adapters["default"]
+    norm.weight.data = norm.weight.detach() * 2  # a new storage behind the same Parameter
+    assert torch.equal(cached(model), uncached(model))
+    assert not torch.equal(cached(model), stepped)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

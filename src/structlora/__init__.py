@@ -14,12 +14,14 @@ _EXPORTS: dict[str, str] = {
     "LorettaAdpConfig": "config", "TaskType": "config", "DenseAdapterConfig": "config", "BitFitConfig": "config",
     "export_to_peft": "interop", "from_loretta": "interop",
     "PeftModel": "model", "adapted_layers": "model", "get_peft_model": "model",
+    "clear_factor_caches": "inference",
     "AdapterTrainer": "trainer",
 }
 
 if TYPE_CHECKING:
     from .config import (AdapterConfig, BitFitConfig, DenseAdapterConfig, LoraConfig, LorettaAdpConfig,
                          LorettaRepConfig, MTLoraConfig, TaskType)
+    from .inference import clear_factor_caches
     from .interop import export_to_peft, from_loretta
     from .model import PeftModel, adapted_layers, get_peft_model
     from .trainer import AdapterTrainer
@@ -42,4 +44,5 @@ __all__ = [
     "AdapterConfig", "LoraConfig", "MTLoraConfig", "LorettaRepConfig", "LorettaAdpConfig", "DenseAdapterConfig",
     "BitFitConfig", "TaskType",
     "get_peft_model", "PeftModel", "adapted_layers", "export_to_peft", "from_loretta", "AdapterTrainer",
+    "clear_factor_caches",
 ]

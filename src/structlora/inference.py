@@ -14,12 +14,19 @@ layout the matmuls read, and computes them again only when something they are ma
 
 These are the bank's guards (`structlora.bank`), kept across forwards. Which adapter runs, and whether it is
 merged or disabled, the layer decides before it asks, and every adapter has its own cache; merging clears the
-merged adapter's cache (it is not read while merged). A write that bypasses the version counter
-(`param.data.copy_(...)`) is not seen: call `clear_factor_caches(model)` after one.
+merged adapter's cache (it is not read while merged); any adapter-state transition clears them all.
+
+Plain LoRA whose parameters are in the compute dtype computes nothing and caches nothing: it reads its
+parameters in every forward. A trained norm or head copy with fp32 masters on a low-precision model caches its
+cast weights the same way (`TrainableCopy`).
+
+A write that bypasses the version counter (`param.data.copy_(...)`, `.numpy()`, DLPack) is not seen: call
+`model.clear_factor_caches()` (or `clear_factor_caches(model)`) after one.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, TypeVar
 
 import torch
@@ -51,12 +58,16 @@ def parameters_of(module: nn.Module) -> list[torch.Tensor]:
 class FactorCache:
     """One value computed from a module's parameters, reused while they are certainly unchanged."""
 
-    __slots__ = ("_parameters", "_registrations", "_key", "_value")
+    __slots__ = ("_owner", "_parameters", "_registrations", "_key", "_value")
 
     def __init__(self) -> None:
         self.clear()
 
+    def __reduce__(self) -> tuple:
+        return FactorCache, ()  # copied or pickled empty: cached values belong to the original's parameters
+
     def clear(self) -> None:
+        self._owner: weakref.ref | None = None  # weak: the owner usually holds this cache
         self._parameters: list[torch.Tensor] | None = None
         self._registrations = -1
         self._key: tuple | None = None
@@ -66,8 +77,9 @@ class FactorCache:
         """`compute()`'s value for `owner`'s current parameters and `key` (dtype, scaling...): cached or new."""
         if torch.compiler.is_compiling():  # a compiled graph computes the factors itself; no Python state inside
             return compute()
-        if self._registrations != _registrations or self._parameters is None:
-            self._parameters, self._registrations, self._key = parameters_of(owner), _registrations, None
+        if self._registrations != _registrations or self._owner is None or self._owner() is not owner:
+            self._owner, self._parameters = weakref.ref(owner), parameters_of(owner)
+            self._registrations, self._key = _registrations, None
         try:
             full_key = (key, tuple([(t._version, t.data_ptr()) for t in self._parameters]))
         except RuntimeError:  # inference tensors have no version counter: nothing tells a change, so no cache
@@ -96,7 +108,13 @@ def scaled_dense(weight: torch.Tensor, bias: torch.Tensor | None, scaling: float
 
 
 def clear_factor_caches(model: nn.Module) -> int:
-    """Drop every cached factor in `model` (after writing parameters behind autograd's back); returns how many."""
+    """Drop every cached factor in `model`; returns how many caches were dropped (`PeftModel.clear_factor_caches`).
+
+    Call it after writing adapter weights behind autograd's back: `param.data.copy_(...)`, `param.data[...] = ...`,
+    writes through `.numpy()`, DLPack or `untyped_storage()`. `param.data` is a new tensor with its own version
+    counter, so such a write changes neither the parameter's version nor its storage pointer; only comparing
+    values would see it, which costs 3-4x a cache hit per adapter and forward (and a device sync on a GPU), so
+    it is not done. Plain LoRA in the compute dtype caches nothing and needs no clear."""
     caches = [m._factor_cache for m in model.modules() if isinstance(getattr(m, "_factor_cache", None), FactorCache)]
     for cache in caches:
         cache.clear()

@@ -21,9 +21,8 @@ from transformers.pytorch_utils import Conv1D
 from .config import LoraConfig, LorettaAdpConfig, LorettaRepConfig
 from .engine import _scaled_to, add_lowrank_embedding_update, add_lowrank_update, dense_lowrank
 from .inference import CachedFactorsMixin, FactorCache, scaled_dense
-from .norms import lean_norm_copy
+from .norms import LeanRMSNorm, lean_norm_copy, llama_rms_norm
 from .parameterizations import LowRankParameterization, make_parameterization
-from .quantized import is_quantized
 from .tensor_train import TTLinear, tt_shape_for
 
 
@@ -37,9 +36,12 @@ class AdapterLayerMixin:
         self.active_adapter = name
 
     def _active(self) -> str | None:
-        if self.adapters_disabled or self.active_adapter not in self.adapters:
+        # Through the module dicts: nn.Module.__getattr__ and ModuleDict's methods are Python calls, and this runs
+        # per wrapped module and decoded token.
+        name = self.active_adapter
+        if self.adapters_disabled or name not in self._modules["adapters"]._modules:
             return None
-        return self.active_adapter
+        return name
 
 
 def layer_kind(module: nn.Module) -> str | None:
@@ -79,10 +81,20 @@ class LowRankAdapter(CachedFactorsMixin, nn.Module):
         a_eff, b_eff = self.parameterization.effective_factors(self.scaling)
         return a_eff.to(dtype), b_eff.to(dtype)
 
-    def inference_factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(T·A)ᵀ (in x R) and (s·B)ᵀ (R x out) in `dtype`, for x @ a_t @ b_t without autograd: cached
-        (`structlora.inference`) until a parameter, the dtype or the scaling changes."""
-        return self._factor_cache.get(self, (dtype, self.scaling), lambda: self._transposed_factors(dtype))
+    def inference_factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(T·A)ᵀ (in x R), Bᵀ (R x out) in `dtype` and the scaling still to apply, for s'·(x @ a_t @ b_t)
+        without autograd.
+
+        Plain LoRA whose parameters are already in `dtype` computes nothing: its parameters are read as they are
+        (so every write to them is seen) and the scaling is returned. Otherwise the factors are computed, with
+        the scaling folded into Bᵀ, and cached (`structlora.inference`) until a parameter, the dtype or the
+        scaling changes.
+        """
+        stored = self._modules["parameterization"].stored_factors()
+        if stored is not None and stored[0].dtype == dtype and stored[1].dtype == dtype:
+            return stored[0].t(), stored[1].t(), self.scaling
+        a_t, b_t = self._factor_cache.get(self, (dtype, self.scaling), lambda: self._transposed_factors(dtype))
+        return a_t, b_t, 1.0
 
     def _transposed_factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         a_eff, b = self.parameterization.unscaled_factors()
@@ -123,21 +135,15 @@ class LowRankLayer(nn.Module, AdapterLayerMixin):
         return self._plain_weight() if isinstance(adapter.dropout, nn.Identity) else None
 
     def _plain_weight(self) -> torch.Tensor | None:
-        """The base weight in (out x in) layout when the base is a plain nn.Linear or Conv1D, else None (a
-        torchao-quantized nn.Linear keeps its type, but its weight is a quantized tensor)."""
-        if is_quantized(self.base_layer):
-            return None
-        if type(self.base_layer) is nn.Linear:
-            return self.base_layer.weight
-        if type(self.base_layer) is Conv1D:
-            return self.base_layer.weight.t()
-        return None
+        """The base weight in (out x in) layout when the base is a plain nn.Linear or Conv1D, else None."""
+        weight = _plain_stored_weight(self.base_layer)
+        return weight if weight is None or type(self.base_layer) is nn.Linear else weight.t()
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         name = self._active()
         if name is None or name in self.merged_adapters:
-            return self.base_layer(x, *args, **kwargs)
-        adapter = self.adapters[name]
+            return self._modules["base_layer"](x, *args, **kwargs)
+        adapter = self._modules["adapters"]._modules[name]
         if not torch.is_grad_enabled():
             return self._forward_without_grad(adapter, x, args, kwargs)
         weight = None if args or kwargs else self._fast_path_weight(adapter)
@@ -156,25 +162,28 @@ class LowRankLayer(nn.Module, AdapterLayerMixin):
     def _forward_without_grad(self, adapter: LowRankAdapter, x: torch.Tensor, args: tuple, kwargs: dict
                               ) -> torch.Tensor:
         """The same sum as `forward` with no autograd node: plain matmuls on the cached factors, accumulated in
-        place into the base output where we made that output ourselves."""
-        base = self.base_layer
-        dropout_off = not adapter.dropout.training or isinstance(adapter.dropout, nn.Identity)
-        weight = self._plain_weight() if dropout_off and not (args or kwargs) else None
-        if weight is not None:
+        place into the base output where we made that output ourselves. This runs per adapted layer and decoded
+        token, so its Python is kept to a few dictionary reads."""
+        base = self._modules["base_layer"]
+        dropout = adapter._modules["dropout"]
+        dropout_off = not dropout.training or type(dropout) is nn.Identity
+        stored = _plain_stored_weight(base) if dropout_off and not (args or kwargs) else None
+        if stored is not None:
+            weight_t = stored.t() if type(base) is nn.Linear else stored  # (in x out): x @ it
             x2d = x.reshape(-1, x.shape[-1])
-            bias = base.bias
-            out = torch.addmm(bias, x2d, weight.t()) if bias is not None else x2d @ weight.t()
-            a_t, b_t = adapter.inference_factors(out.dtype)  # out's dtype: autocast's where it is on
-            out.addmm_(x2d @ a_t, b_t)
+            bias = base._parameters.get("bias")
+            out = x2d @ weight_t if bias is None else torch.addmm(bias, x2d, weight_t)
+            a_t, b_t, scaling = adapter.inference_factors(out.dtype)  # out's dtype: autocast's where it is on
+            out.addmm_(x2d @ a_t, b_t, alpha=scaling)
             return out.view(*x.shape[:-1], out.shape[-1])
         result = base(x, *args, **kwargs)
-        a_t, b_t = adapter.inference_factors(result.dtype)
+        a_t, b_t, scaling = adapter.inference_factors(result.dtype)
         if self.kind == "embedding":
             hidden = F.embedding(x, a_t, padding_idx=base.padding_idx, max_norm=base.max_norm,
                                  norm_type=base.norm_type).reshape(-1, a_t.shape[1])
         else:
-            hidden = adapter.dropout(x).to(result.dtype).reshape(-1, a_t.shape[0]) @ a_t
-        return torch.addmm(result.reshape(-1, result.shape[-1]), hidden, b_t).view(result.shape)
+            hidden = dropout(x).to(result.dtype).reshape(-1, a_t.shape[0]) @ a_t
+        return torch.addmm(result.reshape(-1, result.shape[-1]), hidden, b_t, alpha=scaling).view(result.shape)
 
     # -- merging --------------------------------------------------------------------------------------
     def get_delta_weight(self, name: str | None = None) -> torch.Tensor:
@@ -289,7 +298,7 @@ class BottleneckAdapter(CachedFactorsMixin, nn.Module):
             self.adapter_scaling = float(config.scaling)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled() and not (self.dropout.training and isinstance(self.dropout, nn.Dropout)):
+        if not torch.is_grad_enabled() and not self.drops():
             return self._forward_without_grad(hidden)
         out = self.adapter_up(self.act(self.adapter_down(self.dropout(hidden))))
         scaling = self.adapter_scaling
@@ -298,11 +307,23 @@ class BottleneckAdapter(CachedFactorsMixin, nn.Module):
         return out if scaling == 1.0 else out * scaling  # skip a full-size multiply in the common case
 
 
-    def _forward_without_grad(self, hidden: torch.Tensor) -> torch.Tensor:
+    def drops(self) -> bool:
+        """Whether dropout is on (training mode with a non-zero rate)."""
+        dropout = self._modules["dropout"]
+        return dropout.training and type(dropout) is not nn.Identity
+
+    def _forward_without_grad(self, hidden: torch.Tensor, add_to: torch.Tensor | None = None) -> torch.Tensor:
+        """The adapter's output, or `add_to` + it accumulated in place into `add_to` (a tensor the caller owns)."""
         dtype = hidden.dtype
         w_down, b_down, w_up, b_up = self._factor_cache.get(self, (dtype,), lambda: self._dense_projections(dtype))
         inner = self._act_in_place(_affine(hidden.reshape(-1, w_down.shape[0]), w_down, b_down))
-        return _affine(inner, w_up, b_up).view(*hidden.shape[:-1], w_up.shape[1])
+        if add_to is None:
+            return _affine(inner, w_up, b_up).view(*hidden.shape[:-1], w_up.shape[1])
+        accumulator = add_to.view(-1, w_up.shape[1])
+        if b_up is not None:
+            accumulator.add_(b_up)
+        accumulator.addmm_(inner, w_up)
+        return add_to
 
     def _dense_projections(self, dtype: torch.dtype) -> tuple[torch.Tensor | None, ...]:
         """W_down, b_down, s·W_up, s·b_up in x @ W layout and `dtype`."""
@@ -342,24 +363,35 @@ class BottleneckLayer(nn.Module, AdapterLayerMixin):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         name = self._active()
+        base = self._modules["base_layer"]
         if name is None:
-            return self.base_layer(x, *args, **kwargs)
-        adapter, placement = self.adapters[name], self.placements[name]
+            return base(x, *args, **kwargs)
+        adapter, placement = self._modules["adapters"]._modules[name], self.placements[name]
+        # Without autograd the sum is formed in place in a tensor made here (no second buffer, no separate add).
+        lean = (not torch.is_grad_enabled() and not adapter.drops()
+                and not (adapter._forward_pre_hooks or adapter._forward_hooks))
         if placement == "input":
-            return self.base_layer(x + adapter(x), *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        return result + adapter(result if placement == "output" else x)
+            adapted = adapter._forward_without_grad(x).add_(x) if lean else x + adapter(x)
+            return base(adapted, *args, **kwargs)
+        result = base(x, *args, **kwargs)
+        source = result if placement == "output" else x
+        if lean and _plain_stored_weight(base) is not None and result.dtype == source.dtype and result.is_contiguous():
+            return adapter._forward_without_grad(source, add_to=result)  # a plain layer's output is fresh
+        return result + adapter(source)
 
 
-class TrainableCopy(nn.Module, AdapterLayerMixin):
+class TrainableCopy(CachedFactorsMixin, nn.Module, AdapterLayerMixin):
     """A base module (norm, classification head) with one trainable copy per adapter.
 
     The original stays frozen and is used when adapters are disabled, so `disable_adapter()` gives the
-    base model's outputs exactly.
+    base model's outputs exactly. A copy of a low-precision module keeps fp32 masters and computes with them
+    cast to the module's dtype; without autograd the cast weights are cached like an adapter's factors
+    (`structlora.inference`), and a Llama-style norm is computed directly on them.
     """
 
     def __init__(self, original: nn.Module) -> None:
         super().__init__()
+        self._factor_cache = FactorCache()
         self.original = original
         self.adapters = nn.ModuleDict()
         # Copies of a low-precision (fp16/bf16) module train fp32 masters and compute in this dtype: in bf16 an
@@ -384,11 +416,18 @@ class TrainableCopy(nn.Module, AdapterLayerMixin):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         name = self._active()
-        dtype = None if name is None else self.compute_dtypes.get(name)
+        if name is None:
+            return self._modules["original"](*args, **kwargs)
+        module = self._modules["adapters"]._modules[name]
+        dtype = self.compute_dtypes.get(name)
         if dtype is None:
-            return self.current()(*args, **kwargs)
-        module = self.adapters[name]
-        cast = {key: value.to(dtype) for key, value in module.named_parameters()}
+            return module(*args, **kwargs)
+        if torch.is_grad_enabled():
+            return torch.func.functional_call(module, _cast_parameters(module, dtype), args, kwargs)
+        cast = self._factor_cache.get(module, (name, dtype), lambda: _cast_parameters(module, dtype))
+        if type(module) is LeanRMSNorm and len(args) == 1 and not kwargs:
+            # What LeanRMSNorm computes without autograd, on the cast weight: functional_call costs 3x the norm.
+            return llama_rms_norm(args[0], cast["weight"], module.variance_epsilon)
         return torch.func.functional_call(module, cast, args, kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -397,6 +436,27 @@ class TrainableCopy(nn.Module, AdapterLayerMixin):
         except AttributeError:
             # Model code sometimes reads attributes of the module it calls (e.g. norm.weight, eps).
             return getattr(super().__getattr__("original"), name)
+
+
+_PLAIN_TENSOR_TYPES = (nn.Parameter, torch.Tensor)
+
+
+def _plain_stored_weight(base: nn.Module) -> torch.Tensor | None:
+    """The weight as stored ((out x in) for nn.Linear, (in x out) for Conv1D) when `base` is exactly one of the
+    two with a plain floating-point tensor: a layer whose forward we may compute ourselves. Anything else runs
+    its own forward: quantized layers (bitsandbytes subclasses, torchao tensor subclasses), FSDP's and
+    parametrize's generated subclasses, user subclasses, and a layer with its own forward hooks."""
+    kind = type(base)
+    if (kind is not nn.Linear and kind is not Conv1D) or base._forward_pre_hooks or base._forward_hooks:
+        return None
+    weight = base._parameters.get("weight")
+    if type(weight) not in _PLAIN_TENSOR_TYPES or not weight.is_floating_point():
+        return None
+    return weight
+
+
+def _cast_parameters(module: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {key: value.to(dtype) for key, value in module.named_parameters()}
 
 
 def dense_weight_and_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -141,6 +141,15 @@ class PeftModel(nn.Module):
         """The wrapped transformers model (with the adapter layers in it)."""
         return self.base_model
 
+    def clear_factor_caches(self) -> int:
+        """Drop the factors cached for inference (`structlora.inference`); returns how many caches were dropped.
+
+        Needed only after writing adapter weights in a way autograd does not see, `param.data.copy_(...)` or
+        writes through `.numpy()` / DLPack: nothing records those, so a later no-grad forward would reuse factors
+        of the old weights. Optimizer steps, `load_state_dict`, `copy_` under `torch.no_grad()`, loading,
+        switching, merging and `.to()` are all detected without it."""
+        return clear_factor_caches(self.base_model)
+
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The base model's `generate` with the active adapter; `adapter_names` (one per row) routes each row
         to its own adapter."""

@@ -76,6 +76,11 @@ class LowRankParameterization(nn.Module):
         a, t, b = self.factors()
         return (a if t is None else t @ a), b
 
+    def stored_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A, B) as stored parameters when the method computes nothing from them (plain LoRA, one slice),
+        else None."""
+        return None
+
     def effective_factors(self, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(T·A, s·B): what the engine multiplies with."""
         a_eff, b = self.unscaled_factors()
@@ -133,6 +138,11 @@ class DenseLowRank(LowRankParameterization):
     def _transform_parameters(self) -> list[torch.Tensor]:
         """C, and D for the structures that have one: what T is made of."""
         return [self.lora_C] + ([self.lora_D] if self.structure in STRUCTURES_WITH_D else [])
+
+    def stored_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.structure is not None or self.is_fused:
+            return None
+        return self._parameters["lora_A"], self._parameters["lora_B"]
 
     def unscaled_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         # T·A is this forward's banked slice when the bank holds a current one (structlora.bank).

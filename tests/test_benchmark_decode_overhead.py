@@ -1,0 +1,37 @@
+"""benchmarks/decode_overhead.py on a tiny Llama: what an unmerged adapter adds per decoded token, as counts (no
+timing assertions: a shared CPU). The counts pin the lean no-grad path: a few tensor ops per adapted projection,
+fewer than PEFT's LoRA layer, and fewer Python calls."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("peft")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_overhead.py"
+ADAPTED_PROJECTIONS = 2 * 4  # q and v in each of the 4 layers
+
+
+def test_decode_overhead_counts(tmp_path) -> None:
+    spec = importlib.util.spec_from_file_location("decode_overhead_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    module.main(["--tiny", "--tokens", "2", "--calls", "5", "--blocks", "1",
+                 "--variants", "base:-,peft_lora:qv,lora:qv,loretta_rep:qv", "--json", str(tmp_path / "r.json")])
+    rows = json.loads((tmp_path / "r.json").read_text())["variants"]
+    base, peft, ours, rep = (rows[k] for k in ("base -", "peft_lora qv", "lora qv", "loretta_rep qv"))
+    extra_ops = {name: row["aten_ops_per_token"] - base["aten_ops_per_token"]
+                 for name, row in (("peft", peft), ("ours", ours), ("rep", rep))}
+    # Ours: the low-rank mm + in-place addmm_ (and two transposed views of A and B); no factor is rebuilt per token.
+    assert 0 < extra_ops["ours"] <= 4 * ADAPTED_PROJECTIONS
+    assert 0 < extra_ops["rep"] <= 4 * ADAPTED_PROJECTIONS
+    assert extra_ops["ours"] < extra_ops["peft"]
+    assert "bmm" not in rep["aten_ops"]  # no tensor-train contraction while decoding
+    assert base["python_calls_per_token"] < ours["python_calls_per_token"] < peft["python_calls_per_token"]
+    assert ours["module_forward_us"]["LowRankLayer"]["wrapper"] > 0
