@@ -147,8 +147,10 @@ def test_recipes_apply_with_task_overrides(recipe: Path) -> None:
         return apply_task_overrides(common.apply_config_file(args))
 
     args = parse()
-    assert args.method in ("lora", "loretta-rep", "loretta-adp") and args.epochs == 3 and args.lr == 1e-4
-    # Low-rank methods on q_proj, v_proj; LoRETTA_adp keeps its default (MLP) placement.
-    assert args.target_modules == (None if args.method == "loretta-adp" else ["q_proj", "v_proj"])
+    assert args.method in ("lora", "loretta-rep", "loretta-adp", "adapter", "ia3", "prefix", "prompt")
+    assert args.epochs == 3 and args.lr == 1e-4
+    # Low-rank methods on q_proj, v_proj; adapters and PEFT's methods keep their default placement.
+    low_rank = args.method in ("lora", "loretta-rep")
+    assert args.target_modules == (["q_proj", "v_proj"] if low_rank else None)
     assert (args.batch_size, args.grad_accum, args.n_dev) == (1, 1, 100)  # CB's override (finetune.sh)
     assert parse("--batch-size", "2").batch_size == 2  # explicit flags win over recipes

@@ -112,7 +112,7 @@ def test_train_generate_score_through_cli(tiny_gpt2, e2e_data, tmp_path, capsys)
     results = json.loads((out / "results.json").read_text())
     # MTLoRA r=4 on 2 layers of c_attn (q,k,v fused, 16 -> 3x16) and c_fc (16 -> 64) of a 16-wide GPT-2
     assert results["trainable_params"] == 1728
-    assert results["method"] == "mtlora" and results["label_smoothing"] == 0.1
+    assert results["method"] == "mtlora-shim" and results["label_smoothing"] == 0.1
     assert math.isfinite(results["eval"]["eval_loss"])
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())

@@ -17,6 +17,7 @@ from typing import Any, Iterator, Literal, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..recipes.peft_methods import check_generate_matches_forward, generation_cache_kwargs, is_prompt_learning
 from .tasks import PromptedExample
 
 Objective = Literal["candidates", "lm"]
@@ -180,9 +181,10 @@ def _checkpointing(model: torch.nn.Module) -> bool:
 
 
 def can_share_prefix(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> bool:
-    """The shared-prefix path needs a KV cache, which gradient checkpointing switches off in training."""
+    """The shared-prefix path needs a KV cache, which gradient checkpointing switches off in training, and a
+    model that does not add virtual tokens of its own (PEFT's prompt learning would add them to each part)."""
     return ("prefix_input_ids" in batch and "past_key_values" in _base_forward_parameters(model)
-            and not (model.training and _checkpointing(model)))
+            and not (model.training and _checkpointing(model)) and not is_prompt_learning(model))
 
 
 def shared_prefix_log_likelihoods(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -353,6 +355,8 @@ def generate_answers(model: torch.nn.Module, tokenizer: Any, examples: Sequence[
     contexts = [encode_context(tokenizer, e.context)[-(max_length - max_new_tokens):] for e in examples]
     answers = [""] * len(examples)
     newline_ids = newline_token_ids(tokenizer)
+    if contexts:
+        check_generate_matches_forward(model, contexts[0])
     with progress_bar(len(examples), progress) as bar:
         for indices in _token_batches([len(c) for c in contexts], batch_size):
             rows = [EncodedRow(tuple(contexts[i]), 1) for i in indices]
@@ -362,7 +366,7 @@ def generate_answers(model: torch.nn.Module, tokenizer: Any, examples: Sequence[
             output = model.generate(input_ids=batch["input_ids"].to(device),
                                     attention_mask=batch["attention_mask"].to(device),
                                     max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                    stopping_criteria=stop, pad_token_id=pad_id)
+                                    stopping_criteria=stop, pad_token_id=pad_id, **generation_cache_kwargs(model))
             for position, index in enumerate(indices):
                 text = tokenizer.decode(output[position, width:], skip_special_tokens=True)
                 answers[index] = text.split("\n")[0].strip()

@@ -9,6 +9,7 @@ from typing import Sequence
 
 import torch
 
+from ..recipes.peft_methods import check_generate_matches_forward, generation_cache_kwargs
 from .authors_decoding import (AUTHORS_REFERENCE_FILES, AuthorsBeamSettings, authors_beam_search, authors_hypothesis,
                                authors_post_process)
 from .data import NLGInput, write_e2e_references, write_multi_references
@@ -146,6 +147,8 @@ def generate_hypotheses(model, tokenizer, inputs: Sequence[NLGInput], output: st
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     remaining = list(inputs[done:])
+    if remaining:
+        check_generate_matches_forward(model, prompt_ids(tokenizer, remaining[0].source, separator))
     bar = tqdm(total=len(inputs), initial=done, desc="generate", unit="input", disable=not progress)
     decoded = 0
     with open(output, "a", encoding="utf-8") as handle:
@@ -192,7 +195,7 @@ def _hf_batch(model, tokenizer, prompts: list[list[int]], settings: DecodingSett
         num_beams=settings.beams, num_return_sequences=1, do_sample=False,
         length_penalty=settings.length_penalty, no_repeat_ngram_size=settings.no_repeat_ngram_size,
         repetition_penalty=settings.repetition_penalty, max_new_tokens=settings.max_new_tokens,
-        early_stopping=True, eos_token_id=eos, pad_token_id=pad,
+        early_stopping=True, eos_token_id=eos, pad_token_id=pad, **generation_cache_kwargs(model),
     )
     texts = []
     for row in generated[:, width:].tolist():

@@ -101,9 +101,9 @@ def _load_causal_model(run: TrainedRun, model_name: str) -> tuple[Any, Any]:
 
 
 def _with_adapter(base: Any, run: TrainedRun) -> Any:
-    from structlora import PeftModel
+    from .peft_methods import load_adapter
 
-    return PeftModel.from_pretrained(base, str(run.adapter_dir), is_trainable=False)
+    return load_adapter(base, run.adapter_dir)
 
 
 def load_run_model(run: TrainedRun, model_override: str | None) -> tuple[Any, Any]:

@@ -328,6 +328,16 @@ def build_peft_config(args: argparse.Namespace, task_type: str) -> Any | None:
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
+def method_label(args: argparse.Namespace) -> str:
+    """The method name results.json records: ``mtlora-<structure>`` and ``adapter-<placement>`` name the variant,
+    so that a sweep's table keeps MTLoRA's structures and the adapter placements in rows of their own."""
+    if args.method == "mtlora":
+        return f"mtlora-{args.structure}"
+    if args.method == "adapter":
+        return f"adapter-{args.adapter_placement}"
+    return args.method
+
+
 def wrap_model(model: torch.nn.Module, args: argparse.Namespace, task_type: str) -> torch.nn.Module:
     """Apply the adapter chosen by ``args.method`` (or unfreeze everything for ``full``) and load
     ``args.init_from`` if given."""

@@ -21,6 +21,7 @@ from typing import Any
 
 from structlora.nlg.data import DATASETS, SPLITS, load_split
 from structlora.recipes.data_dir import add_data_dir_argument, resolve_data_dir
+from structlora.recipes.peft_methods import PROMPT_LEARNING_METHODS, load_adapter
 
 # Kept here so --help imports nothing heavy (tests/test_cli_docs.py checks they match the library's):
 # the file `train nlg` writes beside the adapter (structlora.nlg.modeling.META_FILE) and the decoding modes
@@ -89,9 +90,7 @@ def load_trained_model(folder: Path):
 
         model = AutoModelForCausalLM.from_pretrained(str(folder))
     else:
-        from structlora import PeftModel
-
-        model = PeftModel.from_pretrained(load_causal_lm(spec), str(folder), is_trainable=False)
+        model = load_adapter(load_causal_lm(spec), folder)
     return model, tokenizer, spec, meta
 
 
@@ -140,6 +139,11 @@ def run(args: argparse.Namespace) -> int:
 
     folder = adapter_folder(args.adapter)
     meta = json.loads((folder / META_FILE).read_text())
+    if args.decoding == "authors" and meta.get("method") in PROMPT_LEARNING_METHODS:
+        # The authors' beam search feeds its own key/value cache step by step; PEFT's virtual tokens would be
+        # fed again at every step. transformers' generate() goes through PEFT, which feeds them once.
+        raise SystemExit(f"error: --decoding authors cannot decode a {meta['method']} adapter (PEFT's virtual "
+                         f"tokens need PEFT's generate); use --decoding hf")
     dataset = args.dataset or meta.get("dataset")
     if dataset is None:
         raise SystemExit("error: --dataset is required (the adapter does not record one)")

@@ -62,14 +62,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def method_label(args: argparse.Namespace) -> str:
-    if args.method == "mtlora":
-        return f"mtlora-{args.structure}"
-    if args.method == "adapter":
-        return f"adapter-{args.adapter_placement}"
-    return args.method
-
-
 def _tokenize(dataset: Any, tokenizer: Any, text_columns: tuple[str, ...], max_length: int,
               sort_by_length: bool = False) -> Any:
     def encode(batch: dict[str, list[Any]]) -> dict[str, Any]:
@@ -171,7 +163,7 @@ def train_glue(args: argparse.Namespace) -> dict[str, Any]:
     if eval_metrics is None:  # the whole dev set, once, with the chosen model (eval sets one by one if a dict)
         eval_metrics = common.clean_eval_metrics(trainer.evaluate(as_eval_dataset(eval_sets)))
     common.save_final_model(trainer, args.output)
-    method = method_label(args)
+    method = common.method_label(args)
     extra = {"adapter_params": adapter_params, "model": args.model, "seed": args.seed, "main_metric": task.main_metric,
              "train_examples": len(train_set), "eval_examples": {k: len(v) for k, v in eval_sets.items()},
              "selection_eval_examples": {k: len(v) for k, v in selection_sets.items()},

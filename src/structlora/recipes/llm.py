@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     extra = {"model": args.model, "family": spec.family, "objective": objective, "icl": args.icl,
              "n_train": len(splits.train), "n_dev": len(splits.dev), "n_eval": len(splits.eval),
              "seed": args.seed, "eval_seconds": round(eval_seconds, 3), "flags": common.flags_of(args)}
-    path = common.write_results(args.output, spec.name, args.method, trainable, eval_metrics, history,
+    path = common.write_results(args.output, spec.name, common.method_label(args), trainable, eval_metrics, history,
                                 train_seconds, extra=extra)
     if history:
         common.plot_curves(args.output, history, metric)

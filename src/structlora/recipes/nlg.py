@@ -116,7 +116,9 @@ def completion_trainer_class(base_cls: type, label_smoothing: float) -> type:
             # Normalise by Trainer's token count over accumulated batches only when Trainer then skips its
             # own division by the accumulation steps (it does exactly when model_accepts_loss_kwargs).
             use_count = model.training and getattr(self, "model_accepts_loss_kwargs", False)
-            loss = completion_loss(outputs.logits, labels, label_smoothing if model.training else 0.0,
+            # Prompt and P-tuning prepend virtual tokens: their logits come first and have no label.
+            logits = outputs.logits[:, -labels.shape[1]:]
+            loss = completion_loss(logits, labels, label_smoothing if model.training else 0.0,
                                    num_items_in_batch if use_count else None)
             return (loss, outputs) if return_outputs else loss
 
@@ -219,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
     if args.method == "full":
         tokenizer.save_pretrained(adapter_dir)
     final = common.clean_eval_metrics(trainer.evaluate(), keep_loss=True)
-    common.write_results(args.output, f"nlg-{args.dataset}", args.method, trainable, final, history, seconds,
+    common.write_results(args.output, f"nlg-{args.dataset}", common.method_label(args), trainable, final, history, seconds,
                          extra={"model": args.model, "structure": getattr(args, "structure", None)
                                 if args.method == "mtlora" else None,
                                 "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),

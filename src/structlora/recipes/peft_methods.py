@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
+from pathlib import Path
 from typing import Any
 
 # --method name -> PEFT config class name
@@ -20,6 +22,12 @@ PEFT_METHODS: dict[str, str] = {
     "ptuning": "PromptEncoderConfig",
 }
 DEFAULT_VIRTUAL_TOKENS = 20
+# PEFT's ``peft_type`` (in the adapter_config.json it saves) -> --method name
+PEFT_TYPES: dict[str, str] = {"IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt",
+                              "P_TUNING": "ptuning"}
+# Methods that feed virtual tokens (as inputs or as a key/value cache) rather than changing layers: a
+# step-by-step decoder that passes its own cache would feed them again at every step.
+PROMPT_LEARNING_METHODS: tuple[str, ...] = ("prefix", "prompt", "ptuning")
 
 
 def require_peft() -> Any:
@@ -65,9 +73,75 @@ def wrap(model: Any, args: argparse.Namespace, task_type: str) -> Any:
 
 def _takes_past_key_values(model: Any) -> bool:
     try:
-        return "past_key_values" in inspect.signature(model.forward).parameters
+        parameters = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
+    # transformers 5.x renamed the argument to `cache` (PEFT's `past_key_values=` still reaches it).
+    return "past_key_values" in parameters or "cache" in parameters
+
+
+def saved_method(folder: str | Path) -> str | None:
+    """The --method of an adapter folder PEFT saved (``ia3``, ``prefix``, ...); None for structlora's own."""
+    path = Path(folder) / "adapter_config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or "method" in config:  # structlora's configs name their method
+        return None
+    return PEFT_TYPES.get(str(config.get("peft_type")))
+
+
+def load_adapter(base: Any, folder: str | Path) -> Any:
+    """``base`` with the trained adapter of ``folder``, for inference: PEFT's own loader for the methods PEFT
+    implements, structlora's for the others."""
+    if saved_method(folder) is None:
+        from structlora import PeftModel
+
+        return PeftModel.from_pretrained(base, str(folder), is_trainable=False)
+    return require_peft().PeftModel.from_pretrained(base, str(folder), is_trainable=False)
+
+
+def is_prompt_learning(model: Any) -> bool:
+    """Whether ``model`` is a PEFT prompt-learning model (prefix, prompt or P-tuning)."""
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+def check_generate_matches_forward(model: Any, prompt: list[int], steps: int = 3, tolerance: float = 1e-3) -> None:
+    """Refuse to decode a PEFT prompt-learning model whose generate() scores other logits than its forward (the
+    function it was trained as): PEFT 0.21's prefix tuning on a rotary-position model (Llama) in transformers 5
+    does, by ~0.1 from the second step on. Greedy ``steps`` on ``prompt`` through both; no-op for other models."""
+    if not is_prompt_learning(model):
+        return
+    import torch
+
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt], device=device)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps,
+                             do_sample=False, num_beams=1, output_scores=True, return_dict_in_generate=True,
+                             pad_token_id=0, **generation_cache_kwargs(model))
+        sequence = out.sequences[0].tolist()
+        gap = 0.0
+        for step, scores in enumerate(out.scores):
+            current = torch.tensor([sequence[:len(prompt) + step]], device=device)
+            logits = model(input_ids=current, attention_mask=torch.ones_like(current)).logits[0, -1]
+            gap = max(gap, float((logits.float() - scores[0].float()).abs().max()))
+    if gap > tolerance:
+        base = type(model.get_base_model()).__name__
+        raise SystemExit(f"error: PEFT's generate() does not reproduce this {model.active_peft_config.peft_type} "
+                         f"model's forward on {base} (logits up to {gap:.3g} apart): its decoding would not be the "
+                         f"model that was trained, so it is refused; score it by likelihood instead, or use "
+                         f"--method prompt / ptuning")
+
+
+def generation_cache_kwargs(model: Any) -> dict[str, bool]:
+    """Extra ``generate()`` arguments: no key/value cache for PEFT's prompt-learning models. With a cache, PEFT
+    0.21's generate() on transformers 5 scores every step after the first with other logits than the model's own
+    forward (up to 0.26 apart on a tiny model: other tokens); without one, each step is that forward (equal to
+    1e-7; tests/test_peft_methods_e2e.py)."""
+    return {"use_cache": False} if is_prompt_learning(model) else {}
 
 
 def _transformers_version() -> str:
