@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[recipes,test,trl,quantized]"
+	$(BIN)/python -m pip install -q -e ".[recipes,test,trl,quantized,distributed]"
 	# The authors' package, for the parity tests only (its own requirements are unpinned: no deps).
 	$(BIN)/python -m pip install -q --no-deps loretta==0.1.0
 	touch $@
@@ -27,8 +27,10 @@ $(DEMO_STAMP): $(STAMP)
 demo: $(DEMO_STAMP)
 	$(BIN)/python -m structlora.demo $(DEMO_ARGS)
 
+# The default run, then the multi-process tier (torchrun + gloo: FSDP2, DeepSpeed; over a minute).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 2 -m distributed $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -35,9 +35,11 @@ BASE = "base"
 LLAMA_768 = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=12,
                  num_key_value_heads=12, vocab_size=8192, max_position_embeddings=512)
 # (method, targets): the base, PEFT's LoRA and ours on q,v and all linear layers, every MTLoRA structure and
-# LoRETTA_rep on q,v, LoRETTA_adp on its default placement.
+# LoRETTA_rep on q,v, LoRETTA_adp on its default placement. "base control" is a second, separately built copy of
+# the base model: its ratio to the base is the floor of what the run can resolve between two model objects.
+CONTROL = "control"
 VARIANTS: list[tuple[str, str]] = [
-    (BASE, "-"),
+    (BASE, "-"), (BASE, CONTROL),
     ("peft_lora", "qv"), ("lora", "qv"), ("peft_lora", "all"), ("lora", "all"),
     *((f"mtlora_{s}", "qv") for s in step_time.MTLORA_STRUCTURES),
     ("loretta_rep", "qv"), ("loretta_adp", "default"),
@@ -115,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         device=torch.device("cpu"), dtype=torch.float32, shape_name="generate", batch_size=1, seq_len=1, rank=8,
         lora_alpha=16.0, tensor_rank=5, bottleneck_size=64, warmup_steps=0, timed_steps=0, learning_rate=0.0,
         seed=0)
-    wanted = set(args.methods.split(",")) | {BASE}
+    wanted = set(args.methods.split(",")) | {BASE}  # with its control copy
     variants = [v for v in VARIANTS if v[0] in wanted]
     shape = dict(LLAMA_768, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
                  vocab_size=256) if args.tiny else LLAMA_768
@@ -181,6 +183,10 @@ def summarize(times: dict, cases: list[Case], tokens_for: dict[str, int], shape:
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.processor(),
         "threads": args.threads, "rounds": rounds_done, "shape": shape, "prompt_len": args.prompt_len,
         "clock": "process CPU time", "rows": rows, "targets": evaluate_targets(rows, times, cases),
+        "unmerged_over_merged": [
+            {"method": key[0], "targets": key[1], "mode": case.mode, "batch": case.batch,
+             "ratio": _per_round_ratio(times, key, (*key[:2], True), case)}
+            for key in times if not key[2] and (*key[:2], True) in times for case in cases],
     }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -241,6 +247,16 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {label} | {targets} | " + " | ".join(cells) + " |")
     lines += ["", "| target | measured | met |", "|---|---:|---|"]
     lines += [f"| {c['target']} | {c['measured']:.3f} | {'yes' if c['met'] else 'NO'} |" for c in report["targets"]]
+    same = report.get("unmerged_over_merged", [])
+    if same:
+        lines += ["", "The same model object unmerged / merged (median over rounds; merged = the base's compute, so this "
+                  "is the adapter path's cost without the difference between model objects):", "",
+                  "| method | targets | " + " | ".join(f"{m} b{b}" for m, b in cases) + " |",
+                  "|---|---|" + "---:|" * len(cases)]
+        for method, targets in dict.fromkeys((r["method"], r["targets"]) for r in same):
+            cells = [next((f"{r['ratio']:.3f}" for r in same if (r["method"], r["targets"], r["mode"], r["batch"])
+                           == (method, targets, mode, batch)), "-") for mode, batch in cases]
+            lines.append(f"| {method} | {targets} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -29,8 +29,12 @@ def test_generate_speed_runs_and_reports(tmp_path) -> None:
     assert ("loretta_adp", "default", True) not in keys  # not mergeable
     assert len(saved["rows"]) == len(keys) * 4  # greedy and beam at batch 1 and 2
     assert all(r["ratio_to_base"] > 0 and r["tokens_per_s"] > 0 for r in saved["rows"])
-    base_rows = [r for r in saved["rows"] if r["method"] == "base"]
-    assert all(r["ratio_to_base"] == 1.0 for r in base_rows)
+    base_rows = [r for r in saved["rows"] if r["method"] == "base" and r["targets"] == "-"]
+    assert len(base_rows) == 4 and all(r["ratio_to_base"] == 1.0 for r in base_rows)
+    assert ("base", "control", False) in keys  # a second copy of the base: the run's resolution
+    same = {(r["method"], r["targets"]) for r in saved["unmerged_over_merged"]}
+    assert same == {("lora", "qv"), ("lora", "all"), ("peft_lora", "qv"), ("peft_lora", "all")}  # not adp, base
+    assert "unmerged / merged" in (tmp_path / "r.md").read_text()
     assert {c["target"].split(": ")[1] for c in report["targets"]} >= {
         "our unmerged LoRA qv / PEFT LoRA qv <= 1", "our unmerged LoRA all / PEFT LoRA all <= 1",
         "LoRETTA_adp / base <= 1.15"}

@@ -28,6 +28,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.distributed  # over a minute (70 s on the shared 2-core machine): `make test` runs it after the rest
 def test_fully_shard_saves_the_unsharded_runs_adapter(tmp_path):
     sharded_dir, single_dir = tmp_path / "sharded", tmp_path / "single"
     env = {**os.environ, "OMP_NUM_THREADS": "1",

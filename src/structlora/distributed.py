@@ -1,31 +1,58 @@
-"""Sharded parameters (FSDP2's `fully_shard`: DTensors outside the unsharded forward) for the code that reads
-adapter weights outside a forward: the factor bank and saving."""
+"""Sharded parameters for the code that reads or writes adapter weights outside a forward (the factor bank,
+saving, loading): FSDP2's `fully_shard` (DTensors outside the unsharded forward) and DeepSpeed ZeRO-3
+(parameters carrying `ds_id`, partitioned outside their module's forward).
+
+Gathering is a collective: with sharded parameters every rank must run the same gathers in the same order
+(`PeftModel.save_pretrained` and `load_adapter_weights` on every rank; rank 0 alone writes files)."""
 
 from __future__ import annotations
 
-from typing import Iterable
+import contextlib
+from typing import Iterable, Iterator
 
 import torch
 
 try:
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor, distribute_tensor
 except ImportError:  # torch < 2.4 (or built without distributed): nothing can be sharded
     DTensor = ()
+    distribute_tensor = None
 
 
 def any_sharded(tensors: Iterable[torch.Tensor]) -> bool:
-    """FSDP2 DTensors, or DeepSpeed ZeRO-3 parameters (`ds_id`: partitioned outside their module's forward;
-    this case is untested here, DeepSpeed does not run on this CPU-only machine)."""
+    """FSDP2 DTensors, or DeepSpeed ZeRO-3 parameters (`ds_id`)."""
     return any(isinstance(tensor, DTensor) or hasattr(tensor, "ds_id") for tensor in tensors)
 
 
-def gather_full(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:
-    """(state with every sharded tensor gathered whole, whether any was sharded). Gathering is a collective:
-    with sharded tensors every rank must call this, in the same order."""
-    sharded = any_sharded(state.values())
-    if not sharded:
-        return state, False
-    return {key: t.full_tensor() if isinstance(t, DTensor) else t for key, t in state.items()}, True
+@contextlib.contextmanager
+def whole_parameters(parameters: Iterable[torch.Tensor], modify: bool = False) -> Iterator[bool]:
+    """Inside the block, the ZeRO-3 partitioned ones among `parameters` hold their whole values
+    (deepspeed.zero.GatheredParameters; with `modify`, what rank 0 writes is partitioned again on exit). Yields
+    whether any was partitioned. FSDP2 DTensors need no block: see `full_cpu_copies` / `copy_whole`."""
+    partitioned = [parameter for parameter in parameters if hasattr(parameter, "ds_id")]
+    if not partitioned:
+        yield False
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0 if modify else None):
+        yield True
+
+
+def full_cpu_copies(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:
+    """(CPU copies of `state` with FSDP2 DTensors gathered whole, whether any was a DTensor)."""
+    sharded = any(isinstance(tensor, DTensor) for tensor in state.values())
+    full = {key: (t.full_tensor() if isinstance(t, DTensor) else t).detach().to("cpu", copy=True).contiguous()
+            for key, t in state.items()}
+    return full, sharded
+
+
+def copy_whole(target: torch.Tensor, value: torch.Tensor) -> None:
+    """target.copy_(value) where `target` may be an FSDP2 DTensor and `value` the whole tensor (present on every
+    rank: each keeps its own shard, no communication)."""
+    if isinstance(target, DTensor) and not isinstance(value, DTensor):
+        value = distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None)
+    target.copy_(value)
 
 
 def is_writer() -> bool:

@@ -98,7 +98,9 @@ def export_to_peft(model: PeftModel, save_directory: str, adapter_name: str | No
         "lora_alpha": r,  # the scaling is folded into lora_B, so alpha / r = 1 for every module
         "rank_pattern": {k: v for k, v in rank_pattern.items() if v != r},
         "alpha_pattern": {k: v for k, v in rank_pattern.items() if v != r},
-        "target_modules": "^(" + "|".join(re.escape(t) for t in targets) + ")$",
+        # Exact module names: PEFT matches them exactly, and serving engines read their last part (SGLang
+        # refuses a regex string).
+        "target_modules": sorted(targets),
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": fan_in_fan_out,

@@ -20,7 +20,7 @@ from .bank import bank
 from .inference import clear_factor_caches
 from .config import (AdapterConfig, BitFitConfig, LoraConfig, LorettaAdpConfig, LorettaRepConfig, TaskType,
                      portable_model_name)
-from .distributed import gather_full, is_writer
+from .distributed import copy_whole, full_cpu_copies, is_writer, whole_parameters
 from .layers import AdapterLayerMixin, BottleneckLayer, LowRankLayer, TrainableCopy, base_shape, layer_kind
 from .mixed import routed_adapters
 from .quantized import refuse_quantized_merge
@@ -572,6 +572,13 @@ class PeftModel(nn.Module):
             state[name] = params[name]
         return state
 
+    def _adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        """The parameters behind adapter_state_dict(adapter_name) (to gather them where they are sharded)."""
+        parameters = [p for _, wrapper in self._wrappers() if adapter_name in wrapper.adapters
+                      for p in wrapper.adapters[adapter_name].parameters()]
+        base = dict(self.base_model.named_parameters())
+        return parameters + [base[name] for name in self._trained_base_params.get(adapter_name, [])]
+
     # -- saving and loading ------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str, selected_adapters: list[str] | None = None,
                         **_: Any) -> None:
@@ -593,10 +600,10 @@ class PeftModel(nn.Module):
             raise ValueError(f"save_pretrained needs a directory, but {save_directory!r} is a file")
         states, sharded = {}, False
         for adapter_name in names:  # everything is gathered and checked before the first file is written
-            # Sharded (FSDP2) weights are gathered on every rank, which must all call this; rank 0 writes.
-            state, gathered = gather_full(self.adapter_state_dict(adapter_name))
-            sharded |= gathered
-            tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+            # Sharded (FSDP2, ZeRO-3) weights are gathered on every rank, which must all call this; rank 0 writes.
+            with whole_parameters(self._adapter_parameters(adapter_name)) as partitioned:
+                tensors, gathered = full_cpu_copies(self.adapter_state_dict(adapter_name))
+            sharded |= gathered or partitioned
             if not tensors:
                 raise ValueError(f"save_pretrained: adapter {adapter_name!r} has no weights to save")
             bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -725,7 +732,13 @@ class PeftModel(nn.Module):
         """
         adapter_name = adapter_name or self.active_adapter
         self._state.check_write_weights(adapter_name, "loading adapter weights")
-        expected = self.adapter_state_dict(adapter_name)
+        # Sharded weights (FSDP2, ZeRO-3): every rank checks the whole tensors and keeps its part.
+        with whole_parameters(self._adapter_parameters(adapter_name), modify=True):
+            self._check_and_copy(tensors, self.adapter_state_dict(adapter_name), source)
+        self._state.weights_written()
+
+    @staticmethod
+    def _check_and_copy(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str) -> None:
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))
         if unexpected:
@@ -754,8 +767,7 @@ class PeftModel(nn.Module):
                                  f"refusing to load a diverged or corrupt adapter")
             converted[key] = value
         for key, target in expected.items():
-            target.copy_(converted[key])
-        self._state.weights_written()
+            copy_whole(target, converted[key])
 
 
 def _active_bankables(wrapper: nn.Module) -> Iterator[nn.Module]:

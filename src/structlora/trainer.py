@@ -19,7 +19,10 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from .distributed import any_sharded
 from .model import PeftModel
+from .sharded_trainer import (adapter_only_sharded_checkpoints, before_deepspeed_prepare, deepspeed_as_requested,
+                              fsdp_as_requested)
 
 # What a checkpoint needs so that resuming it continues the same run (Trainer file names).
 CHECKPOINT_STATE_FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json")
@@ -29,10 +32,16 @@ class NonFiniteTrainingError(ValueError):
     """The loss or a gradient became NaN/inf: the run stopped instead of training (and saving) garbage."""
 
 
+# Where a sharded run keeps its optimizer instead of optimizer.pt: FSDP (full / sharded state dict), DeepSpeed.
+SHARDED_OPTIMIZER_STATE = ("optimizer.bin", "optimizer_0", "latest")
+
+
 def missing_checkpoint_state(checkpoint: str) -> list[str]:
     """The files of CHECKPOINT_STATE_FILES (and the adapter weights) that `checkpoint` lacks."""
     wanted = ("adapter_model.safetensors", "adapter_config.json", *CHECKPOINT_STATE_FILES)
-    return [name for name in wanted if not os.path.isfile(os.path.join(checkpoint, name))]
+    sharded_optimizer = any(os.path.exists(os.path.join(checkpoint, name)) for name in SHARDED_OPTIMIZER_STATE)
+    return [name for name in wanted if not os.path.isfile(os.path.join(checkpoint, name))
+            and not (name == "optimizer.pt" and sharded_optimizer)]
 
 
 class NonFiniteGuard:
@@ -66,9 +75,32 @@ class GuardedTrainer(NonFiniteGuard, Trainer):
 
 class AdapterCheckpoints:
     """Mixin for a transformers Trainer (sub)class: checkpoints hold the adapter folder only (the TRL trainers of
-    `structlora.integrations.trl` use it too)."""
+    `structlora.integrations.trl` use it too). Under FSDP2 or DeepSpeed the adapter is gathered on every process
+    and written by the first; `fsdp` shards on CPU processes too (see `structlora.sharded_trainer`)."""
 
     allow_incomplete_checkpoint = False
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        fsdp_as_requested(self)
+        deepspeed_as_requested(self)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+            return super().save_model(output_dir, _internal_call)
+        # transformers would first gather the whole model on one process; the adapter is all we save.
+        self._save(output_dir)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        with adapter_only_sharded_checkpoints(self):
+            super()._save_optimizer_and_scheduler(output_dir)
+
+    def _prepare_for_training(self, *args: Any, **kwargs: Any) -> Any:
+        before_deepspeed_prepare(self)
+        with adapter_only_sharded_checkpoints(self):  # DeepSpeed resumes from its adapter-only checkpoint
+            return super()._prepare_for_training(*args, **kwargs)
 
     def _peft_model(self, model: torch.nn.Module | None = None) -> PeftModel:
         unwrapped = self.accelerator.unwrap_model(model if model is not None else self.model)
@@ -78,11 +110,14 @@ class AdapterCheckpoints:
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
+        peft_model = self._peft_model()
+        # Sharded weights are gathered by a collective: every process saves, the first one writes.
+        if not self.args.should_save and not any_sharded(peft_model.parameters()):
             return
-        os.makedirs(output_dir, exist_ok=True)
-        self._peft_model().save_pretrained(output_dir)  # refuses non-finite weights
-        if self.processing_class is not None:
+        if self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+        peft_model.save_pretrained(output_dir)  # refuses non-finite weights
+        if self.args.should_save and self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
