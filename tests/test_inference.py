@@ -106,16 +106,26 @@ def test_greedy_generation_matches_the_uncached_model() -> None:
     assert torch.equal(generated, reference)
 
 
-@pytest.mark.parametrize("kind", ["mtlora-icfm", "rep", "adp-dense-learned"])
-def test_an_optimizer_step_invalidates(kind: str) -> None:
+OPTIMIZERS = {
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.5),
+    # Trainer's default (adamw_torch_fused): writes parameters without moving their version counters.
+    "adamw-fused": lambda params: torch.optim.AdamW(params, lr=0.05, fused=True),
+}
+
+
+@pytest.mark.parametrize("kind,optimizer_name", [("mtlora-icfm", "sgd"), ("rep", "sgd"), ("adp-dense-learned", "sgd"),
+                                                 ("mtlora-icfm", "adamw-fused"), ("adp-dense-learned", "adamw-fused")])
+def test_an_optimizer_step_invalidates(kind: str, optimizer_name: str) -> None:
     model = adapted(kind)
-    cached(model)
+    before = cached(model)
     model.train()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    optimizer = OPTIMIZERS[optimizer_name]([p for p in model.parameters() if p.requires_grad])
     model(input_ids=IDS, labels=IDS).loss.backward()
     optimizer.step()
     model.eval()
-    assert_close(cached(model), uncached(model))
+    after = cached(model)
+    assert_close(after, uncached(model))
+    assert (after - before).abs().max() > 1e-4  # the step changed the outputs, and the cache saw it
 
 
 def test_load_and_state_dict_invalidate(tmp_path) -> None:

@@ -6,6 +6,8 @@ reconstructions, LoRETTA_adp's dense projections. A `FactorCache` keeps them, in
 layout the matmuls read, and computes them again only when something they are made of has changed:
 
 - a parameter written in place (optimizer step, `load_state_dict`, `copy_`): its version counter moves;
+- any optimizer step: a process-wide step hook counts them (fused optimizers, e.g. Trainer's default
+  `adamw_torch_fused`, write parameters without moving their version counters);
 - a parameter's storage replaced (`param.data = ...`): its data pointer moves;
 - a dtype or device move (`.to()`, `.half()`): the owner's `_apply` clears the cache (`CachedFactorsMixin`);
 - a parameter registered anew anywhere (`module.weight = nn.Parameter(...)`): a process-wide registration hook
@@ -31,6 +33,7 @@ from typing import Any, Callable, TypeVar
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 Value = TypeVar("Value")
 
@@ -44,6 +47,17 @@ def _count_registration(_module: nn.Module, _name: str, _parameter: Any) -> None
 
 
 nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+
+# Bumped after every optimizer step in the process: torch's fused AdamW leaves `_version` unchanged.
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(_optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 def parameters_of(module: nn.Module) -> list[torch.Tensor]:
@@ -81,7 +95,7 @@ class FactorCache:
             self._owner, self._parameters = weakref.ref(owner), parameters_of(owner)
             self._registrations, self._key = _registrations, None
         try:
-            full_key = (key, tuple([(t._version, t.data_ptr()) for t in self._parameters]))
+            full_key = (key, _optimizer_steps, tuple([(t._version, t.data_ptr()) for t in self._parameters]))
         except RuntimeError:  # inference tensors have no version counter: nothing tells a change, so no cache
             return compute()
         if full_key != self._key:
