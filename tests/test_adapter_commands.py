@@ -48,6 +48,10 @@ def test_eval_reproduces_the_runs_dev_metrics_and_writes_predictions(trained, ca
     assert printed["eval"]["accuracy"] == pytest.approx(run_results["eval"]["accuracy"])
     predictions = (trained["run"] / "eval-dev" / "predictions.jsonl").read_text().splitlines()
     assert len(predictions) == 12 and printed["eval_examples"] == 12
+    # A report over the folder holding the run counts the run once, not its re-evaluation as a second seed.
+    from structlora.recipes.report import load_runs
+
+    assert [Path(r["run"]) for r in load_runs([trained["root"]])] == [trained["run"]]
 
 
 def test_max_steps_zero_does_not_train(trained, tmp_path):

@@ -75,7 +75,8 @@ RECIPES = recipe_commands()
 
 
 def test_the_readme_and_every_recipe_show_commands():
-    assert len(README) >= 7 and {c.split()[1] for c in README} >= {"train", "generate", "score", "report"}
+    assert len(README) >= 7 and {c.split()[1] for c in README} >= {"train", "generate", "score", "report", "eval",
+                                                                  "merge", "export"}
     assert len(RECIPES) == len(list((REPO / "recipes").rglob("*.yaml")))
 
 
@@ -144,6 +145,7 @@ BUDGETS = {
                        "--max-length", "128"],
     ("generate",): ["--limit", "2", "--beams", "2", "--max-new-tokens", "3", "--no-progress"],
     ("score",): ["--no-java"],
+    ("eval",): ["--max-eval-samples", "8"],
 }
 
 

@@ -144,15 +144,15 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(skip_bad_rows=None)  # None: as the training run did (its results.json flags)
 
 
-def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
+def add_merge_arguments(parser: argparse.ArgumentParser, writes: str = "the merged model") -> None:
     parser.add_argument("--run", required=True, metavar="DIR", help="a training output folder (or its adapter/)")
     parser.add_argument("--model", default=None, help="base model (default: the one the run recorded)")
     parser.add_argument("--output", required=True, metavar="DIR",
-                        help="new folder for the merged model (refused when it exists and is not empty)")
+                        help=f"new folder for {writes} (refused when it exists and is not empty)")
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    add_merge_arguments(parser)
+    add_merge_arguments(parser, writes="the PEFT LoRA folder")
     parser.description = (parser.description or "") + (
         "\n\nLoRA, MTLoRA and LoRETTA_rep export exactly (T·A and tensor trains expanded); LoRETTA_adp applies a "
         "non-linearity and cannot be a LoRA: use `structlora merge` for it.")
@@ -209,8 +209,10 @@ def run_eval(args: argparse.Namespace) -> int:
         for record in predictions:
             handle.write(json.dumps(record) + "\n")
     warn_if_collapsed([p["prediction"] for p in predictions])
-    payload = {"run": str(run.run_dir), "task": run.results.get("task"), "method": run.results.get("method"),
-               "split": args.split, "eval": metrics, **sizes, **bad_rows.summary()}
+    # `evaluation_of` marks this results.json as a re-evaluation, which `structlora report` does not count as a run.
+    payload = {"run": str(run.run_dir), "evaluation_of": str(run.run_dir), "task": run.results.get("task"),
+               "method": run.results.get("method"), "split": args.split, "eval": metrics, **sizes,
+               **bad_rows.summary()}
     (output / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
     print(json.dumps({**payload, "results": str(output / "results.json")}))
     return 0

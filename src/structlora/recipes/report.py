@@ -68,6 +68,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def is_reevaluation(record: dict[str, Any]) -> bool:
+    """A results.json written by `structlora eval` (older ones: a split and no training record)."""
+    return "evaluation_of" in record or ("split" in record and "trainable_params" not in record)
+
+
 def load_runs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     """results.json of each run folder (``run`` set to the folder), plus a ``status: failed`` record for each
     sweep run folder with a failed.json and no results.json."""
@@ -87,6 +92,8 @@ def load_runs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
                 record = json.loads(file.read_text())
             except (json.JSONDecodeError, UnicodeDecodeError) as error:
                 raise SystemExit(f"error: corrupt {file}: {error}") from None
+            if is_reevaluation(record):
+                continue  # `structlora eval` output (RUN/eval-dev by default): the run itself is counted
             if file.name == "failed.json":
                 record["status"] = "failed"
             record["run"] = str(file.parent)

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 from structlora.nlg import metrics
 from structlora.nlg.data import read_e2e_references, read_lines, read_multi_references
+from structlora.recipes.progress import phase
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,7 +54,8 @@ def score_e2e(hyp_path: str, ref_path: str, use_java: bool = True, mteval: str =
     if len(hypotheses) != len(references):
         raise SystemExit(f"error: {hyp_path} has {len(hypotheses)} lines but {ref_path} has "
                          f"{len(references)} reference groups")
-    scores, notes = metrics.e2e_scores(hypotheses, references, use_java=use_java, mteval=mteval)
+    with phase(f"scoring e2e: {len(hypotheses)} hypotheses"):
+        scores, notes = metrics.e2e_scores(hypotheses, references, use_java=use_java, mteval=mteval)
     result: dict[str, Any] = dict(scores)
     if notes:
         result["notes"] = notes
@@ -74,6 +76,12 @@ def score_generation_eval(dataset: str, hyp_path: str, ref_prefix: str, seen_fil
     if len(hypotheses) != len(references):
         raise SystemExit(f"error: {hyp_path} has {len(hypotheses)} lines but the reference files have "
                          f"{len(references)}")
+    with phase(f"scoring {dataset}: {len(hypotheses)} hypotheses"):
+        return _score_generation_eval(dataset, hypotheses, references, hyp_path, seen_file, use_java)
+
+
+def _score_generation_eval(dataset: str, hypotheses: Sequence[str], references: Sequence[Sequence[str]],
+                           hyp_path: str, seen_file: str | None, use_java: bool) -> dict[str, Any]:
     scores, notes = _generation_eval(hypotheses, references, use_java)
     result: dict[str, Any] = dict(scores)
     if dataset == "webnlg":
