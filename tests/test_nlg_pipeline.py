@@ -191,3 +191,31 @@ def test_llama_family_trains_and_decodes(tokenizer, e2e_data, tmp_path):
     assert main(["generate", "--adapter", str(out), "--output", str(hyps), "--beams", "2", "--max-new-tokens", "3",
                  "--limit", "1", "--no-progress"]) == 0
     assert len(hyps.read_text().splitlines()) == 1
+
+
+def test_generate_refuses_a_bad_row_or_skips_and_counts_it(tiny_gpt2, e2e_data, tmp_path, capsys):
+    import csv
+
+    from structlora.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "nlg", "--dataset", "e2e", "--model", str(tiny_gpt2), "--data-dir", str(e2e_data),
+                 "--train-split", "dev-train", "--heldout-fraction", "0.3", "--max-steps", "1", "--batch-size", "2",
+                 "--max-length", "64", "--output", str(out)]) == 0
+    devset = e2e_data / "e2e" / "devset.csv"
+    bad_line = len(devset.read_text(encoding="utf-8").splitlines()) + 1
+    with open(devset, "a", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerow(["name[Bad], eatType[pub]", ""])  # a row with an empty reference
+    hyps = tmp_path / "gen" / "hyps.txt"
+    generate = ["generate", "--adapter", str(out), "--output", str(hyps), "--beams", "1", "--max-new-tokens", "2",
+                "--batch-size", "2", "--no-progress"]
+    capsys.readouterr()
+    assert main(generate) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"devset.csv:{bad_line}: empty 'ref'" in err[0] and "--skip-bad-rows" in err[0]
+    assert not hyps.exists()  # refused before any decoding
+
+    assert main(generate + ["--skip-bad-rows"]) == 0
+    assert len(hyps.read_text().splitlines()) == 3  # the same 3 held-out MRs as without the bad row
+    records = list(hyps.parent.glob("*.generate.json"))
+    assert len(records) == 1 and json.loads(records[0].read_text())["skipped_bad_rows"] == 1
