@@ -127,17 +127,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = _command(args._module)
     try:
         result = module.run(args)
-    except (OSError, ValueError) as error:
+    except Exception as error:  # noqa: BLE001 - every failure is one line; the traceback only on request
         if os.environ.get(TRACEBACK_ENV):
             raise
-        # A missing file, an unreachable hub, a bad value: one line, not a traceback.
-        print(f"error: {_one_line(error, args)} (set {TRACEBACK_ENV}=1 for the traceback)", file=sys.stderr)
-        return 1
-    except Exception as error:  # noqa: BLE001 - not foreseen by any check: still one line, naming the way to the traceback
-        if os.environ.get(TRACEBACK_ENV):
-            raise
-        print(f"error: unexpected {type(error).__name__}: {_one_line(error, args)} (probably a structlora bug: "
-              f"rerun with {TRACEBACK_ENV}=1 and report the traceback)", file=sys.stderr)
+        if isinstance(error, (OSError, ValueError)):  # a missing file, an unreachable hub, a bad value
+            message = f"{_one_line(error, args)} (set {TRACEBACK_ENV}=1 for the traceback)"
+        else:  # not foreseen by any check
+            message = (f"unexpected {type(error).__name__}: {_one_line(error, args)} (probably a structlora bug: "
+                       f"rerun with {TRACEBACK_ENV}=1 and report the traceback)")
+        print(f"error: {message}", file=sys.stderr)
         return 1
     return int(result or 0)
 
