@@ -23,6 +23,7 @@ from fsdp_worker import METHODS  # noqa: E402
 from tiny_models import tiny_llama_for, tiny_word_tokenizer  # noqa: E402
 
 from structlora import AdapterTrainer, get_peft_model  # noqa: E402
+from structlora.distributed import end_process_group  # noqa: E402
 
 STEPS, ROWS, LENGTH = 3, 12, 12
 BACKENDS = ("fsdp", "zero2", "zero3")
@@ -91,6 +92,7 @@ def main() -> None:
             with open(os.path.join(run_dir, f"rank{rank}.json"), "w") as handle:
                 json.dump({"fsdp": trainer.is_fsdp_enabled, "deepspeed": trainer.is_deepspeed_enabled,
                            "sharded_adapter_parameters": sum(sharded), "adapter_parameters": len(sharded)}, handle)
+    end_process_group()  # started by accelerate; left alive, gloo can abort the process at exit
 
 
 if __name__ == "__main__":

@@ -31,3 +31,20 @@ def test_traceback_on_request(monkeypatch):
     monkeypatch.setattr(score, "run", _raise(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
         cli.main(["score", "e2e", "--hyp", "h.txt", "--ref", "r.txt"])
+
+
+@pytest.mark.parametrize("outcome", ["success", "failure"])
+def test_process_group_is_destroyed_when_the_command_ends(monkeypatch, tmp_path, outcome):
+    """Under torchrun, accelerate starts a gloo group the CLI must end itself: left to interpreter exit, gloo can
+    abort a successful run with SIGABRT ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
+    monkeypatch.setattr(score, "run", (lambda args: 0) if outcome == "success" else _raise(ValueError("bad")))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert cli.main(["score", "e2e", "--hyp", "h.txt", "--ref", "r.txt"]) == (0 if outcome == "success" else 1)
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

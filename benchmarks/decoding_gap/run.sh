@@ -8,14 +8,14 @@
 # Every step resumes when re-run (train: --resume from OUT/run/checkpoints; generate appends).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
-STEPS=${STEPS:-20}; N=${N:-24}; OUT=${OUT:-/tmp/structlora-decoding-gap}; DATA=${DATA:-../shared/data}
+STEPS=${STEPS:-20}; N=${N:-24}; EVAL_EVERY=${EVAL_EVERY:-5}; OUT=${OUT:-/tmp/structlora-decoding-gap}; DATA=${DATA:-../shared/data}
 SL=${STRUCTLORA:-structlora}
 # The recipe's 500 warm-up steps of 26,290 (1.9 %), at least 1.
 WARMUP=$(( (STEPS * 500 + 26289) / 26290 ))
 RESUME=(); [ -d "$OUT/run/checkpoints" ] && RESUME=(--resume)
 [ -f "$OUT/run/results.json" ] || $SL train nlg --dataset e2e --model smollm2-135m --data-dir "$DATA" \
   --train-split dev-train --eval-split dev-heldout --config "$HERE/mtlora_smollm2_e2e.yaml" \
-  --max-steps "$STEPS" --warmup-steps "$WARMUP" --eval-every 5 --logging-steps 5 --max-eval-examples 8 \
+  --max-steps "$STEPS" --warmup-steps "$WARMUP" --eval-every "$EVAL_EVERY" --logging-steps 5 --max-eval-examples 8 \
   --output "$OUT/run" "${RESUME[@]}"
 for MODE in authors hf; do
   $SL generate --adapter "$OUT/run" --dataset e2e --split dev-heldout --output "$OUT/dec/$MODE.txt" \

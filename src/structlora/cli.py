@@ -118,6 +118,15 @@ def _one_line(error: BaseException, args: argparse.Namespace) -> str:
     return text
 
 
+def _end_process_group() -> None:
+    """A run under torchrun leaves accelerate's gloo group alive; destroyed here, not at interpreter exit, where
+    gloo can abort a run that succeeded. Nothing to do when the command never imported torch."""
+    if "torch" in sys.modules:
+        from structlora.distributed import end_process_group
+
+        end_process_group()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _build_parser(argv)
@@ -137,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        f"rerun with {TRACEBACK_ENV}=1 and report the traceback)")
         print(f"error: {message}", file=sys.stderr)
         return 1
+    finally:
+        _end_process_group()
     return int(result or 0)
 
 

@@ -59,3 +59,11 @@ def is_writer() -> bool:
     """Rank 0 of the default process group, or the only process."""
     return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
         torch.distributed.get_rank() == 0
+
+
+def end_process_group() -> None:
+    """Destroys the default process group, if one was started (by torchrun + accelerate, or by the caller).
+    A gloo group left alive at interpreter exit can abort the process (SIGABRT, "terminate called without an
+    active exception") after a run that succeeded. Local: no collective, so it cannot hang after a failure."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
