@@ -8,7 +8,7 @@ import torch
 
 from structlora import LoraConfig, LorettaAdpConfig, LorettaRepConfig, MTLoraConfig, PeftModel, get_peft_model
 from structlora.mixed import BASE_ADAPTER, hotswap_adapter
-from tiny_models import tiny_llama_for, tiny_word_tokenizer
+from tiny_models import perturb_adapters, tiny_llama_for, tiny_word_tokenizer
 
 ADAPTERS = {
     "lora": lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
@@ -21,11 +21,7 @@ ADAPTERS = {
 
 
 def _randomize(model: PeftModel, seed: int = 0) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if ".adapters." in name:
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    perturb_adapters(model, scale=0.1, seed=seed)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from structlora import LoraConfig, LorettaRepConfig, MTLoraConfig, export_to_peft, get_peft_model
 from structlora.serving import sglang_problems, vllm_problems
 from test_core import tiny_gpt2
-from tiny_models import tiny_llama_for, tiny_word_tokenizer
+from tiny_models import perturb_adapters, tiny_llama_for, tiny_word_tokenizer
 
 LOW_RANK = {
     "lora": lambda: LoraConfig(r=4, lora_alpha=8),
@@ -23,13 +23,7 @@ LOW_RANK = {
 
 
 def _trained(config):
-    model = get_peft_model(tiny_llama_for(tiny_word_tokenizer()), config)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if ".adapters." in name:
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
-    return model.eval()
+    return perturb_adapters(get_peft_model(tiny_llama_for(tiny_word_tokenizer()), config), scale=0.05).eval()
 
 
 @pytest.mark.parametrize("method", ["lora", "mtlora", "loretta_rep_no_norms"])

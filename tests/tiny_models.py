@@ -83,3 +83,16 @@ def tiny_llama_for(tokenizer, seed: int = 0, hidden_size: int = 32, num_hidden_l
                          max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     return LlamaForCausalLM(config)
+
+
+def perturb_adapters(model, scale: float, seed: int = 0):  # noqa: ANN001, ANN201 - a PeftModel, returned
+    """Adds seeded N(0, scale²) noise to every adapter parameter, in place: a stand-in for a trained adapter (a
+    fresh one has B = 0, which would let a path skip work it must do when trained). Returns the model."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".adapters." in name:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
+    return model
