@@ -6,8 +6,10 @@ benchmark measures the parts that decide them in ways load does not move:
 - per decoded token: Python function calls (cProfile) and tensor operations (aten ops, counted by a dispatch
   mode) of greedy `generate()`, taken as the difference between a run of 2·N and one of N new tokens, so setup
   and prompt cost cancel; extra calls and ops over the base model are the adapter's fixed cost per token;
-- one adapted projection at the decode shape (1 token): the forward's CPU time, the minimum over blocks of many
-  calls (the minimum is what load inflates least), ours against PEFT's LoRA layer and the bare nn.Linear.
+- one adapted projection at the decode shape (1 token per sequence, batch 1 and 8 by default): the forward's CPU
+  time, the minimum over blocks of many calls (the minimum is what load inflates least), ours against PEFT's
+  LoRA layer and the bare nn.Linear. Unlike whole-model ratios, this compares the adapter paths on the same
+  weight tensor, so the memory placement of different model objects (±5 % on whole generations) cannot enter.
 
 Same models as `generate_speed.py` (hidden 768, 4 layers by default; `--tiny` for the smoke test).
 
@@ -21,6 +23,7 @@ import cProfile
 import collections
 import json
 import pstats
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -88,6 +91,59 @@ def cpu_time_per_call(function: Callable[[], Any], calls: int, blocks: int) -> f
     return best * 1e6
 
 
+def same_weight_layers(width: int, rank: int, batches: Sequence[int], rounds: int, calls: int
+                       ) -> dict[str, dict[str, float]]:
+    """One projection (width x width, no bias) wrapped by PEFT's LoRA layer and by ours, both over copies of the
+    same weight, timed in alternating order round after round with the bare projection: batch -> {bare, ours,
+    peft: median µs per call; ours_extra, peft_extra: median over rounds of (wrapper − bare)}. Interleaving and
+    per-round differences cancel drift; no model object is involved."""
+    import copy
+
+    import peft
+
+    import structlora
+
+    class One(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q_proj = nn.Linear(width, width, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.q_proj(x)
+
+    torch.manual_seed(0)
+    bare = One()
+    ours = structlora.get_peft_model(copy.deepcopy(bare), structlora.LoraConfig(
+        r=rank, lora_alpha=2 * rank, target_modules=["q_proj"]))
+    theirs = peft.get_peft_model(copy.deepcopy(bare), peft.LoraConfig(r=rank, lora_alpha=2 * rank,
+                                                                     target_modules=["q_proj"]))
+    layers = {"bare": bare.q_proj, "ours": next(m for n, m in ours.named_modules() if n.endswith("q_proj")),
+              "peft": next(m for n, m in theirs.named_modules() if n.endswith("q_proj"))}
+    for model in (ours, theirs):  # non-zero B, as trained
+        with torch.no_grad():
+            for parameter in model.parameters():
+                if parameter.requires_grad:
+                    parameter.add_(torch.randn_like(parameter) * 0.01)
+        model.eval()
+    result = {}
+    with torch.no_grad():
+        for batch in batches:
+            x = torch.randn(batch, 1, width)
+            times: dict[str, list[float]] = {name: [] for name in layers}
+            for round_index in range(rounds):
+                for name in (list(layers) if round_index % 2 == 0 else list(layers)[::-1]):
+                    layer = layers[name]
+                    begin = time.process_time()
+                    for _ in range(calls):
+                        layer(x)
+                    times[name].append((time.process_time() - begin) / calls * 1e6)
+            row = {name: statistics.median(values) for name, values in times.items()}
+            for name in ("ours", "peft"):
+                row[f"{name}_extra"] = statistics.median(w - b for w, b in zip(times[name], times["bare"]))
+            result[str(batch)] = row
+    return result
+
+
 def wrapped_modules(model: nn.Module) -> dict[str, tuple[nn.Module, nn.Module, int]]:
     """The first module of each adapter-wrapper class in the model: wrapper, the module it wraps, input width."""
     from structlora.layers import AdapterLayerMixin
@@ -110,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--tokens", type=int, default=16, help="N: per-token counts are (2N run) − (N run), / N")
     parser.add_argument("--calls", type=int, default=2000, help="calls per block in the one-layer timing")
     parser.add_argument("--blocks", type=int, default=7)
+    parser.add_argument("--layer-batches", default="1,8", help="batch sizes of the one-layer timing")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
@@ -132,12 +189,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                                      "aten_ops_per_token": sum(ops.values()), "aten_ops": ops}
     with torch.no_grad():
         for (method, targets), model in models.items():
+            # batch (as a string: JSON keys) -> wrapper class -> µs per call
             timings = report["variants"][f"{method} {targets}"]["module_forward_us"] = {}
-            for kind, (wrapper, inner, width) in wrapped_modules(model).items():
-                x = torch.randn(1, 1, width)
-                timings[kind] = {
-                    "wrapper": cpu_time_per_call(lambda: wrapper(x), args.calls, args.blocks),
-                    "wrapped": cpu_time_per_call(lambda: inner(x), args.calls, args.blocks)}
+            for batch in args.layer_batches.split(","):
+                for kind, (wrapper, inner, width) in wrapped_modules(model).items():
+                    x = torch.randn(int(batch), 1, width)
+                    timings.setdefault(batch, {})[kind] = {
+                        "wrapper": cpu_time_per_call(lambda: wrapper(x), args.calls, args.blocks),
+                        "wrapped": cpu_time_per_call(lambda: inner(x), args.calls, args.blocks)}
+    width = shape["hidden_size"]
+    report["same_weight_us"] = same_weight_layers(width, settings.rank, [int(b) for b in args.layer_batches.split(",")],
+                                                  rounds=args.blocks, calls=args.calls)
     print(render(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -148,14 +210,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def render(report: dict[str, Any]) -> str:
     base = report["variants"].get("base -", {})
     lines = ["| configuration | Python calls / token | over base | aten ops / token | over base | "
-             "one call, 1 token: wrapper / wrapped module alone (µs) |", "|---|---:|---:|---:|---:|---|"]
+             "one call, 1 token per sequence: wrapper / wrapped module alone (µs) |", "|---|---:|---:|---:|---:|---|"]
     for label, row in report["variants"].items():
         extra_calls = row["python_calls_per_token"] - base.get("python_calls_per_token", 0)
         extra_ops = row["aten_ops_per_token"] - base.get("aten_ops_per_token", 0)
-        forwards = "; ".join(f"{kind} {t['wrapper']:.1f} / {t['wrapped']:.1f}"
-                             for kind, t in row.get("module_forward_us", {}).items()) or "-"
+        forwards = "; ".join(f"b{batch} {kind} {t['wrapper']:.1f} / {t['wrapped']:.1f}"
+                             for batch, kinds in row.get("module_forward_us", {}).items()
+                             for kind, t in kinds.items()) or "-"
         lines.append(f"| {label} | {row['python_calls_per_token']:.0f} | {extra_calls:+.0f} | "
                      f"{row['aten_ops_per_token']:.0f} | {extra_ops:+.0f} | {forwards} |")
+    same = report.get("same_weight_us", {})
+    if same:
+        lines += ["", "One projection, the same weight, wrapped by each library (interleaved rounds; medians, µs per call):",
+                  "", "| batch | bare | ours | PEFT | ours − bare | PEFT − bare |", "|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {batch} | {r['bare']:.1f} | {r['ours']:.1f} | {r['peft']:.1f} | {r['ours_extra']:+.1f} | "
+                  f"{r['peft_extra']:+.1f} |" for batch, r in same.items()]
     return "\n".join(lines) + "\n"
 
 
