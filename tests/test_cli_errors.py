@@ -35,16 +35,33 @@ def test_traceback_on_request(monkeypatch):
 
 @pytest.mark.parametrize("outcome", ["success", "failure"])
 def test_process_group_is_destroyed_when_the_command_ends(monkeypatch, tmp_path, outcome):
-    """Under torchrun, accelerate starts a gloo group the CLI must end itself: left to interpreter exit, gloo can
-    abort a successful run with SIGABRT ("terminate called without an active exception")."""
+    """Under torchrun, accelerate starts a gloo group inside the command; the CLI ends it: left to interpreter
+    exit, gloo can abort a successful run with SIGABRT ("terminate called without an active exception")."""
     import torch.distributed as dist
 
+    def run(args):  # noqa: ANN001, ANN202 - starts the group as accelerate does, then succeeds or fails
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        if outcome == "failure":
+            raise ValueError("bad")
+        return 0
+
     monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
-    monkeypatch.setattr(score, "run", (lambda args: 0) if outcome == "success" else _raise(ValueError("bad")))
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    monkeypatch.setattr(score, "run", run)
     try:
         assert cli.main(["score", "e2e", "--hyp", "h.txt", "--ref", "r.txt"]) == (0 if outcome == "success" else 1)
         assert not dist.is_initialized()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_a_process_group_the_caller_started_is_left_alone(monkeypatch, tmp_path):
+    import torch.distributed as dist
+
+    monkeypatch.setattr(score, "run", lambda args: 0)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert cli.main(["score", "e2e", "--hyp", "h.txt", "--ref", "r.txt"]) == 0
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()

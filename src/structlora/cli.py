@@ -118,10 +118,16 @@ def _one_line(error: BaseException, args: argparse.Namespace) -> str:
     return text
 
 
-def _end_process_group() -> None:
-    """A run under torchrun leaves accelerate's gloo group alive; destroyed here, not at interpreter exit, where
-    gloo can abort a run that succeeded. Nothing to do when the command never imported torch."""
-    if "torch" in sys.modules:
+def _process_group_started() -> bool:
+    """Whether a default process group exists (never true before torch is imported, so this imports nothing)."""
+    distributed = sys.modules.get("torch.distributed")
+    return bool(distributed and distributed.is_available() and distributed.is_initialized())
+
+
+def _end_process_group(existed_before: bool) -> None:
+    """A run under torchrun leaves the gloo group accelerate started alive; destroyed here, not at interpreter
+    exit, where gloo can abort a run that succeeded. A group the caller had started before is left to it."""
+    if not existed_before and _process_group_started():
         from structlora.distributed import end_process_group
 
         end_process_group()
@@ -134,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:  # report against the sub-command, so its usage (not the top level's) is shown
         getattr(args, "_command_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     module = _command(args._module)
+    group_existed = _process_group_started()
     try:
         result = module.run(args)
     except Exception as error:  # noqa: BLE001 - every failure is one line; the traceback only on request
@@ -147,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {message}", file=sys.stderr)
         return 1
     finally:
-        _end_process_group()
+        _end_process_group(group_existed)
     return int(result or 0)
 
 
