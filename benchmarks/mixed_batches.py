@@ -11,12 +11,17 @@ The clock is process CPU time; the median of `--rounds` rounds.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import torch
 
 from quantized_bases import _config, _load
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from tiny_models import perturb_adapters  # noqa: E402  (the tests' stand-in for trained adapters)
 
 METHODS = ("lora", "mtlora", "loretta_rep", "loretta_adp")
 
@@ -51,12 +56,8 @@ def main() -> None:
         model = get_peft_model(_load("fp32", args.cache), _config(method), adapter_name=names[0])
         for name in names[1:]:
             model.add_adapter(name, _config(method))
-        generator = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for name, parameter in model.named_parameters():
-                if ".adapters." in name:
-                    parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.01)
-        model.eval()
+        generator = torch.Generator().manual_seed(0)  # the adapters' noise, then the token ids
+        perturb_adapters(model, 0.01, generator=generator).eval()
         ids = torch.randint(0, 49152, (args.k, args.tokens), generator=generator)
         mask = torch.ones_like(ids)
         options = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,

@@ -27,7 +27,7 @@ def make(out: str) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-    from tiny_models import tiny_word_tokenizer
+    from tiny_models import perturb_adapters, tiny_word_tokenizer
 
     from structlora import LoraConfig, LorettaRepConfig, MTLoraConfig, export_to_peft, get_peft_model
     from structlora.serving import vllm_problems
@@ -48,13 +48,8 @@ def make(out: str) -> None:
                 "loretta_rep_norms": LorettaRepConfig(r=8, lora_alpha=16, tensor_rank=4)}
     reference = {}
     for name, adapter in adapters.items():
-        model = get_peft_model(LlamaForCausalLM.from_pretrained(f"{out}/base"), adapter)
-        generator = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for parameter_name, parameter in model.named_parameters():
-                if ".adapters." in parameter_name:
-                    parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
-        model.eval()
+        model = perturb_adapters(get_peft_model(LlamaForCausalLM.from_pretrained(f"{out}/base"), adapter), 0.3,
+                                 seed=1).eval()
         export_to_peft(model, f"{out}/{name}")
         if name not in METHODS:
             assert vllm_problems(f"{out}/{name}", max_lora_rank=8) != []

@@ -85,12 +85,13 @@ def tiny_llama_for(tokenizer, seed: int = 0, hidden_size: int = 32, num_hidden_l
     return LlamaForCausalLM(config)
 
 
-def perturb_adapters(model, scale: float, seed: int = 0):  # noqa: ANN001, ANN201 - a PeftModel, returned
+def perturb_adapters(model, scale: float, seed: int = 0, generator=None):  # noqa: ANN001, ANN201 - PeftModel, returned
     """Adds seeded N(0, scale²) noise to every adapter parameter, in place: a stand-in for a trained adapter (a
-    fresh one has B = 0, which would let a path skip work it must do when trained). Returns the model."""
+    fresh one has B = 0, which would let a path skip work it must do when trained). `generator` (instead of
+    `seed`): a caller's generator, which goes on to draw what it draws next. Returns the model."""
     import torch
 
-    generator = torch.Generator().manual_seed(seed)
+    generator = generator if generator is not None else torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if ".adapters." in name:
