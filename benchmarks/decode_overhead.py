@@ -119,12 +119,8 @@ def same_weight_layers(width: int, rank: int, batches: Sequence[int], rounds: in
                                                                      target_modules=["q_proj"]))
     layers = {"bare": bare.q_proj, "ours": next(m for n, m in ours.named_modules() if n.endswith("q_proj")),
               "peft": next(m for n, m in theirs.named_modules() if n.endswith("q_proj"))}
-    for model in (ours, theirs):  # non-zero B, as trained
-        with torch.no_grad():
-            for parameter in model.parameters():
-                if parameter.requires_grad:
-                    parameter.add_(torch.randn_like(parameter) * 0.01)
-        model.eval()
+    for model in (ours, theirs):
+        generate_speed.perturb_trainable(model).eval()
     result = {}
     with torch.no_grad():
         for batch in batches:

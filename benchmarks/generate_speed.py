@@ -72,11 +72,17 @@ def build(method: str, targets: str, settings: step_time.BenchSettings, shape: d
         import structlora
 
         model = structlora.get_peft_model(base, step_time.adapter_config(method, targets, settings))
-    with torch.no_grad():  # non-zero updates (a zero B would let a library skip work it must do when trained)
+    return perturb_trainable(model).eval()
+
+
+def perturb_trainable(model: nn.Module, scale: float = 0.01) -> nn.Module:
+    """Adds N(0, scale²) noise (torch's global generator) to every trainable parameter: non-zero updates, as trained
+    (a zero B would let a library skip work it must do when trained). Returns the model."""
+    with torch.no_grad():
         for parameter in model.parameters():
             if parameter.requires_grad:
-                parameter.add_(torch.randn_like(parameter) * 0.01)
-    return model.eval()
+                parameter.add_(torch.randn_like(parameter) * scale)
+    return model
 
 
 def mergeable(method: str) -> bool:
