@@ -58,9 +58,7 @@ def vllm_problems(folder: str, max_lora_rank: int = 16,
     if max(ranks) > max_lora_rank:
         problems.append(f"rank {max(ranks)} exceeds max_lora_rank={max_lora_rank} (start vLLM with "
                         f"--max-lora-rank {_next_allowed_rank(max(ranks))})")
-    saved = tuple(f".{head}." for head in config.get("modules_to_save") or [])
-    adapted = {key.split(".lora_")[0].rsplit(".", 1)[-1] for key in _weight_names(folder)
-               if ".lora_" in key and not any(part in key for part in saved)}
+    adapted = {module.rsplit(".", 1)[-1] for module in _lora_modules(folder, config)}
     gpt2 = sorted(adapted & GPT2_MODULES)
     if gpt2:
         problems.append(f"LoRA weights on GPT-2's {gpt2}: vLLM's GPT2LMHeadModel supports no LoRA (serve the merged "
@@ -107,10 +105,8 @@ def sglang_problems(folder: str, max_lora_rank: int | None = None,
         outside = sorted({t.rsplit(".", 1)[-1] for t in targets if _sglang_module(t) not in allowed})
         if outside:
             problems.append(f"target modules {outside} are not in --lora-target-modules")
-    saved = tuple(f".{head}." for head in config.get("modules_to_save") or [])
-    unplaced = sorted({key.split(".lora_")[0] for key in _weight_names(folder) if ".lora_" in key
-                       and not any(part in key for part in saved)
-                       and not re.search(r"layers\.\d+\.|embed_tokens|lm_head", key)})
+    unplaced = sorted(module for module in _lora_modules(folder, config)
+                      if not re.search(r"layers\.\d+\.|embed_tokens|lm_head", module))
     if unplaced:
         problems.append(f"LoRA weights without 'layers.<N>.' in their names, e.g. {unplaced[0]!r}: SGLang skips them "
                         f"(GPT-2's blocks are 'h.<N>'; serve the merged model)")
@@ -138,9 +134,13 @@ def _adapter_config(folder: str) -> dict:
         return json.load(handle)
 
 
-def _weight_names(folder: str) -> list[str]:
+def _lora_modules(folder: str, config: dict) -> set[str]:
+    """The modules the folder's LoRA weights adapt (`...layers.0.self_attn.q_proj`), heads in modules_to_save
+    left out."""
+    saved = tuple(f".{head}." for head in config.get("modules_to_save") or [])
     with safe_open(os.path.join(folder, "adapter_model.safetensors"), framework="pt") as weights:
-        return list(weights.keys())
+        return {key.split(".lora_")[0] for key in weights.keys()
+                if ".lora_" in key and not any(part in key for part in saved)}
 
 
 def _next_allowed_rank(rank: int) -> int:
