@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..data_errors import BadRows, DataRowError, location, strict
+from ..data_errors import BadRows, DataRowError, strict
 from .tasks import PromptedExample, TaskSpec, with_demonstrations
 
 DATA_ENV = "STRUCTLORA_DATA"
@@ -103,8 +103,9 @@ def load_records(spec: TaskSpec, role: str, data_dir: str | os.PathLike[str] | N
 
 def load_located_records(spec: TaskSpec, role: str, data_dir: str | os.PathLike[str] | None = None,
                          hub_path: str | None = None, bad_rows: BadRows | None = None
-                         ) -> list[tuple[str, dict[str, Any]]]:
-    """``(where, record)`` of the `role` split, ``where`` being ``file:line`` (or the hub split and row)."""
+                         ) -> list[tuple[tuple[str, int | None], dict[str, Any]]]:
+    """``((source, line), record)`` of the `role` split: the file and its line, or the hub split and row (line
+    None), as :meth:`BadRows.report` takes them."""
     index = {"train": 0, "eval": 1}[role]
     local_split, hub_split = spec.local_splits[index], spec.hub_splits[index]
     root = resolve_data_dir(data_dir)
@@ -112,11 +113,12 @@ def load_located_records(spec: TaskSpec, role: str, data_dir: str | os.PathLike[
     if root is not None:
         for path in local_candidates(spec, root, local_split):
             if path.is_file():
-                return [(location(path, line), record) for line, record in read_located_records(path, bad_rows)]
+                return [((str(path), line), record) for line, record in read_located_records(path, bad_rows)]
         tried.append(f"{root}/[superglue/]{spec.local_dir}/{local_split}{{{','.join(_EXTENSIONS)}}}")
     try:
         hub_rows = _load_hub(spec, hub_split, hub_path)
-        return [(f"hub {hub_path or spec.hub_path} {hub_split} row {i}", row) for i, row in enumerate(hub_rows)]
+        return [((f"hub {hub_path or spec.hub_path} {hub_split} row {i}", None), row)
+                for i, row in enumerate(hub_rows)]
     except Exception as error:  # offline, unknown id, missing `datasets`: all mean "no data"
         hub_id = f"{hub_path or spec.hub_path}" + (f"/{spec.hub_name}" if spec.hub_name else "")
         tried.append(f"hub {hub_id} split {hub_split!r} ({type(error).__name__}: {error})")
@@ -125,11 +127,12 @@ def load_located_records(spec: TaskSpec, role: str, data_dir: str | os.PathLike[
         f"no {role} data for task {spec.name}; tried: " + "; ".join(tried) + f". {hint}")
 
 
-def render_all(spec: TaskSpec, records: Sequence[dict[str, Any]], locations: Sequence[str] | None = None,
+def render_all(spec: TaskSpec, records: Sequence[dict[str, Any]],
+               locations: Sequence[tuple[str, int | None]] | None = None,
                bad_rows: BadRows | None = None) -> list[list[PromptedExample]]:
     """Render every record; a record may yield several examples (MultiRC options, ReCoRD queries). A record
     that cannot be rendered (a missing field, a label out of range or of the wrong type) is a DataRowError naming
-    its ``file:line`` (``locations``), or skipped and counted by ``bad_rows``."""
+    its ``file:line`` (``locations``: ``(source, line)`` per record), or skipped and counted by ``bad_rows``."""
     bad_rows = strict(bad_rows)
     rendered = []
     for index, record in enumerate(records):
@@ -141,12 +144,8 @@ def render_all(spec: TaskSpec, records: Sequence[dict[str, Any]], locations: Seq
             reason = f"{error} (task {spec.name})"
         else:
             continue
-        where = locations[index] if locations is not None else f"record {index}"
-        path, _, line = where.rpartition(":")
-        if line.isdigit():
-            bad_rows.report(path, int(line), reason)
-        else:
-            bad_rows.report(where, None, reason)
+        source, line = locations[index] if locations is not None else (f"record {index}", None)
+        bad_rows.report(source, line, reason)
     return rendered
 
 
