@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from structlora.nlg.data import (NLGInput, linearize_e2e_mr, linearize_triples, load_split, read_dart_json,
+from structlora.nlg.data import (NLGInput, has_split_files, linearize_e2e_mr, linearize_triples, load_split,
+                                 read_dart_json,
                                  read_e2e_csv, read_e2e_lines, read_webnlg_xml, split_by_input, training_pairs,
                                  webnlg_xml_files)
 from shared_paths import SHARED_DATA
@@ -125,6 +126,17 @@ def test_dev_split_by_input_is_seeded_and_disjoint():
 def test_missing_files_say_where_to_look(tmp_path):
     with pytest.raises(FileNotFoundError, match="STRUCTLORA_DATA"):
         load_split("e2e", "test", tmp_path)
+
+
+def test_has_split_files_finds_what_load_split_reads_without_reading_it(tmp_path):
+    (tmp_path / "e2e").mkdir()
+    (tmp_path / "e2e" / "devset.csv").write_text("mr,ref\nname[Aromi],Aromi is a pub.\n")
+    (tmp_path / "e2e" / "train.txt").write_text("no separator: a bad row, but not read here\n")
+    (tmp_path / "webnlg2017" / "train").mkdir(parents=True)  # a folder without *.xml: nothing to read
+    assert has_split_files("e2e", "dev", tmp_path) and has_split_files("e2e", "train", tmp_path)
+    assert not has_split_files("e2e", "test", tmp_path)
+    assert not has_split_files("webnlg", "train", tmp_path) and not has_split_files("dart", "dev", tmp_path)
+    assert len(load_split("e2e", "dev", tmp_path)) == 1
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "e2e" / "devset.csv").exists(), reason="shared data not present")

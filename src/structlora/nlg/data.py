@@ -16,6 +16,7 @@ Data never lives in the repository: pass a folder, or set ``STRUCTLORA_DATA``; t
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import random
@@ -23,7 +24,7 @@ import re
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from ..data_errors import BadRows, DataRowError, strict
 
@@ -299,6 +300,23 @@ def load_split(dataset: str, split: str, data_root: str | os.PathLike | None = N
         return train_part if split == "dev-train" else heldout_part
     if source == "hub":
         return load_from_hub(dataset, split)
+    return _split_reader(dataset, split, data_root)(bad_rows)
+
+
+def has_split_files(dataset: str, split: str, data_root: str | os.PathLike | None = None) -> bool:
+    """Whether the official files of ``dataset`` / ``split`` (train, dev or test) are under ``data_root``: what
+    :func:`load_split` would read, found without reading it."""
+    try:
+        _split_reader(dataset, split, data_root)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _split_reader(dataset: str, split: str, data_root: str | os.PathLike | None
+                  ) -> Callable[[BadRows | None], list[NLGInput]]:
+    """The reader of the local files of ``dataset`` / ``split`` (train, dev or test); FileNotFoundError naming
+    what was looked for when there are none."""
     root = Path(data_root) if data_root else default_data_root()
     if dataset == "e2e":
         folder = root / "e2e"
@@ -307,10 +325,10 @@ def load_split(dataset: str, split: str, data_root: str | os.PathLike | None = N
         lines = {"train": ["train.txt"], "dev": ["valid.txt", "dev.txt"], "test": ["test.txt"]}[split]
         path = _first_existing(folder, official)
         if path is not None:
-            return read_e2e_csv(path, bad_rows)
+            return functools.partial(read_e2e_csv, path)
         path = _first_existing(folder, lines)
         if path is not None:
-            return read_e2e_lines(path, bad_rows)
+            return functools.partial(read_e2e_lines, path)
         raise FileNotFoundError(f"E2E {split}: none of {official + lines} in {folder} "
                                 f"(set --data-dir or ${DATA_ENV_VAR})")
     if dataset == "webnlg":
@@ -320,12 +338,13 @@ def load_split(dataset: str, split: str, data_root: str | os.PathLike | None = N
         split_folder = folder / split
         if not split_folder.is_dir():
             raise FileNotFoundError(f"WebNLG {split}: {split_folder} does not exist")
-        return read_webnlg_xml(webnlg_xml_files(split_folder), bad_rows=bad_rows)
+        files = webnlg_xml_files(split_folder)
+        return lambda bad_rows: read_webnlg_xml(files, bad_rows=bad_rows)
     folder = root / "dart"
     path = _first_existing(folder, [f"dart-v1.1.1-full-{split}.json"])
     if path is None:
         raise FileNotFoundError(f"DART {split}: dart-v1.1.1-full-{split}.json not in {folder}")
-    return read_dart_json(path, bad_rows)
+    return functools.partial(read_dart_json, path)
 
 
 def split_by_input(inputs: Sequence[NLGInput], heldout_fraction: float = 0.1,

@@ -19,8 +19,7 @@ import copy
 import sys
 from typing import Any
 
-from structlora.data_errors import BadRows
-from structlora.nlg.data import DATASETS, SPLITS, load_split, training_pairs
+from structlora.nlg.data import DATASETS, SPLITS, has_split_files, load_split, training_pairs
 from structlora.recipes import common, limits
 from structlora.recipes.data_dir import DATA_RULE, add_data_dir_argument, resolve_data_dir
 
@@ -165,13 +164,11 @@ def default_train_split(dataset: str, data_dir: str | None, source: str) -> str:
     """``train`` when its file is there, else ``dev-train`` (shipped data often holds only the dev set)."""
     if source == "hub":
         return "train"
-    try:  # only whether the file is there: its rows are checked (and counted) when it is read for training
-        load_split(dataset, "train", data_dir, source=source, bad_rows=BadRows(skip=True))
-    except FileNotFoundError:
-        print(f"note: no {dataset} train file in {data_dir}: training on dev-train (the dev set split by "
-              "input; dev-heldout is evaluated). Pass --train-split to choose", file=sys.stderr)
-        return "dev-train"
-    return "train"
+    if has_split_files(dataset, "train", data_dir):
+        return "train"
+    print(f"note: no {dataset} train file in {data_dir}: training on dev-train (the dev set split by "
+          "input; dev-heldout is evaluated). Pass --train-split to choose", file=sys.stderr)
+    return "dev-train"
 
 
 def run(args: argparse.Namespace) -> int:
