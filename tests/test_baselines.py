@@ -186,13 +186,30 @@ def test_ia3_through_peft_starts_at_the_base_function_and_learns():
                                               + (16 * HIDDEN + HIDDEN))])
 def test_prompt_methods_through_peft_count_and_learn(method, expected):
     pytest.importorskip("peft")
-    args = recipe_args("--method", method, "--num-virtual-tokens", "4")
-    args.encoder_hidden_size = 16
+    args = recipe_args("--method", method, "--num-virtual-tokens", "4",
+                       *(["--encoder-hidden-size", "16"] if method == "ptuning" else []))
     model = common.wrap_model(tiny_bert(), args, "SEQ_CLS")
     assert common.count_trainable_parameters(model, exclude=common.HEAD_MODULE_NAMES) == expected
     assert common.count_trainable_parameters(model) == expected + head_size()
     grads = trained_steps(model)
     assert all(g.abs().sum() > 0 for g in grads.values())
+
+
+def test_encoder_hidden_size_reparametrises_the_prefix_and_is_refused_where_unused():
+    pytest.importorskip("peft")
+    from structlora.recipes import limits, peft_methods
+
+    prefix = peft_methods.build_config(recipe_args("--method", "prefix", "--encoder-hidden-size", "24"), "CAUSAL_LM")
+    assert (prefix.prefix_projection, prefix.encoder_hidden_size) == (True, 24)
+    assert peft_methods.build_config(recipe_args("--method", "prefix"), "CAUSAL_LM").prefix_projection is False
+    assert peft_methods.build_config(recipe_args("--method", "ptuning"), "CAUSAL_LM").encoder_hidden_size == 128
+    for method in ("lora", "adapter", "prompt", "full"):
+        with pytest.raises(SystemExit, match=f"--encoder-hidden-size .* --method {method} has none"):
+            common.build_peft_config(recipe_args("--method", method, "--encoder-hidden-size", "8"), "SEQ_CLS")
+    # A zero would otherwise fall back to the method's default (20 tokens, 128 wide) without a word.
+    for flag in ("--num-virtual-tokens", "--encoder-hidden-size"):
+        with pytest.raises(SystemExit, match=f"{flag} 0: must be an integer >= 1"):
+            limits.check_training_flags(recipe_args("--method", "ptuning", flag, "0"))
 
 
 def test_prefix_refused_where_the_model_takes_no_cache_and_missing_peft(monkeypatch):

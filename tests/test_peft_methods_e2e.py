@@ -246,3 +246,48 @@ def test_llm_baseline_recipes_train(recipe: str, workspace: dict[str, Path]) -> 
                 "adapter": layers * (hidden * 64 + 64 + 64 * hidden + hidden)}  # one down_proj adapter per layer
     assert result["method"] == {"adapter": "adapter-pfeiffer"}.get(recipe, recipe)
     assert result["trainable_params"] == expected[recipe]
+
+
+@pytest.fixture(scope="module")
+def gpt2_with_bpe(workspace: dict[str, Path]) -> Path:
+    """A tiny GPT-2 with the tiny Llama's BPE tokenizer: needs no GPT-2 tokenizer files (runs in CI)."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(str(workspace["model"]))
+    torch.manual_seed(0)
+    folder = workspace["root"] / "tiny-gpt2-bpe"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=16, n_positions=128, vocab_size=len(tokenizer),
+                               bos_token_id=tokenizer.bos_token_id,
+                               eos_token_id=tokenizer.eos_token_id)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("recipe", ["full_gpt2", "prefix_gpt2", "adapter_houlsby_gpt2", "adapter_pfeiffer_gpt2"])
+def test_nlg_baseline_recipes_train_on_gpt2(recipe: str, workspace: dict[str, Path], gpt2_with_bpe: Path) -> None:
+    """The GPT-2 table's baseline recipes (Li & Liang's settings) train a step on a tiny GPT-2 with the counts
+    they should; the reparametrised prefix is saved as its product and decodes as the trained forward."""
+    from transformers import AutoModelForCausalLM
+
+    name = f"nlg-recipe-{recipe}"
+    assert main(["train", "nlg", "--config", str(REPO / "recipes" / "nlg" / f"{recipe}.yaml"), "--dataset", "e2e",
+                 "--model", str(gpt2_with_bpe), "--data-dir", str(workspace["data"]), "--train-split", "dev-train",
+                 "--heldout-fraction", "0.25", "--max-steps", "1", "--batch-size", "2", "--max-length", "48",
+                 "--output", str(workspace["root"] / name)]) == 0
+    result = json.loads((workspace["root"] / name / "results.json").read_text())
+    width, blocks = 16, 2
+    adapter = width * 100 + 100 + 100 * width + width  # width -> 100 -> width, with biases
+    expected = {
+        "full": sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(str(gpt2_with_bpe)).parameters()),
+        "prefix": 10 * width + (width * 512 + 512) + (512 * blocks * 2 * width + blocks * 2 * width),
+        "adapter-houlsby": 2 * blocks * adapter,
+        "adapter-pfeiffer": blocks * adapter,
+    }
+    assert result["trainable_params"] == expected[result["method"]]
+    assert result["method"] == {"full_gpt2": "full", "prefix_gpt2": "prefix"}.get(recipe, result["method"])
+    if recipe == "prefix_gpt2":
+        saved = adapter_tensors(workspace["root"] / name)
+        assert [tuple(t.shape) for t in saved.values()] == [(10, blocks * 2 * width)]  # the MLP's product only
+        generate, hyps = generate_command(workspace, name)
+        assert main([*generate, "--decoding", "hf"]) == 0
+        assert_greedy_by_hand(workspace, name, hyps)

@@ -84,3 +84,28 @@ def test_glue_loretta_adp_deberta_base_count():
     with torch.device("meta"):
         model = AutoModelForSequenceClassification.from_config(config)
     assert trained_count(model, args, "SEQ_CLS") == 99_194
+
+
+def gpt2_medium():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with torch.device("meta"):
+        return GPT2LMHeadModel(GPT2Config(n_embd=1024, n_layer=24, n_head=16))
+
+
+# GPT-2 medium: width 1024, 24 blocks; Li & Liang's prefix of 10 tokens reparametrised through a 512-wide MLP,
+# their adapters of width 100 (one per block after the FFN, or two: after attention and after the FFN).
+WIDTH, BLOCKS, ADAPTER = 1024, 24, 1024 * 100 + 100 + 100 * 1024 + 1024
+
+
+@pytest.mark.parametrize("recipe,expected", [
+    ("full_gpt2.yaml", 354_823_168),  # every GPT-2 medium weight (the embedding tied to the LM head, counted once)
+    ("prefix_gpt2.yaml", 10 * WIDTH + (WIDTH * 512 + 512) + (512 * BLOCKS * 2 * WIDTH + BLOCKS * 2 * WIDTH)),
+    ("adapter_houlsby_gpt2.yaml", 2 * BLOCKS * ADAPTER),
+    ("adapter_pfeiffer_gpt2.yaml", BLOCKS * ADAPTER),
+])
+def test_nlg_gpt2_medium_baseline_counts(recipe, expected):
+    pytest.importorskip("peft")
+    args = recipe_args(nlg, RECIPES / "nlg" / recipe, "--dataset", "e2e", "--model", "gpt2-medium")
+    model = common.wrap_model(gpt2_medium(), args, "CAUSAL_LM")
+    assert common.count_trainable_parameters(model) == expected

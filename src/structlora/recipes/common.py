@@ -135,6 +135,10 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                             "pfeiffer = after FFN")
     group.add_argument("--num-virtual-tokens", type=int, default=None,
                        help="virtual tokens of --method prefix/prompt/ptuning (default 20)")
+    group.add_argument("--encoder-hidden-size", type=int, default=None,
+                       help="width of the MLP that produces the virtual tokens: P-tuning's encoder (default 128), "
+                            "or prefix tuning's reparametrisation (Li & Liang's mid_dim; default: none, the prefix "
+                            "is trained directly)")
     group.add_argument("--target-modules", type=_comma_list, default=None,
                        help="comma-separated module names to adapt, or one regular expression (default: the "
                             "architecture's, e.g. query,value for BERT/RoBERTa, q_proj,v_proj for Llama)")
@@ -295,6 +299,9 @@ def build_peft_config(args: argparse.Namespace, task_type: str) -> Any | None:
     """The structlora config for ``args.method`` (None for full fine-tuning). Only hyper-parameters the
     user set are passed, so each config keeps its own defaults (e.g. LoRETTA_rep's alpha of 16)."""
     method = args.method
+    if getattr(args, "encoder_hidden_size", None) is not None and method not in ("prefix", "ptuning"):
+        raise SystemExit(f"error: --encoder-hidden-size is the virtual-token encoder of --method prefix or ptuning; "
+                         f"--method {method} has none (leave it unset)")
     if method == "full":
         return None
     if method in PEFT_LIBRARY_METHODS:

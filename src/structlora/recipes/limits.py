@@ -50,7 +50,9 @@ def check_floats(args: argparse.Namespace, ranges: dict[str, tuple[float, float,
 
 
 TRAINING_INTEGERS = {"batch_size": 1, "eval_batch_size": 1, "grad_accum": 1, "max_length": 1, "eval_every": 1,
-                     "logging_steps": 1, "max_steps": -1, "warmup_steps": 0}
+                     "logging_steps": 1, "max_steps": -1, "warmup_steps": 0,
+                     # adapter flags that a zero would silently turn into the method's default
+                     "num_virtual_tokens": 1, "encoder_hidden_size": 1}
 TRAINING_FLOATS = {"lr": (0.0, math.inf, False), "epochs": (0.0, math.inf, False), "warmup_ratio": (0.0, 1.0, False),
                    "weight_decay": (0.0, math.inf, False), "label_smoothing": (0.0, 1.0, False),
                    "max_grad_norm": (0.0, math.inf, False)}

@@ -22,6 +22,7 @@ PEFT_METHODS: dict[str, str] = {
     "ptuning": "PromptEncoderConfig",
 }
 DEFAULT_VIRTUAL_TOKENS = 20
+DEFAULT_PTUNING_ENCODER_WIDTH = 128
 # PEFT's ``peft_type`` (in the adapter_config.json it saves) -> --method name
 PEFT_TYPES: dict[str, str] = {"IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt",
                               "P_TUNING": "ptuning"}
@@ -53,8 +54,13 @@ def build_config(args: argparse.Namespace, task_type: str) -> Any:
                              "use PEFT's per-architecture defaults (leave --target-modules unset)")
     else:
         kwargs["num_virtual_tokens"] = getattr(args, "num_virtual_tokens", None) or DEFAULT_VIRTUAL_TOKENS
+        encoder_width = getattr(args, "encoder_hidden_size", None)
         if method == "ptuning":
-            kwargs["encoder_hidden_size"] = getattr(args, "encoder_hidden_size", None) or 128
+            kwargs["encoder_hidden_size"] = encoder_width or DEFAULT_PTUNING_ENCODER_WIDTH
+        elif method == "prefix" and encoder_width:
+            # Li & Liang's reparametrisation: embedding -> Linear -> tanh -> Linear to every layer's keys and
+            # values (PEFT saves the product, so the saved adapter needs no MLP to load).
+            kwargs.update(prefix_projection=True, encoder_hidden_size=encoder_width)
     return config_class(**kwargs)
 
 
