@@ -14,6 +14,7 @@ from structlora.nlg.data import NLGInput, read_e2e_references
 from structlora.nlg.generation import DecodingSettings, clean_hypothesis, completed_lines, generate_hypotheses
 from structlora.nlg.modeling import CompletionCollator, completion_loss, encode_example
 from shared_paths import GPT2_TOKENIZER
+from tiny_models import save_tiny_gpt2
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = GPT2_TOKENIZER if (GPT2_TOKENIZER / "vocab.json").exists() else None
@@ -42,14 +43,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def tiny_gpt2(tmp_path_factory, tokenizer) -> Path:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    config = GPT2Config(n_layer=2, n_head=2, n_embd=16, n_positions=128, vocab_size=len(tokenizer))
-    GPT2LMHeadModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"), tokenizer)
 
 
 @pytest.fixture()

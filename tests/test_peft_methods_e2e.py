@@ -16,6 +16,7 @@ from structlora.cli import main
 from structlora.llm.tiny import save_tiny_llama
 from test_llm_cli import rte_records
 from test_llm_tasks import write_jsonl
+from tiny_models import save_tiny_gpt2
 
 peft = pytest.importorskip("peft")
 REPO = Path(__file__).resolve().parents[1]
@@ -141,19 +142,13 @@ def greedy_by_hand(model, prompt: list[int], steps: int, eos: int) -> list[int]:
 @pytest.fixture(scope="module")
 def tiny_gpt2(workspace: dict[str, Path]) -> Path:
     """A tiny GPT-2 (absolute positions) with the real GPT-2 tokenizer, where that is on this machine."""
-    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+    from transformers import GPT2TokenizerFast
 
     from shared_paths import GPT2_TOKENIZER
 
     if not (GPT2_TOKENIZER / "vocab.json").exists():
         pytest.skip("GPT-2 tokenizer files (shared/models) not present")
-    tokenizer = GPT2TokenizerFast.from_pretrained(str(GPT2_TOKENIZER))
-    torch.manual_seed(0)
-    folder = workspace["root"] / "tiny-gpt2"
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=16, n_positions=128,
-                               vocab_size=len(tokenizer))).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_gpt2(workspace["root"] / "tiny-gpt2", GPT2TokenizerFast.from_pretrained(str(GPT2_TOKENIZER)))
 
 
 def train_nlg(workspace: dict[str, Path], model: Path, method: str, name: str) -> dict:
@@ -251,16 +246,9 @@ def test_llm_baseline_recipes_train(recipe: str, workspace: dict[str, Path]) -> 
 @pytest.fixture(scope="module")
 def gpt2_with_bpe(workspace: dict[str, Path]) -> Path:
     """A tiny GPT-2 with the tiny Llama's BPE tokenizer: needs no GPT-2 tokenizer files (runs in CI)."""
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(workspace["model"]))
-    torch.manual_seed(0)
-    folder = workspace["root"] / "tiny-gpt2-bpe"
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=16, n_positions=128, vocab_size=len(tokenizer),
-                               bos_token_id=tokenizer.bos_token_id,
-                               eos_token_id=tokenizer.eos_token_id)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_gpt2(workspace["root"] / "tiny-gpt2-bpe", AutoTokenizer.from_pretrained(str(workspace["model"])))
 
 
 @pytest.mark.parametrize("recipe", ["full_gpt2", "prefix_gpt2", "adapter_houlsby_gpt2", "adapter_pfeiffer_gpt2"])
@@ -283,8 +271,9 @@ def test_nlg_baseline_recipes_train_on_gpt2(recipe: str, workspace: dict[str, Pa
         "adapter-houlsby": 2 * blocks * adapter,
         "adapter-pfeiffer": blocks * adapter,
     }
+    assert result["method"] == {"full_gpt2": "full", "prefix_gpt2": "prefix", "adapter_houlsby_gpt2": "adapter-houlsby",
+                                "adapter_pfeiffer_gpt2": "adapter-pfeiffer"}[recipe]
     assert result["trainable_params"] == expected[result["method"]]
-    assert result["method"] == {"full_gpt2": "full", "prefix_gpt2": "prefix"}.get(recipe, result["method"])
     if recipe == "prefix_gpt2":
         saved = adapter_tensors(workspace["root"] / name)
         assert [tuple(t.shape) for t in saved.values()] == [(10, blocks * 2 * width)]  # the MLP's product only

@@ -85,6 +85,22 @@ def tiny_llama_for(tokenizer, seed: int = 0, hidden_size: int = 32, num_hidden_l
     return LlamaForCausalLM(config)
 
 
+def save_tiny_gpt2(folder: str | Path, tokenizer, seed: int = 0) -> Path:  # noqa: ANN001 - a transformers tokenizer
+    """Save a randomly initialised 2-block, 16-wide `GPT2LMHeadModel` (absolute positions, 128 of them) sized to
+    ``tokenizer``'s vocabulary, with that tokenizer, to ``folder``."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=16, n_positions=128, vocab_size=len(tokenizer))
+    if tokenizer.eos_token_id is not None:  # GPT-2's defaults (50256) only fit GPT-2's own tokenizer
+        config.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        config.eos_token_id = tokenizer.eos_token_id
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return Path(folder)
+
+
 def perturb_adapters(model, scale: float, seed: int = 0, generator=None):  # noqa: ANN001, ANN201 - PeftModel, returned
     """Adds seeded N(0, scale²) noise to every adapter parameter, in place: a stand-in for a trained adapter (a
     fresh one has B = 0, which would let a path skip work it must do when trained). `generator` (instead of
