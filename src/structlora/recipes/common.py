@@ -299,7 +299,9 @@ def build_peft_config(args: argparse.Namespace, task_type: str) -> Any | None:
     """The structlora config for ``args.method`` (None for full fine-tuning). Only hyper-parameters the
     user set are passed, so each config keeps its own defaults (e.g. LoRETTA_rep's alpha of 16)."""
     method = args.method
-    if getattr(args, "encoder_hidden_size", None) is not None and method not in ("prefix", "ptuning"):
+    from .peft_methods import ENCODER_METHODS
+
+    if getattr(args, "encoder_hidden_size", None) is not None and method not in ENCODER_METHODS:
         raise SystemExit(f"error: --encoder-hidden-size is the virtual-token encoder of --method prefix or ptuning; "
                          f"--method {method} has none (leave it unset)")
     if method == "full":

@@ -29,6 +29,9 @@ PEFT_TYPES: dict[str, str] = {"IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_T
 # Methods that feed virtual tokens (as inputs or as a key/value cache) rather than changing layers: a
 # step-by-step decoder that passes its own cache would feed them again at every step.
 PROMPT_LEARNING_METHODS: tuple[str, ...] = ("prefix", "prompt", "ptuning")
+# Methods whose virtual tokens come out of an MLP encoder (--encoder-hidden-size): P-tuning's, and prefix tuning's
+# optional reparametrisation.
+ENCODER_METHODS: tuple[str, ...] = ("prefix", "ptuning")
 
 
 def require_peft() -> Any:
