@@ -204,7 +204,8 @@ def test_encoder_hidden_size_reparametrises_the_prefix_and_is_refused_where_unus
     assert peft_methods.build_config(recipe_args("--method", "prefix"), "CAUSAL_LM").prefix_projection is False
     assert peft_methods.build_config(recipe_args("--method", "ptuning"), "CAUSAL_LM").encoder_hidden_size == 128
     for method in ("lora", "adapter", "prompt", "full"):
-        with pytest.raises(SystemExit, match=f"--encoder-hidden-size .* --method {method} has none"):
+        with pytest.raises(SystemExit, match=f"--encoder-hidden-size is read only by --method prefix, ptuning; "
+                                             f"--method {method} would ignore it"):
             common.build_peft_config(recipe_args("--method", method, "--encoder-hidden-size", "8"), "SEQ_CLS")
     # A zero would otherwise fall back to the method's default (20 tokens, 128 wide) without a word.
     for flag in ("--num-virtual-tokens", "--encoder-hidden-size"):

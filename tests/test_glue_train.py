@@ -65,12 +65,17 @@ EXPECTED_METHOD_LABEL = {"lora": "lora", "mtlora": "mtlora-icfm", "loretta-rep":
                          "loretta-adp": "loretta-adp", "full": "full"}
 
 
+# Each method gets only the flags it reads (any other is refused: tests/test_method_flags.py).
+METHOD_FLAGS = {"lora": ["--r", "4"], "mtlora": ["--structure", "icfm", "--r", "4"],
+                "loretta-rep": ["--r", "4", "--tensor-rank", "2"],
+                "loretta-adp": ["--tensor-rank", "2", "--bottleneck-size", "8"], "full": []}
+
+
 @pytest.mark.parametrize("method", list(EXPECTED_METHOD_LABEL))
 def test_two_steps_per_method(tiny_bert, data_dir, tmp_path, method):
     out = tmp_path / "run"
-    results = train(tiny_bert, data_dir, out, "--task", "sst2", "--method", method, "--structure", "icfm",
-                    "--max-steps", "2", "--eval-every", "1", "--lr", "1e-3", "--r", "4", "--tensor-rank", "2",
-                    "--bottleneck-size", "8")
+    results = train(tiny_bert, data_dir, out, "--task", "sst2", "--method", method, *METHOD_FLAGS[method],
+                    "--max-steps", "2", "--eval-every", "1", "--lr", "1e-3")
     assert set(results) >= {"task", "method", "trainable_params", "eval", "history", "train_seconds"}
     assert (results["task"], results["method"]) == ("sst2", EXPECTED_METHOD_LABEL[method])
     assert 0.0 <= results["eval"]["accuracy"] <= 1.0 and list(results["eval"]) == ["accuracy"]

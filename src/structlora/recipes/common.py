@@ -3,7 +3,8 @@
 Contract (signatures are stable; the NLG and LLM recipes import them):
 
 - ``add_method_arguments(parser)``: adapter flags ``--method --structure --r --lora-alpha --lora-dropout
-  --tensor-rank --bottleneck-size --target-modules --modules-to-save --init``.
+  --tensor-rank --bottleneck-size --adapter-placement --num-virtual-tokens --encoder-hidden-size --target-modules
+  --modules-to-save --init``.
 - ``add_training_arguments(parser)``: training flags ``--epochs --lr --batch-size --eval-batch-size
   --max-length --warmup-ratio --warmup-steps --weight-decay --seed --eval-every --grad-accum --bf16 --fp16
   --gradient-checkpointing --resume --init-from --config --output --max-steps --lr-scheduler
@@ -12,6 +13,7 @@ Contract (signatures are stable; the NLG and LLM recipes import them):
 - ``apply_config_file(args, parser=None)``: values of the ``--config`` YAML/JSON file become defaults;
   flags given explicitly on the command line win. ``parser`` may be omitted inside ``run(args)``:
   ``add_training_arguments`` stores the parser in ``args._parser``.
+- ``check_method_flags(args)``: refuse an adapter flag that ``--method`` does not read (``METHOD_FLAG_READERS``).
 - ``build_peft_config(args, task_type)``: a structlora config, or ``None`` for ``--method full``.
 - ``wrap_model(model, args, task_type)``: the model with the adapter applied (every parameter trainable
   for ``full``); ``--init-from DIR`` loads a trained adapter (heads of another shape are left fresh).
@@ -50,6 +52,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 from ..data_errors import BadRows, add_skip_bad_rows_argument
 from .device import has_accelerator as _has_accelerator
 from .device import resolve_device_settings
+from .peft_methods import ENCODER_METHODS, PROMPT_LEARNING_METHODS
 
 if TYPE_CHECKING:
     import torch
@@ -65,6 +68,24 @@ LR_SCHEDULERS: tuple[str, ...] = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
     "inverse_sqrt",
 )
+# The adapter flags and the methods that read them. Given with any other method a flag would change nothing, so
+# the user would train another model than the one asked for (e.g. `--structure icfm` without `--method mtlora`
+# trains LoRA): check_method_flags refuses it. --modules-to-save is not here: full fine-tuning trains those
+# modules anyway. BitFit and IA3 read --target-modules only to refuse it with a message of their own.
+METHOD_FLAG_READERS: dict[str, tuple[str, ...]] = {
+    "structure": ("mtlora",),
+    "r": ("lora", "mtlora", "loretta-rep"),
+    "lora_alpha": ("lora", "mtlora", "loretta-rep"),
+    "lora_dropout": ("lora", "mtlora", "loretta-rep", "loretta-adp", "adapter"),
+    "tensor_rank": ("loretta-rep", "loretta-adp"),
+    "bottleneck_size": ("loretta-adp", "adapter"),
+    "adapter_placement": ("adapter",),
+    "num_virtual_tokens": PROMPT_LEARNING_METHODS,
+    "encoder_hidden_size": ENCODER_METHODS,
+    "target_modules": ("lora", "mtlora", "loretta-rep", "loretta-adp", "adapter", "bitfit", "ia3"),
+    "init": ("lora", "mtlora", "loretta-rep", "loretta-adp", "adapter"),
+}
+_METHOD_FLAG_DEFAULTS = {"structure": "shim", "adapter_placement": "houlsby"}  # the others default to None
 # Trainer's own bookkeeping keys, not metrics of the model.
 _NON_METRIC_KEYS = {"runtime", "samples_per_second", "steps_per_second", "epoch", "step"}
 # Where explicitly given flags are recorded (see _track_explicit_flags).
@@ -295,15 +316,59 @@ def _coerce(action: argparse.Action, value: Any, source: str) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ adapters
+def _method_flags_set(args: argparse.Namespace) -> dict[str, str]:
+    """The adapter flags of METHOD_FLAG_READERS that ``args`` sets -> the config file that set it ("" when given on
+    the command line, or set in a caller's Namespace): given explicitly, or holding another value than the flag's
+    default."""
+    explicit = getattr(args, _EXPLICIT_ATTR, set())
+    parser = getattr(args, "_parser", None)
+    given: dict[str, str] = {}
+    for dest in METHOD_FLAG_READERS:
+        if not hasattr(args, dest):
+            continue
+        default = parser.get_default(dest) if parser is not None else _METHOD_FLAG_DEFAULTS.get(dest)
+        if dest in explicit:
+            given[dest] = ""
+        elif getattr(args, dest) != default:
+            given[dest] = str(getattr(args, "config", None) or "")
+    return given
+
+
+def check_method_flags(args: argparse.Namespace) -> None:
+    """Refuse an adapter flag that ``args.method`` does not read (it would be ignored without a word), with one
+    ``error:`` line naming the flag, the methods that read it and where it was set. One exception: a config file's
+    flag when ``--method`` on the command line replaces the file's method (``--config mtlora_cola.yaml --method
+    adapter`` keeps the recipe's budget); it is ignored with a warning, since the file cannot be unset flag by
+    flag from the command line."""
+    method = getattr(args, "method", None)
+    explicit = getattr(args, _EXPLICIT_ATTR, set())
+    warned = getattr(args, "_method_flags_warned", set())
+    for dest, config in _method_flags_set(args).items():
+        readers = METHOD_FLAG_READERS[dest]
+        if method in readers:
+            continue
+        flag = "--" + dest.replace("_", "-")
+        if config and "method" in explicit:
+            if dest not in warned:
+                print(f"warning: {flag} (set by {config}) is not read by --method {method} (given on the command "
+                      f"line): it is ignored", file=sys.stderr)
+                warned.add(dest)
+            continue
+        source = f" (set by {config})" if config else ""
+        raise SystemExit(f"error: {flag}{source} is read only by --method {', '.join(readers)}; --method {method} "
+                         f"would ignore it, training another model than the one asked for (leave {flag} unset, or "
+                         f"choose one of those methods)")
+    args._method_flags_warned = warned  # build_peft_config checks again: warn once
+    if method == "lora" and getattr(args, "init", None) == "identity":
+        raise SystemExit("error: --init identity starts MTLoRA's T at I; --method lora has one start, A "
+                         "Kaiming-uniform and B zero (--init default or reference; or --method mtlora)")
+
+
 def build_peft_config(args: argparse.Namespace, task_type: str) -> Any | None:
     """The structlora config for ``args.method`` (None for full fine-tuning). Only hyper-parameters the
     user set are passed, so each config keeps its own defaults (e.g. LoRETTA_rep's alpha of 16)."""
     method = args.method
-    from .peft_methods import ENCODER_METHODS
-
-    if getattr(args, "encoder_hidden_size", None) is not None and method not in ENCODER_METHODS:
-        raise SystemExit(f"error: --encoder-hidden-size is the virtual-token encoder of --method prefix or ptuning; "
-                         f"--method {method} has none (leave it unset)")
+    check_method_flags(args)
     if method == "full":
         return None
     if method in PEFT_LIBRARY_METHODS:
@@ -360,6 +425,7 @@ def wrap_model(model: torch.nn.Module, args: argparse.Namespace, task_type: str)
     if args.method in PEFT_LIBRARY_METHODS:
         from . import peft_methods
 
+        check_method_flags(args)
         return peft_methods.wrap(model, args, task_type)
     config = build_peft_config(args, task_type)
     init_from = getattr(args, "init_from", None)

@@ -134,9 +134,11 @@ def check_max_length(max_length: int, model: str, gguf_file: str | None = None, 
 
 def check_before_work(args: Any, integers: dict[str, int] | None = None,
                       floats: dict[str, tuple[float, float, bool]] | None = None) -> None:
-    """A training recipe's checks, in order: flag ranges, ``--max-length`` against the model, the output folder."""
+    """A training recipe's checks, in order: flag ranges, adapter flags the method reads, ``--max-length`` against
+    the model, the output folder."""
     from . import common
 
     check_training_flags(args, integers, floats)
+    common.check_method_flags(args)
     check_max_length(args.max_length, args.model, getattr(args, "gguf_file", None))
     common.check_output_dir(args, remove=False)

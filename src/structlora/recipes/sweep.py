@@ -119,6 +119,22 @@ def _check_grid_flags(output: Path, recipe: str, train_args: list[str], method_a
     path.write_text(json.dumps(record, indent=2) + "\n")
 
 
+def _check_method_flags(methods: Sequence[str], train_args: list[str], method_args: dict[str, list[str]]) -> None:
+    """Before anything runs: every adapter flag that a method's runs get, from --train-args or its --method-args,
+    is one that method reads (each run would refuse it anyway, one failed run per seed). Only flags on the
+    command line are seen here; a --config file's are checked by each run."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    common.add_method_arguments(parser)
+    for label in methods:
+        run_flags = [*method_flags(label), *train_args, *method_args.get(canonical_label(label), [])]
+        try:
+            common.check_method_flags(parser.parse_known_args(run_flags)[0])
+        except SystemExit as refusal:
+            reason = str(refusal.code).removeprefix("error: ")
+            raise SystemExit(f"error: --methods {label}: {reason}. In a sweep, give a flag that only some methods "
+                             f"read with --method-args 'METHOD=FLAGS'") from None
+
+
 def run(args: argparse.Namespace) -> int:
     train_args = list(args.train_args)
     given = [flag for flag in train_args if flag.split("=")[0] in _PER_RUN_FLAGS]
@@ -128,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
     for label in args.methods:
         method_flags(label)  # every name valid before anything runs
     method_args = _parse_method_args(args.method_args, args.methods)
+    _check_method_flags(args.methods, train_args, method_args)
     output = Path(args.output)
     _check_grid_flags(output, args.recipe, train_args, method_args)
     summary = sweep(args.recipe, args.tasks, args.methods, args.seeds, output, train_args, method_args,
