@@ -164,31 +164,38 @@ def run_costs(output: Path) -> dict[tuple[str, str], list[dict[str, float]]]:
     return costs
 
 
-def issue_budget_projection(output: Path, tasks: Sequence[str], data_dir: str | None,
+def issue_epochs(task: str, budget: argparse.Namespace) -> float:
+    """The issue's epochs for ``task``: 3 for SST-2; for CoLA "enough for LoRA to leave chance", which is the
+    budget the CoLA grid runs at."""
+    return float(budget.epochs) if task == "cola" else float(ISSUE_EPOCHS)
+
+
+def issue_budget_projection(output: Path, budgets: dict[str, argparse.Namespace], data_dir: str | None,
                             sweep_cpu: dict[tuple[str, str], float]) -> list[str]:
-    """The issue's budget (whole training set × 3 epochs, one evaluation of the whole dev set per epoch, 3 seeds,
-    every method that ran) in CPU time, from what each finished run measured here."""
+    """The issue's budget (whole training set × the issue's epochs, one evaluation of the whole dev set per epoch,
+    3 seeds, every method that ran) in CPU time, from what each finished run measured here."""
     from structlora.glue import load_glue
     from structlora.glue.data import get_task
 
     costs = run_costs(output)
-    lines = ["| task | method | CPU s / step | CPU ms / dev example | steps per run | projected CPU min per run "
-             "(3 epochs) | × 3 seeds |", "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| task | method | CPU s / step | CPU ms / dev example | epochs | steps per run | projected CPU min "
+             "per run | × 3 seeds |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     total = 0.0
-    for task in tasks:
+    for task, budget in budgets.items():
         sizes = load_glue(task, data_dir)
         train_size, dev_size = len(sizes["train"]), len(sizes[get_task(task).eval_splits[0]])
+        epochs = issue_epochs(task, budget)
         for method in [m for m in report.METHOD_ORDER if (task, m) in costs]:
             runs = costs[(task, method)]
             step = statistics.fmean(r["step"] for r in runs)
             example = statistics.fmean(r["example"] for r in runs)
-            steps = math.ceil(train_size / runs[0]["batch"]) * ISSUE_EPOCHS
+            steps = math.ceil(math.ceil(train_size / runs[0]["batch"]) * epochs)
             overhead = sweep_cpu.get((task, method), 0.0)  # loading, tokenising, saving: CPU outside train/eval
-            minutes = (steps * step + ISSUE_EPOCHS * dev_size * example + overhead) / 60
+            minutes = (steps * step + math.ceil(epochs) * dev_size * example + overhead) / 60
             total += 3 * minutes
-            lines.append(f"| {task} | {method} | {step:.2f} | {1000 * example:.1f} | {steps} | {minutes:.1f} | "
-                         f"{3 * minutes:.0f} |")
-    lines.append(f"| **all** | | | | | | **{total:.0f} CPU min = {total / 60:.1f} CPU h** |")
+            lines.append(f"| {task} | {method} | {step:.2f} | {1000 * example:.1f} | {epochs:g} | {steps} | "
+                         f"{minutes:.1f} | {3 * minutes:.0f} |")
+    lines.append(f"| **all** | | | | | | | **{total:.0f} CPU min = {total / 60:.1f} CPU h** |")
     return lines
 
 
@@ -226,9 +233,10 @@ def render(budgets: dict[str, argparse.Namespace], output: Path, seeds: Sequence
              "Time per run (wall: what the shared machine gave; process CPU: this process's own CPU time, "
              "less sensitive to the other jobs):", "", *time_rows, "",
              "**The issue's budget, projected** from the CPU time each run above measured per training step and per "
-             "evaluated dev example (plus its loading/saving overhead), for the whole training set × 3 epochs, one "
-             "whole-dev-set evaluation per epoch, 3 seeds, the methods that ran (not run: see above):", "",
-             *issue_budget_projection(output, tasks, data_dir, overheads), "",
+             "evaluated dev example (plus its loading/saving overhead), for the whole training set × the issue's "
+             "epochs (SST-2: 3; CoLA: the CoLA budget above), one whole-dev-set evaluation per epoch, 3 seeds, the "
+             "methods that ran (not run: see above):", "",
+             *issue_budget_projection(output, budgets, data_dir, overheads), "",
              "Do the papers' orderings hold here? (a gap within two standard errors of the seed means is "
              "\"within noise\")", "", *verdicts(cells, tasks), END]
     return "\n".join(lines)
