@@ -5,9 +5,9 @@ front in `structlora sweep`."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +15,7 @@ import structlora.cli
 from structlora.cli import main
 from structlora.recipes import common
 
+REPO = Path(__file__).resolve().parents[1]
 # A value for each flag of METHOD_FLAG_READERS (not the default, where the flag has one).
 SAMPLE = {"structure": "icfm", "r": "4", "lora_alpha": "16", "lora_dropout": "0.1", "tensor_rank": "3",
           "bottleneck_size": "8", "adapter_placement": "pfeiffer", "num_virtual_tokens": "4",
@@ -136,14 +137,12 @@ def test_sweep_refuses_a_shared_flag_that_one_method_ignores_before_any_run(tmp_
                                                                                      ("bitfit", False)]
 
 
-@pytest.mark.parametrize("recipe", sorted(str(p.relative_to(Path(__file__).parents[1]))
-                                          for p in (Path(__file__).parents[1] / "recipes").rglob("*.yaml")))
+@pytest.mark.parametrize("recipe", sorted(str(p.relative_to(REPO)) for p in (REPO / "recipes").rglob("*.yaml")))
 def test_every_shipped_recipe_sets_only_flags_its_method_reads(recipe):
-    root = Path(__file__).parents[1]
     kind = recipe.split("/")[1]
     # The flags argparse requires on the command line (they do not touch the adapter).
     required = {"llm": ["--task", "squad", "--model", "m"], "nlg": ["--dataset", "e2e", "--model", "m"]}
-    argv = ["train", kind, "--config", str(root / recipe), *required.get(kind, [])]
+    argv = ["train", kind, "--config", str(REPO / recipe), *required.get(kind, [])]
     parser = structlora.cli._build_parser(argv)
     args, unknown = parser.parse_known_args(argv)
     assert unknown == []

@@ -84,8 +84,8 @@ def run_method(method: str, args: argparse.Namespace, model: str, data_dir: str 
     epochs = args.epochs if args.epochs is not None else (3.0 if args.full else 1.0)
     max_train = args.max_train_samples if args.max_train_samples is not None else (None if args.full else TRAIN_SAMPLES)
     argv = ["train", "glue", "--task", "sst2", "--model", model, "--method", method,
-            *(["--structure", args.structure] if method == "mtlora" else []), "--output", str(output),
-            "--epochs", str(epochs),
+            *(["--structure", args.structure] if method == "mtlora" else []),  # the other methods refuse it
+            "--output", str(output), "--epochs", str(epochs),
             "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
             "--lr", str(args.lr or DEFAULT_LR[method]), "--warmup-ratio", "0.06", "--seed", str(args.seed),
             "--overwrite"]  # the demo regenerates its own runs
