@@ -14,6 +14,7 @@ import torch
 
 from structlora.cli import main
 from structlora.llm.tiny import save_tiny_llama
+from structlora.recipes.peft_methods import PROMPT_LEARNING_METHODS
 from test_llm_cli import rte_records
 from test_llm_tasks import write_jsonl
 from tiny_models import save_tiny_gpt2
@@ -27,7 +28,7 @@ VIRTUAL_TOKENS = 4
 
 def virtual_tokens(method: str) -> list[str]:
     """The prompt-learning methods' flag; IA3 has no virtual tokens and refuses it."""
-    return ["--num-virtual-tokens", str(VIRTUAL_TOKENS)] if method != "ia3" else []
+    return ["--num-virtual-tokens", str(VIRTUAL_TOKENS)] if method in PROMPT_LEARNING_METHODS else []
 
 
 MRS = [(f"name[Place {i}], area[riverside]", f"Place {i} is by the river.") for i in range(8)]

@@ -85,7 +85,9 @@ METHOD_FLAG_READERS: dict[str, tuple[str, ...]] = {
     "target_modules": ("lora", "mtlora", "loretta-rep", "loretta-adp", "adapter", "bitfit", "ia3"),
     "init": ("lora", "mtlora", "loretta-rep", "loretta-adp", "adapter"),
 }
-_METHOD_FLAG_DEFAULTS = {"structure": "shim", "adapter_placement": "houlsby"}  # the others default to None
+# The adapter flags' defaults other than None: the flags' own defaults, and what a Namespace built without the
+# parser is compared with.
+_METHOD_FLAG_DEFAULTS = {"structure": "shim", "adapter_placement": "houlsby"}
 # Trainer's own bookkeeping keys, not metrics of the model.
 _NON_METRIC_KEYS = {"runtime", "samples_per_second", "steps_per_second", "epoch", "step"}
 # Where explicitly given flags are recorded (see _track_explicit_flags).
@@ -139,7 +141,7 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                        help="lora, mtlora, loretta-rep, loretta-adp, full fine-tuning, or a baseline: adapter "
                             "(dense bottleneck), bitfit, ia3, prefix, prompt, ptuning (the last four need peft) "
                             "(default: lora)")
-    group.add_argument("--structure", choices=MTLORA_STRUCTURES, default="shim",
+    group.add_argument("--structure", choices=MTLORA_STRUCTURES, default=_METHOD_FLAG_DEFAULTS["structure"],
                        help="MTLoRA's T: shim T=C, icfm T=C·Cᵀ, ctcm T=C·D, dtsm T=C+D (only with --method mtlora)")
     group.add_argument("--r", type=int, default=None, help="LoRA rank (default: the method's config, 8)")
     group.add_argument("--lora-alpha", type=float, default=None,
@@ -151,7 +153,8 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                        help="tensor-train rank of LoRETTA's cores (default: the method's config, 5)")
     group.add_argument("--bottleneck-size", type=int, default=None,
                        help="bottleneck width of LoRETTA_adp adapters (default: the method's config, 64)")
-    group.add_argument("--adapter-placement", choices=ADAPTER_PLACEMENTS, default="houlsby",
+    group.add_argument("--adapter-placement", choices=ADAPTER_PLACEMENTS,
+                       default=_METHOD_FLAG_DEFAULTS["adapter_placement"],
                        help="dense adapters (--method adapter): houlsby = after attention and FFN, "
                             "pfeiffer = after FFN")
     group.add_argument("--num-virtual-tokens", type=int, default=None,
