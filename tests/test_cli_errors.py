@@ -65,3 +65,24 @@ def test_a_process_group_the_caller_started_is_left_alone(monkeypatch, tmp_path)
         assert dist.is_initialized()
     finally:
         dist.destroy_process_group()
+
+
+def test_structlora_warnings_are_one_warning_line(monkeypatch, capsys):
+    """structlora's own warnings print as `warning: …` (no file path, no source line); other libraries' warnings
+    go to the hook that was there before (here pytest's recorder); that hook is restored after the command."""
+    import warnings
+
+    from structlora.targets import TargetWarning
+
+    def run(args):  # noqa: ANN001, ANN202
+        warnings.warn("target_modules ['dense'] also matches 1 module(s)", TargetWarning)
+        warnings.warn("a deprecation from elsewhere", FutureWarning)
+        return 0
+
+    monkeypatch.setattr(score, "run", run)
+    with pytest.warns(FutureWarning, match="a deprecation from elsewhere") as recorded:
+        hook = warnings.showwarning
+        assert cli.main(["score", "e2e", "--hyp", "h.txt", "--ref", "r.txt"]) == 0
+        assert warnings.showwarning is hook
+    assert [w.category for w in recorded] == [FutureWarning]
+    assert capsys.readouterr().err.splitlines() == ["warning: target_modules ['dense'] also matches 1 module(s)"]

@@ -8,8 +8,10 @@ import copy
 import pytest
 import torch
 
-from structlora import LoraConfig, LorettaAdpConfig, MTLoraConfig, PeftModel, from_loretta, get_peft_model
+from structlora import (LoraConfig, LorettaAdpConfig, MTLoraConfig, PeftModel, TargetWarning, from_loretta,
+                        get_peft_model)
 from structlora.adapter_state import AdapterState, AdapterStateError, validate_adapter_name
+from structlora.model import adapted_layers
 from test_core import inputs, outputs, randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
 
 
@@ -437,3 +439,54 @@ def test_trained_norm_copies_are_fp32_masters_on_a_bf16_base():
     model(**inputs()).logits.float().pow(2).mean().backward()
     optimizer.step()
     assert all(not torch.equal(trainable[n].detach(), before) for n, before in norms.items())
+
+
+def _trainable_names(model: torch.nn.Module) -> list[str]:
+    return [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+
+
+@pytest.mark.parametrize("targets,saved,left_out", [
+    (["dense"], ["pooler"], ["bert.pooler.dense"]),  # a suffix that also names a module inside modules_to_save
+    (["query", "value"], ["query"], ["bert.encoder.layer.0.attention.self.query",
+                                     "bert.encoder.layer.1.attention.self.query"]),  # the same module, both ways
+])
+def test_a_module_trained_in_full_is_not_also_adapted(targets, saved, left_out, tmp_path):
+    """PEFT's rule: a module in modules_to_save (or inside one) is trained in full, not adapted. Before, it was
+    both: LoRA factors inside the trained copy, and trainable factors on the frozen original that no forward used."""
+    with pytest.warns(TargetWarning, match=f"{len(left_out)} module\\(s\\) trained in full \\(modules_to_save\\): "
+                                           f"{left_out[0]}"):
+        model = get_peft_model(tiny_bert(), LoraConfig(r=2, target_modules=targets, modules_to_save=saved,
+                                                       task_type="SEQ_CLS"))
+    adapted_names = [name for name, _ in adapted_layers(model)]
+    assert adapted_names and not set(adapted_names) & set(left_out)
+    assert not [n for n in _trainable_names(model) if "lora_" in n and any(m in n for m in left_out)]
+    # Every trainable tensor gets a gradient: none sits on a module that the forward no longer uses.
+    randomize_adapters(model)  # the default start (B = 0) gives A no gradient
+    model.train()
+    model(**inputs(), labels=torch.tensor([0, 1])).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+    peft = pytest.importorskip("peft")
+    # (copies: PEFT appends the head to the modules_to_save list it is given)
+    reference = peft.get_peft_model(tiny_bert(), peft.LoraConfig(r=2, target_modules=list(targets),
+                                                                 modules_to_save=list(saved), task_type="SEQ_CLS"))
+    assert model.get_nb_trainable_parameters()[0] == reference.get_nb_trainable_parameters()[0]
+    # The saved adapter loads back to the same outputs (loading applies the same rule).
+    model.eval()
+    expected = outputs(model, "logits")
+    model.save_pretrained(tmp_path)
+    with pytest.warns(TargetWarning):
+        loaded = PeftModel.from_pretrained(tiny_bert(), str(tmp_path))
+    assert torch.equal(outputs(loaded, "logits"), expected)
+
+
+def test_targets_that_are_all_trained_in_full_are_refused():
+    base = tiny_bert()
+    before = fingerprint(base)
+    with pytest.raises(ValueError, match=r"matches only modules trained in full \(the classification head\): "
+                                         r"classifier\. .*target other modules$"):
+        get_peft_model(base, LoraConfig(r=2, target_modules=["classifier"], task_type="SEQ_CLS"))
+    with pytest.raises(ValueError, match=r"\(modules_to_save\): bert.pooler.dense\. .*leave these out of "
+                                         r"modules_to_save"):
+        get_peft_model(base, LorettaAdpConfig(bottleneck_size=4, tensor_rank=2, target_modules=["pooler.dense"],
+                                              modules_to_save=["pooler"]))
+    assert_unchanged(before, base)

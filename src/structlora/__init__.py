@@ -16,6 +16,7 @@ _EXPORTS: dict[str, str] = {
     "PeftModel": "model", "adapted_layers": "model", "get_peft_model": "model",
     "clear_factor_caches": "inference",
     "AdapterTrainer": "trainer",
+    "TargetWarning": "targets",
 }
 
 if TYPE_CHECKING:
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from .inference import clear_factor_caches
     from .interop import export_to_peft, from_loretta
     from .model import PeftModel, adapted_layers, get_peft_model
+    from .targets import TargetWarning
     from .trainer import AdapterTrainer
 
 
@@ -44,5 +46,5 @@ __all__ = [
     "AdapterConfig", "LoraConfig", "MTLoraConfig", "LorettaRepConfig", "LorettaAdpConfig", "DenseAdapterConfig",
     "BitFitConfig", "TaskType",
     "get_peft_model", "PeftModel", "adapted_layers", "export_to_peft", "from_loretta", "AdapterTrainer",
-    "clear_factor_caches",
+    "clear_factor_caches", "TargetWarning",
 ]

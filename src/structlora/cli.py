@@ -18,7 +18,8 @@ import argparse
 import importlib
 import os
 import sys
-from typing import Sequence
+import warnings
+from typing import Any, Callable, Sequence
 
 from structlora.recipes.data_dir import DATA_RULE
 
@@ -133,6 +134,19 @@ def _end_process_group(existed_before: bool) -> None:
         end_process_group()
 
 
+def _one_line_warnings(show_other: Callable[..., None]) -> Callable[..., None]:
+    """A `warnings.showwarning` that prints structlora's own warnings as the CLI's other `warning:` lines and
+    passes other libraries' to `show_other`."""
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:
+        if category.__module__.startswith("structlora."):
+            print(f"warning: {message}", file=sys.stderr)
+        else:
+            show_other(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _build_parser(argv)
@@ -142,7 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = _command(args._module)
     group_existed = _process_group_started()
     try:
-        result = module.run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warnings(warnings.showwarning)
+            result = module.run(args)
     except Exception as error:  # noqa: BLE001 - every failure is one line; the traceback only on request
         if os.environ.get(TRACEBACK_ENV):
             raise

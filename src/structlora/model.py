@@ -7,6 +7,7 @@ import inspect
 import json
 import os
 import types
+import warnings
 from typing import Any, Callable, Iterator, Union
 
 import torch
@@ -24,14 +25,15 @@ from .distributed import copy_whole, full_cpu_copies, is_writer, whole_parameter
 from .layers import AdapterLayerMixin, BottleneckLayer, LowRankLayer, TrainableCopy, base_shape, layer_kind
 from .mixed import routed_adapters
 from .quantized import refuse_quantized_merge
-from .targets import (BOTTLENECK_PLACEMENT, CLASSIFIER_HEAD_NAMES, FUSED_PROJECTIONS, default_targets,
-                      is_norm_module, module_matches, unknown_target_error)
+from .targets import (BOTTLENECK_PLACEMENT, CLASSIFIER_HEAD_NAMES, FUSED_PROJECTIONS, TargetWarning,
+                      default_targets, is_norm_module, module_matches, unknown_target_error)
 from .tensor_train import TTLinear, classifier_tt_shape
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 # The adapter's structure, stored in the safetensors metadata so that an adapter_config.json edited (or
 # swapped) after saving is caught: e.g. `dtsm` and `ctcm` have the same tensors but compute different things.
 CONFIG_METADATA_KEY = "structlora_config"
+HEAD = "the classification head"  # why a module is trained in full (see PeftModel._trained_copy_names)
 _UNCHECKED_CONFIG_FIELDS = ("inference_mode", "base_model_name_or_path", "init", "init_weights", "merge_weights")
 
 
@@ -43,6 +45,20 @@ _INTERNAL_SEGMENTS = ("base_layer", "original", "adapters")
 def _is_internal(name: str) -> bool:
     """Names inside our wrappers (their base layer, original module, adapters) are not targets."""
     return any(part in _INTERNAL_SEGMENTS for part in name.split("."))
+
+
+def _inside_any(name: str, modules: Any) -> bool:
+    """Whether module `name` is one of `modules` or inside one of them."""
+    return any(name == m or name.startswith(m + ".") for m in modules)
+
+
+def _caller_outside_package() -> int:
+    """The `stacklevel` at which a warning raised by our caller points at the first frame outside structlora."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = inspect.currentframe().f_back, 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -241,19 +257,23 @@ class PeftModel(nn.Module):
             if targets is None:
                 targets = default_targets(model_type, config.method, getattr(config, "use_parallel_adapter", False),
                                           getattr(config, "placement", "houlsby"))
-            self._check_targets(config, targets, model_type)
+        trained_in_full = self._trained_copy_names(config, model_type)
+        exclude: tuple[str, ...] = ()
+        if not isinstance(config, BitFitConfig):
+            exclude = self._trained_in_full_among(targets, trained_in_full)
+            self._check_targets(config, targets, model_type, exclude)
         with self._transaction():
             if isinstance(config, BitFitConfig):
                 injected = []  # BitFit only trains the base model's biases (and the head)
             elif isinstance(config, LorettaAdpConfig):
-                injected = self._inject_bottleneck(adapter_name, config, targets, model_type)
+                injected = self._inject_bottleneck(adapter_name, config, targets, model_type, exclude)
             else:
-                injected = self._inject_low_rank(adapter_name, config, targets)
+                injected = self._inject_low_rank(adapter_name, config, targets, exclude)
             if not injected and not isinstance(config, BitFitConfig):
                 names = [n for n, _ in self.base_model.named_modules() if not _is_internal(n)]
                 adaptable = [n for n, m in self.base_model.named_modules() if layer_kind(m) and not _is_internal(n)]
                 raise unknown_target_error(targets, names, adaptable)
-            self._add_trainable_copies(adapter_name, config, model_type)
+            self._add_trainable_copies(adapter_name, config, trained_in_full)
             self._trained_base_params[adapter_name] = self._select_trained_biases(config, injected)
             self.peft_config[adapter_name] = config
             self._state.add(adapter_name)
@@ -266,14 +286,15 @@ class PeftModel(nn.Module):
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = portable_model_name(getattr(self.base_model, "name_or_path", None))
 
-    def _check_targets(self, config: AdapterConfig, targets: Union[list[str], str], model_type: str) -> None:
+    def _check_targets(self, config: AdapterConfig, targets: Union[list[str], str], model_type: str,
+                       exclude: tuple[str, ...] = ()) -> None:
         """Refuse, before anything is injected, targets the method cannot adapt and per-layer options
         (enable_lora, fan_in_fan_out) that do not fit the layers they would apply to."""
         bottleneck = isinstance(config, LorettaAdpConfig)
         kinds = ("linear", "conv1d") if bottleneck else ("linear", "conv1d", "embedding")
         candidates = []
         unadaptable = []
-        for name, module in self._candidates(targets):
+        for name, module in self._candidates(targets, exclude):
             inner = module.base_layer if isinstance(module, (LowRankLayer, BottleneckLayer)) else module
             kind = layer_kind(inner)
             if kind in kinds:
@@ -312,13 +333,36 @@ class PeftModel(nn.Module):
                     f"{'in x out' if kind == 'conv1d' else 'out x in'}); structlora detects the layout itself: "
                     f"leave fan_in_fan_out unset")
 
-    def _candidates(self, targets: Union[list[str], str]) -> list[tuple[str, nn.Module]]:
+    def _candidates(self, targets: Union[list[str], str],
+                    exclude: tuple[str, ...] = ()) -> list[tuple[str, nn.Module]]:
+        """The modules `targets` matches, less those equal to or inside a module of `exclude`."""
         return [(n, m) for n, m in self.base_model.named_modules()
-                if n and not _is_internal(n) and module_matches(n, targets)]
+                if n and not _is_internal(n) and module_matches(n, targets) and not _inside_any(n, exclude)]
 
-    def _inject_low_rank(self, adapter_name: str, config: LoraConfig, targets: Union[list[str], str]) -> list[str]:
+    def _trained_in_full_among(self, targets: Union[list[str], str],
+                               trained_in_full: dict[str, str]) -> tuple[str, ...]:
+        """PEFT's rule: a module trained in full (the head, modules_to_save) is not also adapted. Returns the
+        modules to leave out of the targets; warns which targets that leaves out, refuses when it leaves none."""
+        overlap = [n for n, _ in self._candidates(targets) if _inside_any(n, trained_in_full)]
+        if not overlap:
+            return ()
+        reasons = " / ".join(sorted({why for owner, why in trained_in_full.items()
+                                     if any(_inside_any(n, (owner,)) for n in overlap)}))
+        listed = f"{', '.join(overlap[:5])}{' …' if len(overlap) > 5 else ''}"
+        if len(overlap) == len(self._candidates(targets)):
+            raise ValueError(
+                f"target_modules {targets!r} matches only modules trained in full ({reasons}): {listed}. A module "
+                f"is either adapted or trained in full, not both: target other modules"
+                f"{', or leave these out of modules_to_save' if 'modules_to_save' in reasons else ''}")
+        warnings.warn(f"target_modules {targets!r} also matches {len(overlap)} module(s) trained in full "
+                      f"({reasons}): {listed}. Those are trained in full, not adapted (PEFT's rule)",
+                      TargetWarning, stacklevel=_caller_outside_package())
+        return tuple(trained_in_full)
+
+    def _inject_low_rank(self, adapter_name: str, config: LoraConfig, targets: Union[list[str], str],
+                         exclude: tuple[str, ...] = ()) -> list[str]:
         injected = []
-        for name, module in self._candidates(targets):
+        for name, module in self._candidates(targets, exclude):
             layer = self._wrap(name, module, LowRankLayer)
             if layer is None:
                 continue
@@ -337,10 +381,10 @@ class PeftModel(nn.Module):
         return list(enable) if enable is not None else None
 
     def _inject_bottleneck(self, adapter_name: str, config: LorettaAdpConfig, targets: Union[list[str], str],
-                           model_type: str) -> list[str]:
+                           model_type: str, exclude: tuple[str, ...] = ()) -> list[str]:
         placements = BOTTLENECK_PLACEMENT.get(model_type, {})
         injected = []
-        for name, module in self._candidates(targets):
+        for name, module in self._candidates(targets, exclude):
             leaf = name.rsplit(".", 1)[-1]
             if config.use_parallel_adapter:
                 placement = "parallel"
@@ -374,33 +418,41 @@ class PeftModel(nn.Module):
         _set_module(self.base_model, name, layer)
         return layer
 
-    def _add_trainable_copies(self, adapter_name: str, config: AdapterConfig, model_type: str) -> None:
-        """Norms (LoRETTA's train_norms) and heads (SEQ_CLS, modules_to_save) get per-adapter copies."""
+    def _trained_copy_names(self, config: AdapterConfig, model_type: str) -> dict[str, str]:
+        """The modules trained in full, each with why: norms (LoRETTA's train_norms), heads (SEQ_CLS) and
+        modules_to_save. Computed before anything is injected (injection keeps module names)."""
         modules = dict(self.base_model.named_modules())
         wanted: list[tuple[str, str]] = []  # (name, why)
         if config.train_norms:
-            wanted += [(n, "norm") for n, m in modules.items()
+            wanted += [(n, "train_norms") for n, m in modules.items()
                        if not _is_internal(n) and (is_norm_module(m) or
                                                    (isinstance(m, TrainableCopy) and is_norm_module(m.original)))]
         if config.task_type == TaskType.SEQ_CLS:
             heads = [n for n in modules if n in CLASSIFIER_HEAD_NAMES]
             heads = heads or [n for n in modules if not _is_internal(n) and n.rsplit(".", 1)[-1] in CLASSIFIER_HEAD_NAMES]
-            wanted += [(n, "head") for n in heads]
+            wanted += [(n, HEAD) for n in heads]
             if getattr(config, "tensorize_classifier", False) and model_type.startswith("deberta") and "pooler" in modules:
-                wanted.append(("pooler", "head"))
+                wanted.append(("pooler", HEAD))
         for name in config.modules_to_save or []:
             matches = [n for n in modules if not _is_internal(n) and (n == name or n.endswith("." + name))]
             if not matches:
                 raise ValueError(f"modules_to_save entry {name!r} matches no module of this model")
-            wanted += [(n, "saved") for n in matches]  # trained as they are: never tensorized
+            wanted += [(n, "modules_to_save") for n in matches]  # trained as they are: never tensorized
+        trained: dict[str, str] = {}
+        for name, why in wanted:
+            trained.setdefault(name, why)  # a module listed twice keeps its first reason
+        return trained
+
+    def _add_trainable_copies(self, adapter_name: str, config: AdapterConfig, trained_in_full: dict[str, str]) -> None:
+        """Each module trained in full (see _trained_copy_names) gets a per-adapter copy."""
         tensorize = isinstance(config, (LorettaRepConfig, LorettaAdpConfig)) and config.tensorize_classifier
-        for name, why in dict.fromkeys(wanted):
+        for name, why in trained_in_full.items():
             module = self.base_model.get_submodule(name)
             wrapper = module if isinstance(module, TrainableCopy) else TrainableCopy(module)
             if wrapper is not module:
                 _set_module(self.base_model, name, wrapper)
             copy_module = wrapper.add_copy(adapter_name)
-            if why == "head" and tensorize and config.task_type == TaskType.SEQ_CLS:
+            if why == HEAD and tensorize and config.task_type == TaskType.SEQ_CLS:
                 self._tensorize_dense(copy_module, config.tensor_rank)
 
     @staticmethod

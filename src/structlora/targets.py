@@ -87,6 +87,11 @@ FUSED_PROJECTIONS: dict[str, dict[str, int]] = {
     "phi3": {"qkv_proj": 3, "gate_up_proj": 2},
 }
 
+
+class TargetWarning(UserWarning):
+    """Some modules `target_modules` matches are not adapted (they are trained in full instead)."""
+
+
 # Heads of a sequence classifier (trained and saved with the adapter, as PEFT's modules_to_save).
 CLASSIFIER_HEAD_NAMES = ("classifier", "score")
 
