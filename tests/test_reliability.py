@@ -454,9 +454,10 @@ def test_a_module_trained_in_full_is_not_also_adapted(targets, saved, left_out, 
     """PEFT's rule: a module in modules_to_save (or inside one) is trained in full, not adapted. Before, it was
     both: LoRA factors inside the trained copy, and trainable factors on the frozen original that no forward used."""
     with pytest.warns(TargetWarning, match=f"{len(left_out)} module\\(s\\) trained in full \\(modules_to_save\\): "
-                                           f"{left_out[0]}"):
+                                           f"{left_out[0]}") as recorded:
         model = get_peft_model(tiny_bert(), LoraConfig(r=2, target_modules=targets, modules_to_save=saved,
                                                        task_type="SEQ_CLS"))
+    assert recorded[0].filename == __file__  # it points at the caller's line, not into structlora
     adapted_names = [name for name, _ in adapted_layers(model)]
     assert adapted_names and not set(adapted_names) & set(left_out)
     assert not [n for n in _trainable_names(model) if "lora_" in n and any(m in n for m in left_out)]

@@ -55,7 +55,8 @@ def _inside_any(name: str, modules: Any) -> bool:
 def _caller_outside_package() -> int:
     """The `stacklevel` at which a warning raised by our caller points at the first frame outside structlora."""
     package = os.path.dirname(os.path.abspath(__file__))
-    frame, level = inspect.currentframe().f_back, 1
+    frame, level = inspect.currentframe(), 1
+    frame = frame.f_back if frame is not None else None  # None on interpreters without frame support
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
         frame, level = frame.f_back, level + 1
     return level
