@@ -288,7 +288,7 @@ class PeftModel(nn.Module):
             config.base_model_name_or_path = portable_model_name(getattr(self.base_model, "name_or_path", None))
 
     def _check_targets(self, config: AdapterConfig, targets: Union[list[str], str], model_type: str,
-                       exclude: tuple[str, ...] = ()) -> None:
+                       exclude: tuple[str, ...]) -> None:
         """Refuse, before anything is injected, targets the method cannot adapt and per-layer options
         (enable_lora, fan_in_fan_out) that do not fit the layers they would apply to."""
         bottleneck = isinstance(config, LorettaAdpConfig)
@@ -344,13 +344,14 @@ class PeftModel(nn.Module):
                                trained_in_full: dict[str, str]) -> tuple[str, ...]:
         """PEFT's rule: a module trained in full (the head, modules_to_save) is not also adapted. Returns the
         modules to leave out of the targets; warns which targets that leaves out, refuses when it leaves none."""
-        overlap = [n for n, _ in self._candidates(targets) if _inside_any(n, trained_in_full)]
+        matched = [n for n, _ in self._candidates(targets)]
+        overlap = [n for n in matched if _inside_any(n, trained_in_full)]
         if not overlap:
             return ()
         reasons = " / ".join(sorted({why for owner, why in trained_in_full.items()
                                      if any(_inside_any(n, (owner,)) for n in overlap)}))
         listed = f"{', '.join(overlap[:5])}{' …' if len(overlap) > 5 else ''}"
-        if len(overlap) == len(self._candidates(targets)):
+        if len(overlap) == len(matched):
             raise ValueError(
                 f"target_modules {targets!r} matches only modules trained in full ({reasons}): {listed}. A module "
                 f"is either adapted or trained in full, not both: target other modules"
@@ -361,7 +362,7 @@ class PeftModel(nn.Module):
         return tuple(trained_in_full)
 
     def _inject_low_rank(self, adapter_name: str, config: LoraConfig, targets: Union[list[str], str],
-                         exclude: tuple[str, ...] = ()) -> list[str]:
+                         exclude: tuple[str, ...]) -> list[str]:
         injected = []
         for name, module in self._candidates(targets, exclude):
             layer = self._wrap(name, module, LowRankLayer)
@@ -382,7 +383,7 @@ class PeftModel(nn.Module):
         return list(enable) if enable is not None else None
 
     def _inject_bottleneck(self, adapter_name: str, config: LorettaAdpConfig, targets: Union[list[str], str],
-                           model_type: str, exclude: tuple[str, ...] = ()) -> list[str]:
+                           model_type: str, exclude: tuple[str, ...]) -> list[str]:
         placements = BOTTLENECK_PLACEMENT.get(model_type, {})
         injected = []
         for name, module in self._candidates(targets, exclude):
@@ -435,7 +436,7 @@ class PeftModel(nn.Module):
             if getattr(config, "tensorize_classifier", False) and model_type.startswith("deberta") and "pooler" in modules:
                 wanted.append(("pooler", HEAD))
         for name in config.modules_to_save or []:
-            matches = [n for n in modules if not _is_internal(n) and (n == name or n.endswith("." + name))]
+            matches = [n for n in modules if not _is_internal(n) and module_matches(n, [name])]
             if not matches:
                 raise ValueError(f"modules_to_save entry {name!r} matches no module of this model")
             wanted += [(n, "modules_to_save") for n in matches]  # trained as they are: never tensorized
