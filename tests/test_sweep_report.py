@@ -141,7 +141,7 @@ def test_paper_table_metrics_marks_csv_and_plot(tmp_path):
     assert lora[3] == "52.0 ± 2.0" and lora[4] == "82.0 ± 2.0 / 88.0 ± 2.0"
     assert lora[5] == f"{(52.0 + (82.0 + 88.0) / 2) / 2:.1f}"  # average, unmarked: every cell complete
     bitfit = rows["bitfit"]
-    assert bitfit[4] == "70.0 ± 0.0 / 80.0 ± 0.0 †(n=1/3, 1 failed, 1 NaN)"
+    assert bitfit[4] == "70.0 / 80.0 †(n=1/3, 1 failed, 1 NaN)"  # one seed has no spread: no "± 0.0"
     assert bitfit[5].endswith("†")  # an average over an incomplete cell is marked
     assert "†: fewer seeds than expected" in table
 
@@ -151,8 +151,8 @@ def test_paper_table_metrics_marks_csv_and_plot(tmp_path):
     assert (f1["mean"], f1["std"], f1["n_seeds"], f1["values"], f1["complete"]) == (
         "88.0000", "2.0000", "3", "90.0000;86.0000;88.0000", "True")
     incomplete = next(r for r in rows_csv if (r["method"], r["task"], r["metric"]) == ("bitfit", "mrpc", "accuracy"))
-    assert (incomplete["n_seeds"], incomplete["n_failed"], incomplete["n_nan"], incomplete["complete"]) == (
-        "1", "1", "1", "False")
+    assert (incomplete["std"], incomplete["n_seeds"], incomplete["n_failed"], incomplete["n_nan"],
+            incomplete["complete"]) == ("", "1", "1", "1", "False")
 
     png, md, csv_path = tmp_path / "t.png", tmp_path / "t.md", tmp_path / "t.csv"
     assert main(["report", str(tmp_path), "--plot", str(png), "--output", str(md), "--csv", str(csv_path)]) == 0

@@ -125,9 +125,10 @@ class Cell:
         values = self.values.get(metric, [])
         return statistics.fmean(values) if values else None
 
-    def std(self, metric: str) -> float:
+    def std(self, metric: str) -> float | None:
+        """Sample standard deviation over the finished seeds; None for one seed (a 0 would claim certainty)."""
         values = self.values.get(metric, [])
-        return statistics.stdev(values) if len(values) > 1 else 0.0
+        return statistics.stdev(values) if len(values) > 1 else None
 
     def score(self) -> float | None:
         """What the average column uses: the mean of this task's reported metrics."""
@@ -181,12 +182,17 @@ def _count_range(counts: set[int]) -> str:
     return f"{low:,}" if low == high else f"{low:,}–{high:,}"
 
 
+def _mean_std(cell: Cell, metric: str) -> str:
+    std = cell.std(metric)
+    return f"{cell.mean(metric):.1f}" + ("" if std is None else f" ± {std:.1f}")
+
+
 def cell_text(cell: Cell | None, expected: int) -> str:
     if cell is None:
         return "–"
     if cell.n == 0:
         return f"{FAILED} {cell.failed} failed" if cell.failed else f"{FAILED} NaN ({cell.nan})"
-    parts = " / ".join(f"{cell.mean(m):.1f} ± {cell.std(m):.1f}" for m in cell.metrics)
+    parts = " / ".join(_mean_std(cell, m) for m in cell.metrics)
     notes = []
     if cell.n < expected:
         notes.append(f"n={cell.n}/{expected}")
@@ -241,8 +247,8 @@ def paper_table(results: Sequence[dict[str, Any]], expected_seeds: int | None = 
         time_text = f"{statistics.fmean(seconds):.0f}" if seconds else "–"
         lines.append(f"| {method} | {_count_range(adapter)} | {_count_range(trainable)} | " + " | ".join(texts)
                      + f" | {avg} | {time_text} |")
-    lines += ["", f"Mean ± std over seeds (×100); {expected} seed(s) expected per cell. "
-              "avg: mean over tasks (MRPC/QQP: of accuracy and F1)."]
+    lines += ["", "Mean ± std over seeds (×100; a single seed shows its value alone); "
+              f"{expected} seed(s) expected per cell. avg: mean over tasks (MRPC/QQP: of accuracy and F1)."]
     if notes:
         lines.append(f"{INCOMPLETE}: fewer seeds than expected, failed runs or undefined (NaN) metrics — the mean is "
                      f"over the finished seeds only, and an average over such a cell carries {INCOMPLETE}. "
@@ -262,8 +268,9 @@ def csv_table(cells: dict[tuple[str, str], Cell], expected_seeds: int | None = N
             cell = cells[(method, task)]
             for metric in cell.metrics:
                 mean = cell.mean(metric)
+                std = cell.std(metric)
                 writer.writerow([method, task, metric, "" if mean is None else f"{mean:.4f}",
-                                 f"{cell.std(metric):.4f}" if mean is not None else "", cell.n, expected,
+                                 "" if std is None else f"{std:.4f}", cell.n, expected,
                                  cell.failed, cell.nan, ";".join(f"{v:.4f}" for v in cell.values.get(metric, [])),
                                  _count_range(cell.adapter_params).replace(",", ""),
                                  _count_range(cell.trainable_params).replace(",", ""),
@@ -291,8 +298,9 @@ def plot(cells: dict[tuple[str, str], Cell], path: str | Path, expected_seeds: i
             if score is None or not cell.adapter_params:
                 continue
             x = min(cell.adapter_params)
-            spread = statistics.fmean(cell.std(m) for m in cell.metrics)
-            axis.errorbar([x], [score], yerr=[spread], fmt="o", color=colours[method], capsize=3,
+            stds = [cell.std(m) for m in cell.metrics]
+            spread = None if None in stds else [statistics.fmean(stds)]  # one seed: no error bar
+            axis.errorbar([x], [score], yerr=spread, fmt="o", color=colours[method], capsize=3,
                           label=method + ("" if cell.complete(expected) else f" {INCOMPLETE}"))
             axis.annotate(method, (x, score), textcoords="offset points", xytext=(4, 4), fontsize=7)
         axis.set_xscale("log")
