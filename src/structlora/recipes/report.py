@@ -130,6 +130,11 @@ class Cell:
         values = self.values.get(metric, [])
         return statistics.stdev(values) if len(values) > 1 else None
 
+    def spread(self) -> float | None:
+        """The std averaged over this task's reported metrics (as the score averages their means); None for one seed."""
+        stds = [self.std(m) for m in self.metrics]
+        return None if not stds or None in stds else statistics.fmean(stds)  # type: ignore[arg-type]
+
     def score(self) -> float | None:
         """What the average column uses: the mean of this task's reported metrics."""
         means = [self.mean(m) for m in self.metrics]
@@ -298,9 +303,9 @@ def plot(cells: dict[tuple[str, str], Cell], path: str | Path, expected_seeds: i
             if score is None or not cell.adapter_params:
                 continue
             x = min(cell.adapter_params)
-            stds = [cell.std(m) for m in cell.metrics]
-            spread = None if None in stds else [statistics.fmean(stds)]  # one seed: no error bar
-            axis.errorbar([x], [score], yerr=spread, fmt="o", color=colours[method], capsize=3,
+            spread = cell.spread()
+            axis.errorbar([x], [score], yerr=None if spread is None else [spread],  # one seed: no error bar
+                          fmt="o", color=colours[method], capsize=3,
                           label=method + ("" if cell.complete(expected) else f" {INCOMPLETE}"))
             axis.annotate(method, (x, score), textcoords="offset points", xytext=(4, 4), fontsize=7)
         axis.set_xscale("log")
