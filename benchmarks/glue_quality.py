@@ -116,14 +116,15 @@ def compare(cells: dict[tuple[str, str], report.Cell], task: str, better: str,
         return None
     gap = a.score() - b.score()
     detail = f"{a.score():.1f} vs {b.score():.1f}, gap {gap:+.1f}, n={a.n}/{b.n}"
-    measured = [c.spread() for c in (a, b) if c.spread() is not None]
+    own = [a.spread(), b.spread()]  # None for a side with one seed
+    measured = [s for s in own if s is not None]
     if not measured:
         return ("holds" if gap >= 0 else "reversed") + " (one seed each: no noise estimate)", detail
     # A side with one seed borrows the seed-to-seed spread measured on the other side.
-    spreads = [max(measured) if c.spread() is None else c.spread() for c in (a, b)]
+    spreads = [max(measured) if s is None else s for s in own]
     noise = 2 * math.sqrt(spreads[0] ** 2 / a.n + spreads[1] ** 2 / b.n)  # two standard errors of the gap
     verdict = "within noise" if abs(gap) <= noise else ("holds" if gap > 0 else "reversed")
-    borrowed = ", one side's spread borrowed" if min(a.n, b.n) < 2 else ""
+    borrowed = ", one side's spread borrowed" if None in own else ""
     return verdict, f"{detail}, 2·SE {noise:.1f}{borrowed}"
 
 
