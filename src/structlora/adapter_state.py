@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 _NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
 # Path segments the wrappers use themselves: an adapter with one of these names would be taken for them.
 RESERVED_NAMES = frozenset({"base_layer", "original", "adapters", "parameterization"})
+# In `adapter_names` (one adapter per row of a batch) this name means "no adapter: the base model", as in PEFT.
+BASE_ADAPTER = "__base__"
 
 
 class AdapterStateError(ValueError, RuntimeError):
@@ -49,6 +51,9 @@ def validate_adapter_name(name: object) -> str:
         raise ValueError(
             f"invalid adapter_name {name!r}: use a letter or '_' followed by up to 63 letters, digits, '_' or '-' "
             f"(it becomes a module key and a folder name, so '.', '/' and spaces are not allowed)")
+    if name == BASE_ADAPTER:
+        raise ValueError(f"invalid adapter_name {name!r}: reserved, as in PEFT — in adapter_names=[...] it means the "
+                         f"base model (no adapter) for that row; choose another name")
     if name in RESERVED_NAMES:
         raise ValueError(f"invalid adapter_name {name!r}: reserved for structlora's own modules "
                          f"({', '.join(sorted(RESERVED_NAMES))}); choose another name")

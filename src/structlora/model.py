@@ -17,13 +17,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .adapter_state import AdapterState, AdapterStateError, ModuleSnapshot
+from .atomic import copy_all_or_nothing, staged_files
 from .bank import bank
 from .inference import clear_factor_caches
-from .config import (AdapterConfig, BitFitConfig, LoraConfig, LorettaAdpConfig, LorettaRepConfig, TaskType,
-                     portable_model_name)
-from .distributed import copy_whole, full_cpu_copies, is_writer, whole_parameters
-from .layers import AdapterLayerMixin, BottleneckLayer, LowRankLayer, TrainableCopy, base_shape, layer_kind
-from .mixed import routed_adapters
+from .config import (CONFIG_NAME, AdapterConfig, BitFitConfig, LoraConfig, LorettaAdpConfig, LorettaRepConfig,
+                     TaskType, portable_model_name)
+from .distributed import full_cpu_copies, is_writer, whole_parameters
+from .layers import (AdapterLayerMixin, BottleneckLayer, LowRankLayer, TrainableCopy, base_shape, layer_kind, merge_all,
+                     unmerge_all)
+from .mixed import input_rows, routed_adapters
 from .quantized import refuse_quantized_merge
 from .targets import (BOTTLENECK_PLACEMENT, CLASSIFIER_HEAD_NAMES, FUSED_PROJECTIONS, TargetWarning,
                       default_targets, is_norm_module, module_matches, unknown_target_error)
@@ -127,7 +129,7 @@ class PeftModel(nn.Module):
             kwargs["labels"] = labels
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is not None:  # one adapter per row (structlora.mixed)
-            with routed_adapters(self, adapter_names):
+            with routed_adapters(self, adapter_names, input_rows(args, kwargs)):
                 return self.base_model(*args, **kwargs)
         return self.base_model(*args, **kwargs)
 
@@ -170,8 +172,8 @@ class PeftModel(nn.Module):
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The base model's `generate` with the active adapter; `adapter_names` (one per row) routes each row
         to its own adapter."""
-        if adapter_names is not None:  # one adapter per row (structlora.mixed)
-            with routed_adapters(self, adapter_names):
+        if adapter_names is not None:  # one adapter per row (structlora.mixed); beams follow their row
+            with routed_adapters(self, adapter_names, input_rows(args, kwargs), expanded=True):
                 return self.base_model.generate(*args, **kwargs)
         return self.base_model.generate(*args, **kwargs)
 
@@ -538,7 +540,8 @@ class PeftModel(nn.Module):
         """Fold the active adapter's ΔW into the base weights (forward then skips the adapter path).
 
         All or nothing: every layer's ΔW and merged weight are checked to be finite in the base weight's dtype
-        before any weight is written.
+        before any weight is written, and an exception while writing (an interrupt, out of memory) unmerges the
+        layers merged so far before it propagates.
 
         Raises:
             ValueError: a non-finite merged weight (the layer is named; no weight changes), a bottleneck adapter
@@ -556,17 +559,18 @@ class PeftModel(nn.Module):
                 layer.merged_weight(name)
             except ValueError as error:
                 raise ValueError(f"merge refused at {module_name!r}: {error}; no weight was changed") from error
-        for _, layer in layers:
-            layer.merge(name)
+        merge_all([layer for _, layer in layers], name)  # all or nothing, also when interrupted
         self._state.mark_merged(name)
 
     def unmerge_adapter(self) -> None:
         """Take merged ΔW back out of the base weights (the adapter path runs again); nothing to do if none is
-        merged. Refused after merge_and_unload."""
+        merged. Refused after merge_and_unload.
+
+        The ΔW subtracted is the one that was added (each layer keeps a frozen copy of the adapter as merged), so
+        writes to the adapter while merged (`load_state_dict`, an optimizer step) do not shift the base weights;
+        the written values are kept and used once unmerged. All or nothing, like merge_adapter."""
         self._state.check_usable("unmerge_adapter")
-        for _, wrapper in self._wrappers():
-            if isinstance(wrapper, LowRankLayer):
-                wrapper.unmerge()
+        unmerge_all([wrapper for _, wrapper in self._wrappers() if isinstance(wrapper, LowRankLayer)])
         self._state.mark_unmerged()
 
     def merge_and_unload(self) -> nn.Module:
@@ -638,6 +642,8 @@ class PeftModel(nn.Module):
                         **_: Any) -> None:
         """Write adapter_config.json and adapter_model.safetensors per adapter into `save_directory`
         ("default" at its top, the others in subfolders named after them). Only adapter weights are written.
+        Each file is written aside and renamed into place: an error or a kill while saving over an adapter leaves
+        that folder loading as before.
 
         Args:
             save_directory: the folder (created if needed).
@@ -669,11 +675,14 @@ class PeftModel(nn.Module):
             return
         for adapter_name, tensors in states.items():
             directory = save_directory if adapter_name == "default" else os.path.join(save_directory, adapter_name)
-            os.makedirs(directory, exist_ok=True)
-            self.peft_config[adapter_name].save_pretrained(directory)
             metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(
                 _structure_fields(self.peft_config[adapter_name]), sort_keys=True)}
-            save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata=metadata)
+            # Written aside and renamed into place, the weights first: a save that fails or is killed leaves the
+            # old folder loading as before, and one killed between the two renames leaves new weights beside the
+            # old config, which loads as the new adapter (same structure) or is refused by the structure check.
+            with staged_files(directory, (WEIGHTS_NAME, CONFIG_NAME)) as staging:
+                save_file(tensors, os.path.join(staging, WEIGHTS_NAME), metadata=metadata)
+                self.peft_config[adapter_name].save_pretrained(staging)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
@@ -820,8 +829,8 @@ class PeftModel(nn.Module):
                 raise ValueError(f"{source}: {key} has {bad} non-finite value(s) (NaN/inf) in {target.dtype}; "
                                  f"refusing to load a diverged or corrupt adapter")
             converted[key] = value
-        for key, target in expected.items():
-            copy_whole(target, converted[key])
+        # All or nothing, also for an interrupt in the middle: a half-loaded adapter computes neither function.
+        copy_all_or_nothing([(target, converted[key]) for key, target in expected.items()])
 
 
 def _active_bankables(wrapper: nn.Module) -> Iterator[nn.Module]:

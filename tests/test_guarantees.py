@@ -1,0 +1,241 @@
+"""Guarantees that hold whichever entry point reaches them: unmerge restores the base weights that were merged
+into (whatever was written to the adapter meanwhile); merge, unmerge and weight loading are all-or-nothing, also
+for an interrupt or out-of-memory error in the middle; saving over an adapter never leaves a folder that loads as
+something else."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import structlora.atomic
+import structlora.model
+from structlora import LoraConfig, MTLoraConfig, PeftModel, get_peft_model
+from structlora.layers import LowRankLayer
+from structlora.model import adapted_layers
+from test_core import inputs, outputs, randomize_adapters, tiny_bert, tiny_gpt2
+from test_reliability import assert_unchanged, fingerprint
+
+
+def _adapted(config=None) -> torch.nn.Module:
+    model = get_peft_model(tiny_bert(), config or MTLoraConfig(r=4, structure="ctcm",
+                                                                target_modules=["query", "value", "dense"]))
+    randomize_adapters(model)
+    return model.eval()
+
+
+def _base_weights(model) -> dict[str, torch.Tensor]:
+    return {name: layer.base_layer.weight.detach().clone() for name, layer in adapted_layers(model)}
+
+
+def _round_trip_weights(model) -> dict[str, torch.Tensor]:
+    """The base weights after merge_adapter → unmerge_adapter with nothing written in between (on a copy)."""
+    reference = copy.deepcopy(model)
+    reference.merge_adapter()
+    reference.unmerge_adapter()
+    return _base_weights(reference)
+
+
+def _write_by_load_state_dict(model) -> None:
+    state = {k: v + 0.5 for k, v in model.state_dict().items() if ".adapters.default." in k}
+    model.load_state_dict(state, strict=False)
+
+
+def _write_by_optimizer_step(model) -> None:
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    generator = torch.Generator().manual_seed(7)
+    for parameter in parameters:
+        parameter.grad = torch.randn(parameter.shape, generator=generator)
+    torch.optim.SGD(parameters, lr=0.5).step()
+
+
+def _write_by_set_data(model) -> None:
+    for layer_name, layer in adapted_layers(model):
+        for parameter in layer.adapters["default"].parameters():
+            parameter.data = parameter.data * 1.5
+
+
+@pytest.mark.parametrize("write", [_write_by_load_state_dict, _write_by_optimizer_step, _write_by_set_data],
+                         ids=["load_state_dict", "optimizer_step", "param.data"])
+def test_unmerge_restores_the_base_after_writes_to_a_merged_adapter(write):
+    model = _adapted()
+    before, round_trip = _base_weights(model), _round_trip_weights(model)
+    model.merge_adapter()
+    write(model)
+    model.unmerge_adapter()
+    after = _base_weights(model)
+    for name, weight in before.items():
+        # Bit-equal to a merge/unmerge round trip with no write in between: the ΔW that was added is the one
+        # subtracted. That round trip rounds twice in fp32 (W + ΔW, then − ΔW), so against the weights before the
+        # merge it is equal to within one rounding of |W| + |ΔW| (here |ΔW| < 4: 2**-21 ≈ 4.8e-7).
+        assert torch.equal(after[name], round_trip[name]), name
+        torch.testing.assert_close(after[name], weight, rtol=0, atol=5e-7, msg=name)
+    # What was written is kept: the adapter path now computes the base plus the new ΔW.
+    for name, layer in adapted_layers(model):
+        x = torch.randn(2, 3, layer.in_features)
+        expected = layer.base_layer(x) + x @ layer.get_delta_weight().t()
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+class _Interrupt(BaseException):
+    """Stands for KeyboardInterrupt / an out-of-memory error raised inside an operation."""
+
+
+def _fail_at_call(monkeypatch, owner, attribute: str, call: int) -> None:
+    """Make the `call`-th call (1-based) of owner.attribute raise _Interrupt; the others run as before."""
+    original = getattr(owner, attribute)
+    count = {"n": 0}
+
+    def failing(*args, **kwargs):
+        count["n"] += 1
+        if count["n"] == call:
+            raise _Interrupt(f"injected at call {call}")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, attribute, failing)
+
+
+def test_merge_interrupted_at_the_second_layer_leaves_nothing_merged(monkeypatch):
+    model = _adapted()
+    before, round_trip, expected = fingerprint(model), _round_trip_weights(model), outputs(model, "logits")
+    _fail_at_call(monkeypatch, LowRankLayer, "merge_checked", 2)  # the write of layer 2
+    with pytest.raises(_Interrupt):
+        model.merge_adapter()
+    monkeypatch.undo()
+    assert all(not layer.merged_adapters for _, layer in adapted_layers(model))
+    assert not model.adapter_state.merged
+    # Layer 1 was merged and taken out again: its weight is the round trip's; everything else is bit-equal.
+    first = next(name for name, _ in adapted_layers(model))
+    weights = _base_weights(model)
+    assert torch.equal(weights[first], round_trip[first])
+    key = f"{first}.base_layer.weight"
+    before["tensors"][key] = weights[first]
+    assert_unchanged(before, model)
+    torch.testing.assert_close(outputs(model, "logits"), expected, rtol=0, atol=1e-5)
+    model.merge_adapter()  # and the model still merges
+    assert model.adapter_state.merged == ["default"]
+
+
+def test_unmerge_interrupted_at_the_second_layer_leaves_everything_merged(monkeypatch):
+    model = _adapted()
+    expected = outputs(model, "logits")
+    model.merge_adapter()
+    merged = _base_weights(model)
+    _fail_at_call(monkeypatch, LowRankLayer, "unmerge", 2)
+    with pytest.raises(_Interrupt):
+        model.unmerge_adapter()
+    monkeypatch.undo()
+    assert all(layer.merged_adapters == ["default"] for _, layer in adapted_layers(model))
+    assert model.adapter_state.merged == ["default"]
+    for name, weight in _base_weights(model).items():  # layer 1 merged again: one more rounding at most
+        torch.testing.assert_close(weight, merged[name], rtol=0, atol=5e-7, msg=name)
+    torch.testing.assert_close(outputs(model, "logits"), expected, rtol=0, atol=1e-5)
+    model.unmerge_adapter()
+    assert not model.adapter_state.merged
+
+
+def test_load_interrupted_in_the_middle_leaves_the_old_weights(monkeypatch, tmp_path):
+    model = _adapted()
+    other = _adapted(MTLoraConfig(r=4, structure="ctcm", target_modules=["query", "value", "dense"]))
+    randomize_adapters(other, seed=11)
+    other.save_pretrained(str(tmp_path))
+    before, expected = fingerprint(model), outputs(model, "logits")
+    _fail_at_call(monkeypatch, structlora.atomic, "copy_whole", 3)
+    with pytest.raises(_Interrupt):
+        model.load_adapter_weights(str(tmp_path))
+    monkeypatch.undo()
+    assert_unchanged(before, model)
+    assert torch.equal(outputs(model, "logits"), expected)
+    model.load_adapter_weights(str(tmp_path))  # and the load itself works
+    assert torch.equal(outputs(model, "logits"), outputs(other, "logits"))
+
+
+# -- saving over an adapter --------------------------------------------------------------------------------------
+
+def _saved_pair(tmp_path, old_config, new_config):
+    old, new = _adapted(old_config), _adapted(new_config)
+    randomize_adapters(new, seed=5)
+    folder = str(tmp_path / "adapter")
+    old.save_pretrained(folder)
+    files = {p.name: p.read_bytes() for p in (tmp_path / "adapter").iterdir()}
+    return old, new, folder, files
+
+
+def _loads_as(folder: str, model) -> None:
+    loaded = PeftModel.from_pretrained(tiny_bert(), folder).eval()
+    assert torch.equal(outputs(loaded, "logits"), outputs(model, "logits"))
+
+
+def test_a_save_that_fails_mid_write_leaves_the_old_folder(tmp_path, monkeypatch):
+    old, new, folder, files = _saved_pair(tmp_path, LoraConfig(r=4, target_modules=["query"]),
+                                          LoraConfig(r=8, target_modules=["query", "value"]))
+
+    def partial_save_file(tensors, path, metadata=None):
+        with open(path, "wb") as handle:
+            handle.write(b"\x00" * 100)  # a few bytes of the file, then the process dies
+        raise _Interrupt("killed while writing")
+
+    monkeypatch.setattr(structlora.model, "save_file", partial_save_file)
+    with pytest.raises(_Interrupt):
+        new.save_pretrained(folder)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "adapter").iterdir()} == files  # no staging left either
+    _loads_as(folder, old)
+    new.save_pretrained(folder)
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == sorted(files)
+    _loads_as(folder, new)
+
+
+@pytest.mark.parametrize("new_config", [LoraConfig(r=4, lora_alpha=16, target_modules=["query"]),
+                                        LoraConfig(r=4, target_modules=["query"])], ids=["other_alpha", "same"])
+def test_a_save_killed_between_the_two_renames_never_loads_as_something_else(tmp_path, monkeypatch, new_config):
+    old, new, folder, files = _saved_pair(tmp_path, LoraConfig(r=4, target_modules=["query"]), new_config)
+    _fail_at_call(monkeypatch, structlora.atomic, "_move", 2)  # the weights are in place, the config is not
+    with pytest.raises(_Interrupt):
+        new.save_pretrained(folder)
+    monkeypatch.undo()
+    assert (tmp_path / "adapter" / "adapter_config.json").read_bytes() == files["adapter_config.json"]
+    if new_config.lora_alpha != old.peft_config["default"].lora_alpha:
+        with pytest.raises(ValueError, match="saved from a different adapter than its config describes"):
+            PeftModel.from_pretrained(tiny_bert(), folder)
+    else:  # the same structure: the old config describes the new weights exactly
+        _loads_as(folder, new)
+
+
+# -- adapter_names ----------------------------------------------------------------------------------------------
+
+def _two_adapters():
+    model = get_peft_model(tiny_gpt2(), LoraConfig(r=4, target_modules=["c_attn"]), adapter_name="a")
+    model.add_adapter("b", LoraConfig(r=4, target_modules=["c_attn"]))
+    randomize_adapters(model)
+    return model.eval()
+
+
+def test_adapter_names_must_give_one_name_per_row():
+    model = _two_adapters()
+    ids = torch.randint(0, 50, (4, 6), generator=torch.Generator().manual_seed(0))
+    expected = outputs(model, "logits")
+    for call in (lambda: model(input_ids=ids, adapter_names=["a", "b"]),
+                 lambda: model.generate(input_ids=ids, adapter_names=["a", "b"], max_new_tokens=2, do_sample=False)):
+        with pytest.raises(ValueError, match="2 entries, but the batch has 4 rows: give exactly one adapter name"):
+            call()
+    assert torch.equal(outputs(model, "logits"), expected) and not model.adapter_state.disabled
+    # Inside generate a multiple is legitimate: each row's beams follow it.
+    with torch.no_grad():
+        mixed = model.generate(input_ids=ids[:2], adapter_names=["a", "b"], max_new_tokens=3, do_sample=False,
+                               num_beams=2, pad_token_id=0)
+        model.set_adapter("b")
+        alone = model.generate(input_ids=ids[1:2], max_new_tokens=3, do_sample=False, num_beams=2, pad_token_id=0)
+    assert torch.equal(mixed[1:2], alone)
+
+
+def test_base_is_a_reserved_adapter_name():
+    model = _two_adapters()
+    before = fingerprint(model)
+    with pytest.raises(ValueError, match="'__base__': reserved.*base model"):
+        model.add_adapter("__base__", LoraConfig(r=4, target_modules=["c_attn"]))
+    with pytest.raises(ValueError, match="reserved"):
+        get_peft_model(tiny_gpt2(), LoraConfig(r=4, target_modules=["c_attn"]), adapter_name="__base__")
+    assert_unchanged(before, model)
