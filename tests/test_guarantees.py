@@ -239,3 +239,18 @@ def test_base_is_a_reserved_adapter_name():
     with pytest.raises(ValueError, match="reserved"):
         get_peft_model(tiny_gpt2(), LoraConfig(r=4, target_modules=["c_attn"]), adapter_name="__base__")
     assert_unchanged(before, model)
+
+
+def test_merge_and_unload_interrupted_while_unwrapping_leaves_the_adapter_model(monkeypatch):
+    model = _adapted()
+    before, round_trip, expected = fingerprint(model), _round_trip_weights(model), outputs(model, "logits")
+    _fail_at_call(monkeypatch, structlora.model, "_set_module", 2)
+    with pytest.raises(_Interrupt):
+        model.merge_and_unload()
+    monkeypatch.undo()
+    for name, weight in round_trip.items():  # merged and unmerged again: the round trip's weights
+        before["tensors"][f"{name}.base_layer.weight"] = weight
+    assert_unchanged(before, model)
+    torch.testing.assert_close(outputs(model, "logits"), expected, rtol=0, atol=1e-5)
+    plain = model.merge_and_unload()
+    torch.testing.assert_close(outputs(plain, "logits"), expected, rtol=0, atol=1e-5)

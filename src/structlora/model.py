@@ -526,8 +526,16 @@ class PeftModel(nn.Module):
             wrapper.adapters_disabled = self._state.disabled
 
     # -- merging ------------------------------------------------------------------------------------------
-    def _require_mergeable(self, what: str) -> None:
-        refuse_quantized_merge(self._wrappers(), what)
+    def check_mergeable(self, what: str, quantized_ok: bool = False) -> None:
+        """Raise (changing nothing) if `what` (a merge of the active adapter) would be refused: after
+        merge_and_unload, inside disable_adapter(), a bottleneck adapter, or (unless `quantized_ok`) a quantized
+        base."""
+        self._state.check_merge()
+        self._require_mergeable(what, quantized_ok)
+
+    def _require_mergeable(self, what: str, quantized_ok: bool = False) -> None:
+        if not quantized_ok:
+            refuse_quantized_merge(self._wrappers(), what)
         config = self.peft_config[self.active_adapter]
         if isinstance(config, LorettaAdpConfig):
             kind = "dense" if config.method == "adapter" else "LoRETTA_adp"
@@ -582,16 +590,22 @@ class PeftModel(nn.Module):
         Raises:
             As merge_adapter.
         """
-        self._state.check_merge()
-        self._require_mergeable("merge_and_unload")
+        self.check_mergeable("merge_and_unload")
+        wrappers = sorted(self._wrappers(), key=lambda item: -item[0].count("."))
+        snapshot = ModuleSnapshot(self.base_model)
         self.merge_adapter()
-        for name, wrapper in sorted(self._wrappers(), key=lambda item: -item[0].count(".")):
-            if isinstance(wrapper, (LowRankLayer, BottleneckLayer)):
-                _set_module(self.base_model, name, wrapper.base_layer)
-            elif isinstance(wrapper, TrainableCopy):
-                _set_module(self.base_model, name, wrapper.current())
-        for parameter in self.base_model.parameters():
-            parameter.requires_grad_(False)
+        try:  # all or nothing: an interrupt while unwrapping puts the wrappers back and unmerges
+            for name, wrapper in wrappers:
+                if isinstance(wrapper, (LowRankLayer, BottleneckLayer)):
+                    _set_module(self.base_model, name, wrapper.base_layer)
+                elif isinstance(wrapper, TrainableCopy):
+                    _set_module(self.base_model, name, wrapper.current())
+            for parameter in self.base_model.parameters():
+                parameter.requires_grad_(False)
+        except BaseException:
+            snapshot.restore()
+            self.unmerge_adapter()
+            raise
         self.base_model._forward_pre_hooks.pop(self._bank_hook_id, None)
         self._state.mark_unloaded()
         return self.base_model
