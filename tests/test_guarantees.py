@@ -254,3 +254,92 @@ def test_merge_and_unload_interrupted_while_unwrapping_leaves_the_adapter_model(
     torch.testing.assert_close(outputs(model, "logits"), expected, rtol=0, atol=1e-5)
     plain = model.merge_and_unload()
     torch.testing.assert_close(outputs(plain, "logits"), expected, rtol=0, atol=1e-5)
+
+
+# -- PEFT's and transformers' method names ----------------------------------------------------------------------
+
+def test_delete_adapter_as_peft():
+    model = _two_adapters()
+    model.add_adapter("c", MTLoraConfig(r=2, target_modules=["c_fc"]))
+    randomize_adapters(model, seed=4)
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        b_alone = _alone_output(model, "b", ids)
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+    with pytest.warns(UserWarning, match="adapter 'a' was active and is deleted; the active adapter is now 'b'"):
+        model.delete_adapter("a")
+    assert model.active_adapter == "b" and list(model.peft_config) == ["b", "c"]
+    assert not any(".adapters.a." in name for name, _ in model.named_parameters())
+    assert all(".adapters.b." in n for n, p in model.named_parameters() if p.requires_grad)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, b_alone)
+    model.delete_adapter(["c"])  # transformers' list form; c_fc layers keep their wrapper and compute the base
+    assert list(model.peft_config) == ["b"] and model.adapter_state.names == ["b"]
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, b_alone)
+        with model.disable_adapter():
+            assert torch.equal(model(input_ids=ids).logits, base)
+    before = fingerprint(model)
+    with pytest.raises(ValueError, match="only adapter"):
+        model.delete_adapter("b")
+    with pytest.raises(ValueError, match="no adapter named 'zz'"):
+        model.delete_adapter("zz")
+    model.add_adapter("d", LoraConfig(r=2, target_modules=["c_attn"]))
+    model.merge_adapter()
+    with pytest.raises(ValueError, match="merged into the base weights.*unmerge_adapter"):
+        model.delete_adapter("b")
+    model.unmerge_adapter()
+    model.delete_adapter("d")
+    assert_unchanged(before, model)
+
+
+def _alone_output(model, name, ids):
+    previous = model.active_adapter
+    model.set_adapter(name)
+    try:
+        return model(input_ids=ids).logits
+    finally:
+        model.set_adapter(previous)
+
+
+def test_disable_and_enable_adapters_as_transformers_and_peft():
+    model = _two_adapters()
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+        assert not torch.allclose(adapted, base)
+        for disable, enable in ((model.disable_adapters, model.enable_adapters),
+                                (model.disable_adapter_layers, model.enable_adapter_layers)):
+            disable()
+            disable()  # harmless twice
+            assert torch.equal(model(input_ids=ids).logits, base) and model.adapter_state.disabled
+            with model.disable_adapter():  # a block inside still nests
+                assert torch.equal(model(input_ids=ids).logits, base)
+                with pytest.raises(ValueError, match="enable_adapters\\(\\) inside a disable_adapter\\(\\) block"):
+                    model.enable_adapters()
+            assert torch.equal(model(input_ids=ids).logits, base)
+            with pytest.raises(ValueError, match="merge_adapter while disable_adapters\\(\\) is in effect.*enable_adapters"):
+                model.merge_adapter()
+            enable()
+            assert torch.equal(model(input_ids=ids).logits, adapted) and not model.adapter_state.disabled
+    model.merge_adapter()
+    with pytest.raises(ValueError, match="merged into the base weights.*unmerge_adapter"):
+        model.disable_adapters()
+    model.unmerge_adapter()
+
+
+def test_get_adapter_state_dict_and_peft_names_not_provided():
+    model = _two_adapters()
+    state = model.get_adapter_state_dict("b")
+    assert state.keys() == model.adapter_state_dict("b").keys()
+    assert all(torch.equal(state[k], v) for k, v in model.adapter_state_dict("b").items())
+    assert model.get_adapter_state_dict().keys() == model.adapter_state_dict("a").keys()
+    with pytest.raises(TypeError, match="state_dict=.*not supported"):
+        model.get_adapter_state_dict("a", state_dict=model.state_dict())
+    for name, hint in (("unload", "merge_and_unload"), ("enable_peft_hotswap", "hotswap_adapter"),
+                       ("add_weighted_adapter", "adapter_names"), ("get_model_status", "adapter_state")):
+        with pytest.raises(AttributeError, match=f"has no {name}\\(\\): .*{hint}"):
+            getattr(model, name)

@@ -35,6 +35,15 @@ class AdapterLayerMixin:
     def set_active(self, name: str) -> None:
         self.active_adapter = name
 
+    def delete_adapter(self, name: str) -> None:
+        """Drop adapter `name` and what is kept per adapter (placements, compute dtypes); the caller makes another
+        adapter active (a merged adapter is refused before this, by the adapter state)."""
+        if name in getattr(self, "merged_adapters", ()):
+            raise ValueError(f"adapter {name!r} is merged into this layer: unmerge it first")
+        del self._modules["adapters"][name]
+        for per_adapter in ("placements", "compute_dtypes"):
+            getattr(self, per_adapter, {}).pop(name, None)
+
     def _active(self) -> str | None:
         # Through the module dicts: nn.Module.__getattr__ and ModuleDict's methods are Python calls, and this runs
         # per wrapped module and decoded token.

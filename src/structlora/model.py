@@ -154,6 +154,8 @@ class PeftModel(nn.Module):
         except AttributeError:
             if name == "base_model":
                 raise
+            if name in _NOT_PROVIDED:  # not to the base model's transformers mixin ("No adapter loaded")
+                raise AttributeError(f"structlora's PeftModel has no {name}(): {_NOT_PROVIDED[name]}") from None
             return getattr(self.base_model, name)
 
     def get_base_model(self) -> nn.Module:
@@ -508,11 +510,7 @@ class PeftModel(nn.Module):
 
         Refused for an adapter that trains the base model's own biases (BitFit, bias="all"/"lora_only"):
         those are changed in place, so the base function is no longer there to switch back to."""
-        in_place = self._trained_base_params.get(self.active_adapter, [])
-        if in_place:
-            raise ValueError(
-                f"disable_adapter cannot give the base model's outputs for adapter {self.active_adapter!r}: it "
-                f"trains {len(in_place)} of the base model's biases in place (e.g. {in_place[0]})")
+        self._refuse_in_place_biases("disable_adapter")
         self._state.enter_disabled()
         self._sync_disabled()
         try:
@@ -520,6 +518,60 @@ class PeftModel(nn.Module):
         finally:
             self._state.exit_disabled()
             self._sync_disabled()
+
+    def disable_adapters(self) -> None:
+        """transformers' and PEFT's (`disable_adapter_layers`) form of disable_adapter() without a block: the model
+        computes the base model until enable_adapters(). Refused, as disable_adapter(), while an adapter is merged
+        (PEFT would unmerge it: call unmerge_adapter() first) and for an adapter that trains the base model's
+        biases in place. Calling it twice is harmless."""
+        self._refuse_in_place_biases("disable_adapters")
+        self._state.switch_off()
+        self._sync_disabled()
+
+    def enable_adapters(self) -> None:
+        """Undo disable_adapters() (refused inside a `with disable_adapter():` block, which ends by itself)."""
+        self._state.switch_on()
+        self._sync_disabled()
+
+    disable_adapter_layers = disable_adapters  # PEFT's tuner names
+    enable_adapter_layers = enable_adapters
+
+    def _refuse_in_place_biases(self, what: str) -> None:
+        in_place = self._trained_base_params.get(self.active_adapter, [])
+        if in_place:
+            raise ValueError(
+                f"{what} cannot give the base model's outputs for adapter {self.active_adapter!r}: it trains "
+                f"{len(in_place)} of the base model's biases in place (e.g. {in_place[0]})")
+
+    def delete_adapter(self, adapter_name: Union[str, list[str]]) -> None:
+        """Delete an adapter (or a list of them, as transformers accepts), as PEFT does: when the active one is
+        deleted, the first remaining adapter becomes active, with a warning. Layers that held only the deleted
+        adapters stay wrapped and compute their base output.
+
+        Raises:
+            ValueError: an unknown name, the only adapter (use disable_adapters() or merge_and_unload()), or a
+                merged adapter (AdapterStateError: call unmerge_adapter() first). Nothing is deleted then.
+        """
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        remaining, previous = [name for name in self._state.names if name not in names], self._state.active
+        for name in names:
+            self._state.check_delete(name)
+        if not remaining:
+            raise AdapterStateError(f"delete_adapter({names!r}) would delete every adapter; a PeftModel keeps at "
+                                    f"least one (use disable_adapters() or merge_and_unload())")
+        with self._transaction():
+            for name in names:
+                for _, wrapper in self._wrappers():
+                    if name in wrapper.adapters:
+                        wrapper.delete_adapter(name)
+                del self.peft_config[name]
+                self._trained_base_params.pop(name, None)
+                self._state.remove(name)
+            if self._state.active is None:
+                warnings.warn(f"adapter {previous!r} was active and is deleted; the active adapter is now "
+                              f"{remaining[0]!r}", UserWarning,
+                              stacklevel=_caller_outside_package())
+                self.set_adapter(remaining[0])
 
     def _sync_disabled(self) -> None:
         for _, wrapper in self._wrappers():
@@ -643,6 +695,17 @@ class PeftModel(nn.Module):
         for name in self._trained_base_params.get(adapter_name, []):
             state[name] = params[name]
         return state
+
+    def get_adapter_state_dict(self, adapter_name: str | None = None, state_dict: dict | None = None
+                               ) -> dict[str, torch.Tensor]:
+        """transformers' name of adapter_state_dict (keys as save_pretrained writes them: module paths without the
+        adapter name, not PEFT's). `state_dict=` is refused: the adapter's own tensors are read (and gathered
+        when sharded)."""
+        if state_dict is not None:
+            raise TypeError("get_adapter_state_dict(state_dict=...) is not supported by structlora: it reads the "
+                            "adapter's own tensors (gathering them when sharded); call "
+                            "get_adapter_state_dict(adapter_name)")
+        return self.adapter_state_dict(adapter_name)
 
     def _adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
         """The parameters behind adapter_state_dict(adapter_name) (to gather them where they are sharded)."""
@@ -845,6 +908,18 @@ class PeftModel(nn.Module):
             converted[key] = value
         # All or nothing, also for an interrupt in the middle: a half-loaded adapter computes neither function.
         copy_all_or_nothing([(target, converted[key]) for key, target in expected.items()])
+
+
+# PEFT / transformers adapter methods that structlora's PeftModel does not provide, with what to use instead.
+_NOT_PROVIDED = {
+    "unload": "merge_and_unload() folds the adapter into the base weights; disable_adapters() or "
+              "`with model.disable_adapter():` computes the base model",
+    "enable_peft_hotswap": "structlora.mixed.hotswap_adapter(model, folder, adapter_name) replaces an adapter's "
+                           "weights in place, without recompiling",
+    "add_weighted_adapter": "combining adapters is not supported; route rows to adapters with adapter_names=[...]",
+    "get_model_status": "model.adapter_state (adapters, active, merged, disabled)",
+    "get_layer_status": "model.adapter_state and structlora.model.adapted_layers(model)",
+}
 
 
 def _active_bankables(wrapper: nn.Module) -> Iterator[nn.Module]:
