@@ -39,6 +39,12 @@ HEAD = "the classification head"  # why a module is trained in full (see PeftMod
 _UNCHECKED_CONFIG_FIELDS = ("inference_mode", "base_model_name_or_path", "init", "init_weights", "merge_weights")
 
 
+def adapter_folder(save_directory: str, adapter_name: str) -> str:
+    """Where save_pretrained(save_directory) writes adapter `adapter_name`: "default" at the top, the others in a
+    sub-folder named after them (PEFT's layout)."""
+    return save_directory if adapter_name == "default" else os.path.join(save_directory, adapter_name)
+
+
 def _structure_fields(config: AdapterConfig) -> dict[str, Any]:
     return {k: v for k, v in config.to_dict().items() if k not in _UNCHECKED_CONFIG_FIELDS}
 _INTERNAL_SEGMENTS = ("base_layer", "original", "adapters")
@@ -751,7 +757,7 @@ class PeftModel(nn.Module):
         if sharded and not is_writer():
             return
         for adapter_name, tensors in states.items():
-            directory = save_directory if adapter_name == "default" else os.path.join(save_directory, adapter_name)
+            directory = adapter_folder(save_directory, adapter_name)
             metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(
                 _structure_fields(self.peft_config[adapter_name]), sort_keys=True)}
             # Written aside and renamed into place, the weights first: a save that fails or is killed leaves the
