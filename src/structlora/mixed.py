@@ -46,8 +46,7 @@ class _Routing:
         key = (rows, device)
         if key not in self._groups:
             if rows != len(self.names) and (not self.expanded or rows % len(self.names)):
-                raise ValueError(f"adapter_names has {len(self.names)} entries, but the batch has {rows} rows: give "
-                                 f"exactly one adapter name per row ({BASE_ADAPTER!r} for the base model)")
+                raise _count_mismatch(self.names, rows)
             repeat = rows // len(self.names)  # generate repeats each row for beams / return sequences
             per_row = [name for name in self.names for _ in range(repeat)]
             groups = {}
@@ -128,6 +127,11 @@ def _check_names(model: "PeftModel", adapter_names: Any) -> list[str]:
     return list(adapter_names)
 
 
+def _count_mismatch(names: list[str], rows: int) -> ValueError:
+    return ValueError(f"adapter_names has {len(names)} entries, but the batch has {rows} rows: give exactly one "
+                      f"adapter name per row ({BASE_ADAPTER!r} for the base model)")
+
+
 def input_rows(args: tuple, kwargs: dict) -> int | None:
     """The batch size of a forward's or generate's inputs (input_ids, inputs_embeds or the first argument), or
     None when there is no such tensor."""
@@ -146,8 +150,7 @@ def routed_adapters(model: "PeftModel", adapter_names: list[str], rows: int | No
     `generate`, whose batches hold each input row several times (beams, returned sequences)."""
     names = _check_names(model, adapter_names)
     if rows is not None and rows != len(names):
-        raise ValueError(f"adapter_names has {len(names)} entries, but the batch has {rows} rows: give exactly one "
-                         f"adapter name per row ({BASE_ADAPTER!r} for the base model)")
+        raise _count_mismatch(names, rows)
     routing = _Routing(names, expanded)
     handles = []
     with model.disable_adapter():  # refused while merged: a merged ΔW would apply to every row

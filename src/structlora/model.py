@@ -23,8 +23,8 @@ from .inference import clear_factor_caches
 from .config import (CONFIG_NAME, AdapterConfig, BitFitConfig, LoraConfig, LorettaAdpConfig, LorettaRepConfig,
                      TaskType, portable_model_name)
 from .distributed import full_cpu_copies, is_writer, whole_parameters
-from .layers import (AdapterLayerMixin, BottleneckLayer, LowRankLayer, TrainableCopy, base_shape, layer_kind, merge_all,
-                     unmerge_all)
+from .layers import (AdapterLayerMixin, BottleneckLayer, LowRankLayer, TrainableCopy, base_shape, layer_kind,
+                     merge_all, unmerge_all)
 from .mixed import input_rows, routed_adapters
 from .quantized import refuse_quantized_merge
 from .targets import (BOTTLENECK_PLACEMENT, CLASSIFIER_HEAD_NAMES, FUSED_PROJECTIONS, TargetWarning,
@@ -550,10 +550,12 @@ class PeftModel(nn.Module):
                 f"{len(in_place)} of the base model's biases in place (e.g. {in_place[0]})")
 
     def delete_adapter(self, adapter_name: Union[str, list[str]]) -> None:
-        """Delete an adapter (or a list of them, as transformers accepts), as PEFT does: when the active one is
-        deleted, the first remaining adapter becomes active, with a warning. Layers that held only the deleted
-        adapters stay wrapped and compute their base output.
+        """Delete an adapter as PEFT does: when the active one is deleted, the first remaining adapter becomes
+        active, with a warning. Layers that held only the deleted adapters stay wrapped and compute their base
+        output.
 
+        Args:
+            adapter_name: the adapter's name, or a list of names (as transformers' delete_adapter accepts).
         Raises:
             ValueError: an unknown name, the only adapter (use disable_adapters() or merge_and_unload()), or a
                 merged adapter (AdapterStateError: call unmerge_adapter() first). Nothing is deleted then.
@@ -705,8 +707,13 @@ class PeftModel(nn.Module):
     def get_adapter_state_dict(self, adapter_name: str | None = None, state_dict: dict | None = None
                                ) -> dict[str, torch.Tensor]:
         """transformers' name of adapter_state_dict (keys as save_pretrained writes them: module paths without the
-        adapter name, not PEFT's). `state_dict=` is refused: the adapter's own tensors are read (and gathered
-        when sharded)."""
+        adapter name, not PEFT's).
+
+        Args:
+            adapter_name: the adapter (default: the active one).
+            state_dict: refused (TypeError) unless None: the adapter's own tensors are read (and gathered when
+                sharded).
+        """
         if state_dict is not None:
             raise TypeError("get_adapter_state_dict(state_dict=...) is not supported by structlora: it reads the "
                             "adapter's own tensors (gathering them when sharded); call "
