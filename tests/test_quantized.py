@@ -142,6 +142,33 @@ def test_merge_refuses_and_dequantized_merge_is_exact(tiny_folder, quantization,
         torch.testing.assert_close(reloaded(ids).logits, merged_logits, rtol=0, atol=1e-6)
 
 
+def _quantized_layout(model) -> list[tuple[str, str]]:
+    return [(name, type(module).__name__) for name, module in model.named_modules() if is_quantized(module)]
+
+
+@pytest.mark.parametrize("case", ["loretta_adp", "nan_lora"])
+def test_a_refused_dequantized_merge_changes_nothing(tiny_folder, case):
+    """LoRETTA_adp cannot be merged: refused before any layer is dequantized. A NaN LoRA is refused by the merge,
+    after dequantizing: the quantized layers and markers are put back."""
+    model = get_peft_model(_load(tiny_folder, "nf4"), METHODS["loretta_adp" if case == "loretta_adp" else "lora"]())
+    _randomize_adapter(model)
+    if case == "nan_lora":
+        with torch.no_grad():
+            next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(float("nan"))
+    layout, frozen = _quantized_layout(model), _quantized_bytes(model)
+    assert len(layout) == 14
+    config = model.base_model.config.quantization_config
+    with pytest.raises(ValueError, match="not possible for LoRETTA_adp" if case == "loretta_adp" else "not finite"):
+        merge_and_unload_dequantized(model)
+    assert _quantized_layout(model) == layout
+    for name, tensor in _quantized_bytes(model).items():
+        assert torch.equal(tensor, frozen[name]), name
+    assert model.base_model.config.quantization_config is config and model.base_model.is_loaded_in_4bit
+    assert not model.adapter_state.merged and not model.adapter_state.unloaded
+    with torch.no_grad():
+        assert model(_ids()).logits.shape[0] == 2  # still runs on the quantized base
+
+
 def test_prepare_model_for_kbit_training_matches_peft(tiny_folder):
     peft = pytest.importorskip("peft")
     ours = prepare_model_for_kbit_training(_load(tiny_folder, "nf4", torch.bfloat16))

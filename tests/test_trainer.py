@@ -37,8 +37,9 @@ class StopAt(TrainerCallback):
         return control
 
 
-def make_trainer(output_dir: str, load_best: bool = False, stop_at: int | None = None) -> AdapterTrainer:
-    model = get_peft_model(tiny_bert(), MTLoraConfig(r=4, structure="icfm", task_type="SEQ_CLS"))
+def make_trainer(output_dir: str, load_best: bool = False, stop_at: int | None = None,
+                 adapter_name: str = "default") -> AdapterTrainer:
+    model = get_peft_model(tiny_bert(), MTLoraConfig(r=4, structure="icfm", task_type="SEQ_CLS"), adapter_name)
     args = TrainingArguments(output_dir=output_dir, max_steps=4, per_device_train_batch_size=8,
                              learning_rate=1e-2, save_steps=2, save_strategy="steps", report_to=[], seed=0,
                              use_cpu=True, logging_steps=1, eval_strategy="steps", eval_steps=2,
@@ -82,3 +83,35 @@ def test_best_checkpoint_is_reloaded_at_the_end(tmp_path):
     batch = {k: torch.stack([PairDataset()[i][k] for i in range(4)]) for k in ("input_ids", "attention_mask")}
     trainer.model.eval()
     assert torch.allclose(reloaded(**batch).logits, trainer.model(**batch).logits, atol=1e-6)
+
+
+def _named_trainer(output_dir: str, load_best: bool = False, stop_at: int | None = None) -> AdapterTrainer:
+    """Two adapters, neither named "default": "other" is saved beside the trained "task" in every checkpoint."""
+    trainer = make_trainer(output_dir, load_best, stop_at, adapter_name="other")
+    model = trainer.model
+    model.add_adapter("task", MTLoraConfig(r=4, structure="ctcm", task_type="SEQ_CLS"))
+    model.set_adapter("task")
+    return trainer
+
+
+def test_a_named_adapter_among_several_resumes_and_reloads_its_best_checkpoint(tmp_path):
+    full = _named_trainer(str(tmp_path / "full"))
+    full.train()
+    assert {"task", "other"} <= set(os.listdir(tmp_path / "full" / "checkpoint-2"))
+    interrupted = _named_trainer(str(tmp_path / "resumed"), stop_at=2)
+    interrupted.train()
+    resumed = _named_trainer(str(tmp_path / "resumed"))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-2"))
+    expected, got = adapter_state(full), adapter_state(resumed)
+    assert expected.keys() == got.keys() and expected
+    for key in expected:
+        assert torch.allclose(expected[key], got[key], atol=1e-6), key
+
+    best = _named_trainer(str(tmp_path / "best"), load_best=True)
+    best.train()
+    checkpoint = best.state.best_model_checkpoint
+    reloaded = PeftModel.from_pretrained(tiny_bert(), os.path.join(checkpoint, "task")).eval()
+    batch = {k: torch.stack([PairDataset()[i][k] for i in range(4)]) for k in ("input_ids", "attention_mask")}
+    best.model.eval()
+    assert best.model.active_adapter == "task"
+    assert torch.allclose(reloaded(**batch).logits, best.model(**batch).logits, atol=1e-6)

@@ -13,7 +13,7 @@ States of the model as a whole:
        │  ▲                                     (merged: no add/load/replace of weights, no switch to another
     disable/exit                                 adapter, no disable)
        ▼  │
-    disabled (nested: a depth counter; no merge inside)
+    disabled (nested: a depth counter; no merge inside; disable_adapters()/enable_adapters(): a flag beside it)
 
     any ──merge_and_unload──▶ unloaded (terminal: everything but the plain forward is refused)
 """
@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 _NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
 # Path segments the wrappers use themselves: an adapter with one of these names would be taken for them.
 RESERVED_NAMES = frozenset({"base_layer", "original", "adapters", "parameterization"})
+# In `adapter_names` (one adapter per row of a batch) this name means "no adapter: the base model", as in PEFT.
+BASE_ADAPTER = "__base__"
 
 
 class AdapterStateError(ValueError, RuntimeError):
@@ -49,6 +51,9 @@ def validate_adapter_name(name: object) -> str:
         raise ValueError(
             f"invalid adapter_name {name!r}: use a letter or '_' followed by up to 63 letters, digits, '_' or '-' "
             f"(it becomes a module key and a folder name, so '.', '/' and spaces are not allowed)")
+    if name == BASE_ADAPTER:
+        raise ValueError(f"invalid adapter_name {name!r}: reserved, as in PEFT — in adapter_names=[...] it means the "
+                         f"base model (no adapter) for that row; choose another name")
     if name in RESERVED_NAMES:
         raise ValueError(f"invalid adapter_name {name!r}: reserved for structlora's own modules "
                          f"({', '.join(sorted(RESERVED_NAMES))}); choose another name")
@@ -63,13 +68,20 @@ class AdapterState:
         self.active: str | None = None
         self.merged: list[str] = []
         self.disabled_depth = 0
+        self.switched_off = False  # disable_adapters() until enable_adapters() (PEFT's / transformers' names)
         self.unloaded = False
         self.version = 0
 
     # -- queries -----------------------------------------------------------------------------------------
     @property
     def disabled(self) -> bool:
-        return self.disabled_depth > 0
+        return self.disabled_depth > 0 or self.switched_off
+
+    def _where_disabled(self) -> str:
+        return "inside a disable_adapter() block" if self.disabled_depth else "while disable_adapters() is in effect"
+
+    def _how_to_enable(self) -> str:
+        return "leave the block first" if self.disabled_depth else "call enable_adapters() first"
 
     @property
     def is_merged(self) -> bool:
@@ -83,8 +95,10 @@ class AdapterState:
         parts = [f"adapters: {', '.join(self.names) or '(none)'}", f"active: {self.active}"]
         if self.merged:
             parts.append(f"merged: {', '.join(self.merged)}")
-        if self.disabled:
+        if self.disabled_depth:
             parts.append(f"disabled (depth {self.disabled_depth})")
+        if self.switched_off:
+            parts.append("disabled by disable_adapters()")
         if self.unloaded:
             parts.append("unloaded")
         return "; ".join(parts)
@@ -109,8 +123,7 @@ class AdapterState:
             raise ValueError(f"an adapter named {name!r} already exists; choose another name")
         self._refuse_while_merged("add_adapter", "adding an adapter")
         if self.disabled:
-            raise AdapterStateError("add_adapter inside a disable_adapter() block is not allowed: leave the block "
-                                    "first")
+            raise AdapterStateError(f"add_adapter {self._where_disabled()} is not allowed: {self._how_to_enable()}")
 
     def check_write_weights(self, name: str, operation: str) -> None:
         """Loading or replacing an adapter's weights."""
@@ -131,8 +144,8 @@ class AdapterState:
             raise AdapterStateError("merge_adapter: there is no active adapter")
         if self.disabled:
             raise AdapterStateError(
-                "merge_adapter inside a disable_adapter() block is not allowed: the block must compute the base "
-                "model. Merge outside the block")
+                f"merge_adapter {self._where_disabled()} is not allowed: the model must compute the base model "
+                f"there; {self._how_to_enable()}")
 
     def check_disable(self) -> None:
         self.check_usable("disable_adapter")
@@ -140,6 +153,16 @@ class AdapterState:
             raise AdapterStateError(
                 f"disable_adapter: adapter {self.merged[0]!r} is merged into the base weights, which cannot be "
                 f"disabled. Call unmerge_adapter() first")
+
+    def check_delete(self, name: str) -> None:
+        self.check_exists(name, "delete_adapter")
+        if name in self.merged:
+            raise AdapterStateError(f"delete_adapter({name!r}): it is merged into the base weights, which would keep "
+                                    f"its ΔW for good. Call unmerge_adapter() first")
+        if self.names == [name]:
+            raise AdapterStateError(
+                f"delete_adapter({name!r}): it is the only adapter; a PeftModel keeps at least one. For the base model "
+                f"use disable_adapters() / `with disable_adapter():`, or merge_and_unload() to fold it in")
 
     def check_save(self, names: Iterable[str]) -> None:
         self.check_usable("save_pretrained")
@@ -178,6 +201,27 @@ class AdapterState:
     def enter_disabled(self) -> None:
         self.check_disable()
         self.disabled_depth += 1
+        self._changed()
+
+    def switch_off(self) -> None:
+        """disable_adapters(): disabled until switch_on (a flag, not a depth: calling it twice is harmless)."""
+        self.check_disable()
+        self.switched_off = True
+        self._changed()
+
+    def switch_on(self) -> None:
+        if self.disabled_depth:
+            raise AdapterStateError("enable_adapters() inside a disable_adapter() block: the block computes the base "
+                                    "model until it ends; leave the block instead")
+        self.check_usable("enable_adapters")
+        self.switched_off = False
+        self._changed()
+
+    def remove(self, name: str) -> None:
+        self.check_delete(name)
+        self.names.remove(name)
+        if self.active == name:
+            self.active = None
         self._changed()
 
     def exit_disabled(self) -> None:

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .atomic import staged_files
 from .config import LorettaAdpConfig, LorettaRepConfig, TaskType, portable_model_name
 from .layers import LowRankLayer, TrainableCopy
 from .model import PeftModel, _is_internal
@@ -110,11 +111,12 @@ def export_to_peft(model: PeftModel, save_directory: str, adapter_name: str | No
     }
     if config.bias != "none":
         raise ValueError(f"export_to_peft: bias={config.bias!r} trains base biases, which a LoRA folder cannot hold")
-    os.makedirs(save_directory, exist_ok=True)
-    with open(os.path.join(save_directory, "adapter_config.json"), "w") as handle:
-        json.dump(peft_config, handle, indent=2)
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()},
-              os.path.join(save_directory, "adapter_model.safetensors"), metadata={"format": "pt"})
+    # Written aside and renamed into place (as save_pretrained): a failed export leaves an older folder as it was.
+    with staged_files(save_directory, ("adapter_model.safetensors", "adapter_config.json")) as staging:
+        with open(os.path.join(staging, "adapter_config.json"), "w") as handle:
+            json.dump(peft_config, handle, indent=2)
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()},
+                  os.path.join(staging, "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
 # -- the authors' `loretta` 0.1.0 package ----------------------------------------------------------------------

@@ -35,6 +35,15 @@ class AdapterLayerMixin:
     def set_active(self, name: str) -> None:
         self.active_adapter = name
 
+    def delete_adapter(self, name: str) -> None:
+        """Drop adapter `name` and what is kept per adapter (placements, compute dtypes); the caller makes another
+        adapter active (a merged adapter is refused before this, by the adapter state)."""
+        if name in getattr(self, "merged_adapters", ()):
+            raise ValueError(f"adapter {name!r} is merged into this layer: unmerge it first")
+        del self._modules["adapters"][name]
+        for per_adapter in ("placements", "compute_dtypes"):
+            getattr(self, per_adapter, {}).pop(name, None)
+
     def _active(self) -> str | None:
         # Through the module dicts: nn.Module.__getattr__ and ModuleDict's methods are Python calls, and this runs
         # per wrapped module and decoded token.
@@ -116,6 +125,8 @@ class LowRankLayer(nn.Module, AdapterLayerMixin):
         self.in_features, self.out_features = base_shape(base_layer)
         self.adapters = nn.ModuleDict()
         self.merged_adapters: list[str] = []
+        # Frozen copies of the merged adapters as they were merged (a plain dict: not parameters of the model).
+        self._merged_as: dict[str, LowRankAdapter] = {}
 
     # -- construction ---------------------------------------------------------------------------------
     def add_adapter(self, name: str, config: LoraConfig, enabled_slices: list[bool] | None) -> None:
@@ -207,19 +218,22 @@ class LowRankLayer(nn.Module, AdapterLayerMixin):
             factors[raw_name.replace("lora_", "")] = tensor
         return factors
 
-    def _weight_delta_in_storage_layout(self, name: str) -> torch.Tensor:
-        delta = self.get_delta_weight(name)
+    def _storage_delta(self, adapter: LowRankAdapter) -> torch.Tensor:
+        delta = adapter.delta_weight()
         return delta if self.kind == "linear" else delta.t()  # Conv1D and Embedding store (in, out)
 
     @torch.no_grad()
     def merged_weight(self, name: str) -> torch.Tensor:
         """The base weight plus the adapter's ΔW, in the base weight's dtype and layout. ValueError (and nothing
         written) when the base weight is not a float tensor or ΔW or the sum is not finite in that dtype."""
+        return self._checked_sum(self.adapters[name], name)
+
+    def _checked_sum(self, adapter: LowRankAdapter, name: str) -> torch.Tensor:
         weight = self.base_layer.weight
         if not weight.is_floating_point():
             raise ValueError(f"the base weight is {weight.dtype} (quantized?): ΔW cannot be added to it; keep the "
                              f"adapter unmerged")
-        delta = self._weight_delta_in_storage_layout(name).to(weight.dtype)
+        delta = self._storage_delta(adapter).to(device=weight.device, dtype=weight.dtype)
         if not torch.isfinite(delta).all():
             raise ValueError(f"ΔW of adapter {name!r} is not finite in {weight.dtype} (NaN/inf in the adapter, or "
                              f"beyond the dtype's range)")
@@ -231,19 +245,37 @@ class LowRankLayer(nn.Module, AdapterLayerMixin):
 
     @torch.no_grad()
     def merge(self, name: str) -> None:
-        """Add ΔW to the base weight; checked first (see merged_weight), so a refusal writes nothing."""
+        """Add ΔW to the base weight; checked first (see merged_weight), so a refusal writes nothing.
+
+        A frozen copy of the adapter as merged is kept (its small parameters only), and `unmerge` subtracts the ΔW
+        of that copy: whatever is written to the adapter while it is merged (`load_state_dict`, an optimizer step,
+        `param.data = …`), unmerging gives back the base weight that was merged into."""
         if name in self.merged_adapters or name not in self.adapters:
             return
-        self.base_layer.weight.data.copy_(self.merged_weight(name))
+        self.merge_checked(name, _frozen_copy(self.adapters[name]))
+
+    def merge_checked(self, name: str, merged_as: LowRankAdapter) -> None:
+        """Add the ΔW of `merged_as` (a frozen copy of adapter `name`) to the base weight and record it."""
+        self.base_layer.weight.data.copy_(self._checked_sum(merged_as, name))
+        self._merged_as[name] = merged_as
         self.merged_adapters.append(name)
         self.adapters[name]._factor_cache.clear()  # not read while merged
 
     @torch.no_grad()
-    def unmerge(self) -> None:
-        weight = self.base_layer.weight
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            weight.data -= self._weight_delta_in_storage_layout(name).to(weight.dtype)
+    def unmerge(self, last: int | None = None) -> list[tuple[str, LowRankAdapter]]:
+        """Subtract the ΔW of every merged adapter (of the `last` merged ones) as it was merged (see merge).
+        Returns the (name, frozen copy) pairs taken out, last merged first: `merge_checked` puts them back."""
+        weight, removed = self.base_layer.weight, []
+        while self.merged_adapters and (last is None or len(removed) < last):
+            name = self.merged_adapters[-1]
+            merged_as = self._merged_as.get(name)
+            if merged_as is None:  # merged without a copy (set by hand): the adapter's current ΔW
+                merged_as = self.adapters[name]
+            weight.data -= self._storage_delta(merged_as).to(device=weight.device, dtype=weight.dtype)
+            self.merged_adapters.pop()
+            self._merged_as.pop(name, None)
+            removed.append((name, merged_as))
+        return removed
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, in={self.in_features}, out={self.out_features}"
@@ -469,3 +501,40 @@ def dense_weight_and_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor
         return module.weight.t(), module.bias
     return module.weight, getattr(module, "bias", None)
 
+
+def _frozen_copy(adapter: nn.Module) -> nn.Module:
+    """A detached copy of an adapter's parameters and buffers (small: the factors, not the base weight)."""
+    frozen = copy.deepcopy(adapter)
+    for parameter in frozen.parameters():
+        parameter.requires_grad_(False)
+    return frozen
+
+
+def merge_all(layers: list[LowRankLayer], name: str) -> None:
+    """Merge adapter `name` into every layer of `layers` or into none: on any exception, an interrupt or an
+    out-of-memory error included, the layers merged so far are unmerged again (their weights are then what a
+    merge/unmerge round trip gives: W + ΔW − ΔW, the same ΔW) and the exception is raised."""
+    done: list[LowRankLayer] = []
+    try:
+        for layer in layers:
+            if name not in layer.merged_adapters:
+                layer.merge(name)
+                done.append(layer)
+    except BaseException:
+        for layer in reversed(done):
+            layer.unmerge(last=1)
+        raise
+
+
+def unmerge_all(layers: list[LowRankLayer]) -> None:
+    """Unmerge every layer of `layers` or none: on any exception the layers unmerged so far get their merged
+    adapters back (the same frozen copies) and the exception is raised."""
+    done: list[tuple[LowRankLayer, list[tuple[str, LowRankAdapter]]]] = []
+    try:
+        for layer in layers:
+            done.append((layer, layer.unmerge()))
+    except BaseException:
+        for layer, removed in reversed(done):
+            for name, merged_as in reversed(removed):
+                layer.merge_checked(name, merged_as)
+        raise

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 from torch import nn
 
+from .adapter_state import BASE_ADAPTER
 from .config import AdapterConfig, LoraConfig
 from .engine import add_lowrank_embedding_update, add_lowrank_update
 from .layers import BottleneckLayer, LowRankLayer, TrainableCopy
@@ -27,21 +28,25 @@ from .layers import BottleneckLayer, LowRankLayer, TrainableCopy
 if TYPE_CHECKING:
     from .model import PeftModel
 
-BASE_ADAPTER = "__base__"
+__all__ = ["BASE_ADAPTER", "hotswap_adapter", "routed_adapters", "input_rows"]
 
 
 class _Routing:
-    """Which rows use which adapter; index tensors made once per (batch size, device)."""
+    """Which rows use which adapter; index tensors made once per (batch size, device).
 
-    def __init__(self, names: list[str]) -> None:
+    One name per row. Inside `generate` (`expanded`), a multiple of that is legitimate: generate repeats each row
+    for beams and returned sequences, and the copies follow their source row."""
+
+    def __init__(self, names: list[str], expanded: bool = False) -> None:
         self.names = names
+        self.expanded = expanded
         self._groups: dict[tuple[int, torch.device], list[tuple[str, torch.Tensor]]] = {}
 
     def groups(self, rows: int, device: torch.device) -> list[tuple[str, torch.Tensor]]:
         key = (rows, device)
         if key not in self._groups:
-            if rows % len(self.names):
-                raise ValueError(f"adapter_names has {len(self.names)} entries, but the batch has {rows} rows")
+            if rows != len(self.names) and (not self.expanded or rows % len(self.names)):
+                raise _count_mismatch(self.names, rows)
             repeat = rows // len(self.names)  # generate repeats each row for beams / return sequences
             per_row = [name for name in self.names for _ in range(repeat)]
             groups = {}
@@ -122,10 +127,31 @@ def _check_names(model: "PeftModel", adapter_names: Any) -> list[str]:
     return list(adapter_names)
 
 
+def _count_mismatch(names: list[str], rows: int) -> ValueError:
+    return ValueError(f"adapter_names has {len(names)} entries, but the batch has {rows} rows: give exactly one "
+                      f"adapter name per row ({BASE_ADAPTER!r} for the base model)")
+
+
+def input_rows(args: tuple, kwargs: dict) -> int | None:
+    """The batch size of a forward's or generate's inputs (input_ids, inputs_embeds or the first argument), or
+    None when there is no such tensor."""
+    for candidate in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), args[0] if args else None):
+        if isinstance(candidate, torch.Tensor) and candidate.dim() > 0:
+            return candidate.shape[0]
+    return None
+
+
 @contextlib.contextmanager
-def routed_adapters(model: "PeftModel", adapter_names: list[str]) -> Iterator[None]:
-    """Inside the block, row i of every batch runs with adapter `adapter_names[i]` ("__base__": none)."""
-    routing = _Routing(_check_names(model, adapter_names))
+def routed_adapters(model: "PeftModel", adapter_names: list[str], rows: int | None = None,
+                    expanded: bool = False) -> Iterator[None]:
+    """Inside the block, row i of every batch runs with adapter `adapter_names[i]` ("__base__": none).
+
+    `rows`: the batch size of the inputs, checked against the names before anything runs. `expanded`: inside
+    `generate`, whose batches hold each input row several times (beams, returned sequences)."""
+    names = _check_names(model, adapter_names)
+    if rows is not None and rows != len(names):
+        raise _count_mismatch(names, rows)
+    routing = _Routing(names, expanded)
     handles = []
     with model.disable_adapter():  # refused while merged: a merged ΔW would apply to every row
         try:

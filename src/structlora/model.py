@@ -17,13 +17,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .adapter_state import AdapterState, AdapterStateError, ModuleSnapshot
+from .atomic import copy_all_or_nothing, staged_files
 from .bank import bank
 from .inference import clear_factor_caches
-from .config import (AdapterConfig, BitFitConfig, LoraConfig, LorettaAdpConfig, LorettaRepConfig, TaskType,
-                     portable_model_name)
-from .distributed import copy_whole, full_cpu_copies, is_writer, whole_parameters
-from .layers import AdapterLayerMixin, BottleneckLayer, LowRankLayer, TrainableCopy, base_shape, layer_kind
-from .mixed import routed_adapters
+from .config import (CONFIG_NAME, AdapterConfig, BitFitConfig, LoraConfig, LorettaAdpConfig, LorettaRepConfig,
+                     TaskType, portable_model_name)
+from .distributed import full_cpu_copies, is_writer, whole_parameters
+from .layers import (AdapterLayerMixin, BottleneckLayer, LowRankLayer, TrainableCopy, base_shape, layer_kind,
+                     merge_all, unmerge_all)
+from .mixed import input_rows, routed_adapters
 from .quantized import refuse_quantized_merge
 from .targets import (BOTTLENECK_PLACEMENT, CLASSIFIER_HEAD_NAMES, FUSED_PROJECTIONS, TargetWarning,
                       default_targets, is_norm_module, module_matches, unknown_target_error)
@@ -35,6 +37,12 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_METADATA_KEY = "structlora_config"
 HEAD = "the classification head"  # why a module is trained in full (see PeftModel._trained_copy_names)
 _UNCHECKED_CONFIG_FIELDS = ("inference_mode", "base_model_name_or_path", "init", "init_weights", "merge_weights")
+
+
+def adapter_folder(save_directory: str, adapter_name: str) -> str:
+    """Where save_pretrained(save_directory) writes adapter `adapter_name`: "default" at the top, the others in a
+    sub-folder named after them (PEFT's layout)."""
+    return save_directory if adapter_name == "default" else os.path.join(save_directory, adapter_name)
 
 
 def _structure_fields(config: AdapterConfig) -> dict[str, Any]:
@@ -127,7 +135,7 @@ class PeftModel(nn.Module):
             kwargs["labels"] = labels
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is not None:  # one adapter per row (structlora.mixed)
-            with routed_adapters(self, adapter_names):
+            with routed_adapters(self, adapter_names, input_rows(args, kwargs)):
                 return self.base_model(*args, **kwargs)
         return self.base_model(*args, **kwargs)
 
@@ -152,6 +160,8 @@ class PeftModel(nn.Module):
         except AttributeError:
             if name == "base_model":
                 raise
+            if name in _NOT_PROVIDED:  # not to the base model's transformers mixin ("No adapter loaded")
+                raise AttributeError(f"structlora's PeftModel has no {name}(): {_NOT_PROVIDED[name]}") from None
             return getattr(self.base_model, name)
 
     def get_base_model(self) -> nn.Module:
@@ -170,8 +180,8 @@ class PeftModel(nn.Module):
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The base model's `generate` with the active adapter; `adapter_names` (one per row) routes each row
         to its own adapter."""
-        if adapter_names is not None:  # one adapter per row (structlora.mixed)
-            with routed_adapters(self, adapter_names):
+        if adapter_names is not None:  # one adapter per row (structlora.mixed); beams follow their row
+            with routed_adapters(self, adapter_names, input_rows(args, kwargs), expanded=True):
                 return self.base_model.generate(*args, **kwargs)
         return self.base_model.generate(*args, **kwargs)
 
@@ -506,11 +516,7 @@ class PeftModel(nn.Module):
 
         Refused for an adapter that trains the base model's own biases (BitFit, bias="all"/"lora_only"):
         those are changed in place, so the base function is no longer there to switch back to."""
-        in_place = self._trained_base_params.get(self.active_adapter, [])
-        if in_place:
-            raise ValueError(
-                f"disable_adapter cannot give the base model's outputs for adapter {self.active_adapter!r}: it "
-                f"trains {len(in_place)} of the base model's biases in place (e.g. {in_place[0]})")
+        self._refuse_in_place_biases("disable_adapter")
         self._state.enter_disabled()
         self._sync_disabled()
         try:
@@ -519,13 +525,77 @@ class PeftModel(nn.Module):
             self._state.exit_disabled()
             self._sync_disabled()
 
+    def disable_adapters(self) -> None:
+        """transformers' and PEFT's (`disable_adapter_layers`) form of disable_adapter() without a block: the model
+        computes the base model until enable_adapters(). Refused, as disable_adapter(), while an adapter is merged
+        (PEFT would unmerge it: call unmerge_adapter() first) and for an adapter that trains the base model's
+        biases in place. Calling it twice is harmless."""
+        self._refuse_in_place_biases("disable_adapters")
+        self._state.switch_off()
+        self._sync_disabled()
+
+    def enable_adapters(self) -> None:
+        """Undo disable_adapters() (refused inside a `with disable_adapter():` block, which ends by itself)."""
+        self._state.switch_on()
+        self._sync_disabled()
+
+    disable_adapter_layers = disable_adapters  # PEFT's tuner names
+    enable_adapter_layers = enable_adapters
+
+    def _refuse_in_place_biases(self, what: str) -> None:
+        in_place = self._trained_base_params.get(self.active_adapter, [])
+        if in_place:
+            raise ValueError(
+                f"{what} cannot give the base model's outputs for adapter {self.active_adapter!r}: it trains "
+                f"{len(in_place)} of the base model's biases in place (e.g. {in_place[0]})")
+
+    def delete_adapter(self, adapter_name: Union[str, list[str]]) -> None:
+        """Delete an adapter as PEFT does: when the active one is deleted, the first remaining adapter becomes
+        active, with a warning. Layers that held only the deleted adapters stay wrapped and compute their base
+        output.
+
+        Args:
+            adapter_name: the adapter's name, or a list of names (as transformers' delete_adapter accepts).
+        Raises:
+            ValueError: an unknown name, the only adapter (use disable_adapters() or merge_and_unload()), or a
+                merged adapter (AdapterStateError: call unmerge_adapter() first). Nothing is deleted then.
+        """
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        remaining, previous = [name for name in self._state.names if name not in names], self._state.active
+        for name in names:
+            self._state.check_delete(name)
+        if not remaining:
+            raise AdapterStateError(f"delete_adapter({names!r}) would delete every adapter; a PeftModel keeps at "
+                                    f"least one (use disable_adapters() or merge_and_unload())")
+        with self._transaction():
+            for name in names:
+                for _, wrapper in self._wrappers():
+                    if name in wrapper.adapters:
+                        wrapper.delete_adapter(name)
+                del self.peft_config[name]
+                self._trained_base_params.pop(name, None)
+                self._state.remove(name)
+            if self._state.active is None:
+                warnings.warn(f"adapter {previous!r} was active and is deleted; the active adapter is now "
+                              f"{remaining[0]!r}", UserWarning,
+                              stacklevel=_caller_outside_package())
+                self.set_adapter(remaining[0])
+
     def _sync_disabled(self) -> None:
         for _, wrapper in self._wrappers():
             wrapper.adapters_disabled = self._state.disabled
 
     # -- merging ------------------------------------------------------------------------------------------
-    def _require_mergeable(self, what: str) -> None:
-        refuse_quantized_merge(self._wrappers(), what)
+    def check_mergeable(self, what: str, quantized_ok: bool = False) -> None:
+        """Raise (changing nothing) if `what` (a merge of the active adapter) would be refused: after
+        merge_and_unload, inside disable_adapter(), a bottleneck adapter, or (unless `quantized_ok`) a quantized
+        base."""
+        self._state.check_merge()
+        self._require_mergeable(what, quantized_ok)
+
+    def _require_mergeable(self, what: str, quantized_ok: bool = False) -> None:
+        if not quantized_ok:
+            refuse_quantized_merge(self._wrappers(), what)
         config = self.peft_config[self.active_adapter]
         if isinstance(config, LorettaAdpConfig):
             kind = "dense" if config.method == "adapter" else "LoRETTA_adp"
@@ -538,7 +608,8 @@ class PeftModel(nn.Module):
         """Fold the active adapter's ΔW into the base weights (forward then skips the adapter path).
 
         All or nothing: every layer's ΔW and merged weight are checked to be finite in the base weight's dtype
-        before any weight is written.
+        before any weight is written, and an exception while writing (an interrupt, out of memory) unmerges the
+        layers merged so far before it propagates.
 
         Raises:
             ValueError: a non-finite merged weight (the layer is named; no weight changes), a bottleneck adapter
@@ -556,17 +627,18 @@ class PeftModel(nn.Module):
                 layer.merged_weight(name)
             except ValueError as error:
                 raise ValueError(f"merge refused at {module_name!r}: {error}; no weight was changed") from error
-        for _, layer in layers:
-            layer.merge(name)
+        merge_all([layer for _, layer in layers], name)  # all or nothing, also when interrupted
         self._state.mark_merged(name)
 
     def unmerge_adapter(self) -> None:
         """Take merged ΔW back out of the base weights (the adapter path runs again); nothing to do if none is
-        merged. Refused after merge_and_unload."""
+        merged. Refused after merge_and_unload.
+
+        The ΔW subtracted is the one that was added (each layer keeps a frozen copy of the adapter as merged), so
+        writes to the adapter while merged (`load_state_dict`, an optimizer step) do not shift the base weights;
+        the written values are kept and used once unmerged. All or nothing, like merge_adapter."""
         self._state.check_usable("unmerge_adapter")
-        for _, wrapper in self._wrappers():
-            if isinstance(wrapper, LowRankLayer):
-                wrapper.unmerge()
+        unmerge_all([wrapper for _, wrapper in self._wrappers() if isinstance(wrapper, LowRankLayer)])
         self._state.mark_unmerged()
 
     def merge_and_unload(self) -> nn.Module:
@@ -578,16 +650,22 @@ class PeftModel(nn.Module):
         Raises:
             As merge_adapter.
         """
-        self._state.check_merge()
-        self._require_mergeable("merge_and_unload")
+        self.check_mergeable("merge_and_unload")
+        wrappers = sorted(self._wrappers(), key=lambda item: -item[0].count("."))
+        snapshot = ModuleSnapshot(self.base_model)
         self.merge_adapter()
-        for name, wrapper in sorted(self._wrappers(), key=lambda item: -item[0].count(".")):
-            if isinstance(wrapper, (LowRankLayer, BottleneckLayer)):
-                _set_module(self.base_model, name, wrapper.base_layer)
-            elif isinstance(wrapper, TrainableCopy):
-                _set_module(self.base_model, name, wrapper.current())
-        for parameter in self.base_model.parameters():
-            parameter.requires_grad_(False)
+        try:  # all or nothing: an interrupt while unwrapping puts the wrappers back and unmerges
+            for name, wrapper in wrappers:
+                if isinstance(wrapper, (LowRankLayer, BottleneckLayer)):
+                    _set_module(self.base_model, name, wrapper.base_layer)
+                elif isinstance(wrapper, TrainableCopy):
+                    _set_module(self.base_model, name, wrapper.current())
+            for parameter in self.base_model.parameters():
+                parameter.requires_grad_(False)
+        except BaseException:
+            snapshot.restore()
+            self.unmerge_adapter()
+            raise
         self.base_model._forward_pre_hooks.pop(self._bank_hook_id, None)
         self._state.mark_unloaded()
         return self.base_model
@@ -626,6 +704,22 @@ class PeftModel(nn.Module):
             state[name] = params[name]
         return state
 
+    def get_adapter_state_dict(self, adapter_name: str | None = None, state_dict: dict | None = None
+                               ) -> dict[str, torch.Tensor]:
+        """transformers' name of adapter_state_dict (keys as save_pretrained writes them: module paths without the
+        adapter name, not PEFT's).
+
+        Args:
+            adapter_name: the adapter (default: the active one).
+            state_dict: refused (TypeError) unless None: the adapter's own tensors are read (and gathered when
+                sharded).
+        """
+        if state_dict is not None:
+            raise TypeError("get_adapter_state_dict(state_dict=...) is not supported by structlora: it reads the "
+                            "adapter's own tensors (gathering them when sharded); call "
+                            "get_adapter_state_dict(adapter_name)")
+        return self.adapter_state_dict(adapter_name)
+
     def _adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
         """The parameters behind adapter_state_dict(adapter_name) (to gather them where they are sharded)."""
         parameters = [p for _, wrapper in self._wrappers() if adapter_name in wrapper.adapters
@@ -638,6 +732,8 @@ class PeftModel(nn.Module):
                         **_: Any) -> None:
         """Write adapter_config.json and adapter_model.safetensors per adapter into `save_directory`
         ("default" at its top, the others in subfolders named after them). Only adapter weights are written.
+        Each file is written aside and renamed into place: an error or a kill while saving over an adapter leaves
+        that folder loading as before.
 
         Args:
             save_directory: the folder (created if needed).
@@ -668,12 +764,15 @@ class PeftModel(nn.Module):
         if sharded and not is_writer():
             return
         for adapter_name, tensors in states.items():
-            directory = save_directory if adapter_name == "default" else os.path.join(save_directory, adapter_name)
-            os.makedirs(directory, exist_ok=True)
-            self.peft_config[adapter_name].save_pretrained(directory)
+            directory = adapter_folder(save_directory, adapter_name)
             metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(
                 _structure_fields(self.peft_config[adapter_name]), sort_keys=True)}
-            save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata=metadata)
+            # Written aside and renamed into place, the weights first: a save that fails or is killed leaves the
+            # old folder loading as before, and one killed between the two renames leaves new weights beside the
+            # old config, which loads as the new adapter (same structure) or is refused by the structure check.
+            with staged_files(directory, (WEIGHTS_NAME, CONFIG_NAME)) as staging:
+                save_file(tensors, os.path.join(staging, WEIGHTS_NAME), metadata=metadata)
+                self.peft_config[adapter_name].save_pretrained(staging)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
@@ -820,8 +919,20 @@ class PeftModel(nn.Module):
                 raise ValueError(f"{source}: {key} has {bad} non-finite value(s) (NaN/inf) in {target.dtype}; "
                                  f"refusing to load a diverged or corrupt adapter")
             converted[key] = value
-        for key, target in expected.items():
-            copy_whole(target, converted[key])
+        # All or nothing, also for an interrupt in the middle: a half-loaded adapter computes neither function.
+        copy_all_or_nothing([(target, converted[key]) for key, target in expected.items()])
+
+
+# PEFT / transformers adapter methods that structlora's PeftModel does not provide, with what to use instead.
+_NOT_PROVIDED = {
+    "unload": "merge_and_unload() folds the adapter into the base weights; disable_adapters() or "
+              "`with model.disable_adapter():` computes the base model",
+    "enable_peft_hotswap": "structlora.mixed.hotswap_adapter(model, folder, adapter_name) replaces an adapter's "
+                           "weights in place, without recompiling",
+    "add_weighted_adapter": "combining adapters is not supported; route rows to adapters with adapter_names=[...]",
+    "get_model_status": "model.adapter_state (adapters, active, merged, disabled)",
+    "get_layer_status": "model.adapter_state and structlora.model.adapted_layers(model)",
+}
 
 
 def _active_bankables(wrapper: nn.Module) -> Iterator[nn.Module]:

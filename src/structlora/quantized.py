@@ -13,7 +13,7 @@ which plain transformers saves and reloads, and which can be quantized again at 
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -100,26 +100,59 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
     """Replace every quantized linear of `model` (adapter wrappers' bases included) by an nn.Linear holding its
     dequantized weight, in place; drop transformers' quantization markers so `save_pretrained` writes a plain
     checkpoint."""
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and is_quantized(child):
-                setattr(module, child_name, _plain_linear(child, dtype))
-    for target in (model, getattr(model, "base_model", None)):
-        config = getattr(target, "config", None)
-        if config is not None and hasattr(config, "quantization_config"):
-            del config.quantization_config
-        for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized", "hf_quantizer", "quantization_method"):
-            if isinstance(target, nn.Module) and flag in target.__dict__:
-                delattr(target, flag)
+    _dequantize(model, dtype)
     return model
+
+
+def _dequantize(model: nn.Module, dtype: torch.dtype) -> Callable[[], None]:
+    """dequantize_model, all or nothing; returns a function that puts the quantized modules and markers back."""
+    replaced: list[tuple[nn.Module, str, nn.Module]] = []
+    removed: list[tuple[Any, str, Any]] = []
+
+    def undo() -> None:
+        for module, child_name, child in reversed(replaced):
+            setattr(module, child_name, child)
+        for owner, attribute, value in reversed(removed):
+            setattr(owner, attribute, value)
+
+    try:
+        for module in list(model.modules()):
+            for child_name, child in list(module.named_children()):
+                if isinstance(child, nn.Linear) and is_quantized(child):
+                    plain = _plain_linear(child, dtype)
+                    replaced.append((module, child_name, child))
+                    setattr(module, child_name, plain)
+        for target in (model, getattr(model, "base_model", None)):
+            config = getattr(target, "config", None)
+            if config is not None and hasattr(config, "quantization_config"):
+                removed.append((config, "quantization_config", config.quantization_config))
+                del config.quantization_config
+            for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized", "hf_quantizer",
+                         "quantization_method"):
+                if isinstance(target, nn.Module) and flag in target.__dict__:
+                    removed.append((target, flag, target.__dict__[flag]))
+                    delattr(target, flag)
+    except BaseException:
+        undo()
+        raise
+    return undo
 
 
 def merge_and_unload_dequantized(model: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The active adapter merged into a full-precision copy of the quantized base: every quantized linear
     becomes an nn.Linear with its dequantized weight (the weights the quantized model computes with), then the
-    adapter is merged exactly. The quantized model is consumed (its modules are replaced)."""
-    dequantize_model(model.base_model, dtype)
-    return model.merge_and_unload()
+    adapter is merged exactly. The quantized model is consumed (its modules are replaced).
+
+    All or nothing: what merge_and_unload refuses for another reason than the quantized base (a bottleneck
+    adapter, inside disable_adapter(), after merge_and_unload) is refused before anything is dequantized, and a
+    failure later (a non-finite ΔW, an interrupt) puts the quantized modules back before it propagates."""
+    model.check_mergeable("merge_and_unload_dequantized", quantized_ok=True)
+    undo = _dequantize(model.base_model, dtype)
+    try:
+        return model.merge_and_unload()
+    except BaseException:
+        undo()
+        raise
 
 
 def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True,

@@ -21,7 +21,8 @@ import torch
 from transformers import Trainer
 
 from .distributed import any_sharded
-from .model import PeftModel
+from .config import CONFIG_NAME
+from .model import WEIGHTS_NAME, PeftModel, adapter_folder
 from .sharded_trainer import (adapter_only_sharded_checkpoints, before_deepspeed_prepare, deepspeed_as_requested,
                               fsdp_as_requested)
 
@@ -127,18 +128,30 @@ class AdapterCheckpoints:
             self.processing_class.save_pretrained(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
-        missing = missing_checkpoint_state(resume_from_checkpoint)
-        if missing and not (self.allow_incomplete_checkpoint and "adapter_model.safetensors" not in missing):
+        peft_model = self._peft_model(model)
+        # The trained (active) adapter's folder: the checkpoint itself for "default", else its sub-folder.
+        folder = os.path.relpath(adapter_folder(resume_from_checkpoint, peft_model.active_adapter),
+                                 resume_from_checkpoint)
+        weights = tuple(os.path.normpath(os.path.join(folder, name)) for name in (WEIGHTS_NAME, CONFIG_NAME))
+        missing = missing_checkpoint_state(resume_from_checkpoint, weights)
+        if missing and not (self.allow_incomplete_checkpoint and weights[0] not in missing):
             raise ValueError(
                 f"checkpoint {resume_from_checkpoint!r} lacks {', '.join(missing)}: resuming it would not continue "
                 f"the same run. Resume from a complete checkpoint"
-                f"{'' if 'adapter_model.safetensors' in missing else ' (or allow_incomplete_checkpoint=True)'}")
-        peft_model = self._peft_model(model)
-        peft_model.load_adapter_weights(resume_from_checkpoint, peft_model.active_adapter)
+                f"{'' if weights[0] in missing else ' (or allow_incomplete_checkpoint=True)'}")
+        _load_saved_adapters(peft_model, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
-        peft_model = self._peft_model()
-        peft_model.load_adapter_weights(self.state.best_model_checkpoint, peft_model.active_adapter)
+        _load_saved_adapters(self._peft_model(), self.state.best_model_checkpoint)
+
+
+def _load_saved_adapters(peft_model: PeftModel, checkpoint: str) -> None:
+    """Load the weights of every adapter of `peft_model` that the checkpoint holds (the Trainer saves them all; only
+    the active one trains, and it must be there)."""
+    for name in [peft_model.active_adapter, *(n for n in peft_model.peft_config if n != peft_model.active_adapter)]:
+        folder = adapter_folder(checkpoint, name)
+        if name == peft_model.active_adapter or os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):
+            peft_model.load_adapter_weights(folder, name)
 
 
 class AdapterTrainer(NonFiniteGuard, AdapterCheckpoints, Trainer):
