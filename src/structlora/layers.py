@@ -124,7 +124,7 @@ class LowRankLayer(nn.Module, AdapterLayerMixin):
         if self.kind == "embedding" and isinstance(config, LorettaRepConfig):
             raise ValueError("LoRETTA_rep does not support nn.Embedding targets (LoRA and MTLoRA do)")
         parameterization = make_parameterization(self.in_features, self.out_features, config,
-                                                 enabled_slices or [True])
+                                                 enabled_slices or [True], self.base_layer)
         adapter = LowRankAdapter(parameterization, config.scaling, float(config.lora_dropout))
         self.adapters[name] = adapter.to(device=self.base_layer.weight.device)
 

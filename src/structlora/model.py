@@ -368,7 +368,10 @@ class PeftModel(nn.Module):
             layer = self._wrap(name, module, LowRankLayer)
             if layer is None:
                 continue
-            layer.add_adapter(adapter_name, config, self._enabled_slices(config, name))
+            try:
+                layer.add_adapter(adapter_name, config, self._enabled_slices(config, name))
+            except ValueError as error:  # name the module (e.g. a quantized base refused by an SVD start)
+                raise ValueError(f"{name!r}: {error}") from error
             injected.append(name)
         return injected
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from .bank import computed
 from .config import LoraConfig, LorettaRepConfig, MTLoraConfig
+from .svd_init import SVD_INITS, svd_factors, weight_out_by_in
 from .tensor_train import TTMatrix, tt_shape_for
 
 
@@ -61,7 +62,11 @@ class LowRankParameterization(nn.Module):
 
     # -- shared ------------------------------------------------------------------------------------------
     def b_matrix(self) -> torch.Tensor:
-        blocks = self.b_blocks()
+        return self._scatter_blocks(self.b_blocks())
+
+    def _scatter_blocks(self, blocks: list[torch.Tensor]) -> torch.Tensor:
+        """The (out x R) B of per-slice blocks: the block itself when unfused, else block-diagonal with its rows
+        scattered into the enabled slices."""
         if not self.is_fused:
             return blocks[0]
         dense = torch.block_diag(*blocks)  # (out_enabled x R)
@@ -87,7 +92,13 @@ class LowRankParameterization(nn.Module):
         return a_eff, b * scaling
 
     def raw_parameters(self) -> dict[str, torch.Tensor]:
-        return {name: p for name, p in self.named_parameters()}
+        """The stored tensors: trained parameters and saved frozen buffers (LoRA-XS's A and B, PiSSA's A₀, B₀)."""
+        return dict(self.state_dict(keep_vars=True))
+
+    def _slice_rows(self) -> list[torch.Tensor]:
+        """The output rows each B block covers (one block unless fused)."""
+        size = self.slice_size
+        return [torch.arange(i * size, (i + 1) * size) for i, on in enumerate(self.enabled_slices) if on]
 
 
 def _kaiming_uniform(rows: int, cols: int) -> nn.Parameter:
@@ -97,14 +108,33 @@ def _kaiming_uniform(rows: int, cols: int) -> nn.Parameter:
 
 
 class DenseLowRank(LowRankParameterization):
-    """LoRA (T = I) and MTLoRA (T = C, C·Cᵀ, C·D or C+D) with dense A and B."""
+    """LoRA (T = I) and MTLoRA (T = C, C·Cᵀ, C·D or C+D) with dense A and B.
+
+    SVD starts (`structlora.svd_init`): init "pissa" takes A and B from the SVD of the base weight and keeps the
+    start as frozen buffers A₀, B₀ (ΔW = s·(B·T·A − B₀·A₀), T = I at the start); init "lora-xs" (MTLoRA) stores A
+    and B as frozen buffers from the SVD and trains only T, which starts at 0 (C = 0; D = I for ctcm, 0 for dtsm).
+    """
 
     def __init__(self, in_features: int, out_features: int, config: LoraConfig,
-                 enabled_slices: list[bool]) -> None:
+                 enabled_slices: list[bool], base_layer: nn.Module | None = None) -> None:
         super().__init__(in_features, out_features, config.r, enabled_slices)
-        self.lora_A = _kaiming_uniform(self.rank_dim, in_features)
-        self.lora_B = nn.Parameter(torch.zeros(self.n_enabled * self.slice_size, self.r))
         self.structure = getattr(config, "structure", None)
+        self.svd_init = config.init if config.init in SVD_INITS else None
+        if self.svd_init is None:
+            self.lora_A = _kaiming_uniform(self.rank_dim, in_features)
+            self.lora_B = nn.Parameter(torch.zeros(self.n_enabled * self.slice_size, self.r))
+        else:
+            if base_layer is None:
+                raise ValueError(f"init {config.init!r} needs the base layer whose weight it decomposes")
+            weight = weight_out_by_in(base_layer)
+            a, b = svd_factors(weight, config.r, self.svd_init, config.scaling, self._slice_rows())
+            if self.svd_init == "lora-xs":  # frozen: buffers, so that no requires_grad switch can train them
+                self.register_buffer("lora_A", a.contiguous())
+                self.register_buffer("lora_B", b.contiguous())
+            else:
+                self.lora_A, self.lora_B = nn.Parameter(a.contiguous()), nn.Parameter(b.contiguous())
+                self.register_buffer("lora_A_initial", a.clone().contiguous())
+                self.register_buffer("lora_B_initial", b.clone().contiguous())
         if self.structure is not None:
             self._init_transform(config.structure, config.init)
 
@@ -116,19 +146,32 @@ class DenseLowRank(LowRankParameterization):
             if needs_d:
                 self.lora_D = _kaiming_uniform(size, size)
             return
-        # identity: T = I exactly (icfm: C·Cᵀ = I; dtsm: I/2 + I/2)
+        if init == "lora-xs":
+            # T = 0 (output unchanged) with a non-zero gradient: shim C; ctcm C·D with D = I; dtsm C + D.
+            self.lora_C = nn.Parameter(torch.zeros(size, size))
+            if needs_d:
+                self.lora_D = nn.Parameter(torch.eye(size) if structure == "ctcm" else torch.zeros(size, size))
+            return
+        # identity and pissa: T = I exactly (icfm: C·Cᵀ = I; dtsm: I/2 + I/2)
         half = 0.5 if structure == "dtsm" else 1.0
         self.lora_C = nn.Parameter(torch.eye(size) * half)
         if needs_d:
             self.lora_D = nn.Parameter(torch.eye(size) * half)
 
+    def initial_product(self) -> torch.Tensor | None:
+        """B₀·A₀ (out x in) of a PiSSA start (ΔW = s·(B·T·A − B₀·A₀)), else None."""
+        if self.svd_init != "pissa":
+            return None
+        return self._scatter_blocks(self._blocks(self.lora_B_initial)) @ self.lora_A_initial
+
     def a_matrix(self) -> torch.Tensor:
         return self.lora_A
 
     def b_blocks(self) -> list[torch.Tensor]:
-        if not self.is_fused:
-            return [self.lora_B]
-        return list(self.lora_B.split(self.slice_size, dim=0))
+        return self._blocks(self.lora_B)
+
+    def _blocks(self, stacked: torch.Tensor) -> list[torch.Tensor]:
+        return [stacked] if not self.is_fused else list(stacked.split(self.slice_size, dim=0))
 
     def t_matrix(self) -> torch.Tensor | None:
         if self.structure is None:
@@ -140,13 +183,17 @@ class DenseLowRank(LowRankParameterization):
         return [self.lora_C] + ([self.lora_D] if self.structure in STRUCTURES_WITH_D else [])
 
     def stored_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if self.structure is not None or self.is_fused:
+        if self.structure is not None or self.is_fused or self.svd_init is not None:
             return None
         return self._parameters["lora_A"], self._parameters["lora_B"]
 
     def unscaled_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         # T·A is this forward's banked slice when the bank holds a current one (structlora.bank).
-        return (self.lora_A if self.structure is None else computed(self)), self.b_matrix()
+        a_eff, b = (self.lora_A if self.structure is None else computed(self)), self.b_matrix()
+        if self.svd_init == "pissa":  # the frozen start subtracted: [T·A; A₀] and [B, −B₀] (rank 2R)
+            b_initial = self._scatter_blocks(self._blocks(self.lora_B_initial))
+            return torch.cat([a_eff, self.lora_A_initial]), torch.cat([b, -b_initial], dim=1)
+        return a_eff, b
 
     # -- structlora.bank: T·A of the same projection in all layers in one batched chain -------------------
     def bank_key(self) -> tuple | None:
@@ -198,9 +245,10 @@ class TensorTrainLowRank(LowRankParameterization):
 
 
 def make_parameterization(in_features: int, out_features: int, config: LoraConfig,
-                          enabled_slices: list[bool]) -> LowRankParameterization:
+                          enabled_slices: list[bool], base_layer: nn.Module | None = None) -> LowRankParameterization:
+    """The parameterization `config` describes; `base_layer` (the adapted module) is read by SVD starts only."""
     if isinstance(config, LorettaRepConfig):
         return TensorTrainLowRank(in_features, out_features, config, enabled_slices)
     if isinstance(config, (MTLoraConfig, LoraConfig)):
-        return DenseLowRank(in_features, out_features, config, enabled_slices)
+        return DenseLowRank(in_features, out_features, config, enabled_slices, base_layer)
     raise TypeError(f"no low-rank parameterization for {type(config).__name__}")

@@ -21,6 +21,7 @@ import torch
 from transformers import Trainer
 
 from .distributed import any_sharded
+from .loraplus import create_loraplus_optimizer
 from .model import PeftModel
 from .sharded_trainer import (adapter_only_sharded_checkpoints, before_deepspeed_prepare, deepspeed_as_requested,
                               fsdp_as_requested)
@@ -151,11 +152,27 @@ class AdapterTrainer(NonFiniteGuard, AdapterCheckpoints, Trainer):
             and count it in `skipped_nonfinite_steps`.
         allow_incomplete_checkpoint: resume from a checkpoint that lacks the optimizer, scheduler or trainer
             state (refused by default: it would not continue the same run).
+        loraplus_lr_ratio: LoRA+: train the B factors at this multiple of the learning rate (`structlora.loraplus`).
+        loraplus_lr_embedding: LoRA+: the learning rate of low-rank adapters on embeddings (default 1e-6, PEFT's).
     """
 
-    def __init__(self, *args: Any, allow_incomplete_checkpoint: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, allow_incomplete_checkpoint: bool = False, loraplus_lr_ratio: float | None = None,
+                 loraplus_lr_embedding: float = 1e-6, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.allow_incomplete_checkpoint = allow_incomplete_checkpoint
+        self.loraplus_lr_ratio, self.loraplus_lr_embedding = loraplus_lr_ratio, loraplus_lr_embedding
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        """With `loraplus_lr_ratio`: the optimizer `args.optim` names over LoRA+'s groups (`structlora.loraplus`:
+        B at lr·ratio, A and T at lr, adapters on embeddings at `loraplus_lr_embedding`); else Trainer's."""
+        if self.optimizer is None and self.loraplus_lr_ratio is not None:
+            opt_model = self.model if model is None else model
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            decayed = set(self.get_decay_parameter_names(opt_model))
+            self.optimizer = create_loraplus_optimizer(
+                opt_model, optimizer_cls, {**optimizer_kwargs, "weight_decay": self.args.weight_decay},
+                self.loraplus_lr_ratio, self.loraplus_lr_embedding, decay_parameter_names=decayed)
+        return super().create_optimizer(model) if model is not None else super().create_optimizer()
 
 
 def _nonfinite_problem(model: torch.nn.Module, loss: torch.Tensor) -> str | None:

@@ -1,0 +1,95 @@
+"""SVD starts: A and B of a low-rank adapter taken from the singular value decomposition of the base weight.
+
+- PiSSA (Meng et al. 2024, `init="pissa"`, LoRA and MTLoRA): with W = U·S·Vᵀ (out x in) and scaling s,
+  B₀ = U_r·√S_r / √s and A₀ = √S_r·V_rᵀ / √s, so that s·B₀·A₀ = W_r, the best rank-r approximation of W. A and B
+  train from there; the model is the residual W − s·B₀·A₀ plus s·B·T·A.
+- LoRA-XS (Bałazy et al. 2024, `init="lora-xs"`, MTLoRA): B = U_r and A = S_r·V_rᵀ (the authors' code puts the
+  singular values on A's side), both frozen; only T (its C, and D) trains, starting at T = 0.
+
+Where the residual lives. PEFT writes W − s·B₀·A₀ into the base weight. structlora leaves the base weight alone
+and gives the adapter a frozen offset instead: ΔW = s·(B·T·A − B₀·A₀), with B₀, A₀ stored as buffers and saved with
+the adapter. The model is the same function of the same trained tensors, so training follows PiSSA's (same
+gradients); and because the base weights stay the base model's, `disable_adapter()` gives the base model, other
+adapters on the same layers and mixed batches are unaffected, the adapter loads onto the original base model, and
+`export_to_peft` writes the rank-2r LoRA relative to the original base that PEFT's `convert_pissa_to_lora`
+(`path_initial_model_for_weight_conversion`) gives: A' = [T·A; A₀], B' = [s·B, −s·B₀]. The cost is a rank-2r
+instead of rank-r product in the forward. `pissa_residual` gives the residual weight PEFT would have written.
+
+The SVD is computed in float32 on the weight's device (full SVD; PEFT's randomized `pissa_niter_N` is not
+offered). Quantized weights (bitsandbytes 4/8-bit, torchao) are refused: their SVD would be that of the
+dequantized weight, and PiSSA's residual could not be stored back without re-quantizing. Dequantize the model first
+(`structlora.quantized.dequantize_model`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .quantized import describe, is_quantized
+
+SVD_INITS = ("pissa", "lora-xs")
+
+
+def weight_out_by_in(base_layer: nn.Module) -> torch.Tensor:
+    """The base weight as the (out x in) matrix ΔW is added to, in float32: nn.Linear's as stored, Conv1D's and
+    nn.Embedding's transposed (an embedding maps one-hot(num_embeddings) to embedding_dim).
+
+    Raises:
+        ValueError: a quantized weight (dequantize first).
+    """
+    if is_quantized(base_layer):
+        raise ValueError(
+            f"an SVD start (init 'pissa' or 'lora-xs') needs the full-precision weight, but this layer is a "
+            f"{describe(base_layer)}: the SVD of the quantized weight is not that of the model's weight, and the "
+            f"start cannot be written back into it. Dequantize the base first (structlora.quantized."
+            f"dequantize_model(model)), or use init 'default' / 'reference' on the quantized base")
+    weight = base_layer.weight.detach()
+    weight = weight if isinstance(base_layer, nn.Linear) else weight.t()
+    return weight.float()
+
+
+def _top_singular(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U_r (out x r), S_r (r), V_rᵀ (r x in) of `weight`."""
+    if r > min(weight.shape):
+        raise ValueError(f"an SVD start of rank r={r} needs r <= min(out, in) = {min(weight.shape)} for a "
+                         f"{tuple(weight.shape)} weight; lower r")
+    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+    return u[:, :r], s[:r], vh[:r]
+
+
+def svd_factors(weight: torch.Tensor, r: int, init: str, scaling: float, row_blocks: list[torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (len(row_blocks)·r x in) and B (sum of block rows x r, blocks stacked) for `init`.
+
+    `row_blocks` are the row indices of W that each B block covers: one block for an ordinary projection, one per
+    enabled slice for a fused one (GPT-2's c_attn), each slice's own SVD (B is block-diagonal there).
+    """
+    a_blocks, b_blocks = [], []
+    for rows in row_blocks:
+        u, s, vh = _top_singular(weight.index_select(0, rows.to(weight.device)), r)
+        if init == "pissa":
+            root = (s / scaling).sqrt()
+            a_blocks.append(root[:, None] * vh)
+            b_blocks.append(u * root[None, :])
+        elif init == "lora-xs":
+            a_blocks.append(s[:, None] * vh)
+            b_blocks.append(u)
+        else:
+            raise ValueError(f"unknown SVD start {init!r}; valid: {', '.join(SVD_INITS)}")
+    return torch.cat(a_blocks), torch.cat(b_blocks)
+
+
+@torch.no_grad()
+def pissa_residual(layer: nn.Module, adapter_name: str = "default") -> torch.Tensor:
+    """W − s·B₀·A₀ (out x in, float32) of a `LowRankLayer`'s PiSSA adapter: the base weight PEFT's PiSSA would have
+    written (structlora keeps W and the offset instead; see the module docstring).
+
+    Raises:
+        ValueError: the adapter is not a PiSSA one.
+    """
+    adapter = layer.adapters[adapter_name]
+    offset = adapter.parameterization.initial_product()
+    if offset is None:
+        raise ValueError(f"adapter {adapter_name!r} is not a PiSSA adapter (init 'pissa'): it has no residual")
+    return weight_out_by_in(layer.base_layer) - adapter.scaling * offset
