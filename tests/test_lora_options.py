@@ -18,6 +18,7 @@ from structlora.loraplus import loraplus_parameter_groups
 from structlora.model import adapted_layers
 from structlora.svd_init import pissa_residual, weight_out_by_in
 from test_core import inputs, outputs, randomize_adapters, tiny_gpt2, tiny_llama
+from test_glue_train import data_dir, tiny_bert, train  # noqa: F401 (fixtures)
 
 peft = pytest.importorskip("peft")
 
@@ -351,3 +352,84 @@ def test_svd_starts_refuse_a_quantized_base_until_it_is_dequantized(tmp_path):
         adapted = get_peft_model(model, LoraConfig(r=4, init="pissa", target_modules=["q_proj"]))
         with torch.no_grad():
             assert torch.allclose(adapted(input_ids=ids).logits, expected, atol=1e-5)
+
+
+def test_loading_an_svd_start_computes_no_svd(tmp_path, monkeypatch):
+    base = tiny_llama()
+    model = get_peft_model(copy.deepcopy(base), MTLoraConfig(r=4, init="pissa", structure="ctcm",
+                                                             target_modules=LLAMA_TARGETS)).eval()
+    randomize_adapters(model)
+    model.add_adapter("xs", MTLoraConfig(r=2, init="lora-xs", target_modules=["q_proj"]))
+    expected = _logits(model)
+    model.save_pretrained(str(tmp_path))
+
+    def no_svd(*_args, **_kwargs):
+        raise AssertionError("an SVD was computed while loading saved factors")
+
+    monkeypatch.setattr(torch.linalg, "svd", no_svd)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    loaded.load_adapter(str(tmp_path / "xs"), adapter_name="xs")
+    assert torch.allclose(_logits(loaded), expected, atol=1e-6)
+    with pytest.raises(AssertionError, match="an SVD was computed"):  # a fresh start does compute one
+        loaded.add_adapter("fresh", LoraConfig(r=2, init="pissa", target_modules=["q_proj"]))
+
+
+# -- the recipes' flags ---------------------------------------------------------------------------------------------
+
+def test_recipe_flags_build_the_options():
+    from structlora.recipes import common
+    from test_method_flags import recipe_args
+
+    config = common.build_peft_config(recipe_args("--method", "mtlora", "--use-rslora", "--init", "lora-xs"), "SEQ_CLS")
+    assert (type(config), config.use_rslora, config.init) == (MTLoraConfig, True, "lora-xs")
+    config = common.build_peft_config(recipe_args("--method", "lora", "--init", "pissa"), "SEQ_CLS")
+    assert (type(config), config.use_rslora, config.init) == (LoraConfig, False, "pissa")
+    assert common.build_peft_config(recipe_args("--method", "lora", "--init", "reference"), "SEQ_CLS").init == "default"
+    with pytest.raises(SystemExit, match="--init lora-xs trains MTLoRA's T between frozen SVD factors"):
+        common.check_method_flags(recipe_args("--method", "lora", "--init", "lora-xs"))
+    for flag in (["--use-rslora"], ["--loraplus-lr-ratio", "4"]):
+        with pytest.raises(SystemExit, match=f"{flag[0]} is read only by --method lora, mtlora, loretta-rep"):
+            common.check_method_flags(recipe_args("--method", "adapter", *flag))
+
+
+def test_glue_recipe_trains_lora_xs_with_rslora_and_lora_with_loraplus(tiny_bert, data_dir, tmp_path, monkeypatch):
+    import structlora.trainer
+
+    results = train(tiny_bert, data_dir, tmp_path / "xs", "--task", "sst2", "--method", "mtlora", "--r", "4",
+                    "--init", "lora-xs", "--use-rslora", "--max-steps", "2", "--lr", "1e-3")
+    assert results["adapter_params"] == 4 * 4 * 4  # 2 layers x (query, value) x r²
+    saved = json.loads((tmp_path / "xs" / "adapter" / "adapter_config.json").read_text())
+    assert (saved["init"], saved["use_rslora"]) == ("lora-xs", True)
+    calls = []
+
+    def recording(model, optimizer_cls, optimizer_kwargs, loraplus_lr_ratio, *args, **kwargs):
+        optimizer = create_loraplus_optimizer(model, optimizer_cls, optimizer_kwargs, loraplus_lr_ratio, *args,
+                                              **kwargs)
+        calls.append({group["name"]: group["lr"] for group in optimizer.param_groups})
+        return optimizer
+
+    monkeypatch.setattr(structlora.trainer, "create_loraplus_optimizer", recording)
+    train(tiny_bert, data_dir, tmp_path / "plus", "--task", "sst2", "--method", "lora", "--r", "4",
+          "--loraplus-lr-ratio", "4", "--max-steps", "1", "--lr", "1e-3")
+    assert calls == [{"A": 1e-3, "B": 4e-3, "B_no_decay": 4e-3}]  # B_no_decay: the head's bias
+
+
+@pytest.mark.parametrize("make_config", [
+    lambda: LoraConfig(r=4, init="pissa", target_modules=LLAMA_TARGETS),
+    lambda: MTLoraConfig(r=4, init="pissa", structure="ctcm", target_modules=LLAMA_TARGETS)], ids=["lora", "mtlora"])
+def test_pissa_trains_a_b_and_t_while_the_start_stays(make_config):
+    model = get_peft_model(tiny_llama(), make_config())
+    randomize_adapters(model)
+    with torch.no_grad():
+        without_grad = model(**inputs()).logits
+    loss_input = inputs()
+    logits = model(**loss_input).logits  # the training path (fused engine, banked T·A)
+    assert torch.allclose(logits, without_grad, atol=1e-5)
+    start = {n: t.clone() for n, t in model.state_dict().items() if n.endswith("_initial")}
+    assert len(start) == 2 * 6
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(**loss_input, labels=loss_input["input_ids"]).loss.backward()
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for _, p in trained)
+    optimizer.step()
+    assert all(torch.equal(model.state_dict()[n], t) for n, t in start.items())

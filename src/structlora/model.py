@@ -25,6 +25,7 @@ from .distributed import copy_whole, full_cpu_copies, is_writer, whole_parameter
 from .layers import AdapterLayerMixin, BottleneckLayer, LowRankLayer, TrainableCopy, base_shape, layer_kind
 from .mixed import routed_adapters
 from .quantized import refuse_quantized_merge
+from .svd_init import saved_factors_follow
 from .targets import (BOTTLENECK_PLACEMENT, CLASSIFIER_HEAD_NAMES, FUSED_PROJECTIONS, TargetWarning,
                       default_targets, is_norm_module, module_matches, unknown_target_error)
 from .tensor_train import TTLinear, classifier_tt_shape
@@ -698,8 +699,9 @@ class PeftModel(nn.Module):
         _refuse_adapted_base(model, hint=f"use model.load_adapter({model_id!r}, adapter_name=...) to add it")
         config = AdapterConfig.from_pretrained(model_id)
         config.inference_mode = not is_trainable
-        return cls.wrap_and_fill(model, config, adapter_name,
-                                 lambda peft_model: peft_model.load_adapter_weights(model_id, adapter_name))
+        with saved_factors_follow():  # SVD starts: the saved factors are loaded, not computed again
+            return cls.wrap_and_fill(model, config, adapter_name,
+                                     lambda peft_model: peft_model.load_adapter_weights(model_id, adapter_name))
 
     @classmethod
     def wrap_and_fill(cls, model: nn.Module, config: AdapterConfig, adapter_name: str,
@@ -731,7 +733,7 @@ class PeftModel(nn.Module):
         self._state.check_add(adapter_name)
         config = AdapterConfig.from_pretrained(model_id)
         config.inference_mode = not is_trainable
-        with self._transaction():
+        with self._transaction(), saved_factors_follow():
             self.add_adapter(adapter_name, config)
             self.load_adapter_weights(model_id, adapter_name)
 

@@ -23,12 +23,29 @@ dequantized weight, and PiSSA's residual could not be stored back without re-qua
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from typing import Iterator
+
 import torch
 from torch import nn
 
 from .quantized import describe, is_quantized
 
 SVD_INITS = ("pissa", "lora-xs")
+_FACTORS_FOLLOW = contextvars.ContextVar("structlora_saved_factors_follow", default=False)
+
+
+@contextlib.contextmanager
+def saved_factors_follow() -> Iterator[None]:
+    """Inside: adapters built with an SVD start get zero factors of the right shapes instead of an SVD, because
+    their saved factors (A, B and PiSSA's A₀, B₀) are loaded next (strictly: every tensor, or nothing). Loading a
+    large model's adapter then costs no SVD per layer."""
+    token = _FACTORS_FOLLOW.set(True)
+    try:
+        yield
+    finally:
+        _FACTORS_FOLLOW.reset(token)
 
 
 def weight_out_by_in(base_layer: nn.Module) -> torch.Tensor:
@@ -49,11 +66,15 @@ def weight_out_by_in(base_layer: nn.Module) -> torch.Tensor:
     return weight.float()
 
 
+def _check_rank(shape: tuple[int, int], r: int) -> None:
+    if r > min(shape):
+        raise ValueError(f"an SVD start of rank r={r} needs r <= min(out, in) = {min(shape)} for a {tuple(shape)} "
+                         f"weight; lower r")
+
+
 def _top_singular(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """U_r (out x r), S_r (r), V_rᵀ (r x in) of `weight`."""
-    if r > min(weight.shape):
-        raise ValueError(f"an SVD start of rank r={r} needs r <= min(out, in) = {min(weight.shape)} for a "
-                         f"{tuple(weight.shape)} weight; lower r")
+    _check_rank(tuple(weight.shape), r)
     u, s, vh = torch.linalg.svd(weight, full_matrices=False)
     return u[:, :r], s[:r], vh[:r]
 
@@ -65,6 +86,10 @@ def svd_factors(weight: torch.Tensor, r: int, init: str, scaling: float, row_blo
     `row_blocks` are the row indices of W that each B block covers: one block for an ordinary projection, one per
     enabled slice for a fused one (GPT-2's c_attn), each slice's own SVD (B is block-diagonal there).
     """
+    if _FACTORS_FOLLOW.get():
+        for rows in row_blocks:
+            _check_rank((len(rows), weight.shape[1]), r)
+        return weight.new_zeros(len(row_blocks) * r, weight.shape[1]), weight.new_zeros(sum(map(len, row_blocks)), r)
     a_blocks, b_blocks = [], []
     for rows in row_blocks:
         u, s, vh = _top_singular(weight.index_select(0, rows.to(weight.device)), r)
