@@ -16,6 +16,7 @@ from structlora import (AdapterTrainer, LoraConfig, LorettaRepConfig, MTLoraConf
 from structlora.layers import LowRankLayer
 from structlora.loraplus import loraplus_parameter_groups
 from structlora.model import adapted_layers
+from structlora.serving import sglang_problems, vllm_problems
 from structlora.svd_init import pissa_residual, weight_out_by_in
 from test_core import inputs, outputs, randomize_adapters, tiny_gpt2, tiny_llama
 from test_glue_train import data_dir, tiny_bert, train  # noqa: F401 (fixtures)
@@ -95,6 +96,10 @@ def test_rslora_delta_save_load_merge_and_export(case_id, build, make_config, tm
     assert torch.allclose(_logits(loaded), expected, atol=1e-5)
     exported = _export_matches(model, base, tmp_path / "peft")
     assert exported["use_rslora"] is True
+    if case_id != "mtlora-gpt2-fused":  # vLLM serves it; SGLang ignores use_rslora, and its check says so
+        assert vllm_problems(str(tmp_path / "peft"), max_lora_rank=64) == []
+        assert sglang_problems(str(tmp_path / "peft"), max_lora_rank=64) == [
+            "use_rslora: SGLang scales by lora_alpha / r, not lora_alpha / sqrt(r)"]
     # The scaling is folded into lora_B: PEFT's alpha/√r must be exactly 1 for every module.
     peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "peft"))
     scalings = {s for m in peft_model.modules() if hasattr(m, "scaling") and isinstance(m.scaling, dict)
@@ -175,6 +180,13 @@ def test_trainer_creates_the_loraplus_optimizer(tmp_path):
     assert {g["lr"] for g in plain.param_groups} == {3e-4}
     direct = create_loraplus_optimizer(model, torch.optim.SGD, {"lr": 0.1}, loraplus_lr_ratio=2)
     assert sorted(g["lr"] for g in direct.param_groups) == [0.1, 0.2]
+    with pytest.raises(ValueError, match="an optimizer was given"):
+        AdapterTrainer(model=model, args=args, loraplus_lr_ratio=8, optimizers=(direct, None))
+    with pytest.raises(ValueError, match="loraplus_lr_ratio must be a positive number"):
+        AdapterTrainer(model=model, args=args, loraplus_lr_ratio=-1)
+    chosen = AdapterTrainer(model=model, args=args, loraplus_lr_ratio=8,
+                            optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 0.5})).create_optimizer()
+    assert type(chosen) is torch.optim.SGD and sorted(g["lr"] for g in chosen.param_groups) == [0.5, 4.0]
 
 
 # -- PiSSA ----------------------------------------------------------------------------------------------------------

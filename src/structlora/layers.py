@@ -194,9 +194,9 @@ class LowRankLayer(nn.Module, AdapterLayerMixin):
         return self.adapters[name or self.active_adapter].delta_weight()
 
     def get_factors(self, name: str | None = None) -> dict[str, torch.Tensor]:
-        """Effective A (R x in), T (R x R), B (out x R), the scaling, and the raw parameters.
+        """Effective A (R x in), T (R x R), B (out x R), the scaling, and the raw parameters (and saved buffers).
 
-        ΔW = scaling · B · T · A.
+        ΔW = scaling · B · T · A; for a PiSSA start (init "pissa") ΔW = scaling · (B·T·A − B_initial·A_initial).
         """
         adapter = self.adapters[name or self.active_adapter]
         a, t, b = adapter.parameterization.factors()

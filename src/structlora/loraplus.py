@@ -30,6 +30,14 @@ from .layers import LowRankLayer
 LORAPLUS_GROUPS = ("A", "B", "B_no_decay", "embedding")
 
 
+def check_loraplus_lr_ratio(value: Any) -> float:
+    """The ratio as a float, or a ValueError naming what is valid (a finite number > 0)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"loraplus_lr_ratio must be a positive number (B's learning rate over A's, e.g. 16), "
+                         f"got {value!r}")
+    return float(value)
+
+
 def _embedding_adapter_parameters(model: nn.Module) -> set[int]:
     ids: set[int] = set()
     for module in model.modules():
@@ -59,9 +67,7 @@ def loraplus_parameter_groups(model: nn.Module, lr: float, loraplus_lr_ratio: fl
     Raises:
         ValueError: a ratio that is not a positive number, or no trainable B factor in the model.
     """
-    if isinstance(loraplus_lr_ratio, bool) or not isinstance(loraplus_lr_ratio, (int, float)) or not (
-            loraplus_lr_ratio > 0 and loraplus_lr_ratio < float("inf")):
-        raise ValueError(f"loraplus_lr_ratio must be a positive number, got {loraplus_lr_ratio!r}")
+    check_loraplus_lr_ratio(loraplus_lr_ratio)
     embedding_ids = _embedding_adapter_parameters(model)
     groups: dict[str, list[nn.Parameter]] = {name: [] for name in LORAPLUS_GROUPS}
     for name, parameter in model.named_parameters():

@@ -21,7 +21,7 @@ import torch
 from transformers import Trainer
 
 from .distributed import any_sharded
-from .loraplus import create_loraplus_optimizer
+from .loraplus import check_loraplus_lr_ratio, create_loraplus_optimizer
 from .model import PeftModel
 from .sharded_trainer import (adapter_only_sharded_checkpoints, before_deepspeed_prepare, deepspeed_as_requested,
                               fsdp_as_requested)
@@ -158,6 +158,12 @@ class AdapterTrainer(NonFiniteGuard, AdapterCheckpoints, Trainer):
 
     def __init__(self, *args: Any, allow_incomplete_checkpoint: bool = False, loraplus_lr_ratio: float | None = None,
                  loraplus_lr_embedding: float = 1e-6, **kwargs: Any) -> None:
+        if loraplus_lr_ratio is not None:
+            check_loraplus_lr_ratio(loraplus_lr_ratio)
+            if (kwargs.get("optimizers") or (None, None))[0] is not None:
+                raise ValueError("loraplus_lr_ratio builds the optimizer's parameter groups, but an optimizer was "
+                                 "given (optimizers=...): pass one or the other (structlora.create_loraplus_optimizer "
+                                 "builds a LoRA+ optimizer to pass)")
         super().__init__(*args, **kwargs)
         self.allow_incomplete_checkpoint = allow_incomplete_checkpoint
         self.loraplus_lr_ratio, self.loraplus_lr_embedding = loraplus_lr_ratio, loraplus_lr_embedding
@@ -167,7 +173,8 @@ class AdapterTrainer(NonFiniteGuard, AdapterCheckpoints, Trainer):
         B at lr·ratio, A and T at lr, adapters on embeddings at `loraplus_lr_embedding`); else Trainer's."""
         if self.optimizer is None and self.loraplus_lr_ratio is not None:
             opt_model = self.model if model is None else model
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            chosen = getattr(self, "optimizer_cls_and_kwargs", None)  # Trainer(optimizer_cls_and_kwargs=...)
+            optimizer_cls, optimizer_kwargs = chosen or self.get_optimizer_cls_and_kwargs(self.args, opt_model)
             decayed = set(self.get_decay_parameter_names(opt_model))
             self.optimizer = create_loraplus_optimizer(
                 opt_model, optimizer_cls, {**optimizer_kwargs, "weight_decay": self.args.weight_decay},
