@@ -229,7 +229,7 @@ class LoraConfig(AdapterConfig):
         lora_alpha: the scale numerator (ΔW is scaled by lora_alpha / r); None means r.
         use_rslora: rank-stabilised scaling lora_alpha / √r instead of lora_alpha / r (Kalajdzievski 2023).
         init: "default" (A Kaiming-uniform, B zero) or "pissa" (Meng et al. 2024: A and B from the top-r singular
-            vectors of the base weight W, the rest W − s·B₀·A₀ kept as the base; see `structlora.svd_init`).
+            vectors of the base weight W; the model is the residual W − s·B₀·A₀ plus s·B·A; `structlora.svd_init`).
         lora_dropout: dropout on the adapter's input, in [0, 1).
         enable_lora: for fused projections (GPT-2's c_attn = q, k, v): which slices get an adapter, as a list
             for every target or a dict from a module-name suffix to its list. None: no fused projections.

@@ -46,8 +46,9 @@ def export_to_peft(model: PeftModel, save_directory: str, adapter_name: str | No
     Exact for LoRA, MTLoRA (B·T·A is a rank-R LoRA with A' = T·A) and LoRETTA_rep (tensor trains
     expanded). The scaling is folded into lora_B; `use_rslora` is carried (with lora_alpha = √r, so that PEFT's
     scaling is exactly 1). A PiSSA adapter (init "pissa") is written as the rank-2R LoRA relative to the original
-    base model, PEFT's `convert_pissa_to_lora`: A' = [T·A; A₀], B' = [s·B, −s·B₀] (`structlora.svd_init`). Per-module ranks go to `rank_pattern` (a fused q,k,v projection has rank 3r); trained
-    norms and heads become `modules_to_save` (tensorized heads expanded to dense).
+    base model, PEFT's `convert_pissa_to_lora`: A' = [T·A; A₀], B' = [s·B, −s·B₀] (`structlora.svd_init`).
+    Per-module ranks go to `rank_pattern` (a fused q,k,v projection has rank 3r); trained norms and heads become
+    `modules_to_save` (tensorized heads expanded to dense).
 
     Args:
         model: the structlora PeftModel.

@@ -17,7 +17,7 @@ from torch import nn
 
 from .bank import computed
 from .config import LoraConfig, LorettaRepConfig, MTLoraConfig
-from .svd_init import SVD_INITS, svd_factors, weight_out_by_in
+from .svd_init import svd_factors, weight_out_by_in
 from .tensor_train import TTMatrix, tt_shape_for
 
 
@@ -58,6 +58,10 @@ class LowRankParameterization(nn.Module):
         raise NotImplementedError
 
     def t_matrix(self) -> torch.Tensor | None:
+        return None
+
+    def initial_product(self) -> torch.Tensor | None:
+        """B₀·A₀ (out x in), the frozen start a PiSSA adapter subtracts (ΔW = s·(B·T·A − B₀·A₀)); None otherwise."""
         return None
 
     # -- shared ------------------------------------------------------------------------------------------
@@ -108,35 +112,19 @@ def _kaiming_uniform(rows: int, cols: int) -> nn.Parameter:
 
 
 class DenseLowRank(LowRankParameterization):
-    """LoRA (T = I) and MTLoRA (T = C, C·Cᵀ, C·D or C+D) with dense A and B.
-
-    SVD starts (`structlora.svd_init`): init "pissa" takes A and B from the SVD of the base weight and keeps the
-    start as frozen buffers A₀, B₀ (ΔW = s·(B·T·A − B₀·A₀), T = I at the start); init "lora-xs" (MTLoRA) stores A
-    and B as frozen buffers from the SVD and trains only T, which starts at 0 (C = 0; D = I for ctcm, 0 for dtsm).
-    """
+    """LoRA (T = I) and MTLoRA (T = C, C·Cᵀ, C·D or C+D) with dense A and B: A Kaiming-uniform, B zero."""
 
     def __init__(self, in_features: int, out_features: int, config: LoraConfig,
                  enabled_slices: list[bool], base_layer: nn.Module | None = None) -> None:
         super().__init__(in_features, out_features, config.r, enabled_slices)
         self.structure = getattr(config, "structure", None)
-        self.svd_init = config.init if config.init in SVD_INITS else None
-        if self.svd_init is None:
-            self.lora_A = _kaiming_uniform(self.rank_dim, in_features)
-            self.lora_B = nn.Parameter(torch.zeros(self.n_enabled * self.slice_size, self.r))
-        else:
-            if base_layer is None:
-                raise ValueError(f"init {config.init!r} needs the base layer whose weight it decomposes")
-            weight = weight_out_by_in(base_layer)
-            a, b = svd_factors(weight, config.r, self.svd_init, config.scaling, self._slice_rows())
-            if self.svd_init == "lora-xs":  # frozen: buffers, so that no requires_grad switch can train them
-                self.register_buffer("lora_A", a.contiguous())
-                self.register_buffer("lora_B", b.contiguous())
-            else:
-                self.lora_A, self.lora_B = nn.Parameter(a.contiguous()), nn.Parameter(b.contiguous())
-                self.register_buffer("lora_A_initial", a.clone().contiguous())
-                self.register_buffer("lora_B_initial", b.clone().contiguous())
+        self._init_factors(config, base_layer)
         if self.structure is not None:
             self._init_transform(config.structure, config.init)
+
+    def _init_factors(self, config: LoraConfig, base_layer: nn.Module | None) -> None:
+        self.lora_A = _kaiming_uniform(self.rank_dim, self.in_features)
+        self.lora_B = nn.Parameter(torch.zeros(self.n_enabled * self.slice_size, self.r))
 
     def _init_transform(self, structure: str, init: str) -> None:
         size = self.rank_dim
@@ -146,23 +134,11 @@ class DenseLowRank(LowRankParameterization):
             if needs_d:
                 self.lora_D = _kaiming_uniform(size, size)
             return
-        if init == "lora-xs":
-            # T = 0 (output unchanged) with a non-zero gradient: shim C; ctcm C·D with D = I; dtsm C + D.
-            self.lora_C = nn.Parameter(torch.zeros(size, size))
-            if needs_d:
-                self.lora_D = nn.Parameter(torch.eye(size) if structure == "ctcm" else torch.zeros(size, size))
-            return
-        # identity and pissa: T = I exactly (icfm: C·Cᵀ = I; dtsm: I/2 + I/2)
+        # identity (and PiSSA's start): T = I exactly (icfm: C·Cᵀ = I; dtsm: I/2 + I/2)
         half = 0.5 if structure == "dtsm" else 1.0
         self.lora_C = nn.Parameter(torch.eye(size) * half)
         if needs_d:
             self.lora_D = nn.Parameter(torch.eye(size) * half)
-
-    def initial_product(self) -> torch.Tensor | None:
-        """B₀·A₀ (out x in) of a PiSSA start (ΔW = s·(B·T·A − B₀·A₀)), else None."""
-        if self.svd_init != "pissa":
-            return None
-        return self._scatter_blocks(self._blocks(self.lora_B_initial)) @ self.lora_A_initial
 
     def a_matrix(self) -> torch.Tensor:
         return self.lora_A
@@ -183,17 +159,13 @@ class DenseLowRank(LowRankParameterization):
         return [self.lora_C] + ([self.lora_D] if self.structure in STRUCTURES_WITH_D else [])
 
     def stored_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if self.structure is not None or self.is_fused or self.svd_init is not None:
+        if self.structure is not None or self.is_fused:
             return None
         return self._parameters["lora_A"], self._parameters["lora_B"]
 
     def unscaled_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         # T·A is this forward's banked slice when the bank holds a current one (structlora.bank).
-        a_eff, b = (self.lora_A if self.structure is None else computed(self)), self.b_matrix()
-        if self.svd_init == "pissa":  # the frozen start subtracted: [T·A; A₀] and [B, −B₀] (rank 2R)
-            b_initial = self._scatter_blocks(self._blocks(self.lora_B_initial))
-            return torch.cat([a_eff, self.lora_A_initial]), torch.cat([b, -b_initial], dim=1)
-        return a_eff, b
+        return (self.lora_A if self.structure is None else computed(self)), self.b_matrix()
 
     # -- structlora.bank: T·A of the same projection in all layers in one batched chain -------------------
     def bank_key(self) -> tuple | None:
@@ -207,6 +179,55 @@ class DenseLowRank(LowRankParameterization):
     def bank_compute(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         a, *transform_parameters = inputs
         return _transform(self.structure, *transform_parameters) @ a
+
+
+class PissaLowRank(DenseLowRank):
+    """PiSSA's start (`structlora.svd_init`): A, B from the top-r singular vectors of W (s·B₀·A₀ = W_r), kept as frozen
+    buffers A₀, B₀ and subtracted: ΔW = s·(B·T·A − B₀·A₀), T = I at the start (MTLoRA's identity init)."""
+
+    def _init_factors(self, config: LoraConfig, base_layer: nn.Module | None) -> None:
+        a, b = _svd_start(self, config, base_layer)
+        self.lora_A, self.lora_B = nn.Parameter(a), nn.Parameter(b)
+        self.register_buffer("lora_A_initial", a.clone())
+        self.register_buffer("lora_B_initial", b.clone())
+
+    def initial_product(self) -> torch.Tensor:
+        return self._scatter_blocks(self._blocks(self.lora_B_initial)) @ self.lora_A_initial
+
+    def stored_factors(self) -> None:
+        return None  # the start is subtracted: nothing is used as stored
+
+    def unscaled_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T·A; A₀] and [B, −B₀]: rank 2R, the start subtracted in the same product."""
+        a_eff, b = super().unscaled_factors()
+        b_initial = self._scatter_blocks(self._blocks(self.lora_B_initial))
+        return torch.cat([a_eff, self.lora_A_initial]), torch.cat([b, -b_initial], dim=1)
+
+
+class LoraXSLowRank(DenseLowRank):
+    """LoRA-XS (`structlora.svd_init`): A = Σ_r·V_rᵀ and B = U_r from the SVD of W as frozen buffers (no requires_grad
+    switch can train them); only T trains, from T = 0 with a non-zero gradient: shim C = 0; ctcm C·D with C = 0,
+    D = I; dtsm C + D with both 0. (icfm's C·Cᵀ is refused by the config: its gradient at C = 0 is 0.)"""
+
+    def _init_factors(self, config: LoraConfig, base_layer: nn.Module | None) -> None:
+        a, b = _svd_start(self, config, base_layer)
+        self.register_buffer("lora_A", a)
+        self.register_buffer("lora_B", b)
+
+    def _init_transform(self, structure: str, init: str) -> None:
+        size = self.rank_dim
+        self.lora_C = nn.Parameter(torch.zeros(size, size))
+        if structure in STRUCTURES_WITH_D:
+            self.lora_D = nn.Parameter(torch.eye(size) if structure == "ctcm" else torch.zeros(size, size))
+
+
+def _svd_start(parameterization: DenseLowRank, config: LoraConfig, base_layer: nn.Module | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    if base_layer is None:
+        raise ValueError(f"init {config.init!r} needs the base layer whose weight it decomposes")
+    a, b = svd_factors(weight_out_by_in(base_layer), config.r, config.init, config.scaling,
+                       parameterization._slice_rows())
+    return a.contiguous(), b.contiguous()
 
 
 def _transform(structure: str, c: torch.Tensor, d: torch.Tensor | None = None) -> torch.Tensor:
@@ -250,5 +271,6 @@ def make_parameterization(in_features: int, out_features: int, config: LoraConfi
     if isinstance(config, LorettaRepConfig):
         return TensorTrainLowRank(in_features, out_features, config, enabled_slices)
     if isinstance(config, (MTLoraConfig, LoraConfig)):
-        return DenseLowRank(in_features, out_features, config, enabled_slices, base_layer)
+        strategy = {"pissa": PissaLowRank, "lora-xs": LoraXSLowRank}.get(config.init, DenseLowRank)
+        return strategy(in_features, out_features, config, enabled_slices, base_layer)
     raise TypeError(f"no low-rank parameterization for {type(config).__name__}")
