@@ -142,7 +142,35 @@ class AdapterCheckpoints:
         peft_model.load_adapter_weights(self.state.best_model_checkpoint, peft_model.active_adapter)
 
 
-class AdapterTrainer(NonFiniteGuard, AdapterCheckpoints, Trainer):
+class LoraPlusOptimizer:
+    """Trainer mixin: with `loraplus_lr_ratio`, the optimizer `args.optim` names (or `optimizer_cls_and_kwargs`) over
+    LoRA+'s parameter groups (`structlora.loraplus`: B at lr·ratio, A and T at lr, adapters on embeddings at
+    `loraplus_lr_embedding`); without it, the Trainer's own optimizer."""
+
+    def __init__(self, *args: Any, loraplus_lr_ratio: float | None = None, loraplus_lr_embedding: float = 1e-6,
+                 **kwargs: Any) -> None:
+        if loraplus_lr_ratio is not None:
+            check_loraplus_lr_ratio(loraplus_lr_ratio)
+            if (kwargs.get("optimizers") or (None, None))[0] is not None:
+                raise ValueError("loraplus_lr_ratio builds the optimizer's parameter groups, but an optimizer was "
+                                 "given (optimizers=...): pass one or the other (structlora.create_loraplus_optimizer "
+                                 "builds a LoRA+ optimizer to pass)")
+        super().__init__(*args, **kwargs)
+        self.loraplus_lr_ratio, self.loraplus_lr_embedding = loraplus_lr_ratio, loraplus_lr_embedding
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is None and self.loraplus_lr_ratio is not None:
+            opt_model = self.model if model is None else model
+            chosen = getattr(self, "optimizer_cls_and_kwargs", None)  # Trainer(optimizer_cls_and_kwargs=...)
+            optimizer_cls, optimizer_kwargs = chosen or self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            decayed = set(self.get_decay_parameter_names(opt_model))
+            self.optimizer = create_loraplus_optimizer(
+                opt_model, optimizer_cls, {**optimizer_kwargs, "weight_decay": self.args.weight_decay},
+                self.loraplus_lr_ratio, self.loraplus_lr_embedding, decay_parameter_names=decayed)
+        return super().create_optimizer(model) if model is not None else super().create_optimizer()
+
+
+class AdapterTrainer(NonFiniteGuard, LoraPlusOptimizer, AdapterCheckpoints, Trainer):
     """transformers' Trainer for a structlora PeftModel: checkpoints hold the adapter folder only (and are reloaded
     for resume_from_checkpoint and load_best_model_at_end), and a non-finite loss or gradient stops the run.
 
@@ -156,30 +184,9 @@ class AdapterTrainer(NonFiniteGuard, AdapterCheckpoints, Trainer):
         loraplus_lr_embedding: LoRA+: the learning rate of low-rank adapters on embeddings (default 1e-6, PEFT's).
     """
 
-    def __init__(self, *args: Any, allow_incomplete_checkpoint: bool = False, loraplus_lr_ratio: float | None = None,
-                 loraplus_lr_embedding: float = 1e-6, **kwargs: Any) -> None:
-        if loraplus_lr_ratio is not None:
-            check_loraplus_lr_ratio(loraplus_lr_ratio)
-            if (kwargs.get("optimizers") or (None, None))[0] is not None:
-                raise ValueError("loraplus_lr_ratio builds the optimizer's parameter groups, but an optimizer was "
-                                 "given (optimizers=...): pass one or the other (structlora.create_loraplus_optimizer "
-                                 "builds a LoRA+ optimizer to pass)")
+    def __init__(self, *args: Any, allow_incomplete_checkpoint: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.allow_incomplete_checkpoint = allow_incomplete_checkpoint
-        self.loraplus_lr_ratio, self.loraplus_lr_embedding = loraplus_lr_ratio, loraplus_lr_embedding
-
-    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
-        """With `loraplus_lr_ratio`: the optimizer `args.optim` names over LoRA+'s groups (`structlora.loraplus`:
-        B at lr·ratio, A and T at lr, adapters on embeddings at `loraplus_lr_embedding`); else Trainer's."""
-        if self.optimizer is None and self.loraplus_lr_ratio is not None:
-            opt_model = self.model if model is None else model
-            chosen = getattr(self, "optimizer_cls_and_kwargs", None)  # Trainer(optimizer_cls_and_kwargs=...)
-            optimizer_cls, optimizer_kwargs = chosen or self.get_optimizer_cls_and_kwargs(self.args, opt_model)
-            decayed = set(self.get_decay_parameter_names(opt_model))
-            self.optimizer = create_loraplus_optimizer(
-                opt_model, optimizer_cls, {**optimizer_kwargs, "weight_decay": self.args.weight_decay},
-                self.loraplus_lr_ratio, self.loraplus_lr_embedding, decay_parameter_names=decayed)
-        return super().create_optimizer(model) if model is not None else super().create_optimizer()
 
 
 def _nonfinite_problem(model: torch.nn.Module, loss: torch.Tensor) -> str | None:
