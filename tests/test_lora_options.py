@@ -446,3 +446,12 @@ def test_pissa_trains_a_b_and_t_while_the_start_stays(make_config):
     assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for _, p in trained)
     optimizer.step()
     assert all(torch.equal(model.state_dict()[n], t) for n, t in start.items())
+
+
+def test_svd_starts_refuse_a_sharded_weight():
+    model = tiny_llama()
+    model.model.layers[1].self_attn.q_proj.weight.ds_id = 7  # what DeepSpeed ZeRO-3 marks a partitioned weight with
+    with pytest.raises(ValueError, match=r"'model.layers.1.self_attn.q_proj': an SVD start .* sharded \(DeepSpeed "
+                                         r"ZeRO-3 or FSDP2\): add the adapter before the model is sharded"):
+        get_peft_model(model, MTLoraConfig(r=2, init="lora-xs", target_modules=["q_proj"]))
+    assert not any(isinstance(m, LowRankLayer) for m in model.modules())

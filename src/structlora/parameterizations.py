@@ -17,7 +17,7 @@ from torch import nn
 
 from .bank import computed
 from .config import LoraConfig, LorettaRepConfig, MTLoraConfig
-from .svd_init import svd_factors, weight_out_by_in
+from .svd_init import svd_start
 from .tensor_train import TTMatrix, tt_shape_for
 
 
@@ -225,8 +225,8 @@ def _svd_start(parameterization: DenseLowRank, config: LoraConfig, base_layer: n
                ) -> tuple[torch.Tensor, torch.Tensor]:
     if base_layer is None:
         raise ValueError(f"init {config.init!r} needs the base layer whose weight it decomposes")
-    a, b = svd_factors(weight_out_by_in(base_layer), config.r, config.init, config.scaling,
-                       parameterization._slice_rows())
+    a, b = svd_start(base_layer, parameterization.in_features, config.r, config.init, config.scaling,
+                     parameterization._slice_rows())
     return a.contiguous(), b.contiguous()
 
 

@@ -30,6 +30,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .distributed import any_sharded
 from .quantized import describe, is_quantized
 
 SVD_INITS = ("pissa", "lora-xs")
@@ -48,19 +49,26 @@ def saved_factors_follow() -> Iterator[None]:
         _FACTORS_FOLLOW.reset(token)
 
 
-def weight_out_by_in(base_layer: nn.Module) -> torch.Tensor:
-    """The base weight as the (out x in) matrix ΔW is added to, in float32: nn.Linear's as stored, Conv1D's and
-    nn.Embedding's transposed (an embedding maps one-hot(num_embeddings) to embedding_dim).
-
-    Raises:
-        ValueError: a quantized weight (dequantize first).
-    """
+def _refuse_quantized(base_layer: nn.Module) -> None:
     if is_quantized(base_layer):
         raise ValueError(
             f"an SVD start (init 'pissa' or 'lora-xs') needs the full-precision weight, but this layer is a "
             f"{describe(base_layer)}: the SVD of the quantized weight is not that of the model's weight, and the "
             f"start cannot be written back into it. Dequantize the base first (structlora.quantized."
             f"dequantize_model(model)), or use init 'default' / 'reference' on the quantized base")
+
+
+def weight_out_by_in(base_layer: nn.Module) -> torch.Tensor:
+    """The base weight as the (out x in) matrix ΔW is added to, in float32: nn.Linear's as stored, Conv1D's and
+    nn.Embedding's transposed (an embedding maps one-hot(num_embeddings) to embedding_dim).
+
+    Raises:
+        ValueError: a quantized weight (dequantize first), or a sharded one (DeepSpeed ZeRO-3, FSDP2).
+    """
+    _refuse_quantized(base_layer)
+    if any_sharded([base_layer.weight]):
+        raise ValueError("an SVD start (init 'pissa' or 'lora-xs') needs the whole weight, but this layer's weight is "
+                         "sharded (DeepSpeed ZeRO-3 or FSDP2): add the adapter before the model is sharded")
     weight = base_layer.weight.detach()
     weight = weight if isinstance(base_layer, nn.Linear) else weight.t()
     return weight.float()
@@ -79,17 +87,27 @@ def _top_singular(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Ten
     return u[:, :r], s[:r], vh[:r]
 
 
-def svd_factors(weight: torch.Tensor, r: int, init: str, scaling: float, row_blocks: list[torch.Tensor]
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A (len(row_blocks)·r x in) and B (sum of block rows x r, blocks stacked) for `init`.
+def svd_start(base_layer: nn.Module, in_features: int, r: int, init: str, scaling: float,
+              row_blocks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (len(row_blocks)·r x in) and B (sum of block rows x r, blocks stacked) for `init`, from `base_layer`'s
+    weight; zeros of those shapes inside `saved_factors_follow` (the weight is then not read: it may be sharded).
 
     `row_blocks` are the row indices of W that each B block covers: one block for an ordinary projection, one per
     enabled slice for a fused one (GPT-2's c_attn), each slice's own SVD (B is block-diagonal there).
+
+    Raises:
+        ValueError: a quantized or sharded weight, r above a block's min(out, in), or an unknown init.
     """
+    if init not in SVD_INITS:
+        raise ValueError(f"unknown SVD start {init!r}; valid: {', '.join(SVD_INITS)}")
+    _refuse_quantized(base_layer)
+    for rows in row_blocks:
+        _check_rank((len(rows), in_features), r)
+    device = base_layer.weight.device
     if _FACTORS_FOLLOW.get():
-        for rows in row_blocks:
-            _check_rank((len(rows), weight.shape[1]), r)
-        return weight.new_zeros(len(row_blocks) * r, weight.shape[1]), weight.new_zeros(sum(map(len, row_blocks)), r)
+        return (torch.zeros(len(row_blocks) * r, in_features, device=device),
+                torch.zeros(sum(map(len, row_blocks)), r, device=device))
+    weight = weight_out_by_in(base_layer)
     a_blocks, b_blocks = [], []
     for rows in row_blocks:
         u, s, vh = _top_singular(weight.index_select(0, rows.to(weight.device)), r)
@@ -97,11 +115,9 @@ def svd_factors(weight: torch.Tensor, r: int, init: str, scaling: float, row_blo
             root = (s / scaling).sqrt()
             a_blocks.append(root[:, None] * vh)
             b_blocks.append(u * root[None, :])
-        elif init == "lora-xs":
+        else:  # lora-xs
             a_blocks.append(s[:, None] * vh)
             b_blocks.append(u)
-        else:
-            raise ValueError(f"unknown SVD start {init!r}; valid: {', '.join(SVD_INITS)}")
     return torch.cat(a_blocks), torch.cat(b_blocks)
 
 
