@@ -254,21 +254,28 @@ def test_pissa_round_trips_on_the_original_base(case_id, build, make_config, tmp
     assert ranks == {2 * layer.adapters["default"].parameterization.rank_dim for _, layer in layers}
 
 
-def test_pissa_in_a_mixed_batch_with_plain_lora():
+def test_svd_starts_in_a_mixed_batch_with_plain_lora_and_the_base():
     base = tiny_llama()
     model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, init="pissa", target_modules=LLAMA_TARGETS)).eval()
     model.add_adapter("plain", LoraConfig(r=4, target_modules=LLAMA_TARGETS))
-    randomize_adapters(model)  # the active ("default") one
-    model.set_adapter("plain")
-    randomize_adapters(model, seed=5)
-    batch = inputs()
+    model.add_adapter("xs", MTLoraConfig(r=4, init="lora-xs", structure="dtsm", target_modules=["q_proj", "v_proj"]))
+    for seed, name in enumerate(["default", "plain", "xs"]):
+        model.set_adapter(name)
+        randomize_adapters(model, seed=seed)  # the active adapter's trainable tensors
+    names = ["default", "plain", "xs", "__base__"]
+    batch = {"input_ids": torch.randint(0, 90, (4, 9), generator=torch.Generator().manual_seed(2))}
     with torch.no_grad():
-        mixed = model(**batch, adapter_names=["default", "plain"]).logits
+        mixed = model(**batch, adapter_names=names).logits
         alone = []
-        for row, name in enumerate(["default", "plain"]):
+        for row, name in enumerate(names):
+            row_batch = {k: v[row:row + 1] for k, v in batch.items()}
+            if name == "__base__":
+                alone.append(base(**row_batch).logits[0])
+                continue
             model.set_adapter(name)
-            alone.append(model(**{k: v[row:row + 1] for k, v in batch.items()}).logits[0])
+            alone.append(model(**row_batch).logits[0])
     assert torch.allclose(mixed, torch.stack(alone), atol=1e-5)
+    assert not torch.allclose(alone[0], alone[3], atol=1e-3)
 
 
 def test_pissa_refuses_dropout_and_a_rank_above_the_weight():
