@@ -13,7 +13,10 @@ gradients); and because the base weights stay the base model's, `disable_adapter
 adapters on the same layers and mixed batches are unaffected, the adapter loads onto the original base model, and
 `export_to_peft` writes the rank-2r LoRA relative to the original base that PEFT's `convert_pissa_to_lora`
 (`path_initial_model_for_weight_conversion`) gives: A' = [T·A; A₀], B' = [s·B, −s·B₀]. The cost is a rank-2r
-instead of rank-r product in the forward. `pissa_residual` gives the residual weight PEFT would have written.
+instead of rank-r product in the forward, and at the start the outputs equal the base model's to float rounding
+(W·x + s·B·A·x − s·B₀·A₀·x; 1e-7 on the tests' models), not bit for bit. Dropout on the adapter's input would also
+drop the offset, which PiSSA keeps in the weight, so PiSSA needs `lora_dropout=0` (the config refuses otherwise).
+`pissa_residual` gives the residual weight PEFT would have written.
 
 The SVD is computed in float32 on the weight's device (full SVD; PEFT's randomized `pissa_niter_N` is not
 offered). Quantized weights (bitsandbytes 4/8-bit, torchao) are refused: their SVD would be that of the
@@ -127,10 +130,12 @@ def pissa_residual(layer: nn.Module, adapter_name: str = "default") -> torch.Ten
     written (structlora keeps W and the offset instead; see the module docstring).
 
     Raises:
-        ValueError: the adapter is not a PiSSA one.
+        ValueError: the adapter is not a PiSSA one, or it is merged.
     """
     adapter = layer.adapters[adapter_name]
     offset = adapter.parameterization.initial_product()
     if offset is None:
         raise ValueError(f"adapter {adapter_name!r} is not a PiSSA adapter (init 'pissa'): it has no residual")
+    if adapter_name in layer.merged_adapters:
+        raise ValueError(f"adapter {adapter_name!r} is merged into the base weight: unmerge it to read the residual")
     return weight_out_by_in(layer.base_layer) - adapter.scaling * offset
