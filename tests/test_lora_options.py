@@ -462,3 +462,21 @@ def test_svd_starts_refuse_a_sharded_weight():
                                          r"ZeRO-3 or FSDP2\): add the adapter before the model is sharded"):
         get_peft_model(model, MTLoraConfig(r=2, init="lora-xs", target_modules=["q_proj"]))
     assert not any(isinstance(m, LowRankLayer) for m in model.modules())
+
+
+def test_results_and_sweeps_name_the_options():
+    from structlora.recipes import common, sweep
+    from test_method_flags import recipe_args
+
+    args = recipe_args("--method", "mtlora", "--structure", "ctcm", "--loraplus-lr-ratio", "16", "--init", "pissa",
+                       "--use-rslora")
+    assert common.method_label(args) == "mtlora-ctcm+rslora+pissa+loraplus16"
+    assert common.method_label(recipe_args("--method", "lora")) == "lora"
+    assert sweep.method_flags("mtlora+loraplus2.5+lora-xs") == ["--method", "mtlora", "--loraplus-lr-ratio", "2.5",
+                                                                "--init", "lora-xs"]
+    assert sweep.canonical_label("mtlora+loraplus2.5+lora-xs") == "mtlora-shim+lora-xs+loraplus2.5"
+    # What a sweep runs is what the run records.
+    for label in ("lora+rslora", "mtlora-shim+pissa", "mtlora-dtsm+lora-xs+loraplus4", "loretta-rep+rslora"):
+        assert common.method_label(recipe_args(*sweep.method_flags(label))) == sweep.canonical_label(label)
+    with pytest.raises(SystemExit, match=r"unknown method option '\+dora'"):
+        sweep.method_flags("lora+dora")

@@ -424,12 +424,15 @@ def build_peft_config(args: argparse.Namespace, task_type: str) -> Any | None:
 
 def method_label(args: argparse.Namespace) -> str:
     """The method name results.json records: ``mtlora-<structure>`` and ``adapter-<placement>`` name the variant,
-    so that a sweep's table keeps MTLoRA's structures and the adapter placements in rows of their own."""
-    if args.method == "mtlora":
-        return f"mtlora-{args.structure}"
-    if args.method == "adapter":
-        return f"adapter-{args.adapter_placement}"
-    return args.method
+    so that a sweep's table keeps MTLoRA's structures and the adapter placements in rows of their own; the LoRA-family
+    options follow as ``+rslora``, ``+pissa`` / ``+lora-xs``, ``+loraplus<ratio>`` (e.g. ``mtlora-shim+pissa``)."""
+    label = {"mtlora": f"mtlora-{getattr(args, 'structure', 'shim')}",
+             "adapter": f"adapter-{getattr(args, 'adapter_placement', 'houlsby')}"}.get(args.method, args.method)
+    ratio = getattr(args, "loraplus_lr_ratio", None)
+    options = [*(["rslora"] if getattr(args, "use_rslora", False) else []),
+               *([args.init] if getattr(args, "init", None) in ("pissa", "lora-xs") else []),
+               *([f"loraplus{ratio:g}"] if ratio is not None else [])]
+    return "+".join([label, *options])
 
 
 def wrap_model(model: torch.nn.Module, args: argparse.Namespace, task_type: str) -> torch.nn.Module:
