@@ -407,6 +407,8 @@ def test_recipe_flags_build_the_options():
     assert common.build_peft_config(recipe_args("--method", "lora", "--init", "reference"), "SEQ_CLS").init == "default"
     with pytest.raises(SystemExit, match="--init lora-xs trains MTLoRA's T between frozen SVD factors"):
         common.check_method_flags(recipe_args("--method", "lora", "--init", "lora-xs"))
+    with pytest.raises(SystemExit, match="--loraplus-lr-ratio speeds up the B factors, which --init lora-xs freezes"):
+        common.check_method_flags(recipe_args("--method", "mtlora", "--init", "lora-xs", "--loraplus-lr-ratio", "4"))
     for flag in (["--use-rslora"], ["--loraplus-lr-ratio", "4"]):
         with pytest.raises(SystemExit, match=f"{flag[0]} is read only by --method lora, mtlora, loretta-rep"):
             common.check_method_flags(recipe_args("--method", "adapter", *flag))

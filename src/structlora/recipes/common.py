@@ -373,6 +373,9 @@ def check_method_flags(args: argparse.Namespace) -> None:
         what = "starts MTLoRA's T at I" if args.init == "identity" else "trains MTLoRA's T between frozen SVD factors"
         raise SystemExit(f"error: --init {args.init} {what}; --method lora starts with A Kaiming-uniform and B zero "
                          f"(--init default or reference) or from the SVD of W (--init pissa); or --method mtlora")
+    if getattr(args, "init", None) == "lora-xs" and getattr(args, "loraplus_lr_ratio", None) is not None:
+        raise SystemExit("error: --loraplus-lr-ratio speeds up the B factors, which --init lora-xs freezes: it would "
+                         "change nothing (leave it unset)")
 
 
 def build_peft_config(args: argparse.Namespace, task_type: str) -> Any | None:
