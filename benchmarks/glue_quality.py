@@ -4,6 +4,8 @@
     python benchmarks/glue_quality.py --max-train-samples 0 --epochs 3  # whole training sets, the issue's budget
     python benchmarks/glue_quality.py --task-budget "cola=--max-train-samples 0 --epochs 1"  # one task's own budget
     python benchmarks/glue_quality.py --render-only --output runs/x     # rewrite RESULTS.md from finished runs
+    python benchmarks/glue_quality.py --tasks sst2 --max-train-samples 0 --epochs 3 \
+        --methods lora,mtlora-shim,lora+rslora,mtlora-shim+loraplus16,mtlora-shim+pissa,mtlora-shim+lora-xs  # issue 29
 
 The grid runs through `structlora sweep` (seed by seed, finished runs kept, so an interrupted benchmark
 resumes; each task in OUTPUT/<task>, with its own budget), the table is `structlora report`'s paper table, the plot
@@ -35,6 +37,9 @@ METHODS = ("lora", "mtlora-shim", "loretta-rep", "loretta-adp", "adapter-houlsby
            "ia3", "prompt", "ptuning", "prefix", "full")
 # One learning rate (--lr) for the adapter methods; these take their usual, larger or smaller, steps.
 METHOD_LR = {"full": "5e-5", "ia3": "3e-3", "prompt": "3e-2", "ptuning": "1e-2", "prefix": "1e-2"}
+# Issue 29's LoRA-family rows (not in the default grid; `--methods` names them): rsLoRA at r 32 as PEFT's comparison.
+OPTION_METHODS = ("lora+rslora", "mtlora-shim+loraplus16", "mtlora-shim+pissa", "mtlora-shim+lora-xs")
+METHOD_FLAGS = {"lora+rslora": ["--r", "32"]}
 CHANCE = {"sst2": 55.0, "cola": 5.0}  # at or below (×100): the model has not learned the task
 ISSUE_EPOCHS = 3  # the issue's budget: whole training sets, 3 epochs, 3 seeds, every method
 # The papers' orderings, (better, worse, source): MTLoRA's table (vs LoRA and the LoRA paper's baselines) and
@@ -45,13 +50,17 @@ ORDERINGS = (
     ("loretta-rep", "prompt", "LoRETTA"), ("loretta-rep", "ptuning", "LoRETTA"), ("loretta-rep", "ia3", "LoRETTA"),
     ("loretta-rep", "bitfit", "LoRETTA"), ("loretta-adp", "adapter-houlsby", "LoRETTA"),
     ("loretta-rep", "lora", "LoRETTA (≈ LoRA)"), ("loretta-adp", "lora", "LoRETTA (≈ LoRA)"),
+    # Issue 29: each option against the method it modifies (LoRA-XS, r² parameters, against LoRA: the paper's claim).
+    ("lora+rslora", "lora", "rsLoRA"), ("mtlora-shim+loraplus16", "mtlora-shim", "LoRA+"),
+    ("mtlora-shim+pissa", "mtlora-shim", "PiSSA"), ("mtlora-shim+lora-xs", "lora", "LoRA-XS (≈ LoRA)"),
 )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="sst2,cola")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"default: the papers' grid; issue 29's options: {','.join(OPTION_METHODS)}")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--max-train-samples", type=int, default=640, help="0: the whole training set")
     parser.add_argument("--max-eval-samples", type=int, default=400, help="0: the whole dev set")
@@ -209,6 +218,8 @@ def render(budgets: dict[str, argparse.Namespace], output: Path, seeds: Sequence
     report.plot(cells, plot, len(seeds))
     times = run_times(output)
     lrs = ", ".join(f"{m} {lr}" for m, lr in METHOD_LR.items())
+    ran = {method for method, _ in cells}
+    lrs += "".join(f"; {m} with {' '.join(flags)}" for m, flags in METHOD_FLAGS.items() if m in ran)
     time_rows = ["| task | method | runs finished / failed | wall s per run (mean) | process CPU s per run (mean) |",
                  "|---|---|---:|---:|---:|"]
     overheads: dict[tuple[str, str], float] = {}
@@ -300,6 +311,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
         method_args = {m: ["--lr", lr] for m, lr in METHOD_LR.items() if m in methods}
+        for method, flags in METHOD_FLAGS.items():
+            if method in methods:
+                method_args.setdefault(method, []).extend(flags)
         for task, budget in budgets.items():  # one sweep folder per task: one budget per folder
             flags = train_args(budget)
             sweep._check_grid_flags(output / task, "glue", flags, method_args)

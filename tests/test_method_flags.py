@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 # A value for each flag of METHOD_FLAG_READERS (not the default, where the flag has one).
 SAMPLE = {"structure": "icfm", "r": "4", "lora_alpha": "16", "lora_dropout": "0.1", "tensor_rank": "3",
           "bottleneck_size": "8", "adapter_placement": "pfeiffer", "num_virtual_tokens": "4",
-          "encoder_hidden_size": "8", "target_modules": "query", "init": "reference"}
+          "encoder_hidden_size": "8", "target_modules": "query", "init": "reference", "use_rslora": None,
+          "loraplus_lr_ratio": "16"}
 
 
 def recipe_args(*argv: str) -> argparse.Namespace:
@@ -38,7 +39,7 @@ def test_every_flag_is_refused_by_exactly_the_methods_that_do_not_read_it():
     refused = {}
     for dest, value in SAMPLE.items():
         for method in common.METHODS:
-            args = recipe_args("--method", method, flag(dest), value)
+            args = recipe_args("--method", method, flag(dest), *([] if value is None else [value]))
             try:
                 common.check_method_flags(args)
             except SystemExit as refusal:
@@ -61,6 +62,8 @@ def test_every_flag_is_refused_by_exactly_the_methods_that_do_not_read_it():
                                 "prompt"],
         "target_modules": ["full", "prefix", "prompt", "ptuning"],
         "init": ["full", "bitfit", "ia3", "prefix", "prompt", "ptuning"],
+        "use_rslora": ["loretta-adp", "full", "adapter", "bitfit", "ia3", "prefix", "prompt", "ptuning"],
+        "loraplus_lr_ratio": ["loretta-adp", "full", "adapter", "bitfit", "ia3", "prefix", "prompt", "ptuning"],
     }
 
 

@@ -131,3 +131,14 @@ def test_adapter_on_lm_head_is_refused(tmp_path):
     with pytest.raises(ValueError, match="lm_head.weight directly"):
         SFTTrainer(model=model, args=SFTConfig(output_dir=str(tmp_path), **RUN), train_dataset=data,
                    processing_class=tokenizer)
+
+
+def test_sft_trains_with_loraplus_groups(tmp_path):
+    tokenizer = tiny_word_tokenizer()
+    model = get_peft_model(tiny_llama_for(tokenizer), MTLoraConfig(r=4, structure="ctcm"))
+    data = Dataset.from_dict({"prompt": ["the cat is", "a dog was"] * 4, "completion": [" good .", " bad ."] * 4})
+    trainer = SFTTrainer(model=model, args=SFTConfig(output_dir=str(tmp_path), **RUN), train_dataset=data,
+                         processing_class=tokenizer, loraplus_lr_ratio=4)
+    trainer.train()
+    lrs = {group["name"]: group["initial_lr"] for group in trainer.optimizer.param_groups}
+    assert lrs == {"A": 1e-2, "B": 4e-2}

@@ -17,6 +17,7 @@ _EXPORTS: dict[str, str] = {
     "clear_factor_caches": "inference",
     "AdapterTrainer": "trainer",
     "TargetWarning": "targets",
+    "create_loraplus_optimizer": "loraplus",
 }
 
 if TYPE_CHECKING:
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
                          LorettaRepConfig, MTLoraConfig, TaskType)
     from .inference import clear_factor_caches
     from .interop import export_to_peft, from_loretta
+    from .loraplus import create_loraplus_optimizer
     from .model import PeftModel, adapted_layers, get_peft_model
     from .targets import TargetWarning
     from .trainer import AdapterTrainer
@@ -46,5 +48,5 @@ __all__ = [
     "AdapterConfig", "LoraConfig", "MTLoraConfig", "LorettaRepConfig", "LorettaAdpConfig", "DenseAdapterConfig",
     "BitFitConfig", "TaskType",
     "get_peft_model", "PeftModel", "adapted_layers", "export_to_peft", "from_loretta", "AdapterTrainer",
-    "clear_factor_caches", "TargetWarning",
+    "clear_factor_caches", "TargetWarning", "create_loraplus_optimizer",
 ]

@@ -227,6 +227,9 @@ class LoraConfig(AdapterConfig):
     Args:
         r: the rank.
         lora_alpha: the scale numerator (ΔW is scaled by lora_alpha / r); None means r.
+        use_rslora: rank-stabilised scaling lora_alpha / √r instead of lora_alpha / r (Kalajdzievski 2023).
+        init: "default" (A Kaiming-uniform, B zero) or "pissa" (Meng et al. 2024: A and B from the top-r singular
+            vectors of the base weight W; the model is the residual W − s·B₀·A₀ plus s·B·A; `structlora.svd_init`).
         lora_dropout: dropout on the adapter's input, in [0, 1).
         enable_lora: for fused projections (GPT-2's c_attn = q, k, v): which slices get an adapter, as a list
             for every target or a dict from a module-name suffix to its list. None: no fused projections.
@@ -241,12 +244,21 @@ class LoraConfig(AdapterConfig):
     # module-name suffix to its list. None: every target is an ordinary (unfused) projection.
     enable_lora: Union[list[bool], dict[str, list[bool]], None] = None
     fan_in_fan_out: Union[bool, None] = None  # None: detected (transformers Conv1D stores in x out)
+    use_rslora: bool = False
+    init: str = "default"
+
+    _INIT_CHOICES = ("default", "pissa")  # the valid `init` values (a class attribute, not a field)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.method = "lora"
         _require_positive("r", self.r)
+        _require_bool("use_rslora", self.use_rslora)
+        _require_choice("init", self.init, self._INIT_CHOICES)
         _require_number("lora_dropout", self.lora_dropout, 0.0, 1.0, low_inclusive=True)
+        if self.init == "pissa" and self.lora_dropout > 0:
+            raise ValueError("init 'pissa' needs lora_dropout=0: PiSSA's start W_r = s·B₀·A₀ is part of the weight, "
+                             "so dropout on the adapter's input would drop part of the base model's function too")
         if self.lora_alpha is None:
             self.lora_alpha = self.r
         _require_number("lora_alpha", self.lora_alpha, 0.0)
@@ -265,8 +277,8 @@ class LoraConfig(AdapterConfig):
 
     @property
     def scaling(self) -> float:
-        """lora_alpha / r, the factor ΔW is scaled by."""
-        return float(self.lora_alpha) / self.r
+        """lora_alpha / r (lora_alpha / √r with use_rslora), the factor ΔW is scaled by."""
+        return float(self.lora_alpha) / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
 @dataclass
@@ -275,7 +287,10 @@ class MTLoraConfig(LoraConfig):
 
     Args:
         structure: "shim" T=C, "icfm" T=C·Cᵀ, "ctcm" T=C·D, "dtsm" T=C+D.
-        init: "reference" (the authors' code: A, C, D Kaiming-uniform a=√5, B=0) or "identity" (T starts at I).
+        init: "reference" (the authors' code: A, C, D Kaiming-uniform a=√5, B=0), "identity" (T starts at I),
+            "pissa" (A, B from the SVD of W as LoraConfig's, T = I) or "lora-xs" (Bałazy et al. 2024: A = Σ_r·V_rᵀ
+            and B = U_r from the SVD of W, frozen; only T's C (and D) trained, T = 0 at the start; not with
+            icfm, whose T = C·Cᵀ has a zero gradient at C = 0).
 
     The LoRA fields (r, lora_alpha, target_modules, …) are LoraConfig's.
     """
@@ -283,11 +298,15 @@ class MTLoraConfig(LoraConfig):
     structure: str = "shim"
     init: str = "reference"
 
+    _INIT_CHOICES = ("reference", "identity", "pissa", "lora-xs")
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.method = "mtlora"
         _require_choice("structure", self.structure, MTLORA_STRUCTURES)
-        _require_choice("init", self.init, ("reference", "identity"))
+        if self.init == "lora-xs" and self.structure == "icfm":
+            raise ValueError("init 'lora-xs' starts T at 0, and icfm's T = C·Cᵀ is 0 only at C = 0, where its gradient "
+                             "is 0 too: T would never move. Use structure shim, ctcm or dtsm with lora-xs")
 
 
 @dataclass
@@ -311,11 +330,12 @@ class LorettaRepConfig(LoraConfig):
     init: str = "default"
     merge_weights: bool = False  # accepted for `loretta` compatibility; merging is explicit here
 
+    _INIT_CHOICES = ("default", "reference")
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.method = "loretta_rep"
         _require_positive("tensor_rank", self.tensor_rank)
-        _require_choice("init", self.init, ("default", "reference"))
         _require_bool("tensorize_classifier", self.tensorize_classifier)
 
 

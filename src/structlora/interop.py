@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from typing import Any
@@ -44,8 +45,11 @@ def export_to_peft(model: PeftModel, save_directory: str, adapter_name: str | No
     """Write a folder that `peft.PeftModel.from_pretrained` loads as plain LoRA with the same outputs.
 
     Exact for LoRA, MTLoRA (B·T·A is a rank-R LoRA with A' = T·A) and LoRETTA_rep (tensor trains
-    expanded). Per-module ranks go to `rank_pattern` (a fused q,k,v projection has rank 3r); trained
-    norms and heads become `modules_to_save` (tensorized heads expanded to dense).
+    expanded). The scaling is folded into lora_B; `use_rslora` is carried (with lora_alpha = √r, so that PEFT's
+    scaling is exactly 1). A PiSSA adapter (init "pissa") is written as the rank-2R LoRA relative to the original
+    base model, PEFT's `convert_pissa_to_lora`: A' = [T·A; A₀], B' = [s·B, −s·B₀] (`structlora.svd_init`).
+    Per-module ranks go to `rank_pattern` (a fused q,k,v projection has rank 3r); trained norms and heads become
+    `modules_to_save` (tensorized heads expanded to dense).
 
     Args:
         model: the structlora PeftModel.
@@ -92,13 +96,21 @@ def export_to_peft(model: PeftModel, save_directory: str, adapter_name: str | No
                 tensors[f"base_model.model.{name}.{key}"] = tensor
     ranks = set(rank_pattern.values())
     r = max(ranks, key=list(rank_pattern.values()).count)
+    use_rslora = bool(getattr(config, "use_rslora", False))
+
+    def unit_alpha(rank: int) -> float:
+        # The scaling is folded into lora_B, so PEFT's scaling must be exactly 1 for every module: alpha / rank, or
+        # alpha / √rank with use_rslora (written so that PEFT and vLLM read the adapter as the rsLoRA it is).
+        return math.sqrt(rank) if use_rslora else rank
+
     peft_config: dict[str, Any] = {
         "peft_type": "LORA",
         "task_type": config.task_type.value if isinstance(config.task_type, TaskType) else config.task_type,
         "r": r,
-        "lora_alpha": r,  # the scaling is folded into lora_B, so alpha / r = 1 for every module
+        "lora_alpha": unit_alpha(r),
+        "use_rslora": use_rslora,
         "rank_pattern": {k: v for k, v in rank_pattern.items() if v != r},
-        "alpha_pattern": {k: v for k, v in rank_pattern.items() if v != r},
+        "alpha_pattern": {k: unit_alpha(v) for k, v in rank_pattern.items() if v != r},
         # Exact module names: PEFT matches them exactly, and serving engines read their last part (SGLang
         # refuses a regex string).
         "target_modules": sorted(targets),

@@ -135,7 +135,7 @@ class LowRankLayer(nn.Module, AdapterLayerMixin):
         if self.kind == "embedding" and isinstance(config, LorettaRepConfig):
             raise ValueError("LoRETTA_rep does not support nn.Embedding targets (LoRA and MTLoRA do)")
         parameterization = make_parameterization(self.in_features, self.out_features, config,
-                                                 enabled_slices or [True])
+                                                 enabled_slices or [True], self.base_layer)
         adapter = LowRankAdapter(parameterization, config.scaling, float(config.lora_dropout))
         self.adapters[name] = adapter.to(device=self.base_layer.weight.device)
 
@@ -205,9 +205,9 @@ class LowRankLayer(nn.Module, AdapterLayerMixin):
         return self.adapters[name or self.active_adapter].delta_weight()
 
     def get_factors(self, name: str | None = None) -> dict[str, torch.Tensor]:
-        """Effective A (R x in), T (R x R), B (out x R), the scaling, and the raw parameters.
+        """Effective A (R x in), T (R x R), B (out x R), the scaling, and the raw parameters (and saved buffers).
 
-        ΔW = scaling · B · T · A.
+        ΔW = scaling · B · T · A; for a PiSSA start (init "pissa") ΔW = scaling · (B·T·A − B_initial·A_initial).
         """
         adapter = self.adapters[name or self.active_adapter]
         a, t, b = adapter.parameterization.factors()

@@ -27,6 +27,7 @@ from .layers import (AdapterLayerMixin, BottleneckLayer, LowRankLayer, Trainable
                      merge_all, unmerge_all)
 from .mixed import input_rows, routed_adapters
 from .quantized import refuse_quantized_merge
+from .svd_init import saved_factors_follow
 from .targets import (BOTTLENECK_PLACEMENT, CLASSIFIER_HEAD_NAMES, FUSED_PROJECTIONS, TargetWarning,
                       default_targets, is_norm_module, module_matches, unknown_target_error)
 from .tensor_train import TTLinear, classifier_tt_shape
@@ -378,7 +379,10 @@ class PeftModel(nn.Module):
             layer = self._wrap(name, module, LowRankLayer)
             if layer is None:
                 continue
-            layer.add_adapter(adapter_name, config, self._enabled_slices(config, name))
+            try:
+                layer.add_adapter(adapter_name, config, self._enabled_slices(config, name))
+            except ValueError as error:  # name the module (e.g. a quantized base refused by an SVD start)
+                raise ValueError(f"{name!r}: {error}") from error
             injected.append(name)
         return injected
 
@@ -794,8 +798,9 @@ class PeftModel(nn.Module):
         _refuse_adapted_base(model, hint=f"use model.load_adapter({model_id!r}, adapter_name=...) to add it")
         config = AdapterConfig.from_pretrained(model_id)
         config.inference_mode = not is_trainable
-        return cls.wrap_and_fill(model, config, adapter_name,
-                                 lambda peft_model: peft_model.load_adapter_weights(model_id, adapter_name))
+        with saved_factors_follow():  # SVD starts: the saved factors are loaded, not computed again
+            return cls.wrap_and_fill(model, config, adapter_name,
+                                     lambda peft_model: peft_model.load_adapter_weights(model_id, adapter_name))
 
     @classmethod
     def wrap_and_fill(cls, model: nn.Module, config: AdapterConfig, adapter_name: str,
@@ -827,7 +832,7 @@ class PeftModel(nn.Module):
         self._state.check_add(adapter_name)
         config = AdapterConfig.from_pretrained(model_id)
         config.inference_mode = not is_trainable
-        with self._transaction():
+        with self._transaction(), saved_factors_follow():
             self.add_adapter(adapter_name, config)
             self.load_adapter_weights(model_id, adapter_name)
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from .bank import computed
 from .config import LoraConfig, LorettaRepConfig, MTLoraConfig
+from .svd_init import svd_start
 from .tensor_train import TTMatrix, tt_shape_for
 
 
@@ -59,9 +60,17 @@ class LowRankParameterization(nn.Module):
     def t_matrix(self) -> torch.Tensor | None:
         return None
 
+    def initial_product(self) -> torch.Tensor | None:
+        """B₀·A₀ (out x in), the frozen start a PiSSA adapter subtracts (ΔW = s·(B·T·A − B₀·A₀)); None otherwise."""
+        return None
+
     # -- shared ------------------------------------------------------------------------------------------
     def b_matrix(self) -> torch.Tensor:
-        blocks = self.b_blocks()
+        return self._scatter_blocks(self.b_blocks())
+
+    def _scatter_blocks(self, blocks: list[torch.Tensor]) -> torch.Tensor:
+        """The (out x R) B of per-slice blocks: the block itself when unfused, else block-diagonal with its rows
+        scattered into the enabled slices."""
         if not self.is_fused:
             return blocks[0]
         dense = torch.block_diag(*blocks)  # (out_enabled x R)
@@ -87,7 +96,13 @@ class LowRankParameterization(nn.Module):
         return a_eff, b * scaling
 
     def raw_parameters(self) -> dict[str, torch.Tensor]:
-        return {name: p for name, p in self.named_parameters()}
+        """The stored tensors: trained parameters and saved frozen buffers (LoRA-XS's A and B, PiSSA's A₀, B₀)."""
+        return dict(self.state_dict(keep_vars=True))
+
+    def _slice_rows(self) -> list[torch.Tensor]:
+        """The output rows each B block covers (one block unless fused)."""
+        size = self.slice_size
+        return [torch.arange(i * size, (i + 1) * size) for i, on in enumerate(self.enabled_slices) if on]
 
 
 def _kaiming_uniform(rows: int, cols: int) -> nn.Parameter:
@@ -97,16 +112,19 @@ def _kaiming_uniform(rows: int, cols: int) -> nn.Parameter:
 
 
 class DenseLowRank(LowRankParameterization):
-    """LoRA (T = I) and MTLoRA (T = C, C·Cᵀ, C·D or C+D) with dense A and B."""
+    """LoRA (T = I) and MTLoRA (T = C, C·Cᵀ, C·D or C+D) with dense A and B: A Kaiming-uniform, B zero."""
 
     def __init__(self, in_features: int, out_features: int, config: LoraConfig,
-                 enabled_slices: list[bool]) -> None:
+                 enabled_slices: list[bool], base_layer: nn.Module | None = None) -> None:
         super().__init__(in_features, out_features, config.r, enabled_slices)
-        self.lora_A = _kaiming_uniform(self.rank_dim, in_features)
-        self.lora_B = nn.Parameter(torch.zeros(self.n_enabled * self.slice_size, self.r))
         self.structure = getattr(config, "structure", None)
+        self._init_factors(config, base_layer)
         if self.structure is not None:
             self._init_transform(config.structure, config.init)
+
+    def _init_factors(self, config: LoraConfig, base_layer: nn.Module | None) -> None:
+        self.lora_A = _kaiming_uniform(self.rank_dim, self.in_features)
+        self.lora_B = nn.Parameter(torch.zeros(self.n_enabled * self.slice_size, self.r))
 
     def _init_transform(self, structure: str, init: str) -> None:
         size = self.rank_dim
@@ -116,7 +134,7 @@ class DenseLowRank(LowRankParameterization):
             if needs_d:
                 self.lora_D = _kaiming_uniform(size, size)
             return
-        # identity: T = I exactly (icfm: C·Cᵀ = I; dtsm: I/2 + I/2)
+        # identity (and PiSSA's start): T = I exactly (icfm: C·Cᵀ = I; dtsm: I/2 + I/2)
         half = 0.5 if structure == "dtsm" else 1.0
         self.lora_C = nn.Parameter(torch.eye(size) * half)
         if needs_d:
@@ -126,9 +144,10 @@ class DenseLowRank(LowRankParameterization):
         return self.lora_A
 
     def b_blocks(self) -> list[torch.Tensor]:
-        if not self.is_fused:
-            return [self.lora_B]
-        return list(self.lora_B.split(self.slice_size, dim=0))
+        return self._blocks(self.lora_B)
+
+    def _blocks(self, stacked: torch.Tensor) -> list[torch.Tensor]:
+        return [stacked] if not self.is_fused else list(stacked.split(self.slice_size, dim=0))
 
     def t_matrix(self) -> torch.Tensor | None:
         if self.structure is None:
@@ -160,6 +179,55 @@ class DenseLowRank(LowRankParameterization):
     def bank_compute(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         a, *transform_parameters = inputs
         return _transform(self.structure, *transform_parameters) @ a
+
+
+class PissaLowRank(DenseLowRank):
+    """PiSSA's start (`structlora.svd_init`): A, B from the top-r singular vectors of W (s·B₀·A₀ = W_r), kept as frozen
+    buffers A₀, B₀ and subtracted: ΔW = s·(B·T·A − B₀·A₀), T = I at the start (MTLoRA's identity init)."""
+
+    def _init_factors(self, config: LoraConfig, base_layer: nn.Module | None) -> None:
+        a, b = _svd_start(self, config, base_layer)
+        self.lora_A, self.lora_B = nn.Parameter(a), nn.Parameter(b)
+        self.register_buffer("lora_A_initial", a.clone())
+        self.register_buffer("lora_B_initial", b.clone())
+
+    def initial_product(self) -> torch.Tensor:
+        return self._scatter_blocks(self._blocks(self.lora_B_initial)) @ self.lora_A_initial
+
+    def stored_factors(self) -> None:
+        return None  # the start is subtracted: nothing is used as stored
+
+    def unscaled_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T·A; A₀] and [B, −B₀]: rank 2R, the start subtracted in the same product."""
+        a_eff, b = super().unscaled_factors()
+        b_initial = self._scatter_blocks(self._blocks(self.lora_B_initial))
+        return torch.cat([a_eff, self.lora_A_initial]), torch.cat([b, -b_initial], dim=1)
+
+
+class LoraXSLowRank(DenseLowRank):
+    """LoRA-XS (`structlora.svd_init`): A = Σ_r·V_rᵀ and B = U_r from the SVD of W as frozen buffers (no requires_grad
+    switch can train them); only T trains, from T = 0 with a non-zero gradient: shim C = 0; ctcm C·D with C = 0,
+    D = I; dtsm C + D with both 0. (icfm's C·Cᵀ is refused by the config: its gradient at C = 0 is 0.)"""
+
+    def _init_factors(self, config: LoraConfig, base_layer: nn.Module | None) -> None:
+        a, b = _svd_start(self, config, base_layer)
+        self.register_buffer("lora_A", a)
+        self.register_buffer("lora_B", b)
+
+    def _init_transform(self, structure: str, init: str) -> None:
+        size = self.rank_dim
+        self.lora_C = nn.Parameter(torch.zeros(size, size))
+        if structure in STRUCTURES_WITH_D:
+            self.lora_D = nn.Parameter(torch.eye(size) if structure == "ctcm" else torch.zeros(size, size))
+
+
+def _svd_start(parameterization: DenseLowRank, config: LoraConfig, base_layer: nn.Module | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    if base_layer is None:
+        raise ValueError(f"init {config.init!r} needs the base layer whose weight it decomposes")
+    a, b = svd_start(base_layer, parameterization.in_features, config.r, config.init, config.scaling,
+                     parameterization._slice_rows())
+    return a.contiguous(), b.contiguous()
 
 
 def _transform(structure: str, c: torch.Tensor, d: torch.Tensor | None = None) -> torch.Tensor:
@@ -198,9 +266,11 @@ class TensorTrainLowRank(LowRankParameterization):
 
 
 def make_parameterization(in_features: int, out_features: int, config: LoraConfig,
-                          enabled_slices: list[bool]) -> LowRankParameterization:
+                          enabled_slices: list[bool], base_layer: nn.Module | None = None) -> LowRankParameterization:
+    """The parameterization `config` describes; `base_layer` (the adapted module) is read by SVD starts only."""
     if isinstance(config, LorettaRepConfig):
         return TensorTrainLowRank(in_features, out_features, config, enabled_slices)
     if isinstance(config, (MTLoraConfig, LoraConfig)):
-        return DenseLowRank(in_features, out_features, config, enabled_slices)
+        strategy = {"pissa": PissaLowRank, "lora-xs": LoraXSLowRank}.get(config.init, DenseLowRank)
+        return strategy(in_features, out_features, config, enabled_slices, base_layer)
     raise TypeError(f"no low-rank parameterization for {type(config).__name__}")

@@ -22,6 +22,7 @@ from transformers import Trainer
 
 from .distributed import any_sharded
 from .config import CONFIG_NAME
+from .loraplus import check_loraplus_lr_ratio, create_loraplus_optimizer
 from .model import WEIGHTS_NAME, PeftModel, adapter_folder
 from .sharded_trainer import (adapter_only_sharded_checkpoints, before_deepspeed_prepare, deepspeed_as_requested,
                               fsdp_as_requested)
@@ -154,7 +155,35 @@ def _load_saved_adapters(peft_model: PeftModel, checkpoint: str) -> None:
             peft_model.load_adapter_weights(folder, name)
 
 
-class AdapterTrainer(NonFiniteGuard, AdapterCheckpoints, Trainer):
+class LoraPlusOptimizer:
+    """Trainer mixin: with `loraplus_lr_ratio`, the optimizer `args.optim` names (or `optimizer_cls_and_kwargs`) over
+    LoRA+'s parameter groups (`structlora.loraplus`: B at lr·ratio, A and T at lr, adapters on embeddings at
+    `loraplus_lr_embedding`); without it, the Trainer's own optimizer."""
+
+    def __init__(self, *args: Any, loraplus_lr_ratio: float | None = None, loraplus_lr_embedding: float = 1e-6,
+                 **kwargs: Any) -> None:
+        if loraplus_lr_ratio is not None:
+            check_loraplus_lr_ratio(loraplus_lr_ratio)
+            if (kwargs.get("optimizers") or (None, None))[0] is not None:
+                raise ValueError("loraplus_lr_ratio builds the optimizer's parameter groups, but an optimizer was "
+                                 "given (optimizers=...): pass one or the other (structlora.create_loraplus_optimizer "
+                                 "builds a LoRA+ optimizer to pass)")
+        super().__init__(*args, **kwargs)
+        self.loraplus_lr_ratio, self.loraplus_lr_embedding = loraplus_lr_ratio, loraplus_lr_embedding
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is None and self.loraplus_lr_ratio is not None:
+            opt_model = self.model if model is None else model
+            chosen = getattr(self, "optimizer_cls_and_kwargs", None)  # Trainer(optimizer_cls_and_kwargs=...)
+            optimizer_cls, optimizer_kwargs = chosen or self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            decayed = set(self.get_decay_parameter_names(opt_model))
+            self.optimizer = create_loraplus_optimizer(
+                opt_model, optimizer_cls, {**optimizer_kwargs, "weight_decay": self.args.weight_decay},
+                self.loraplus_lr_ratio, self.loraplus_lr_embedding, decay_parameter_names=decayed)
+        return super().create_optimizer(model) if model is not None else super().create_optimizer()
+
+
+class AdapterTrainer(NonFiniteGuard, LoraPlusOptimizer, AdapterCheckpoints, Trainer):
     """transformers' Trainer for a structlora PeftModel: checkpoints hold the adapter folder only (and are reloaded
     for resume_from_checkpoint and load_best_model_at_end), and a non-finite loss or gradient stops the run.
 
@@ -164,6 +193,8 @@ class AdapterTrainer(NonFiniteGuard, AdapterCheckpoints, Trainer):
             and count it in `skipped_nonfinite_steps`.
         allow_incomplete_checkpoint: resume from a checkpoint that lacks the optimizer, scheduler or trainer
             state (refused by default: it would not continue the same run).
+        loraplus_lr_ratio: LoRA+: train the B factors at this multiple of the learning rate (`structlora.loraplus`).
+        loraplus_lr_embedding: LoRA+: the learning rate of low-rank adapters on embeddings (default 1e-6, PEFT's).
     """
 
     def __init__(self, *args: Any, allow_incomplete_checkpoint: bool = False, **kwargs: Any) -> None:

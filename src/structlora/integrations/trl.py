@@ -30,7 +30,7 @@ from torch import nn
 
 from ..layers import AdapterLayerMixin
 from ..model import PeftModel
-from ..trainer import AdapterCheckpoints
+from ..trainer import AdapterCheckpoints, LoraPlusOptimizer
 
 _TRL_MODULES = (trl.trainer.base_trainer, trl.trainer.dpo_trainer, trl.trainer.sft_trainer)
 
@@ -67,17 +67,18 @@ def _check_output_embeddings(model: nn.Module) -> None:
             "output embeddings would never be used: remove the LM head from target_modules / modules_to_save")
 
 
-class SFTTrainer(AdapterCheckpoints, trl.SFTTrainer):
-    """`trl.SFTTrainer` for a structlora `PeftModel`; checkpoints hold only the adapter."""
+class SFTTrainer(LoraPlusOptimizer, AdapterCheckpoints, trl.SFTTrainer):
+    """`trl.SFTTrainer` for a structlora `PeftModel`; checkpoints hold only the adapter; `loraplus_lr_ratio` as
+    AdapterTrainer's (LoRA+)."""
 
     def __init__(self, model: Any, *args: Any, **kwargs: Any) -> None:
         _check_output_embeddings(model)
         super().__init__(model, *args, **kwargs)
 
 
-class DPOTrainer(AdapterCheckpoints, trl.DPOTrainer):
+class DPOTrainer(LoraPlusOptimizer, AdapterCheckpoints, trl.DPOTrainer):
     """`trl.DPOTrainer` for a structlora `PeftModel`; the reference shares the base weights (see the module
-    docstring); checkpoints hold only adapters."""
+    docstring); checkpoints hold only adapters; `loraplus_lr_ratio` as AdapterTrainer's (LoRA+)."""
 
     def __init__(self, model: Any, *args: Any, **kwargs: Any) -> None:
         _check_output_embeddings(model)

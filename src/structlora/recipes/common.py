@@ -63,7 +63,7 @@ METHODS: tuple[str, ...] = ("lora", "mtlora", "loretta-rep", "loretta-adp", "ful
 PEFT_LIBRARY_METHODS: tuple[str, ...] = ("ia3", "prefix", "prompt", "ptuning")  # see peft_methods.py
 ADAPTER_PLACEMENTS: tuple[str, ...] = ("houlsby", "pfeiffer")
 MTLORA_STRUCTURES: tuple[str, ...] = ("shim", "icfm", "ctcm", "dtsm")
-INIT_CHOICES: tuple[str, ...] = ("default", "reference", "identity")
+INIT_CHOICES: tuple[str, ...] = ("default", "reference", "identity", "pissa", "lora-xs")
 LR_SCHEDULERS: tuple[str, ...] = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
     "inverse_sqrt",
@@ -84,10 +84,12 @@ METHOD_FLAG_READERS: dict[str, tuple[str, ...]] = {
     "encoder_hidden_size": ENCODER_METHODS,
     "target_modules": ("lora", "mtlora", "loretta-rep", "loretta-adp", "adapter", "bitfit", "ia3"),
     "init": ("lora", "mtlora", "loretta-rep", "loretta-adp", "adapter"),
+    "use_rslora": ("lora", "mtlora", "loretta-rep"),
+    "loraplus_lr_ratio": ("lora", "mtlora", "loretta-rep"),
 }
 # The adapter flags' defaults other than None: the flags' own defaults, and what a Namespace built without the
 # parser is compared with.
-_METHOD_FLAG_DEFAULTS = {"structure": "shim", "adapter_placement": "houlsby"}
+_METHOD_FLAG_DEFAULTS = {"structure": "shim", "adapter_placement": "houlsby", "use_rslora": False}
 # Trainer's own bookkeeping keys, not metrics of the model.
 _NON_METRIC_KEYS = {"runtime", "samples_per_second", "steps_per_second", "epoch", "step"}
 # Where explicitly given flags are recorded (see _track_explicit_flags).
@@ -171,8 +173,13 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                             "(default: the task head only)")
     group.add_argument("--init", choices=INIT_CHOICES, default=None,
                        help="adapter initialisation: default leaves the outputs unchanged at the start; "
-                            "reference is the authors' start; identity (MTLoRA) starts with T=I "
-                            "(default: the method's config)")
+                            "reference is the authors' start; identity (MTLoRA) starts with T=I; pissa (LoRA, MTLoRA) "
+                            "takes A, B from the SVD of W; lora-xs (MTLoRA) freezes A, B at the SVD of W and trains T "
+                            "only (default: the method's config)")
+    group.add_argument("--use-rslora", action="boolean", default=False,
+                       help="rsLoRA: scale the update by alpha/sqrt(r) instead of alpha/r")
+    group.add_argument("--loraplus-lr-ratio", type=float, default=None,
+                       help="LoRA+: train the B factors at this multiple of --lr (default: off)")
     return parser
 
 
@@ -362,9 +369,13 @@ def check_method_flags(args: argparse.Namespace) -> None:
                          f"would ignore it, training another model than the one asked for (leave {flag} unset, or "
                          f"choose one of those methods)")
     args._method_flags_warned = warned  # build_peft_config checks again: warn once
-    if method == "lora" and getattr(args, "init", None) == "identity":
-        raise SystemExit("error: --init identity starts MTLoRA's T at I; --method lora has one start, A "
-                         "Kaiming-uniform and B zero (--init default or reference; or --method mtlora)")
+    if method == "lora" and getattr(args, "init", None) in ("identity", "lora-xs"):
+        what = "starts MTLoRA's T at I" if args.init == "identity" else "trains MTLoRA's T between frozen SVD factors"
+        raise SystemExit(f"error: --init {args.init} {what}; --method lora starts with A Kaiming-uniform and B zero "
+                         f"(--init default or reference) or from the SVD of W (--init pissa); or --method mtlora")
+    if getattr(args, "init", None) == "lora-xs" and getattr(args, "loraplus_lr_ratio", None) is not None:
+        raise SystemExit("error: --loraplus-lr-ratio speeds up the B factors, which --init lora-xs freezes: it would "
+                         "change nothing (leave it unset)")
 
 
 def build_peft_config(args: argparse.Namespace, task_type: str) -> Any | None:
@@ -386,17 +397,19 @@ def build_peft_config(args: argparse.Namespace, task_type: str) -> Any | None:
     common = given(target_modules=getattr(args, "target_modules", None), task_type=task_type,
                    modules_to_save=getattr(args, "modules_to_save", None))
     init = getattr(args, "init", None)
+    common_low_rank = {**common, **given(use_rslora=getattr(args, "use_rslora", None) or None)}
     if method == "lora":
-        return structlora.LoraConfig(**common, **given(r=args.r, lora_alpha=args.lora_alpha,
-                                                       lora_dropout=args.lora_dropout))
+        return structlora.LoraConfig(**common_low_rank, **given(r=args.r, lora_alpha=args.lora_alpha,
+                                                                lora_dropout=args.lora_dropout,
+                                                                init="pissa" if init == "pissa" else None))
     if method == "mtlora":
         if init == "default":
             init = None  # MTLoRA names its default "reference"
-        return structlora.MTLoraConfig(**common, structure=args.structure,
+        return structlora.MTLoraConfig(**common_low_rank, structure=args.structure,
                                        **given(r=args.r, lora_alpha=args.lora_alpha,
                                                lora_dropout=args.lora_dropout, init=init))
     if method == "loretta-rep":
-        return structlora.LorettaRepConfig(**common, **given(r=args.r, lora_alpha=args.lora_alpha,
+        return structlora.LorettaRepConfig(**common_low_rank, **given(r=args.r, lora_alpha=args.lora_alpha,
                                                              lora_dropout=args.lora_dropout,
                                                              tensor_rank=args.tensor_rank, init=init))
     if method == "loretta-adp":
@@ -414,12 +427,15 @@ def build_peft_config(args: argparse.Namespace, task_type: str) -> Any | None:
 
 def method_label(args: argparse.Namespace) -> str:
     """The method name results.json records: ``mtlora-<structure>`` and ``adapter-<placement>`` name the variant,
-    so that a sweep's table keeps MTLoRA's structures and the adapter placements in rows of their own."""
-    if args.method == "mtlora":
-        return f"mtlora-{args.structure}"
-    if args.method == "adapter":
-        return f"adapter-{args.adapter_placement}"
-    return args.method
+    so that a sweep's table keeps MTLoRA's structures and the adapter placements in rows of their own; the LoRA-family
+    options follow as ``+rslora``, ``+pissa`` / ``+lora-xs``, ``+loraplus<ratio>`` (e.g. ``mtlora-shim+pissa``)."""
+    label = {"mtlora": f"mtlora-{getattr(args, 'structure', 'shim')}",
+             "adapter": f"adapter-{getattr(args, 'adapter_placement', 'houlsby')}"}.get(args.method, args.method)
+    ratio = getattr(args, "loraplus_lr_ratio", None)
+    options = [*(["rslora"] if getattr(args, "use_rslora", False) else []),
+               *([args.init] if getattr(args, "init", None) in ("pissa", "lora-xs") else []),
+               *([f"loraplus{ratio:g}"] if ratio is not None else [])]
+    return "+".join([label, *options])
 
 
 def wrap_model(model: torch.nn.Module, args: argparse.Namespace, task_type: str) -> torch.nn.Module:
@@ -744,6 +760,8 @@ def run_training(
 
     if issubclass(trainer_cls, NonFiniteGuard):
         trainer_kwargs.setdefault("skip_nonfinite_steps", bool(getattr(args, "skip_nonfinite_steps", False)))
+    if getattr(args, "loraplus_lr_ratio", None) is not None:  # read by AdapterTrainer (the low-rank methods)
+        trainer_kwargs.setdefault("loraplus_lr_ratio", args.loraplus_lr_ratio)
     trainer = trainer_cls(
         model=model,
         args=training_args,

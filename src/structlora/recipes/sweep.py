@@ -11,13 +11,15 @@ error) and is retried by the next sweep. So the same command, re-issued, continu
 and a grid can grow (more seeds, methods or tasks) into the same folder. Training flags are recorded in
 OUTPUT/sweep.json: re-using the folder with other flags is refused, since one table must have one budget.
 
-Method names: any ``--method`` of the recipe, plus ``mtlora-<structure>`` and ``adapter-<placement>``.
+Method names: any ``--method`` of the recipe, plus ``mtlora-<structure>`` and ``adapter-<placement>``, each with
+LoRA-family options after ``+`` (``lora+rslora``, ``mtlora-shim+pissa``, ``mtlora-shim+lora-xs+loraplus16``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import time
 import traceback
@@ -37,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", choices=RECIPES, help="which `structlora train` recipe runs the grid")
     parser.add_argument("--tasks", required=True, type=_csv, help="comma-separated tasks, e.g. sst2,cola")
     parser.add_argument("--methods", required=True, type=_csv,
-                        help="comma-separated methods, e.g. lora,mtlora-shim,loretta-rep,adapter-pfeiffer,bitfit")
+                        help="comma-separated methods, e.g. lora,mtlora-shim,loretta-rep,adapter-pfeiffer,bitfit; options "
+                             "after +: lora+rslora, mtlora-shim+pissa, mtlora-shim+lora-xs, lora+loraplus16")
     parser.add_argument("--seeds", default=[0, 1, 2], type=lambda v: [int(s) for s in _csv(v)],
                         help="comma-separated seeds (default 0,1,2)")
     parser.add_argument("--output", required=True, help="the grid's folder (one table)")
@@ -53,7 +56,25 @@ def _csv(value: str) -> list[str]:
 
 
 def method_flags(label: str) -> list[str]:
-    """``mtlora-icfm`` -> ``--method mtlora --structure icfm``; ``adapter-pfeiffer`` -> placement flag."""
+    """``mtlora-icfm`` -> ``--method mtlora --structure icfm``; ``adapter-pfeiffer`` -> placement flag; options after
+    ``+`` as `common.method_label` writes them: ``+rslora``, ``+pissa``, ``+lora-xs``, ``+loraplus<ratio>``."""
+    label, *options = label.split("+")
+    return [*_base_method_flags(label), *(flag for option in options for flag in _option_flags(option))]
+
+
+def _option_flags(option: str) -> list[str]:
+    if option == "rslora":
+        return ["--use-rslora"]
+    if option in ("pissa", "lora-xs"):
+        return ["--init", option]
+    ratio = option.removeprefix("loraplus")
+    if ratio != option and re.fullmatch(r"\d+(\.\d+)?(e-?\d+)?", ratio):
+        return ["--loraplus-lr-ratio", ratio]
+    raise SystemExit(f"error: unknown method option '+{option}' in --methods; valid: +rslora, +pissa, +lora-xs, "
+                     f"+loraplus<ratio> (e.g. lora+rslora, mtlora-shim+loraplus16)")
+
+
+def _base_method_flags(label: str) -> list[str]:
     for prefix, flag, choices in (("mtlora-", "--structure", common.MTLORA_STRUCTURES),
                                   ("adapter-", "--adapter-placement", common.ADAPTER_PLACEMENTS)):
         if label.startswith(prefix) and label[len(prefix):] in choices:
@@ -67,7 +88,10 @@ def method_flags(label: str) -> list[str]:
 
 def canonical_label(label: str) -> str:
     """The method name the recipe writes into results.json (mtlora -> mtlora-shim, adapter -> adapter-houlsby)."""
-    return {"mtlora": "mtlora-shim", "adapter": "adapter-houlsby"}.get(label, label)
+    base, *options = label.split("+")
+    order = {"rslora": 0, "pissa": 1, "lora-xs": 1}  # method_label's order; +loraplus<ratio> last
+    options = sorted(options, key=lambda option: order.get(option, 2))
+    return "+".join([{"mtlora": "mtlora-shim", "adapter": "adapter-houlsby"}.get(base, base), *options])
 
 
 def run_folder(output: str | Path, task: str, label: str, seed: int) -> Path:
