@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from structlora import cli
+from structlora.recipes import commands as cli
 from structlora.recipes import score
 
 

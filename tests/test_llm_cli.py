@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from structlora.cli import _build_parser, main
+from structlora.recipes.commands import build_parser, main
 from structlora.llm.tiny import save_tiny_llama
 from test_llm_tasks import write_jsonl
 
@@ -143,7 +143,7 @@ def test_recipes_apply_with_task_overrides(recipe: Path) -> None:
 
     def parse(*flags: str):
         argv = ["train", "llm", "--task", "CB", "--model", "m", "--output", "o", "--config", str(recipe), *flags]
-        args = _build_parser(argv).parse_args(argv)
+        args = build_parser(argv).parse_args(argv)
         return apply_task_overrides(common.apply_config_file(args))
 
     args = parse()

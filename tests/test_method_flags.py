@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import structlora.cli
+import structlora.recipes.commands
 from structlora.cli import main
 from structlora.recipes import common
 
@@ -121,7 +121,7 @@ def test_the_command_line_refuses_with_one_line_before_reading_anything(tmp_path
 
 def test_sweep_refuses_a_shared_flag_that_one_method_ignores_before_any_run(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(structlora.cli, "main", lambda argv: calls.append(argv) or 0)
+    monkeypatch.setattr(structlora.recipes.commands, "main", lambda argv: calls.append(argv) or 0)
     with pytest.raises(SystemExit, match="error: --methods bitfit: --r is read only by .* In a sweep, give a flag "
                                          "that only some methods read with --method-args 'METHOD=FLAGS'"):
         main(["sweep", "glue", "--tasks", "sst2", "--methods", "lora,bitfit", "--seeds", "0", "--output",
@@ -143,7 +143,7 @@ def test_every_shipped_recipe_sets_only_flags_its_method_reads(recipe):
     # The flags argparse requires on the command line (they do not touch the adapter).
     required = {"llm": ["--task", "squad", "--model", "m"], "nlg": ["--dataset", "e2e", "--model", "m"]}
     argv = ["train", kind, "--config", str(REPO / recipe), *required.get(kind, [])]
-    parser = structlora.cli._build_parser(argv)
+    parser = structlora.recipes.commands.build_parser(argv)
     args, unknown = parser.parse_known_args(argv)
     assert unknown == []
     common.check_method_flags(common.apply_config_file(args))

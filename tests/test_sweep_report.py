@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import structlora.cli
+import structlora.recipes.commands
 from structlora.cli import main
 from structlora.recipes import report, sweep
 from tiny_models import save_tiny_bert
@@ -49,7 +49,7 @@ def grid(output: Path, seeds: str = "0,1", methods: str = "lora,adapter-pfeiffer
 
 def test_interrupted_grid_continues_and_keeps_finished_runs(tmp_path, monkeypatch):
     interrupted = FakeTrainer(interrupt_at=4)
-    monkeypatch.setattr(structlora.cli, "main", interrupted)
+    monkeypatch.setattr(structlora.recipes.commands, "main", interrupted)
     with pytest.raises(KeyboardInterrupt):
         grid(tmp_path)
     finished = sorted(p.parent for p in tmp_path.rglob("results.json"))
@@ -57,7 +57,7 @@ def test_interrupted_grid_continues_and_keeps_finished_runs(tmp_path, monkeypatc
     stamps = {p: (p / "results.json").stat().st_mtime_ns for p in finished}
 
     resumed = FakeTrainer()
-    monkeypatch.setattr(structlora.cli, "main", resumed)
+    monkeypatch.setattr(structlora.recipes.commands, "main", resumed)
     assert grid(tmp_path) == 0
     assert len(resumed.calls) == 8 - 3  # only what was not finished
     assert all((p / "results.json").stat().st_mtime_ns == stamps[p] for p in finished)  # kept, not rerun
@@ -69,7 +69,7 @@ def test_interrupted_grid_continues_and_keeps_finished_runs(tmp_path, monkeypatc
     assert Path(first[first.index("--output") + 1]) == tmp_path / "cola" / "adapter-pfeiffer" / "seed0"
 
     again = FakeTrainer()
-    monkeypatch.setattr(structlora.cli, "main", again)
+    monkeypatch.setattr(structlora.recipes.commands, "main", again)
     assert grid(tmp_path, seeds="0,1,2") == 0  # the grid grows into the same folder
     assert len(again.calls) == 4 and all(call[call.index("--seed") + 1] == "2" for call in again.calls)
 
@@ -77,14 +77,14 @@ def test_interrupted_grid_continues_and_keeps_finished_runs(tmp_path, monkeypatc
 def test_a_run_cut_mid_training_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     (tmp_path / "sst2" / "lora" / "seed0" / "checkpoints" / "checkpoint-3").mkdir(parents=True)
     fake = FakeTrainer()
-    monkeypatch.setattr(structlora.cli, "main", fake)
+    monkeypatch.setattr(structlora.recipes.commands, "main", fake)
     grid(tmp_path, seeds="0", methods="lora")
     by_output = {Path(c[c.index("--output") + 1]).relative_to(tmp_path).parts[0]: c for c in fake.calls}
     assert by_output["sst2"][-1] == "--resume" and "--resume" not in by_output["cola"]
 
 
 def test_failed_runs_are_recorded_retried_and_marked(tmp_path, monkeypatch):
-    monkeypatch.setattr(structlora.cli, "main", FakeTrainer(fail_method="prefix"))
+    monkeypatch.setattr(structlora.recipes.commands, "main", FakeTrainer(fail_method="prefix"))
     assert grid(tmp_path, seeds="0", methods="lora,prefix") == 1  # non-zero: the grid is not complete
     failed = json.loads((tmp_path / "sst2" / "prefix" / "seed0" / "failed.json").read_text())
     assert failed["status"] == "failed" and "cannot run here" in failed["error"]
@@ -93,14 +93,14 @@ def test_failed_runs_are_recorded_retried_and_marked(tmp_path, monkeypatch):
     prefix_row = next(line for line in table.splitlines() if line.startswith("| prefix "))
     assert "✗ 1 failed" in prefix_row and prefix_row.split(" | ")[-2] == "–"  # no average
     retry = FakeTrainer()
-    monkeypatch.setattr(structlora.cli, "main", retry)
+    monkeypatch.setattr(structlora.recipes.commands, "main", retry)
     assert grid(tmp_path, seeds="0", methods="lora,prefix") == 0
     assert [c[c.index("--method") + 1] for c in retry.calls] == ["prefix", "prefix"]
     assert not list(tmp_path.rglob("failed.json"))  # finished since
 
 
 def test_sweep_refusals(tmp_path, monkeypatch):
-    monkeypatch.setattr(structlora.cli, "main", FakeTrainer())
+    monkeypatch.setattr(structlora.recipes.commands, "main", FakeTrainer())
     with pytest.raises(SystemExit, match="unknown method 'lorra'"):
         grid(tmp_path, methods="lora,lorra")
     with pytest.raises(SystemExit, match="--seed in --train-args"):

@@ -261,3 +261,30 @@ def load_glue(task_name: str, data_dir: str | os.PathLike | None = None, bad_row
             raise GlueDataError(f"--data-dir {data_dir} does not exist. {how_to_get_data(task)}")
         return load_glue_local(data_dir, task.name, bad_rows)
     return load_glue_hub(task)
+
+
+def tokenize_split(dataset: Any, tokenizer: Any, text_columns: tuple[str, ...], max_length: int,
+                   sort_by_length: bool = False) -> Any:
+    """``dataset`` tokenized for a classifier (``text_columns`` as one input or a pair, ``label`` -> ``labels``)."""
+    def encode(batch: dict[str, list[Any]]) -> dict[str, Any]:
+        encoded = tokenizer(*(batch[c] for c in text_columns), truncation=True, max_length=max_length)
+        encoded["labels"] = batch["label"]
+        return encoded
+
+    # keep_in_memory: no cache files, so torchrun ranks never race on writing them.
+    encoded = dataset.map(encode, batched=True, remove_columns=dataset.column_names, keep_in_memory=True)
+    if sort_by_length:
+        # Evaluation metrics do not depend on the order; batches of similar lengths pad (and cost) less.
+        lengths = [len(ids) for ids in encoded["input_ids"]]
+        encoded = encoded.select(sorted(range(len(lengths)), key=lengths.__getitem__), keep_in_memory=True)
+    return encoded
+
+
+def take_examples(dataset: Any, limit: int | None, shuffle_seed: int | None) -> Any:
+    """The first ``limit`` examples (all when ``limit`` is unset or larger), after a seeded shuffle when
+    ``shuffle_seed`` is given."""
+    if not limit or limit >= len(dataset):
+        return dataset
+    if shuffle_seed is not None:
+        dataset = dataset.shuffle(seed=shuffle_seed, keep_in_memory=True)
+    return dataset.select(range(limit))

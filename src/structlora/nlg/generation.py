@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from ..recipes.peft_methods import check_generate_matches_forward, generation_cache_kwargs
+from ..prompt_learning import check_generate_matches_forward, generation_cache_kwargs
 from .authors_decoding import (AUTHORS_REFERENCE_FILES, AuthorsBeamSettings, authors_beam_search, authors_hypothesis,
                                authors_post_process)
 from .data import NLGInput, write_e2e_references, write_multi_references

@@ -233,17 +233,16 @@ def _eval_glue(run: TrainedRun, args: argparse.Namespace, bad_rows: BadRows) -> 
     from transformers import DataCollatorWithPadding
 
     from ..glue import load_glue
-    from ..glue.data import find_task_folder
+    from ..glue.data import find_task_folder, take_examples, tokenize_split
     from ..glue.metrics import compute_glue_metrics
-    from .glue import _subset, _tokenize
 
     model, tokenizer, task = _load_glue_model(run, run.base_model(args.model))
     data_dir = resolve_data_dir(args.data_dir or run.flags.get("data_dir"),
                                 has_data=lambda root: find_task_folder(root, task) is not None)
     raw = load_glue(task.name, data_dir, bad_rows)
     split = task.eval_splits[0] if args.split == "dev" else "train"
-    dataset = _tokenize(_subset(raw[split], args.max_eval_samples, None), tokenizer, task.text_columns,
-                        int(run.flags.get("max_length") or 128))
+    dataset = tokenize_split(take_examples(raw[split], args.max_eval_samples, None), tokenizer, task.text_columns,
+                             int(run.flags.get("max_length") or 128))
     collator = DataCollatorWithPadding(tokenizer)
     model.eval()
     outputs = []

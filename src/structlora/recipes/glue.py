@@ -64,30 +64,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tokenize(dataset: Any, tokenizer: Any, text_columns: tuple[str, ...], max_length: int,
-              sort_by_length: bool = False) -> Any:
-    def encode(batch: dict[str, list[Any]]) -> dict[str, Any]:
-        encoded = tokenizer(*(batch[c] for c in text_columns), truncation=True, max_length=max_length)
-        encoded["labels"] = batch["label"]
-        return encoded
-
-    # keep_in_memory: no cache files, so torchrun ranks never race on writing them.
-    encoded = dataset.map(encode, batched=True, remove_columns=dataset.column_names, keep_in_memory=True)
-    if sort_by_length:
-        # Evaluation metrics do not depend on the order; batches of similar lengths pad (and cost) less.
-        lengths = [len(ids) for ids in encoded["input_ids"]]
-        encoded = encoded.select(sorted(range(len(lengths)), key=lengths.__getitem__), keep_in_memory=True)
-    return encoded
-
-
-def _subset(dataset: Any, limit: int | None, shuffle_seed: int | None) -> Any:
-    if not limit or limit >= len(dataset):
-        return dataset
-    if shuffle_seed is not None:
-        dataset = dataset.shuffle(seed=shuffle_seed, keep_in_memory=True)
-    return dataset.select(range(limit))
-
-
 def _warning_on_collapse(compute_metrics: Any, is_regression: bool) -> Any:
     """``compute_metrics`` that also warns when every prediction is the same class."""
     if is_regression:
@@ -109,7 +85,7 @@ def train_glue(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, set_seed
 
     from ..glue import load_glue, make_compute_metrics
-    from ..glue.data import get_task
+    from ..glue.data import get_task, take_examples, tokenize_split
 
     task = get_task(args.task)
     args.task = task.name
@@ -124,15 +100,15 @@ def train_glue(args: argparse.Namespace) -> dict[str, Any]:
                                    ("--eval-subset", args.eval_subset, len(raw[task.eval_splits[0]]))):
         if asked and asked > available:
             print(f"warning: {flag} {asked}: the data has {available} examples; using all of them", file=sys.stderr)
-    train_set = _tokenize(_subset(raw["train"], args.max_train_samples, args.seed), tokenizer,
-                          task.text_columns, args.max_length)
-    full_eval = {split: _subset(raw[split], args.max_eval_samples, None) for split in task.eval_splits}
-    eval_sets = {split: _tokenize(ds, tokenizer, task.text_columns, args.max_length, sort_by_length=True)
+    train_set = tokenize_split(take_examples(raw["train"], args.max_train_samples, args.seed), tokenizer,
+                               task.text_columns, args.max_length)
+    full_eval = {split: take_examples(raw[split], args.max_eval_samples, None) for split in task.eval_splits}
+    eval_sets = {split: tokenize_split(ds, tokenizer, task.text_columns, args.max_length, sort_by_length=True)
                  for split, ds in full_eval.items()}
     selection_sets = eval_sets
     if args.eval_subset and any(args.eval_subset < len(ds) for ds in full_eval.values()):
-        selection_sets = {split: _tokenize(_subset(ds, args.eval_subset, args.seed), tokenizer, task.text_columns,
-                                           args.max_length, sort_by_length=True)
+        selection_sets = {split: tokenize_split(take_examples(ds, args.eval_subset, args.seed), tokenizer,
+                                                task.text_columns, args.max_length, sort_by_length=True)
                           for split, ds in full_eval.items()}
 
     def as_eval_dataset(sets: dict[str, Any]) -> Any:

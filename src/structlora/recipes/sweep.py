@@ -164,7 +164,7 @@ def sweep(recipe: str, tasks: Sequence[str], methods: Sequence[str], seeds: Sequ
           stop_on_error: bool = False) -> dict[str, int]:
     """Run every (task, method, seed) not finished yet, seed by seed; return counts
     ``{"ran", "skipped", "failed"}``."""
-    from ..cli import main as cli_main
+    from .commands import main as cli_main
 
     counts = {"ran": 0, "skipped": 0, "failed": 0}
     # Seed-major: an unfinished grid still has every method and task at its first seeds.
