@@ -117,6 +117,21 @@ def test_mnli_two_eval_sets_then_rte_init_from_mnli(tiny_bert, data_dir, tmp_pat
     assert rte["task"] == "rte" and 0.0 <= rte["eval"]["accuracy"] <= 1.0
 
 
+def test_init_from_an_adapter_of_another_structure_is_one_error_line(tiny_bert, data_dir, tmp_path, capsys):
+    """A dtsm run's adapter has the tensors of a ctcm one: --init-from it into a ctcm run is refused, not loaded."""
+    train(tiny_bert, data_dir, tmp_path / "dtsm", "--task", "sst2", "--method", "mtlora", "--structure", "dtsm",
+          "--max-steps", "1")
+    argv = ["train", "glue", "--model", str(tiny_bert), "--data-dir", str(data_dir), "--output", str(tmp_path / "ctcm"),
+            "--task", "sst2", "--method", "mtlora", "--structure", "ctcm", "--max-steps", "1",
+            "--init-from", str(tmp_path / "dtsm")]
+    capsys.readouterr()
+    assert main(argv) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"error: --init-from {tmp_path / 'dtsm'}: its adapter has another structure than this "
+                            "run's (structure 'dtsm' there, 'ctcm' here, from adapter_config.json)")
+    assert not (tmp_path / "ctcm" / "results.json").exists()
+
+
 def test_stsb_regression_via_config_file(tiny_bert, data_dir, tmp_path):
     config = tmp_path / "stsb.yaml"
     config.write_text("task: stsb\nmethod: loretta-rep\ntensor-rank: 2\nmax-steps: 2\neval-every: 2\nlr: 1e-2\n")

@@ -180,7 +180,7 @@ def assert_greedy_by_hand(workspace: dict[str, Path], name: str, hyps: Path) -> 
     """The hypotheses `structlora generate` wrote = a by-hand greedy loop through the reloaded PEFT model."""
     from structlora.nlg.generation import clean_hypothesis, sidecar_paths
     from structlora.nlg.modeling import ModelSpec, load_causal_lm, load_tokenizer, prompt_ids
-    from structlora.recipes.peft_methods import load_adapter
+    from structlora.recipes.runs import with_adapter as load_adapter
 
     folder = workspace["root"] / name / "adapter"
     spec, _ = ModelSpec.load(folder)

@@ -12,6 +12,7 @@ import torch
 
 from structlora import LoraConfig, get_peft_model
 from structlora.recipes import common
+from structlora.recipes.runs import init_from_run
 from structlora.trainer import NonFiniteTrainingError
 from test_core import randomize_adapters, tiny_bert
 from test_reliability import assert_unchanged, fingerprint
@@ -147,10 +148,57 @@ def test_init_from_with_other_adapter_shapes_is_an_error(tmp_path):
     source.save_pretrained(tmp_path)
     model = get_peft_model(tiny_bert(), LoraConfig(r=8, target_modules=["query"]))
     before = fingerprint(model)
-    with pytest.raises(ValueError, match=r"adapter tensor\(s\) have another shape.*\(4, 32\) in the folder, "
-                                         r"\(8, 32\) here"):
-        common.load_adapter_from(model, tmp_path)
+    with pytest.raises(ValueError, match=r"another structure than this run's \(r 4 there, 8 here, from "
+                                         r"adapter_config.json\)"):
+        init_from_run(model, tmp_path)
     assert_unchanged(before, model)
+
+
+@pytest.mark.parametrize("saved, wanted, field", [
+    (dict(structure="dtsm"), dict(structure="ctcm"), "structure 'dtsm' there, 'ctcm' here"),
+    (dict(structure="shim"), dict(structure="icfm"), "structure 'shim' there, 'icfm' here"),
+    (dict(structure="shim", lora_alpha=16), dict(structure="shim", lora_alpha=32), "lora_alpha 16 there, 32 here"),
+])
+def test_init_from_another_structure_is_refused_though_the_shapes_match(tmp_path, saved, wanted, field):
+    from structlora import MTLoraConfig
+
+    source = get_peft_model(tiny_bert(), MTLoraConfig(r=4, target_modules=["query"], **saved))
+    randomize_adapters(source)
+    source.save_pretrained(tmp_path)
+    model = get_peft_model(tiny_bert(), MTLoraConfig(r=4, target_modules=["query"], **wanted))
+    assert {k: v.shape for k, v in model.adapter_state_dict().items()} == \
+        {k: v.shape for k, v in source.adapter_state_dict().items()}  # a shape check alone would load it
+    before = fingerprint(model)
+    with pytest.raises(ValueError, match=f"--init-from {tmp_path}: its adapter has another structure than this "
+                                         f"run's \\({field}, from adapter_config.json\\)"):
+        init_from_run(model, tmp_path)
+    assert_unchanged(before, model)
+
+
+def test_init_from_checks_the_structure_recorded_in_the_weights_too(tmp_path):
+    """An adapter_config.json edited after saving does not let other weights in: the weights file's own record
+    of the structure is compared as well."""
+    from structlora import MTLoraConfig
+
+    source = get_peft_model(tiny_bert(), MTLoraConfig(r=4, target_modules=["query"], structure="dtsm"))
+    source.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "structure": "ctcm"}))
+    model = get_peft_model(tiny_bert(), MTLoraConfig(r=4, target_modules=["query"], structure="ctcm"))
+    with pytest.raises(ValueError, match=r"structure 'dtsm' there, 'ctcm' here, from adapter_model.safetensors"):
+        init_from_run(model, tmp_path)
+
+
+def test_init_from_accepts_the_same_structure_with_another_dropout(tmp_path):
+    from structlora import MTLoraConfig
+
+    source = get_peft_model(tiny_bert(), MTLoraConfig(r=4, target_modules=["query"], structure="ctcm"))
+    randomize_adapters(source)
+    source.save_pretrained(tmp_path)
+    model = get_peft_model(tiny_bert(), MTLoraConfig(r=4, target_modules=["query"], structure="ctcm",
+                                                     lora_dropout=0.1))
+    init_from_run(model, tmp_path)
+    assert all(torch.equal(v, source.adapter_state_dict()[k]) for k, v in model.adapter_state_dict().items())
 
 
 def test_init_from_reinitialises_only_a_head_and_says_so(tmp_path, capsys):
@@ -164,7 +212,7 @@ def test_init_from_reinitialises_only_a_head_and_says_so(tmp_path, capsys):
                                                        max_position_embeddings=64, num_labels=2)).eval()
     model = get_peft_model(two_way, LoraConfig(r=4, target_modules=["query"], task_type="SEQ_CLS"))
     head_before = model.adapter_state_dict()["classifier.weight"].clone()
-    common.load_adapter_from(model, tmp_path)
+    init_from_run(model, tmp_path)
     assert "re-initialised 2 head tensor(s)" in capsys.readouterr().err
     assert torch.equal(model.adapter_state_dict()["classifier.weight"], head_before)
     query = "bert.encoder.layer.0.attention.self.query.parameterization.lora_A"
@@ -282,3 +330,4 @@ def test_glue_bom_short_rows_and_counted_skips(tmp_path):
     assert bad_rows.summary() == {"skipped_bad_rows": 2, "bad_rows": {
         "by_file": {str(train): 2}, "first": [f"{train}:3: 1 tab-separated column(s), task 'sst2' needs at least 2 here",
                                               f"{train}:5: label '7' is not one of 0..1 (task 'sst2')"]}}
+

@@ -27,7 +27,7 @@ Contract (signatures are stable; the NLG and LLM recipes import them):
   extra=None)`` -> path of ``results.json``; ``plot_curves(output_dir, history, metric)`` -> path of
   ``curves.png``. Both write on the main process only.
 - Helpers: ``count_trainable_parameters``, ``best_eval_metrics``, ``clean_eval_metrics``, ``save_final_model``,
-  ``is_main_process``, ``default_trainer_class``, ``load_adapter_from`` (``--init-from``).
+  ``is_main_process``, ``default_trainer_class``; ``--init-from`` loads through ``runs.init_from_run``.
 
 A ``history`` is a list of dicts, one per evaluation: ``{"epoch", "step", "train_loss", "eval_loss",
 <metric>: value, ...}`` (metric names without the ``eval_`` prefix).
@@ -53,6 +53,7 @@ from ..data_errors import BadRows, add_skip_bad_rows_argument
 from .device import has_accelerator as _has_accelerator
 from .device import resolve_device_settings
 from .peft_methods import ENCODER_METHODS, PROMPT_LEARNING_METHODS
+from .runs import HEAD_MODULE_NAMES, init_from_run
 
 if TYPE_CHECKING:
     import torch
@@ -436,60 +437,14 @@ def wrap_model(model: torch.nn.Module, args: argparse.Namespace, task_type: str)
         for parameter in model.parameters():
             parameter.requires_grad_(True)
         if init_from:
-            _load_matching_weights(model, Path(init_from), "model.safetensors")
+            init_from_run(model, init_from)
         return model
     import structlora
 
     peft_model = structlora.get_peft_model(model, config)
     if init_from:
-        load_adapter_from(peft_model, Path(init_from))
+        init_from_run(peft_model, init_from)
     return peft_model
-
-
-def _load_matching_weights(model: torch.nn.Module, folder: Path, filename: str) -> list[str]:
-    """Load tensors whose name and shape match; return the names skipped (e.g. a 3-way MNLI head
-    when fine-tuning 2-way RTE)."""
-    from safetensors.torch import load_file
-
-    path = folder / filename
-    if not path.is_file():
-        raise FileNotFoundError(f"--init-from: {path} not found")
-    tensors = load_file(str(path))
-    own = model.state_dict()
-    usable = {k: v for k, v in tensors.items() if k in own and own[k].shape == v.shape}
-    model.load_state_dict(usable, strict=False)
-    return sorted(set(tensors) - set(usable))
-
-
-def load_adapter_from(peft_model: Any, folder: Path) -> None:
-    """Load a trained adapter into ``peft_model``'s active adapter. Head tensors of another shape (a head
-    trained for a different label count, e.g. 3-way MNLI -> 2-way RTE) keep the model's own fresh values,
-    so the new task's head starts from scratch while the adapter is reused."""
-    from safetensors.torch import load_file
-
-    weights_path = folder / "adapter_model.safetensors"
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"--init-from: {weights_path} not found (expected an adapter folder)")
-    tensors = load_file(str(weights_path))
-    own_state = peft_model.adapter_state_dict()
-    mismatched = sorted(name for name, tensor in tensors.items()
-                        if name in own_state and own_state[name].shape != tensor.shape)
-    not_head = [name for name in mismatched if not set(name.split(".")) & set(HEAD_MODULE_NAMES)]
-    if not_head:
-        name = not_head[0]
-        raise ValueError(
-            f"--init-from {folder}: {len(not_head)} adapter tensor(s) have another shape than this model's, e.g. "
-            f"{name}: {tuple(tensors[name].shape)} in the folder, {tuple(own_state[name].shape)} here (another base "
-            f"model size or adapter rank?). Only a task head may differ; it is then re-initialised")
-    for name in mismatched:
-        tensors[name] = own_state[name].detach().clone()
-    if mismatched:
-        print(f"--init-from: re-initialised {len(mismatched)} head tensor(s) of another shape (a head for another "
-              f"label count): {', '.join(mismatched)}", file=sys.stderr)
-    peft_model.set_adapter_state_dict(tensors, source=str(weights_path))
-
-
-HEAD_MODULE_NAMES: tuple[str, ...] = ("classifier", "score", "pooler")
 
 
 def count_trainable_parameters(model: torch.nn.Module, exclude: Sequence[str] = ()) -> int:

@@ -22,12 +22,13 @@ from typing import Any
 from structlora.data_errors import BadRows, add_skip_bad_rows_argument
 from structlora.nlg.data import DATASETS, SPLITS, load_split
 from structlora.recipes.data_dir import add_data_dir_argument, resolve_data_dir
-from structlora.recipes.peft_methods import PROMPT_LEARNING_METHODS, load_adapter
+from structlora.recipes.peft_methods import PROMPT_LEARNING_METHODS
+from structlora.recipes.runs import NLG_META, TrainedRun, load_run_model
 
 # Kept here so --help imports nothing heavy (tests/test_cli_docs.py checks they match the library's):
 # the file `train nlg` writes beside the adapter (structlora.nlg.modeling.META_FILE) and the decoding modes
 # (structlora.nlg.generation.DECODING_MODES).
-META_FILE = "structlora_nlg.json"
+META_FILE = NLG_META
 DECODING_MODES: tuple[str, ...] = ("authors", "hf")
 
 
@@ -73,27 +74,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def adapter_folder(path: str) -> Path:
-    folder = Path(path)
-    if (folder / "adapter" / META_FILE).exists():
-        return folder / "adapter"
-    if (folder / META_FILE).exists():
-        return folder
-    raise SystemExit(f"error: {path} is not a `structlora train nlg` output ({META_FILE} not found)")
-
-
-def load_trained_model(folder: Path):
-    """Base model + trained adapter (or the fully fine-tuned model), its tokenizer, spec and metadata."""
-    from structlora.nlg.modeling import ModelSpec, load_causal_lm, load_tokenizer
-
-    spec, meta = ModelSpec.load(folder)
-    tokenizer = load_tokenizer(spec)
-    if meta.get("method") == "full":
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(str(folder))
-    else:
-        model = load_adapter(load_causal_lm(spec), folder)
-    return model, tokenizer, spec, meta
+    """The adapter folder of a `train nlg` run given as the run or as its adapter/."""
+    run = TrainedRun(path, flag="--adapter")
+    if not (run.adapter_dir / META_FILE).is_file():
+        raise SystemExit(f"error: {path} is not a `structlora train nlg` output ({META_FILE} not found)")
+    return run.adapter_dir
 
 
 def _check_resumable(sources_path: str, inputs: list, output: str, restart: bool) -> None:
@@ -175,7 +160,10 @@ def run(args: argparse.Namespace) -> int:
     except FileNotFoundError as error:
         raise SystemExit(f"error: {error}. Pass --split dev or dev-heldout (shipped data has no test "
                          "files), or --data-dir with the split's files") from None
-    model, tokenizer, spec, meta = load_trained_model(folder)
+    from structlora.nlg.modeling import ModelSpec
+
+    model, tokenizer = load_run_model(TrainedRun(folder, flag="--adapter"))
+    spec, meta = ModelSpec.load(folder)
     if args.decoding == "authors":
         from structlora.nlg.generation import stop_tokens
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from . import common, limits
 from .data_dir import add_data_dir_argument, resolve_data_dir
+from .runs import glue_label_settings
 
 TASK_TYPE = "SEQ_CLS"
 # The names of structlora.glue.data.GLUE_TASKS (kept here so --help needs no scientific stack; a test checks).
@@ -116,11 +117,7 @@ def train_glue(args: argparse.Namespace) -> dict[str, Any]:
         return (next(iter(sets.values())) if len(sets) == 1
                 else {split.removeprefix("validation_"): ds for split, ds in sets.items()})
 
-    label_kwargs: dict[str, Any] = {"num_labels": task.num_labels}
-    if task.label_names:
-        label_kwargs["id2label"] = dict(enumerate(task.label_names))
-        label_kwargs["label2id"] = {name: i for i, name in enumerate(task.label_names)}
-    model = AutoModelForSequenceClassification.from_pretrained(args.model, **label_kwargs)
+    model = AutoModelForSequenceClassification.from_pretrained(args.model, **glue_label_settings(task))
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id  # decoder-style models pool on the last non-pad
     model = common.wrap_model(model, args, TASK_TYPE)

@@ -143,9 +143,9 @@ def build_model(args: argparse.Namespace, spec: Any):
 
     peft_model = structlora.get_peft_model(model, config)
     if getattr(args, "init_from", None):
-        from pathlib import Path
+        from .runs import init_from_run
 
-        common.load_adapter_from(peft_model, Path(args.init_from))
+        init_from_run(peft_model, args.init_from)
     return peft_model
 
 

@@ -101,16 +101,6 @@ def saved_method(folder: str | Path) -> str | None:
     return PEFT_TYPES.get(str(config.get("peft_type")))
 
 
-def load_adapter(base: Any, folder: str | Path) -> Any:
-    """``base`` with the trained adapter of ``folder``, for inference: PEFT's own loader for the methods PEFT
-    implements, structlora's for the others."""
-    if saved_method(folder) is None:
-        from structlora import PeftModel
-
-        return PeftModel.from_pretrained(base, str(folder), is_trainable=False)
-    return require_peft().PeftModel.from_pretrained(base, str(folder), is_trainable=False)
-
-
 def _transformers_version() -> str:
     import transformers
 
