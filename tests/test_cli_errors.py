@@ -86,3 +86,18 @@ def test_structlora_warnings_are_one_warning_line(monkeypatch, capsys):
         assert warnings.showwarning is hook
     assert [w.category for w in recorded] == [FutureWarning]
     assert capsys.readouterr().err.splitlines() == ["warning: target_modules ['dense'] also matches 1 module(s)"]
+
+
+@pytest.mark.parametrize("dataset", ["e2e", "webnlg", "dart"])
+@pytest.mark.parametrize("bad", ["hyp", "ref"])
+def test_a_scorer_names_the_file_that_is_not_utf8(monkeypatch, capsys, tmp_path, dataset, bad):
+    monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
+    hyp, ref = tmp_path / "hyps.txt", tmp_path / ("refs.txt" if dataset == "e2e" else "hyps.reference0")
+    hyp.write_text("a cheap pub\n", encoding="utf-8")
+    ref.write_text("a cheap pub .\n", encoding="utf-8")
+    broken = hyp if bad == "hyp" else ref
+    broken.write_bytes(b"caf\xe9 near the river\n")  # latin-1
+    refs = ["--ref", str(ref)] if dataset == "e2e" else ["--ref-prefix", str(tmp_path / "hyps.reference")]
+    assert cli.main(["score", dataset, "--hyp", str(hyp), *refs, "--no-java"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {broken} is not UTF-8 text (byte 0xe9 at offset 3)"), err

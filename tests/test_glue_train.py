@@ -156,6 +156,27 @@ def test_resume_matches_uninterrupted_run(tiny_bert, data_dir, tmp_path):
     assert all(float((a[name] - b[name]).abs().max()) < 1e-6 for name in a)
 
 
+def test_resume_with_another_training_flag_is_refused_unless_allowed_then_recorded(tiny_bert, data_dir, tmp_path,
+                                                                                     capsys):
+    flags = ["--task", "sst2", "--method", "lora", "--lr", "5e-2", "--lr-scheduler", "constant", "--eval-every", "2"]
+    out = tmp_path / "run"
+    train(tiny_bert, data_dir, out, *flags, "--max-steps", "2")
+    argv = ["train", "glue", "--model", str(tiny_bert), "--data-dir", str(data_dir), "--output", str(out),
+            "--seed", "0", *flags, "--max-steps", "4", "--resume", "--lr", "0.5", "--batch-size", "4"]
+    with pytest.raises(SystemExit) as refused:
+        main(argv)
+    assert str(refused.value.code).startswith("error: --resume: --batch-size 4 (the run: 8), --lr 0.5 (the run: "
+                                              f"0.05) differ from the flags {out} was trained with")
+    capsys.readouterr()
+    assert not (out / "checkpoints" / "checkpoint-4").exists()
+    assert main([*argv, "--allow-resume-changes"]) == 0
+    assert "--lr 0.5 (the run: 0.05) not used: the optimizer continues with the checkpoint's" in capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert results["flags"]["lr"] == 0.05 and results["flags"]["batch_size"] == 4  # what ran
+    assert results["resumes"] == [{"resume": "latest", "changed": {"batch_size": {"run": 8, "resumed": 4}},
+                                   "not_used": {"lr": 0.5}}]
+
+
 def test_torchrun_two_processes_gloo(tiny_bert, data_dir, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),

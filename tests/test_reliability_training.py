@@ -331,3 +331,14 @@ def test_glue_bom_short_rows_and_counted_skips(tmp_path):
         "by_file": {str(train): 2}, "first": [f"{train}:3: 1 tab-separated column(s), task 'sst2' needs at least 2 here",
                                               f"{train}:5: label '7' is not one of 0..1 (task 'sst2')"]}}
 
+
+# -- --resume compares the training flags --------------------------------------------------------------------
+
+def test_resume_compares_training_flags_and_the_schedule_length_only_of_an_unfinished_run():
+    from structlora.recipes.resume import changed_flags
+
+    recorded = {"lr": 1e-4, "epochs": 3.0, "max_steps": -1, "seed": 0, "eval_batch_size": 32, "data_dir": "a"}
+    now = {"lr": 1e-4, "epochs": 5.0, "max_steps": -1, "seed": 1, "eval_batch_size": 64, "data_dir": "a",
+           "new_flag": 1}
+    assert changed_flags(now, recorded, finished=False) == {"epochs": (3.0, 5.0), "seed": (0, 1)}
+    assert changed_flags(now, recorded, finished=True) == {"seed": (0, 1)}  # a finished run continued longer

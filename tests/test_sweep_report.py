@@ -120,6 +120,28 @@ def write_run(root: Path, task: str, method: str, seed: int, metrics: dict, adap
         "eval": metrics, "history": [], "train_seconds": 2.0 + seed}))
 
 
+def test_report_names_every_folder_it_leaves_out_and_why(tmp_path, capsys):
+    write_run(tmp_path / "good", "sst2", "lora", 0, {"accuracy": 0.9})
+    half = tmp_path / "half"  # interrupted: checkpoints, no results.json
+    (half / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (half / "checkpoints" / "checkpoint-10").mkdir()
+    diverged = tmp_path / "grid" / "diverged"
+    diverged.mkdir(parents=True)
+    (diverged / "results.json").write_text(json.dumps({"status": "diverged", "error": "loss is NaN at step 3"}))
+    unfinished = tmp_path / "grid" / "seed1"
+    (unfinished / "checkpoints").mkdir(parents=True)
+    assert main(["report", str(tmp_path / "good"), str(half), str(tmp_path / "grid"), str(tmp_path / "none")]) == 0
+    captured = capsys.readouterr()
+    assert "| lora |" in captured.out
+    notes = [line for line in captured.err.splitlines() if line.startswith("note: not in the table: ")]
+    assert notes == [
+        f"note: not in the table: {half}: no results.json: an unfinished run (resume it with --resume); its last "
+        "checkpoint is checkpoint-10",
+        f"note: not in the table: {unfinished}: no results.json: an unfinished run (resume it with --resume)",
+        f"note: not in the table: {diverged}: diverged: loss is NaN at step 3",
+        f"note: not in the table: {tmp_path / 'none'}: does not exist"]
+
+
 def test_paper_table_metrics_marks_csv_and_plot(tmp_path):
     for seed, (mcc, acc, f1) in enumerate([(0.50, 0.80, 0.90), (0.52, 0.82, 0.86), (0.54, 0.84, 0.88)]):
         write_run(tmp_path, "cola", "lora", seed, {"matthews_correlation": mcc})

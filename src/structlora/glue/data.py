@@ -16,6 +16,7 @@ Local layouts understood by ``load_glue_local`` (``DATA_DIR/<task folder>/<split
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import sys
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..data_errors import BadRows, strict
+from ..data_errors import BadRows, read_text, strict
 
 HUB_ID = "nyu-mll/glue"
 
@@ -144,7 +145,7 @@ def _read_tsv(path: Path) -> list[tuple[int, list[str]]]:
     # GLUE's TSVs hold unbalanced quotes (MNLI, SST-2): never treat quotes as quoting.
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     try:
-        with open(path, encoding="utf-8-sig", newline="") as handle:
+        with io.StringIO(read_text(path, "utf-8-sig", newline=""), newline="") as handle:
             reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
             return [(reader.line_num, row) for row in reader if row]
     except UnicodeDecodeError as error:

@@ -53,6 +53,7 @@ from ..data_errors import BadRows, add_skip_bad_rows_argument
 from .device import has_accelerator as _has_accelerator
 from .device import resolve_device_settings
 from .peft_methods import ENCODER_METHODS, PROMPT_LEARNING_METHODS
+from .resume import check_resume_flags, resumes_of, write_record
 from .runs import HEAD_MODULE_NAMES, init_from_run
 
 if TYPE_CHECKING:
@@ -241,6 +242,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     group.add_argument("--skip-nonfinite-steps", action="boolean", default=False,
                        help="skip (and count, in results.json) steps whose loss or gradient is NaN/inf instead of "
                             "stopping")
+    group.add_argument("--allow-resume-changes", action="boolean", default=False,
+                       help="--resume with training flags (learning rate, schedule, batch, seed, data, ...) other than "
+                            "the run's: the changes are recorded in results.json; the learning rate, weight decay "
+                            "and Adam settings stay the checkpoint's")
     group.add_argument("--allow-incomplete-checkpoint", action="boolean", default=False,
                        help="--resume from a checkpoint that lacks its optimizer, scheduler or RNG state (fresh state "
                             "for them; the result then differs from an uninterrupted run) instead of refusing it")
@@ -626,6 +631,8 @@ def check_output_dir(args: argparse.Namespace, remove: bool = True) -> None:
             shutil.rmtree(checkpoint_dir(args), ignore_errors=True)
             if status is not None:
                 os.remove(os.path.join(output, "results.json"))
+        elif not remove and is_main_process():
+            write_record(output, flags_of(args))
         return
     if getattr(args, "resume", None):
         if status == "completed" and _schedule_done(args):
@@ -633,6 +640,8 @@ def check_output_dir(args: argparse.Namespace, remove: bool = True) -> None:
                   f"requested schedule: nothing to resume, nothing was done. Pass --overwrite to train it again, or "
                   f"a longer --max-steps/--epochs to continue it", file=sys.stderr)
             raise SystemExit(0)
+        if not remove:  # before anything is loaded, with the flags as given (the record was written likewise)
+            check_resume_flags(args, flags_of(args), finished=status == "completed", write=is_main_process())
         return
     if status is not None:
         raise SystemExit(f"error: --output {output} holds a {status} run (results.json); pass --overwrite to replace "
@@ -640,6 +649,8 @@ def check_output_dir(args: argparse.Namespace, remove: bool = True) -> None:
     if has_checkpoints:
         raise SystemExit(f"error: --output {output} holds checkpoints of an unfinished run; pass --resume to continue "
                          f"it, --overwrite to start over, or choose another --output")
+    if not remove and is_main_process():
+        write_record(output, flags_of(args))
 
 
 def _schedule_done(args: argparse.Namespace) -> bool:
@@ -941,6 +952,9 @@ def write_results(
     }
     if extra:
         payload.update(extra)
+    resumes = resumes_of(output_dir)
+    if resumes:
+        payload["resumes"] = resumes
     os.makedirs(output_dir, exist_ok=True)
     with open(path, "w") as handle:
         json.dump(payload, handle, indent=2)

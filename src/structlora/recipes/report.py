@@ -19,6 +19,7 @@ import io
 import json
 import math
 import statistics
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -49,9 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    results = load_runs(args.runs)
+    results, left_out = find_runs(args.runs)
+    print_left_out(left_out)
     if not results:
-        raise SystemExit(f"error: no results.json under {', '.join(args.runs)}")
+        raise SystemExit(f"error: no finished run under {', '.join(args.runs)}"
+                         + (" (see the notes above)" if left_out else ""))
     seeds, csv_path, plot_path = (getattr(args, name, None) for name in ("seeds", "csv", "plot"))
     if getattr(args, "per_run", False):
         table = markdown_table([r for r in results if r.get("status") != "failed"])
@@ -76,29 +79,75 @@ def is_reevaluation(record: dict[str, Any]) -> bool:
 def load_runs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     """results.json of each run folder (``run`` set to the folder), plus a ``status: failed`` record for each
     sweep run folder with a failed.json and no results.json."""
+    return find_runs(paths)[0]
+
+
+def find_runs(paths: Sequence[str | Path]) -> tuple[list[dict[str, Any]], list[tuple[Path, str]]]:
+    """``(runs, left_out)``: the records of ``load_runs``, and each folder that holds a run (or was given) but has
+    no place in the table, with why: unfinished, diverged, unreadable, not a run."""
     runs: list[dict[str, Any]] = []
+    left_out: list[tuple[Path, str]] = []
     for raw in paths:
         path = Path(raw)
+        if not path.exists():
+            left_out.append((path, "does not exist"))
+            continue
         if path.is_file():
             files = [path]
         elif (path / "results.json").is_file() or (path / "failed.json").is_file():
             files = [f for f in (path / "results.json", path / "failed.json") if f.is_file()]
         else:
             files = sorted([*path.rglob("results.json"), *path.rglob("failed.json")])
+            left_out += [(folder, _unfinished(folder)) for folder in _unfinished_runs(path, files)]
+            if not files and not any(folder == path for folder, _ in left_out):
+                left_out.append((path, "no results.json in it or below: not a run folder"))
         for file in files:
             if file.name == "failed.json" and (file.parent / "results.json").is_file():
                 continue  # retried since, and finished
             try:
-                record = json.loads(file.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                raise SystemExit(f"error: corrupt {file}: {error}") from None
+                record = json.loads(file.read_text(encoding="utf-8"))
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+            except (ValueError, UnicodeDecodeError) as error:
+                left_out.append((file.parent, f"unreadable {file.name} ({error})"))
+                continue
             if is_reevaluation(record):
+                if file.parent == path:  # named on the command line: say why it is not in the table
+                    left_out.append((path, "a `structlora eval` output, not a training run (its run is counted)"))
                 continue  # `structlora eval` output (RUN/eval-dev by default): the run itself is counted
             if file.name == "failed.json":
                 record["status"] = "failed"
+            elif record.get("status", "completed") != "completed":
+                left_out.append((file.parent, f"{record['status']}: {record.get('error', 'no result')}"))
+                continue
             record["run"] = str(file.parent)
             runs.append(record)
-    return runs
+    return runs, left_out
+
+
+_RUN_MARKERS = ("checkpoints", "run_flags.json", "adapter")
+
+
+def _unfinished_runs(root: Path, files: Sequence[Path]) -> list[Path]:
+    """Run folders under ``root`` (the root included) that have started (checkpoints, a flags record or an
+    adapter) but hold neither results.json nor failed.json."""
+    finished = {file.parent for file in files}
+    started = {marker.parent for name in _RUN_MARKERS for marker in [root / name, *root.rglob(name)] if marker.exists()}
+    return sorted(folder for folder in started
+                  if folder not in finished and not any(parent in started for parent in folder.parents))
+
+
+def _unfinished(folder: Path) -> str:
+    checkpoints = sorted((folder / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])
+                         if p.name.split("-")[-1].isdigit() else -1)
+    last = f"; its last checkpoint is {checkpoints[-1].name}" if checkpoints else ""
+    return f"no results.json: an unfinished run (resume it with --resume){last}"
+
+
+def print_left_out(left_out: Sequence[tuple[Path, str]]) -> None:
+    """One stderr line per folder that is not in the table, with why."""
+    for folder, why in left_out:
+        print(f"note: not in the table: {folder}: {why}", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------------ the table
