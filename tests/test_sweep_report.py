@@ -142,6 +142,24 @@ def test_report_names_every_folder_it_leaves_out_and_why(tmp_path, capsys):
         f"note: not in the table: {tmp_path / 'none'}: does not exist"]
 
 
+def test_report_rows_per_model_and_only_fractions_times_100(tmp_path):
+    write_run(tmp_path / "bert", "sst2", "lora", 0, {"accuracy": 0.9})
+    write_run(tmp_path / "roberta", "sst2", "lora", 0, {"accuracy": 0.8})
+    write_run(tmp_path / "gpt2", "nlg-e2e", "lora", 0, {"eval_loss": 3.32})
+    for model in ("bert", "roberta", "gpt2"):
+        path = next((tmp_path / model).rglob("results.json"))
+        path.write_text(json.dumps({**json.loads(path.read_text()), "model": model, "main_metric": "eval_loss"
+                                    if model == "gpt2" else "accuracy"}))
+    table = report.paper_table(report.load_runs([tmp_path]))
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in table.splitlines() if line.startswith("| ")}
+    assert list(rows)[1:] == ["bert · lora", "gpt2 · lora", "roberta · lora"]
+    assert rows["method"][3:5] == ["sst2 (acc)", "nlg-e2e (eval_loss)"]
+    assert rows["bert · lora"][3:5] == ["90.0", "–"] and rows["roberta · lora"][3:5] == ["80.0", "–"]
+    assert rows["gpt2 · lora"][4] == "3.3"  # a loss, not a fraction: not ×100 (was 332.0)
+    one_model = report.paper_table(report.load_runs([tmp_path / "bert"]))
+    assert "| lora |" in one_model and "·" not in one_model
+
+
 def test_paper_table_metrics_marks_csv_and_plot(tmp_path):
     for seed, (mcc, acc, f1) in enumerate([(0.50, 0.80, 0.90), (0.52, 0.82, 0.86), (0.54, 0.84, 0.88)]):
         write_run(tmp_path, "cola", "lora", seed, {"matthews_correlation": mcc})

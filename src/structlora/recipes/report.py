@@ -3,9 +3,10 @@
     structlora report runs/table --output table.md --csv table.csv --plot table.png
 
 Each DIR is a run folder (holding results.json) or a folder of run folders (searched recursively; a
-`structlora sweep` output is one). Rows are methods, columns tasks; each cell is the mean ± std over seeds
-of the metric the papers report for that task (×100: MCC for CoLA, Pearson for STS-B, accuracy/F1 for
-MRPC and QQP, matched accuracy for MNLI, accuracy otherwise), with trainable parameters (adapter alone and
+`structlora sweep` output is one). Rows are methods (``<model> · <method>`` when the runs have several base
+models), columns tasks; each cell is the mean ± std over seeds of the metric the papers report for that task (MCC for
+CoLA, Pearson for STS-B, accuracy/F1 for MRPC and QQP, matched accuracy for MNLI, accuracy otherwise; fractions ×100,
+other metrics such as a loss as recorded), with trainable parameters (adapter alone and
 with the head) and an average column. Cells with fewer seeds than the others, failed runs (a sweep's
 failed.json) and missing tasks are marked, and an average over such cells is marked too: nothing is
 averaged silently. ``--per-run`` prints the old one-line-per-run table instead.
@@ -35,6 +36,10 @@ METRIC_SHORT = {"matthews_correlation": "MCC", "accuracy": "acc", "f1": "F1", "p
 TASK_ORDER = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte")
 METHOD_ORDER = ("full", "bitfit", "adapter-houlsby", "adapter-pfeiffer", "ia3", "prefix", "prompt", "ptuning",
                 "lora", "mtlora-shim", "mtlora-icfm", "mtlora-ctcm", "mtlora-dtsm", "loretta-rep", "loretta-adp")
+# Metrics that are fractions (accuracy, F1, correlations): shown ×100 as in the papers. Others (a loss, BLEU) as
+# recorded: an E2E eval_loss of 3.32 is 3.3, not 332.
+FRACTION_METRICS = ("accuracy", "f1", "matthews_correlation", "pearson", "spearmanr", "exact_match")
+MODEL_SEPARATOR = " · "  # a row's label when the runs have several base models: "<model> · <method>"
 INCOMPLETE = "†"
 FAILED = "✗"
 
@@ -200,10 +205,20 @@ def task_metrics(task: str, record: dict[str, Any]) -> tuple[str, ...]:
     return (main,) if main else tuple(list(record.get("eval", {}))[:1])
 
 
+def is_fraction(metric: str) -> bool:
+    """Whether ``metric`` is a fraction (shown ×100): accuracy, F1, MCC, correlations, exact match."""
+    return metric.removeprefix("eval_").endswith(FRACTION_METRICS)
+
+
 def build_cells(results: Sequence[dict[str, Any]]) -> dict[tuple[str, str], Cell]:
+    """Cells keyed by (row, task); a row is the method, or ``<model> · <method>`` when the runs have several base
+    models (one model's numbers never average with another's)."""
     cells: dict[tuple[str, str], Cell] = {}
+    several_models = len({str(r.get("model")) for r in results if r.get("model")}) > 1
     for record in results:
         method, task = str(record.get("method", "?")), str(record.get("task", "?"))
+        if several_models:
+            method = f"{record.get('model', '?')}{MODEL_SEPARATOR}{method}"
         cell = cells.get((method, task))
         if cell is None:
             cell = cells[(method, task)] = Cell(method, task, task_metrics(task, record))
@@ -217,7 +232,7 @@ def build_cells(results: Sequence[dict[str, Any]]) -> dict[tuple[str, str], Cell
             continue
         cell.seeds.append(record.get("seed"))
         for metric, value in zip(cell.metrics, values, strict=True):
-            cell.values.setdefault(metric, []).append(100.0 * float(value))
+            cell.values.setdefault(metric, []).append((100.0 if is_fraction(metric) else 1.0) * float(value))
         if "adapter_params" in record:
             cell.adapter_params.add(int(record["adapter_params"]))
         cell.trainable_params.add(int(record.get("trainable_params", 0)))
@@ -226,7 +241,13 @@ def build_cells(results: Sequence[dict[str, Any]]) -> dict[tuple[str, str], Cell
 
 
 def _ordered(names: Sequence[str], order: Sequence[str]) -> list[str]:
-    return sorted(set(names), key=lambda n: (order.index(n) if n in order else len(order), n))
+    """``names`` in the papers' ``order`` (unknown names after, alphabetically); rows of several models grouped by
+    model."""
+    def key(name: str) -> tuple[str, int, str]:
+        model, _, plain = name.rpartition(MODEL_SEPARATOR)
+        return model, order.index(plain) if plain in order else len(order), plain
+
+    return sorted(set(names), key=key)
 
 
 def _count_range(counts: set[int]) -> str:
@@ -301,7 +322,8 @@ def paper_table(results: Sequence[dict[str, Any]], expected_seeds: int | None = 
         time_text = f"{statistics.fmean(seconds):.0f}" if seconds else "–"
         lines.append(f"| {method} | {_count_range(adapter)} | {_count_range(trainable)} | " + " | ".join(texts)
                      + f" | {avg} | {time_text} |")
-    lines += ["", "Mean ± std over seeds (×100; a single seed shows its value alone); "
+    lines += ["", "Mean ± std over seeds (fractions ×100, other metrics as recorded; a single seed shows its value "
+              "alone); "
               f"{expected} seed(s) expected per cell. avg: mean over tasks (MRPC/QQP: of accuracy and F1)."]
     if notes:
         lines.append(f"{INCOMPLETE}: fewer seeds than expected, failed runs or undefined (NaN) metrics — the mean is "
@@ -360,7 +382,8 @@ def plot(cells: dict[tuple[str, str], Cell], path: str | Path, expected_seeds: i
         axis.set_xscale("log")
         metrics = next(c.metrics for (m, t), c in cells.items() if t == task)
         axis.set_xlabel("trainable parameters, adapter alone (log scale)")
-        axis.set_ylabel(" / ".join(METRIC_SHORT.get(m, m) for m in metrics) + " (×100)")
+        axis.set_ylabel(" / ".join(METRIC_SHORT.get(m, m) for m in metrics)
+                        + (" (×100)" if all(is_fraction(m) for m in metrics) else ""))
         axis.set_title(task)
         axis.grid(True, which="both", alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
