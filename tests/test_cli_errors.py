@@ -101,3 +101,26 @@ def test_a_scorer_names_the_file_that_is_not_utf8(monkeypatch, capsys, tmp_path,
     assert cli.main(["score", dataset, "--hyp", str(hyp), *refs, "--no-java"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {broken} is not UTF-8 text (byte 0xe9 at offset 3)"), err
+
+
+def test_an_unreachable_hub_is_one_error_line_at_once_naming_what_is_accepted(monkeypatch, tmp_path):
+    """No waiting for the Hub's retries: a connection test decides, the Hub is switched off for the command, and a
+    model that is not in the cache is refused before any data or weights are read."""
+    from structlora.recipes import hub
+
+    probes = []
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=1.0: probes.append(timeout) or False)
+    monkeypatch.setenv(hub.OFFLINE_ENV, "0")  # restored after the test
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(SystemExit) as refused:
+        cli.main(["train", "glue", "--task", "sst2", "--model", "nobody/no-such-model", "--output",
+                  str(tmp_path / "run")])
+    assert str(refused.value.code) == (
+        "error: cannot load --model 'nobody/no-such-model': it is not a local folder nor in the Hugging Face cache, "
+        "and the Hugging Face Hub is unreachable. Offline, --model takes a local folder (config.json + weights), a "
+        ".gguf file, a model already in the cache, or (train nlg / train llm) the packaged smollm2-135m")
+    assert probes == [1.0] and __import__("os").environ[hub.OFFLINE_ENV] == "1"
+    assert not (tmp_path / "run").exists()
+    # A local folder is never probed for.
+    hub.check_model_available(str(tmp_path))
+    assert probes == [1.0]

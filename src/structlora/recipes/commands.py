@@ -118,7 +118,7 @@ def one_line(error: BaseException, args: argparse.Namespace) -> str:
         # transformers' message names neither the model nor what to do instead.
         return (f"cannot load --model {model!r}: it is not a local folder and the Hugging Face Hub did not "
                 f"provide it ({text.split('. ')[0]}). Pass a local folder (config.json + weights), a .gguf file, or "
-                "a packaged model (smollm2-135m; the demo's all-MiniLM-L6-v2), or connect to the Hub once")
+                "(train nlg / train llm) the packaged smollm2-135m, or connect to the Hub once")
     return text
 
 

@@ -134,10 +134,19 @@ def _load_causal_run(run: TrainedRun, model_override: str | None) -> tuple[Any, 
 
 def load_run_model(run: TrainedRun, model_override: str | None = None) -> tuple[Any, Any]:
     """The base model with the run's adapter (or the fully fine-tuned model), for inference, and its tokenizer."""
+    from .hub import check_model_available
+
+    if not run.is_full:
+        check_model_available(run.base_model(model_override) if run.recipe != "nlg" else
+                              model_override or _nlg_base_model(run))
     if run.recipe == "glue":
         model, tokenizer, _ = load_glue_run(run, run.base_model(model_override))
         return model, tokenizer
     return _load_causal_run(run, model_override)
+
+
+def _nlg_base_model(run: TrainedRun) -> str | None:
+    return _read_json(run.adapter_dir / NLG_META).get("model")
 
 
 # ------------------------------------------------------------------------------------------- --init-from
