@@ -111,3 +111,24 @@ def test_eval_refuses_a_bad_row_unless_skipped_and_counts_it(trained, tmp_path):
     results = json.loads((output / "results.json").read_text())
     assert (results["eval_examples"], results["skipped_bad_rows"]) == (12, 1)
     assert results["bad_rows"]["first"] == [f"{dev}:14: label '2' is not one of 0..1 (task 'sst2')"]
+
+
+@pytest.mark.parametrize("command", ["merge", "export"])
+@pytest.mark.parametrize("method", ["loretta_adp", "adapter"])
+def test_merge_and_export_of_a_bottleneck_adapter_say_what_does_work(tmp_path, capsys, command, method):
+    from structlora.recipes.commands import build_parser
+
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text(json.dumps({"method": method, "task_type": "SEQ_CLS"}))
+    (run / "results.json").write_text(json.dumps({"task": "sst2", "model": "m"}))
+    with pytest.raises(SystemExit) as refused:
+        main([command, "--run", str(run), "--output", str(tmp_path / "out")])
+    message = str(refused.value.code)
+    assert message.startswith(f"error: structlora {command}: {run / 'adapter'} holds a {method} adapter.")
+    assert "`structlora eval --run RUN`" in message and "`structlora generate --adapter RUN`" in message
+    assert "PeftModel.from_pretrained(base_model, \"RUN/adapter\")" in message
+    assert not (tmp_path / "out").exists()
+    parser = build_parser([command])
+    help_text = next(a for a in parser._actions if a.dest == "command").choices[command].format_help()
+    assert "structlora generate" in " ".join(help_text.split())

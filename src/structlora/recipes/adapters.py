@@ -57,11 +57,30 @@ def add_merge_arguments(parser: argparse.ArgumentParser, writes: str = "the merg
                         help=f"new folder for {writes} (refused when it exists and is not empty)")
 
 
+# Bottleneck adapters (adapter_config.json's method) add a non-linear path: neither a LoRA nor mergeable.
+BOTTLENECK_METHODS = ("loretta_adp", "adapter")
+BOTTLENECK_DEPLOYMENT = (
+    "LoRETTA_adp and dense adapters add a non-linear bottleneck: no weight update can hold them, so they are neither "
+    "merged nor exported. Use the run as it is: `structlora eval --run RUN` (GLUE, LLM), `structlora generate "
+    "--adapter RUN` (NLG), or in Python `structlora.PeftModel.from_pretrained(base_model, \"RUN/adapter\")`")
+
+
+def add_merge_and_deploy_arguments(parser: argparse.ArgumentParser) -> None:
+    add_merge_arguments(parser)
+    parser.description = (parser.description or "") + "\n\n" + BOTTLENECK_DEPLOYMENT + "."
+
+
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     add_merge_arguments(parser, writes="the PEFT LoRA folder")
     parser.description = (parser.description or "") + (
-        "\n\nLoRA, MTLoRA and LoRETTA_rep export exactly (T·A and tensor trains expanded); LoRETTA_adp applies a "
-        "non-linearity and cannot be a LoRA: use `structlora merge` for it.")
+        "\n\nLoRA, MTLoRA and LoRETTA_rep export exactly (T·A and tensor trains expanded). " + BOTTLENECK_DEPLOYMENT
+        + ".")
+
+
+def _refuse_bottleneck(run: TrainedRun, command: str) -> None:
+    if run.adapter_config.get("method") in BOTTLENECK_METHODS:
+        raise SystemExit(f"error: structlora {command}: {run.adapter_dir} holds a {run.adapter_config['method']} "
+                         f"adapter. {BOTTLENECK_DEPLOYMENT}")
 
 
 # ------------------------------------------------------------------------------------------- commands
@@ -70,6 +89,7 @@ def run_merge(args: argparse.Namespace) -> int:
     run = TrainedRun(args.run)
     if run.is_full:
         raise SystemExit(f"error: {run.adapter_dir} holds a fully fine-tuned model: nothing to merge, load it as is")
+    _refuse_bottleneck(run, "merge")
     model, tokenizer = load_run_model(run, args.model)
     merged = model.merge_and_unload()
     merged.save_pretrained(str(output))
@@ -86,9 +106,7 @@ def run_export(args: argparse.Namespace) -> int:
     run = TrainedRun(args.run)
     if run.is_full:
         raise SystemExit(f"error: {run.adapter_dir} holds a fully fine-tuned model, not an adapter")
-    if run.adapter_config.get("method") == "loretta-adp":
-        raise SystemExit("error: a LoRETTA_adp adapter is not a low-rank weight update, so no PEFT LoRA folder "
-                         "can hold it; use `structlora merge` for a plain transformers model")
+    _refuse_bottleneck(run, "export")
     model, _ = load_run_model(run, args.model)
     export_to_peft(model, str(output))
     print(f"PEFT LoRA folder -> {output} (peft.PeftModel.from_pretrained(base, {str(output)!r}))", file=sys.stderr)
@@ -200,5 +218,5 @@ class _Command:
 
 
 EVAL = _Command(add_eval_arguments, run_eval)
-MERGE = _Command(add_merge_arguments, run_merge)
+MERGE = _Command(add_merge_and_deploy_arguments, run_merge)
 EXPORT = _Command(add_export_arguments, run_export)
