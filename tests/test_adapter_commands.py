@@ -132,3 +132,23 @@ def test_merge_and_export_of_a_bottleneck_adapter_say_what_does_work(tmp_path, c
     parser = build_parser([command])
     help_text = next(a for a in parser._actions if a.dest == "command").choices[command].format_help()
     assert "structlora generate" in " ".join(help_text.split())
+
+
+def test_merge_prints_no_load_report_for_the_head_the_adapter_holds(trained, tmp_path):
+    """The run's base loads without its classifier (the adapter holds it): transformers' MISSING report is not
+    shown; a report that names other tensors still would be (tests/test_cli_errors.py)."""
+    import logging
+
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addHandler(handler := Keep())
+    try:
+        assert main(["merge", "--run", str(trained["run"]), "--output", str(tmp_path / "merged")]) == 0
+    finally:
+        logger.removeHandler(handler)
+    assert not [m for m in seen if "LOAD REPORT" in m]

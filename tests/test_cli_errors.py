@@ -124,3 +124,41 @@ def test_an_unreachable_hub_is_one_error_line_at_once_naming_what_is_accepted(mo
     # A local folder is never probed for.
     hub.check_model_available(str(tmp_path))
     assert probes == [1.0]
+
+
+def test_import_noise_is_dropped_and_other_warnings_of_the_same_loggers_kept(capsys):
+    import logging
+
+    from structlora.recipes.quiet import silence_import_noise
+
+    silence_import_noise()
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    noise = {"torchao": "Failed to load /venv/torchao/_C_mxfp8.cpython-310-x86_64-linux-gnu.so: Could not load",
+             "torch.utils._pytree": "<enum 'KernelPreference'> is an Enum subclass and is now natively supported by "
+                                    "torch.compile as an opaque value type."}
+    for name, message in noise.items():
+        logger = logging.getLogger(name)
+        logger.addHandler(handler := Keep())
+        try:
+            logger.warning(message)
+            logger.warning(f"a real {name} warning")
+        finally:
+            logger.removeHandler(handler)
+    assert records == ["a real torchao warning", "a real torch.utils._pytree warning"]
+
+
+def test_a_load_report_is_dropped_only_when_every_missing_tensor_is_a_head_the_adapter_holds():
+    from structlora.recipes.quiet import missing_only_in
+
+    report = ("\x1b[1mBertForSequenceClassification LOAD REPORT\x1b[0m from: m\nKey | Status | \n----+----+-\n"
+              "classifier.bias | MISSING | \nbert.pooler.dense.bias | MISSING | \n\nNotes:\n- MISSING:\tthose params")
+    assert missing_only_in(report, ("classifier", "pooler"))
+    assert not missing_only_in(report, ("classifier",))  # the pooler is not in the adapter: the report shows
+    unexpected = report.replace("bert.pooler.dense.bias | MISSING", "bert.extra.weight | UNEXPECTED")
+    assert not missing_only_in(unexpected, ("classifier", "pooler"))
+    assert not missing_only_in("some other warning", ("classifier",))

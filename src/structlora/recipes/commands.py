@@ -25,6 +25,7 @@ import warnings
 from typing import Any, Callable, Sequence
 
 from .data_dir import DATA_RULE
+from .quiet import silence_import_noise
 
 # (sub-command path, module, help, uses data)
 COMMANDS: list[tuple[tuple[str, ...], str, str, bool]] = [
@@ -152,6 +153,7 @@ def _one_line_warnings(show_other: Callable[..., None]) -> Callable[..., None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    silence_import_noise()
     parser = build_parser(argv)
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # report against the sub-command, so its usage (not the top level's) is shown

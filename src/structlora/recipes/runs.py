@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .quiet import head_in_adapter
+
 NLG_META = "structlora_nlg.json"  # structlora.nlg.modeling.META_FILE, kept here so --help imports nothing heavy
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Modules trained in full with every method (the task head): a new task's head of another shape is re-initialised
@@ -85,6 +87,18 @@ def with_adapter(base: Any, adapter_dir: str | Path, is_trainable: bool = False)
     return require_peft().PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable)
 
 
+def adapter_head_modules(adapter_dir: Path) -> tuple[str, ...]:
+    """The task-head modules (``HEAD_MODULE_NAMES``) whose weights the adapter folder holds."""
+    from safetensors import safe_open
+
+    path = adapter_dir / ADAPTER_WEIGHTS
+    if not path.is_file():
+        return ()
+    with safe_open(str(path), framework="pt") as handle:
+        names = {part for key in handle.keys() for part in key.split(".")}
+    return tuple(module for module in HEAD_MODULE_NAMES if module in names)
+
+
 def glue_label_settings(task: Any) -> dict[str, Any]:
     """``from_pretrained`` keyword arguments of a GLUE task's head: label count and names."""
     labels: dict[str, Any] = {"num_labels": task.num_labels}
@@ -106,7 +120,8 @@ def load_glue_run(run: TrainedRun, model_name: str) -> tuple[Any, Any, Any]:
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source))
     if run.is_full:
         return AutoModelForSequenceClassification.from_pretrained(str(run.adapter_dir), **labels), tokenizer, task
-    base = AutoModelForSequenceClassification.from_pretrained(model_name, **labels)
+    with head_in_adapter(adapter_head_modules(run.adapter_dir)):  # its "MISSING" head is the adapter's
+        base = AutoModelForSequenceClassification.from_pretrained(model_name, **labels)
     if base.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         base.config.pad_token_id = tokenizer.pad_token_id
     return with_adapter(base, run.adapter_dir), tokenizer, task
