@@ -56,7 +56,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m structlora.demo", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default=None, help="encoder (default: the packaged all-MiniLM-L6-v2)")
-    parser.add_argument("--data-dir", default=None, help="local GLUE data (default: see module doc)")
+    parser.add_argument("--data-dir", default=None,
+                        help="local GLUE data, a folder with sst2/ or SST-2/ (`make demo DATA_DIR=DIR`; default: "
+                             "$STRUCTLORA_DATA, else ../shared/data, else the Hub)")
     parser.add_argument("--output", default="runs/demo", help="where runs, table and plot go")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods to compare")
     parser.add_argument("--structure", default="shim", choices=("shim", "icfm", "ctcm", "dtsm"),
@@ -78,7 +80,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run_method(method: str, args: argparse.Namespace, model: str, data_dir: str | None) -> dict[str, Any]:
-    from .cli import main as cli_main
+    from .recipes.commands import main as cli_main
 
     output = Path(args.output) / (f"mtlora-{args.structure}" if method == "mtlora" else method)
     epochs = args.epochs if args.epochs is not None else (3.0 if args.full else 1.0)
@@ -174,6 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = args.model or str(minilm_path())
     data_dir = args.data_dir or default_data_dir()
     print(f"structlora demo: model {model}, data {data_dir or 'hub nyu-mll/glue'}, output {args.output}")
+    if data_dir is None:
+        print("note: no local SST-2 found: the Hub's nyu-mll/glue is read. With a local copy: make demo "
+              "DATA_DIR=DIR (python -m structlora.demo --data-dir DIR), or set $STRUCTLORA_DATA", file=sys.stderr)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS) - {"full"})
     if unknown:
