@@ -36,6 +36,17 @@ def test_bf16_is_kept_where_the_device_has_it(monkeypatch, tmp_path):
     assert args.bf16 is True and args.gradient_checkpointing is True
 
 
+def test_bf16_on_a_cpu_that_has_it_is_said_not_silent(monkeypatch, capsys):
+    monkeypatch.setattr(device, "bf16_supported", lambda: True)
+    monkeypatch.setattr(device, "has_accelerator", lambda: False)
+    args = device.resolve_device_settings(parsed(["--bf16"]))
+    assert args.bf16 is True
+    assert capsys.readouterr().err.startswith("note: bf16 on the CPU: it has native bfloat16 arithmetic")
+    assert device.precision_name(args) == "bf16 mixed precision on the CPU"
+    device.resolve_device_settings(parsed([]))
+    assert capsys.readouterr().err == ""  # float32: nothing to say
+
+
 def test_data_rule_flag_then_environment_then_shared_then_hub(monkeypatch, tmp_path):
     monkeypatch.delenv(data_dir.DATA_ENV, raising=False)
     shared = tmp_path / "shared" / "data"
