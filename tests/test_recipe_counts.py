@@ -60,6 +60,17 @@ def test_nlg_mtlora_gpt2_medium_count():
     assert trained_count(model, args, "CAUSAL_LM", nlg._parse_enable_lora(args.enable_lora)) == 1_085_184
 
 
+def test_nlg_recipe_enable_lora_can_be_unset_from_the_command_line():
+    recipe = RECIPES / "nlg" / "mtlora_gpt2.yaml"
+    args = recipe_args(nlg, recipe, "--dataset", "e2e", "--model", "gpt2-medium")
+    assert nlg._parse_enable_lora(args.enable_lora) == {"c_attn": [True, True, True]}
+    for unset in ("none", "default"):
+        args = recipe_args(nlg, recipe, "--dataset", "e2e", "--model", "gpt2-medium", "--enable-lora", unset)
+        assert nlg._parse_enable_lora(args.enable_lora) is None
+    args = recipe_args(nlg, recipe, "--dataset", "e2e", "--model", "gpt2-medium", "--enable-lora", "c_attn=1,0,1")
+    assert nlg._parse_enable_lora(args.enable_lora) == {"c_attn": [True, False, True]}
+
+
 def llama_2_7b():
     from transformers import AutoModelForCausalLM, LlamaConfig
 

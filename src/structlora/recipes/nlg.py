@@ -58,15 +58,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "separator: data + ' ||' + ' ' + text + end-of-text")
     group.add_argument("--enable-lora", default=None,
                        help="fused projections: which parts get an update, e.g. c_attn=True,True,True for "
-                            "GPT-2's fused q,k,v (a bare list applies to every target; default: every part)")
+                            "GPT-2's fused q,k,v (a bare list applies to every target); none: unset a recipe "
+                            "file's value (default: every part)")
     common.add_method_arguments(parser)
     common.add_training_arguments(parser)
 
 
 def _parse_enable_lora(value: Any) -> list[bool] | dict[str, list[bool]] | None:
     """``True,True,True`` (every target) or ``c_attn=True,True,True`` / a YAML mapping (per module
-    name suffix)."""
-    if value is None:
+    name suffix); ``none`` (or ``default``) unsets it, so a recipe file's value can be switched off."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "default", "")):
         return None
 
     def flags(items: Any) -> list[bool]:
