@@ -162,3 +162,29 @@ def test_a_load_report_is_dropped_only_when_every_missing_tensor_is_a_head_the_a
     unexpected = report.replace("bert.pooler.dense.bias | MISSING", "bert.extra.weight | UNEXPECTED")
     assert not missing_only_in(unexpected, ("classifier", "pooler"))
     assert not missing_only_in("some other warning", ("classifier",))
+
+
+def test_generate_continues_after_a_raised_limit_and_refuses_a_lowered_one(tmp_path):
+    from structlora.nlg.data import NLGInput
+    from structlora.recipes.generate import _check_resumable
+
+    inputs = [NLGInput(f"name : Place {i}", ("x",)) for i in range(4)]
+    output, sources = tmp_path / "hyps.txt", tmp_path / "hyps.sources.txt"
+    output.write_text("a\nb\n")
+    sources.write_text("name : Place 0\nname : Place 1\n")  # written with --limit 2
+    _check_resumable(str(sources), inputs, str(output), restart=False)  # --limit 4: continues after line 2
+    _check_resumable(str(sources), inputs[:2], str(output), restart=False)  # the same inputs: resumes
+    with pytest.raises(SystemExit, match=r"holds hypotheses for the first 2 inputs; --limit 1 asks for fewer"):
+        _check_resumable(str(sources), inputs[:1], str(output), restart=False)
+    with pytest.raises(SystemExit, match="was generated for other inputs"):
+        _check_resumable(str(sources), inputs[2:], str(output), restart=False)
+    _check_resumable(str(sources), inputs[2:], str(output), restart=True)
+
+
+def test_empty_hypotheses_are_scored_with_a_warning(tmp_path, capsys):
+    hyp, ref = tmp_path / "hyps.txt", tmp_path / "refs.txt"
+    hyp.write_text("a cheap pub .\n\n")
+    ref.write_text("a cheap pub .\n\na pub .\n")
+    result = score.score_e2e(str(hyp), str(ref), use_java=False)
+    assert "BLEU" in result
+    assert f"warning: 1 of 2 hypotheses in {hyp} are empty (line(s) 2)" in capsys.readouterr().err

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from structlora.data_errors import BadRows, add_skip_bad_rows_argument
+from structlora.data_errors import BadRows, add_skip_bad_rows_argument, read_text
 from structlora.nlg.data import DATASETS, SPLITS, load_split
 from structlora.recipes.data_dir import add_data_dir_argument, resolve_data_dir
 from structlora.recipes.peft_methods import PROMPT_LEARNING_METHODS
@@ -82,14 +82,22 @@ def adapter_folder(path: str) -> Path:
 
 
 def _check_resumable(sources_path: str, inputs: list, output: str, restart: bool) -> None:
-    """Refuse to append to hypotheses written for other inputs."""
+    """Refuse to append to hypotheses written for other inputs. The same inputs with more of them (a raised
+    ``--limit``) continue after the hypotheses written; fewer (a lowered one) are refused, since the file already
+    holds hypotheses beyond them."""
     if restart or not os.path.exists(output) or not os.path.exists(sources_path):
         return
-    with open(sources_path, encoding="utf-8") as handle:
-        previous = [line.rstrip("\n") for line in handle]
+    previous = read_text(sources_path).split("\n")
+    if previous and previous[-1] == "":
+        previous.pop()
     current = [" ".join(x.source.split()) for x in inputs]
-    if previous != current:
-        raise SystemExit(f"error: {output} was generated for other inputs; use --restart or another --output")
+    if current[: len(previous)] == previous:
+        return  # the same inputs, or more of them: decoding continues after the hypotheses written
+    if previous[: len(current)] == current:
+        raise SystemExit(f"error: {output} holds hypotheses for the first {len(previous)} inputs; --limit "
+                         f"{len(current)} asks for fewer. Pass --restart to decode only {len(current)}, or another "
+                         f"--output (or use the first {len(current)} lines of {output})")
+    raise SystemExit(f"error: {output} was generated for other inputs; use --restart or another --output")
 
 
 def adapter_fingerprint(folder: Path) -> str:
@@ -201,6 +209,10 @@ def run(args: argparse.Namespace) -> int:
                                   resume=not args.restart, progress=args.progress,
                                   max_length=spec.max_length)
     print(f"generated {decoded} new hypotheses ({len(inputs)} inputs) -> {args.output}", file=sys.stderr)
+    from structlora.nlg.data import read_lines
+    from structlora.recipes.score import warn_empty_hypotheses
+
+    warn_empty_hypotheses(args.output, read_lines(args.output))
     for name, path in written.items():
         print(f"  {name}: {path}", file=sys.stderr)
     if args.score:
