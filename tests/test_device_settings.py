@@ -5,15 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from structlora.recipes import common, data_dir, device
+from structlora.recipes import data_dir, device, flags
 
 
 def parsed(argv: list[str], config: Path | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    common.add_training_arguments(parser)
+    flags.add_training_arguments(parser)
     parser.add_argument("--model-dtype", default="float32")
     args = parser.parse_args(argv + (["--config", str(config)] if config else []))
-    return common.apply_config_file(args, parser)
+    return flags.apply_config_file(args, parser)
 
 
 def test_bf16_and_recipe_checkpointing_are_turned_off_on_a_cpu_without_bf16(monkeypatch, tmp_path, capsys):

@@ -138,13 +138,13 @@ def test_unreachable_data_is_a_clear_error(workspace: dict[str, Path]) -> None:
 
 @pytest.mark.parametrize("recipe", sorted((REPO / "recipes" / "llm").glob("*.yaml")), ids=lambda p: p.stem)
 def test_recipes_apply_with_task_overrides(recipe: Path) -> None:
-    from structlora.recipes import common
+    from structlora.recipes import flags
     from structlora.recipes.llm import apply_task_overrides
 
-    def parse(*flags: str):
-        argv = ["train", "llm", "--task", "CB", "--model", "m", "--output", "o", "--config", str(recipe), *flags]
+    def parse(*extra: str):
+        argv = ["train", "llm", "--task", "CB", "--model", "m", "--output", "o", "--config", str(recipe), *extra]
         args = build_parser(argv).parse_args(argv)
-        return apply_task_overrides(common.apply_config_file(args))
+        return apply_task_overrides(flags.apply_config_file(args))
 
     args = parse()
     assert args.method in ("lora", "loretta-rep", "loretta-adp", "adapter", "ia3", "prefix", "prompt")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from structlora.data_errors import BadRows, DataRowError
-from structlora.recipes import common, limits
+from structlora.recipes import checkpoints, limits
 
 BOM = b"\xef\xbb\xbf"
 
@@ -254,13 +254,13 @@ def test_resume_refuses_a_checkpoint_without_rng_state_unless_allowed(tmp_path, 
         (checkpoint / name).write_text("x")
     args = argparse.Namespace(output=str(tmp_path), resume=str(checkpoint), method="lora")
     with pytest.raises(SystemExit, match=r"lacks rng_state\.pth; .*--allow-incomplete-checkpoint"):
-        common._resume_checkpoint(args)
+        checkpoints.resume_checkpoint(args)
     args.allow_incomplete_checkpoint = True
-    assert common._resume_checkpoint(args) == str(checkpoint)
+    assert checkpoints.resume_checkpoint(args) == str(checkpoint)
     assert "resuming" in capsys.readouterr().err
     (checkpoint / "adapter_model.safetensors").unlink()  # the weights themselves are never optional
     with pytest.raises(SystemExit, match="lacks adapter_model.safetensors"):
-        common._resume_checkpoint(args)
+        checkpoints.resume_checkpoint(args)
 
 
 def test_a_diverging_run_stops_and_a_skipped_step_is_counted(tiny_bert_folder, tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from structlora import LoraConfig, get_peft_model
-from structlora.recipes import common
+from structlora.recipes import checkpoints, outputs
 from structlora.recipes.runs import init_from_run
 from structlora.trainer import NonFiniteTrainingError
 from test_core import randomize_adapters, tiny_bert
@@ -55,7 +55,7 @@ def test_skip_nonfinite_steps_counts_and_keeps_weights_finite(tmp_path):
     trainer.train()
     assert trainer.skipped_nonfinite_steps == 1
     assert all(torch.isfinite(v).all() for v in trainer.model.adapter_state_dict().values())
-    assert common.robustness_record(trainer, None) == {"skipped_nonfinite_steps": 1}  # what results.json records
+    assert outputs.robustness_record(trainer, None) == {"skipped_nonfinite_steps": 1}  # what results.json records
 
 
 def test_nonfinite_adapter_is_never_saved(tmp_path):
@@ -101,43 +101,43 @@ def test_output_with_a_finished_run_is_refused(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps({"status": "completed"}))
     _checkpoint(tmp_path, 4)
     with pytest.raises(SystemExit, match="holds a completed run.*--overwrite.*--resume"):
-        common.check_output_dir(_args(tmp_path))
+        checkpoints.check_output_dir(_args(tmp_path))
     assert (tmp_path / "results.json").is_file() and (tmp_path / "checkpoints" / "checkpoint-4").is_dir()
 
 
 def test_output_with_checkpoints_of_an_unfinished_run_is_refused(tmp_path):
     _checkpoint(tmp_path, 2)
     with pytest.raises(SystemExit, match="holds checkpoints of an unfinished run; pass --resume"):
-        common.check_output_dir(_args(tmp_path))
-    common.check_output_dir(_args(tmp_path, resume="latest"))  # resuming it is fine
+        checkpoints.check_output_dir(_args(tmp_path))
+    checkpoints.check_output_dir(_args(tmp_path, resume="latest"))  # resuming it is fine
 
 
 def test_resume_on_a_finished_run_does_nothing(tmp_path, capsys):
     (tmp_path / "results.json").write_text(json.dumps({"status": "completed"}))
     _checkpoint(tmp_path, 4, max_steps=4)
     with pytest.raises(SystemExit) as exit_info:
-        common.check_output_dir(_args(tmp_path, resume="latest"))
+        checkpoints.check_output_dir(_args(tmp_path, resume="latest"))
     assert exit_info.value.code == 0
     assert "nothing to resume, nothing was done" in capsys.readouterr().err
-    common.check_output_dir(_args(tmp_path, resume="latest", max_steps=8))  # a longer schedule continues it
+    checkpoints.check_output_dir(_args(tmp_path, resume="latest", max_steps=8))  # a longer schedule continues it
 
 
 def test_overwrite_replaces_the_run(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps({"status": "completed"}))
     (tmp_path / "keep.txt").write_text("user file")
     _checkpoint(tmp_path, 4)
-    common.check_output_dir(_args(tmp_path, overwrite=True))
+    checkpoints.check_output_dir(_args(tmp_path, overwrite=True))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
 
 
 def test_resume_falls_back_from_a_half_written_checkpoint(tmp_path, capsys):
     _checkpoint(tmp_path, 2)
     _checkpoint(tmp_path, 4, complete=False)
-    chosen = common._resume_checkpoint(_args(tmp_path, resume="latest"))
+    chosen = checkpoints.resume_checkpoint(_args(tmp_path, resume="latest"))
     assert chosen.endswith("checkpoint-2")
     assert "checkpoint-4 is incomplete (lacks optimizer.pt, scheduler.pt, rng_state.pth" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="lacks optimizer.pt"):
-        common._resume_checkpoint(_args(tmp_path, resume=str(tmp_path / "checkpoints" / "checkpoint-4")))
+        checkpoints.resume_checkpoint(_args(tmp_path, resume=str(tmp_path / "checkpoints" / "checkpoint-4")))
 
 
 # -- --init-from -------------------------------------------------------------------------------------------

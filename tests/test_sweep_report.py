@@ -227,3 +227,14 @@ def test_sweep_trains_baselines_end_to_end(tmp_path):
     assert (output / "sst2" / "ia3" / "seed0" / "adapter" / "adapter_model.safetensors").is_file()
     run = json.loads((output / "sst2" / "bitfit" / "seed0" / "sweep_run.json").read_text())
     assert run["status"] == "finished" and run["process_cpu_seconds"] > 0
+
+
+def test_method_names_are_defined_once_and_the_table_orders_every_one():
+    from structlora import config, demo
+    from structlora.recipes import methods
+
+    assert sorted(report._TABLE_ORDER) == sorted(methods.METHODS)  # every --method has its row position
+    assert report.METHOD_ORDER[:3] == ("full", "bitfit", "adapter-houlsby")
+    assert set(demo.METHODS) <= set(methods.METHODS) and methods.MTLORA_STRUCTURES is config.MTLORA_STRUCTURES
+    assert [sweep.canonical_label(m) for m in ("mtlora", "adapter", "lora")] == ["mtlora-shim", "adapter-houlsby",
+                                                                                "lora"]

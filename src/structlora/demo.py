@@ -19,8 +19,11 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from .config import MTLORA_STRUCTURES
+from .recipes.methods import STRUCTLORA_METHODS
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-METHODS = ("lora", "mtlora", "loretta-rep", "loretta-adp")
+METHODS = STRUCTLORA_METHODS  # the demo compares structlora's own four
 # Learning rates for MiniLM's short schedule: tensor-train factors need a larger step than LoRA's
 # (their updates pass through a product of small cores).
 DEFAULT_LR = {"lora": 1e-3, "mtlora": 1e-3, "loretta-rep": 1e-3, "loretta-adp": 1e-3, "full": 5e-5}
@@ -61,7 +64,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "$STRUCTLORA_DATA, else ../shared/data, else the Hub)")
     parser.add_argument("--output", default="runs/demo", help="where runs, table and plot go")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods to compare")
-    parser.add_argument("--structure", default="shim", choices=("shim", "icfm", "ctcm", "dtsm"),
+    parser.add_argument("--structure", default="shim", choices=MTLORA_STRUCTURES,
                         help="the MTLoRA structure to run")
     parser.add_argument("--full", action=argparse.BooleanOptionalAction, default=False,
                         help="all of SST-2, 3 epochs, whole dev set at every evaluation (hours on 2 CPU cores)")

@@ -13,7 +13,7 @@ import argparse
 import sys
 from typing import Any
 
-from . import common, limits
+from . import flags, limits, methods, outputs, training
 from .data_dir import add_data_dir_argument, resolve_data_dir
 from .runs import glue_label_settings
 
@@ -23,8 +23,8 @@ GLUE_TASK_NAMES: tuple[str, ...] = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    common.add_method_arguments(parser)
-    common.add_training_arguments(parser)
+    methods.add_method_arguments(parser)
+    flags.add_training_arguments(parser)
     group = parser.add_argument_group("GLUE")
     # Not argparse-required: a --config file may supply them (checked after it is read).
     group.add_argument("--task", default=None, choices=GLUE_TASK_NAMES, type=str.lower,
@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    common.apply_config_file(args)
+    flags.apply_config_file(args)
     for required in ("task", "model", "output"):
         if not getattr(args, required):
             raise SystemExit(f"error: --{required} is required (flag or config file)")
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         results = train_glue(args)
     except GlueDataError as error:
         raise SystemExit(f"error: {error}") from None  # a message, not a traceback
-    if common.is_main_process():
+    if outputs.is_main_process():
         metrics = ", ".join(f"{k}={v:.4f}" for k, v in results["eval"].items() if isinstance(v, float))
         print(f"[structlora] {args.task} {results['method']}: {metrics} "
               f"({results['trainable_params']:,} trainable params; train {results['train_seconds']:.1f}s, "
@@ -94,7 +94,7 @@ def train_glue(args: argparse.Namespace) -> dict[str, Any]:
     from ..glue.data import find_task_folder
 
     data_dir = resolve_data_dir(args.data_dir, has_data=lambda root: find_task_folder(root, task) is not None)
-    bad_rows = common.bad_rows_for(args)
+    bad_rows = training.bad_rows_for(args)
     raw = load_glue(task.name, data_dir, bad_rows)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     for flag, asked, available in (("--max-train-samples", args.max_train_samples, len(raw["train"])),
@@ -120,12 +120,12 @@ def train_glue(args: argparse.Namespace) -> dict[str, Any]:
     model = AutoModelForSequenceClassification.from_pretrained(args.model, **glue_label_settings(task))
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id  # decoder-style models pool on the last non-pad
-    model = common.wrap_model(model, args, TASK_TYPE)
-    trainable_params = common.count_trainable_parameters(model)
+    model = methods.wrap_model(model, args, TASK_TYPE)
+    trainable_params = methods.count_trainable_parameters(model)
     # Without the task head (classifier / pooler / score), which every method trains alike.
-    adapter_params = common.count_trainable_parameters(model, exclude=common.HEAD_MODULE_NAMES)
+    adapter_params = methods.count_trainable_parameters(model, exclude=methods.HEAD_MODULE_NAMES)
 
-    trainer, history, train_seconds = common.run_training(
+    trainer, history, train_seconds = training.run_training(
         model, args, train_set, as_eval_dataset(selection_sets),
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=_warning_on_collapse(make_compute_metrics(task.name), task.is_regression),
@@ -135,18 +135,18 @@ def train_glue(args: argparse.Namespace) -> dict[str, Any]:
     )
     # The best checkpoint is loaded (load_best_model_at_end); its metrics are the run's result. They are
     # in the history already; evaluate again only if the best evaluation cannot be found there.
-    eval_metrics = None if selection_sets is not eval_sets else common.best_eval_metrics(trainer, history)
+    eval_metrics = None if selection_sets is not eval_sets else outputs.best_eval_metrics(trainer, history)
     if eval_metrics is None:  # the whole dev set, once, with the chosen model (eval sets one by one if a dict)
-        eval_metrics = common.clean_eval_metrics(trainer.evaluate(as_eval_dataset(eval_sets)))
-    common.save_final_model(trainer, args.output)
-    method = common.method_label(args)
+        eval_metrics = outputs.clean_eval_metrics(trainer.evaluate(as_eval_dataset(eval_sets)))
+    outputs.save_final_model(trainer, args.output)
+    method = methods.method_label(args)
     extra = {"adapter_params": adapter_params, "model": args.model, "seed": args.seed, "main_metric": task.main_metric,
              "train_examples": len(train_set), "eval_examples": {k: len(v) for k, v in eval_sets.items()},
              "selection_eval_examples": {k: len(v) for k, v in selection_sets.items()},
-             **trainer.structlora_clock.train_and_eval(), **common.robustness_record(trainer, bad_rows),
-             "flags": common.flags_of(args)}
-    common.write_results(args.output, task.name, method, trainable_params, eval_metrics, history,
+             **trainer.structlora_clock.train_and_eval(), **outputs.robustness_record(trainer, bad_rows),
+             "flags": outputs.flags_of(args)}
+    outputs.write_results(args.output, task.name, method, trainable_params, eval_metrics, history,
                          train_seconds, extra)
-    common.plot_curves(args.output, history, task.main_metric)
+    outputs.plot_curves(args.output, history, task.main_metric)
     return {"task": task.name, "method": method, "trainable_params": trainable_params, "eval": eval_metrics,
             "history": history, "train_seconds": train_seconds, **extra}

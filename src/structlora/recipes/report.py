@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from .glue import GLUE_TASK_NAMES
+from .methods import PEFT_LIBRARY_METHODS, STRUCTLORA_METHODS, method_labels
+
 # The metric(s) each paper reports per GLUE task (two: "a/b" in the cell, their mean in the average).
 TASK_METRICS: dict[str, tuple[str, ...]] = {
     "cola": ("matthews_correlation",), "sst2": ("accuracy",), "mrpc": ("accuracy", "f1"),
@@ -33,9 +36,10 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
 }
 METRIC_SHORT = {"matthews_correlation": "MCC", "accuracy": "acc", "f1": "F1", "pearson": "Pearson",
                 "matched_accuracy": "acc (m)", "spearmanr": "Spearman"}
-TASK_ORDER = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte")
-METHOD_ORDER = ("full", "bitfit", "adapter-houlsby", "adapter-pfeiffer", "ia3", "prefix", "prompt", "ptuning",
-                "lora", "mtlora-shim", "mtlora-icfm", "mtlora-ctcm", "mtlora-dtsm", "loretta-rep", "loretta-adp")
+TASK_ORDER = GLUE_TASK_NAMES
+# The papers' row order: full fine-tuning, the baselines, then structlora's methods (every --method once).
+_TABLE_ORDER = ("full", "bitfit", "adapter", *PEFT_LIBRARY_METHODS, *STRUCTLORA_METHODS)
+METHOD_ORDER = tuple(label for method in _TABLE_ORDER for label in method_labels(method))
 # Metrics that are fractions (accuracy, F1, correlations): shown ×100 as in the papers. Others (a loss, BLEU) as
 # recorded: an E2E eval_loss of 3.32 is 3.3, not 332.
 FRACTION_METRICS = ("accuracy", "f1", "matthews_correlation", "pearson", "spearmanr", "exact_match")

@@ -24,7 +24,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import common
+from .methods import (ADAPTER_PLACEMENTS, METHODS, MTLORA_STRUCTURES, add_method_arguments, check_method_flags,
+                      default_label)
 
 RECIPES = ("glue", "nlg", "llm")
 SWEEP_FILE = "sweep.json"
@@ -54,20 +55,20 @@ def _csv(value: str) -> list[str]:
 
 def method_flags(label: str) -> list[str]:
     """``mtlora-icfm`` -> ``--method mtlora --structure icfm``; ``adapter-pfeiffer`` -> placement flag."""
-    for prefix, flag, choices in (("mtlora-", "--structure", common.MTLORA_STRUCTURES),
-                                  ("adapter-", "--adapter-placement", common.ADAPTER_PLACEMENTS)):
+    for prefix, flag, choices in (("mtlora-", "--structure", MTLORA_STRUCTURES),
+                                  ("adapter-", "--adapter-placement", ADAPTER_PLACEMENTS)):
         if label.startswith(prefix) and label[len(prefix):] in choices:
             return ["--method", prefix[:-1], flag, label[len(prefix):]]
-    if label not in common.METHODS:
-        valid = [*common.METHODS, *(f"mtlora-{s}" for s in common.MTLORA_STRUCTURES),
-                 *(f"adapter-{p}" for p in common.ADAPTER_PLACEMENTS)]
+    if label not in METHODS:
+        valid = [*METHODS, *(f"mtlora-{s}" for s in MTLORA_STRUCTURES),
+                 *(f"adapter-{p}" for p in ADAPTER_PLACEMENTS)]
         raise SystemExit(f"error: unknown method {label!r} in --methods; valid: {', '.join(valid)}")
     return ["--method", label]
 
 
 def canonical_label(label: str) -> str:
     """The method name the recipe writes into results.json (mtlora -> mtlora-shim, adapter -> adapter-houlsby)."""
-    return {"mtlora": "mtlora-shim", "adapter": "adapter-houlsby"}.get(label, label)
+    return default_label(label) if label in METHODS else label
 
 
 def run_folder(output: str | Path, task: str, label: str, seed: int) -> Path:
@@ -124,11 +125,11 @@ def _check_method_flags(methods: Sequence[str], train_args: list[str], method_ar
     is one that method reads (each run would refuse it anyway, one failed run per seed). Only flags on the
     command line are seen here; a --config file's are checked by each run."""
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    common.add_method_arguments(parser)
+    add_method_arguments(parser)
     for label in methods:
         run_flags = [*method_flags(label), *train_args, *method_args.get(canonical_label(label), [])]
         try:
-            common.check_method_flags(parser.parse_known_args(run_flags)[0])
+            check_method_flags(parser.parse_known_args(run_flags)[0])
         except SystemExit as refusal:
             reason = str(refusal.code).removeprefix("error: ")
             raise SystemExit(f"error: --methods {label}: {reason}. In a sweep, give a flag that only some methods "
