@@ -50,10 +50,10 @@ def test_help_does_not_import_torch():
 
 
 def test_choices_listed_for_fast_help_match_the_library():
-    from structlora.glue.data import GLUE_TASKS
-    from structlora.llm.modeling import DTYPES
-    from structlora.nlg.generation import DECODING_MODES
-    from structlora.nlg.modeling import LAYOUTS, META_FILE
+    from structlora.tasks.glue.data import GLUE_TASKS
+    from structlora.tasks.llm.modeling import DTYPES
+    from structlora.tasks.nlg.generation import DECODING_MODES
+    from structlora.tasks.nlg.modeling import LAYOUTS, META_FILE
     from structlora.recipes import generate, glue, llm, nlg
 
     assert set(glue.GLUE_TASK_NAMES) == set(GLUE_TASKS)

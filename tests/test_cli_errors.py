@@ -165,7 +165,7 @@ def test_a_load_report_is_dropped_only_when_every_missing_tensor_is_a_head_the_a
 
 
 def test_generate_continues_after_a_raised_limit_and_refuses_a_lowered_one(tmp_path):
-    from structlora.nlg.data import NLGInput
+    from structlora.tasks.nlg.data import NLGInput
     from structlora.recipes.generate import _check_resumable
 
     inputs = [NLGInput(f"name : Place {i}", ("x",)) for i in range(4)]

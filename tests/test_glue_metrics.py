@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from transformers import EvalPrediction
 
-from structlora.glue import compute_glue_metrics, make_compute_metrics
+from structlora.tasks.glue import compute_glue_metrics, make_compute_metrics
 from structlora.recipes.outputs import clean_eval_metrics, history_from_log
 
 

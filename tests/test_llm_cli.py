@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from structlora.recipes.commands import build_parser, main
-from structlora.llm.tiny import save_tiny_llama
+from structlora.tasks.llm.tiny import save_tiny_llama
 from test_llm_tasks import write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]

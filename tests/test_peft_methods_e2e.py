@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from structlora.cli import main
-from structlora.llm.tiny import save_tiny_llama
+from structlora.tasks.llm.tiny import save_tiny_llama
 from structlora.recipes.peft_methods import PROMPT_LEARNING_METHODS
 from test_llm_cli import rte_records
 from test_llm_tasks import write_jsonl
@@ -178,8 +178,8 @@ def generate_command(workspace: dict[str, Path], name: str) -> tuple[list[str], 
 
 def assert_greedy_by_hand(workspace: dict[str, Path], name: str, hyps: Path) -> None:
     """The hypotheses `structlora generate` wrote = a by-hand greedy loop through the reloaded PEFT model."""
-    from structlora.nlg.generation import clean_hypothesis, sidecar_paths
-    from structlora.nlg.modeling import ModelSpec, load_causal_lm, load_tokenizer, prompt_ids
+    from structlora.tasks.nlg.generation import clean_hypothesis, sidecar_paths
+    from structlora.tasks.nlg.modeling import ModelSpec, load_causal_lm, load_tokenizer, prompt_ids
     from structlora.recipes.runs import with_adapter as load_adapter
 
     folder = workspace["root"] / name / "adapter"

@@ -151,7 +151,7 @@ BUDGETS = {
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    from structlora.llm.tiny import save_tiny_llama
+    from structlora.tasks.llm.tiny import save_tiny_llama
     from tiny_models import save_tiny_bert
 
     root = tmp_path_factory.mktemp("readme-models")

@@ -236,7 +236,7 @@ def test_score_refuses_empty_inputs_instead_of_hanging(tmp_path):
 def test_java_scorers_time_out_instead_of_hanging(tmp_path, monkeypatch):
     """A Java process that never answers (here a fake `java` that sleeps) is stopped after the timeout: the
     persistent METEOR process (E2E) and the one-shot jars (PTB tokenizer, METEOR file mode)."""
-    from structlora.nlg import metrics
+    from structlora.tasks.nlg import generation_eval, metrics
     fake_java = tmp_path / "java"
     fake_java.write_text("#!/bin/sh\nexec sleep 600\n")
     fake_java.chmod(0o755)
@@ -251,7 +251,7 @@ def test_java_scorers_time_out_instead_of_hanging(tmp_path, monkeypatch):
     with pytest.raises(metrics.JavaTimeout, match="the Stanford PTB tokenizer"):
         metrics.ptb_tokenize(["a cat"])
     with pytest.raises(OSError, match=r"METEOR 1.5 \(Java\) did not finish"):  # the CLI's one-line error class
-        metrics.meteor_generation_eval(["a cat"], [["the cat"]])
+        generation_eval.meteor_generation_eval(["a cat"], [["the cat"]])
 
 
 def test_generate_refuses_an_output_it_did_not_write(tmp_path):
@@ -307,8 +307,8 @@ def _write_sst2(folder, train_rows):
 @pytest.mark.parametrize("bad,message", [("2", r"label '2' is not one of 0\.\.1"), ("0.7", "label '0.7' is not one of"),
                                          ("yes", "label 'yes' is not one of"), ("-1", "label '-1'")])
 def test_glue_labels_are_validated_with_file_and_line(tmp_path, bad, message):
-    from structlora.data_errors import DataRowError
-    from structlora.glue.data import load_glue_local
+    from structlora.tasks.data_errors import DataRowError
+    from structlora.tasks.glue.data import load_glue_local
     _write_sst2(tmp_path, [["a great film", "1"], ["dull", bad]])
     with pytest.raises(DataRowError, match=rf"sst2/train\.tsv:3: {message}.*pass --skip-bad-rows"):
         load_glue_local(tmp_path, "sst2")
@@ -317,8 +317,8 @@ def test_glue_labels_are_validated_with_file_and_line(tmp_path, bad, message):
 def test_glue_bom_short_rows_and_counted_skips(tmp_path):
     """A short row is an error naming file:line (none of the real GLUE files in ../shared/data has one); with
     --skip-bad-rows it is skipped and counted."""
-    from structlora.data_errors import BadRows, DataRowError
-    from structlora.glue.data import load_glue_local
+    from structlora.tasks.data_errors import BadRows, DataRowError
+    from structlora.tasks.glue.data import load_glue_local
     _write_sst2(tmp_path, [["a great film", "1"], ["broken line"], ["fine", "1.0"], ["dull", "7"]])
     train = tmp_path / "sst2" / "train.tsv"
     train.write_bytes(b"\xef\xbb\xbf" + train.read_bytes())  # a UTF-8 BOM before the header

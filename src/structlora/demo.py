@@ -47,9 +47,9 @@ def minilm_path() -> Path:
 
 
 def default_data_dir() -> str | None:
-    """The data rule of every command (structlora.recipes.data_dir): $STRUCTLORA_DATA, else ../shared/data
+    """The data rule of every command (structlora.tasks.data_dir): $STRUCTLORA_DATA, else ../shared/data
     when it holds sst2/, else None (the hub)."""
-    from .recipes.data_dir import resolve_data_dir
+    from .tasks.data_dir import resolve_data_dir
 
     found = resolve_data_dir(None, has_data=lambda root: (root / "sst2").is_dir())
     return str(found) if found is not None else None

@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..data_errors import BadRows, add_skip_bad_rows_argument
-from .data_dir import add_data_dir_argument, resolve_data_dir
+from ..tasks.data_errors import BadRows, add_skip_bad_rows_argument
+from ..tasks.data_dir import add_data_dir_argument, resolve_data_dir
 from .runs import TrainedRun, load_glue_run, load_run_model
 
 def _refuse_existing(output: str) -> Path:
@@ -156,9 +156,9 @@ def _eval_glue(run: TrainedRun, args: argparse.Namespace, bad_rows: BadRows) -> 
     import torch
     from transformers import DataCollatorWithPadding
 
-    from ..glue import load_glue
-    from ..glue.data import find_task_folder, take_examples, tokenize_split
-    from ..glue.metrics import compute_glue_metrics
+    from ..tasks.glue import load_glue
+    from ..tasks.glue.data import find_task_folder, take_examples, tokenize_split
+    from ..tasks.glue.metrics import compute_glue_metrics
 
     model, tokenizer, task = load_glue_run(run, run.base_model(args.model))
     data_dir = resolve_data_dir(args.data_dir or run.flags.get("data_dir"),
@@ -188,9 +188,9 @@ def _eval_glue(run: TrainedRun, args: argparse.Namespace, bad_rows: BadRows) -> 
 
 
 def _eval_llm(run: TrainedRun, args: argparse.Namespace, bad_rows: BadRows) -> tuple[dict[str, float], list[dict], dict]:
-    from ..llm.data import add_demonstrations, sample_splits
-    from ..llm.evaluation import EvaluationSettings, evaluate_examples
-    from ..llm.tasks import get_task
+    from ..tasks.llm.data import add_demonstrations, sample_splits
+    from ..tasks.llm.evaluation import EvaluationSettings, evaluate_examples
+    from ..tasks.llm.tasks import get_task
 
     spec = get_task(run.results["task"])
     flags, results = run.flags, run.results

@@ -24,7 +24,7 @@ import sys
 import warnings
 from typing import Any, Callable, Sequence
 
-from .data_dir import DATA_RULE
+from ..tasks.data_dir import DATA_RULE
 from .quiet import silence_import_noise
 
 # (sub-command path, module, help, uses data)

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..data_errors import add_skip_bad_rows_argument
+from ..tasks.data_errors import add_skip_bad_rows_argument
 
 
 LR_SCHEDULERS: tuple[str, ...] = (

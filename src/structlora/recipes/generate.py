@@ -19,15 +19,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from structlora.data_errors import BadRows, add_skip_bad_rows_argument, read_text
-from structlora.nlg.data import DATASETS, SPLITS, load_split
-from structlora.recipes.data_dir import add_data_dir_argument, resolve_data_dir
+from structlora.tasks.data_errors import BadRows, add_skip_bad_rows_argument, read_text
+from structlora.tasks.nlg.data import DATASETS, SPLITS, load_split
+from structlora.tasks.data_dir import add_data_dir_argument, resolve_data_dir
 from structlora.recipes.peft_methods import PROMPT_LEARNING_METHODS
 from structlora.recipes.runs import NLG_META, TrainedRun, load_run_model
 
 # Kept here so --help imports nothing heavy (tests/test_cli_docs.py checks they match the library's):
-# the file `train nlg` writes beside the adapter (structlora.nlg.modeling.META_FILE) and the decoding modes
-# (structlora.nlg.generation.DECODING_MODES).
+# the file `train nlg` writes beside the adapter (structlora.tasks.nlg.modeling.META_FILE) and the decoding modes
+# (structlora.tasks.nlg.generation.DECODING_MODES).
 META_FILE = NLG_META
 DECODING_MODES: tuple[str, ...] = ("authors", "hf")
 
@@ -130,7 +130,7 @@ def _check_output_owner(output: str, record_path: str, record: dict[str, Any], r
 
 
 def run(args: argparse.Namespace) -> int:
-    from structlora.nlg.generation import DecodingSettings, generate_hypotheses, sidecar_paths, write_reference_files
+    from structlora.tasks.nlg.generation import DecodingSettings, generate_hypotheses, sidecar_paths, write_reference_files
 
     from . import limits
 
@@ -168,12 +168,12 @@ def run(args: argparse.Namespace) -> int:
     except FileNotFoundError as error:
         raise SystemExit(f"error: {error}. Pass --split dev or dev-heldout (shipped data has no test "
                          "files), or --data-dir with the split's files") from None
-    from structlora.nlg.modeling import ModelSpec
+    from structlora.tasks.nlg.modeling import ModelSpec
 
     model, tokenizer = load_run_model(TrainedRun(folder, flag="--adapter"))
     spec, meta = ModelSpec.load(folder)
     if args.decoding == "authors":
-        from structlora.nlg.generation import stop_tokens
+        from structlora.tasks.nlg.generation import stop_tokens
 
         try:
             stop_tokens(tokenizer)  # the blank-line stop must be known before any decoding
@@ -209,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
                                   resume=not args.restart, progress=args.progress,
                                   max_length=spec.max_length)
     print(f"generated {decoded} new hypotheses ({len(inputs)} inputs) -> {args.output}", file=sys.stderr)
-    from structlora.nlg.data import read_lines
+    from structlora.tasks.nlg.data import read_lines
     from structlora.recipes.score import warn_empty_hypotheses
 
     warn_empty_hypotheses(args.output, read_lines(args.output))

@@ -14,11 +14,11 @@ import sys
 from typing import Any
 
 from . import flags, limits, methods, outputs, training
-from .data_dir import add_data_dir_argument, resolve_data_dir
+from ..tasks.data_dir import add_data_dir_argument, resolve_data_dir
 from .runs import glue_label_settings
 
 TASK_TYPE = "SEQ_CLS"
-# The names of structlora.glue.data.GLUE_TASKS (kept here so --help needs no scientific stack; a test checks).
+# The names of structlora.tasks.glue.data.GLUE_TASKS (kept here so --help needs no scientific stack; a test checks).
 GLUE_TASK_NAMES: tuple[str, ...] = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte")
 
 
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"error: --{required} is required (flag or config file)")
     # Before any data or weights are read: flag ranges, --max-length against the model, the output folder.
     limits.check_before_work(args, integers={"max_train_samples": 1, "max_eval_samples": 1, "eval_subset": 1})
-    from ..glue import GlueDataError
+    from ..tasks.glue import GlueDataError
 
     try:
         results = train_glue(args)
@@ -85,13 +85,13 @@ def train_glue(args: argparse.Namespace) -> dict[str, Any]:
     """Load data and model, train, evaluate the best checkpoint, write the outputs; return results.json."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, set_seed
 
-    from ..glue import load_glue, make_compute_metrics
-    from ..glue.data import get_task, take_examples, tokenize_split
+    from ..tasks.glue import load_glue, make_compute_metrics
+    from ..tasks.glue.data import get_task, take_examples, tokenize_split
 
     task = get_task(args.task)
     args.task = task.name
     set_seed(args.seed)  # the new classification head's initialisation
-    from ..glue.data import find_task_folder
+    from ..tasks.glue.data import find_task_folder
 
     data_dir = resolve_data_dir(args.data_dir, has_data=lambda root: find_task_folder(root, task) is not None)
     bad_rows = training.bad_rows_for(args)

@@ -30,7 +30,7 @@ def hub_reachable(timeout: float = 1.0) -> bool:
 
 def packaged_models() -> tuple[str, ...]:
     """The model names structlora resolves without a folder or the Hub (``train nlg``/``train llm``)."""
-    from structlora.nlg.modeling import MODEL_ALIASES
+    from structlora.tasks.nlg.modeling import MODEL_ALIASES
 
     return tuple(MODEL_ALIASES)
 

@@ -69,7 +69,7 @@ def model_positions(model: str, gguf_file: str | None = None) -> tuple[int | Non
     """``(tokens, where, hard)``: how many positions the model has (None when its config cannot be read without
     loading weights or reaching the network), where that number comes from, and whether going beyond it crashes
     (a learned position table) rather than leaving the trained context (rotary positions)."""
-    from structlora.nlg.modeling import resolve_model
+    from structlora.tasks.nlg.modeling import resolve_model
 
     try:
         source, gguf = resolve_model(model, gguf_file)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from structlora.recipes import device, flags, limits, methods, outputs, training
-from structlora.recipes.data_dir import add_data_dir_argument, resolve_data_dir
+from structlora.tasks.data_dir import add_data_dir_argument, resolve_data_dir
 
 NO_TRAINING = "none"
 
@@ -34,7 +34,7 @@ def _json_mapping(text: str) -> dict[str, Any]:
 
 def _task_name(value: str) -> str:
     """A task name or alias, any case -> its canonical name (so --help can list choices)."""
-    from structlora.llm.tasks import get_task
+    from structlora.tasks.llm.tasks import get_task
 
     try:
         return get_task(value).name
@@ -42,12 +42,12 @@ def _task_name(value: str) -> str:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-# Base-weight dtypes (structlora.llm.modeling.DTYPES; listed here so --help does not import torch).
+# Base-weight dtypes (structlora.tasks.llm.modeling.DTYPES; listed here so --help does not import torch).
 MODEL_DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from structlora.llm.tasks import TASKS
+    from structlora.tasks.llm.tasks import TASKS
 
     methods.add_method_arguments(parser)
     flags.add_training_arguments(parser)
@@ -89,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def apply_task_overrides(args: argparse.Namespace) -> argparse.Namespace:
     """Apply `task_overrides[TASK]` from the config like config values: explicit flags still win."""
-    from structlora.llm.tasks import get_task
+    from structlora.tasks.llm.tasks import get_task
 
     overrides = args.task_overrides or {}
     name = get_task(args.task).name
@@ -109,11 +109,11 @@ def apply_task_overrides(args: argparse.Namespace) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> int:
     from transformers import set_seed
 
-    from structlora.llm.data import DataUnavailableError, add_demonstrations, sample_splits
-    from structlora.llm.evaluation import EvaluationSettings, evaluate_examples, llm_trainer_class, primary_metric
-    from structlora.llm.modeling import load_causal_lm
-    from structlora.llm.scoring import EncodedDataset, ExampleCollator, encode_example, pad_token_id
-    from structlora.llm.tasks import get_task
+    from structlora.tasks.llm.data import DataUnavailableError, add_demonstrations, sample_splits
+    from structlora.tasks.llm.evaluation import EvaluationSettings, evaluate_examples, llm_trainer_class, primary_metric
+    from structlora.tasks.llm.modeling import load_causal_lm
+    from structlora.tasks.llm.scoring import EncodedDataset, ExampleCollator, encode_example, pad_token_id
+    from structlora.tasks.llm.tasks import get_task
 
     flags.apply_config_file(args)
     try:

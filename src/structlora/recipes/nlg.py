@@ -19,12 +19,12 @@ import copy
 import sys
 from typing import Any
 
-from structlora.nlg.data import DATASETS, SPLITS, has_split_files, load_split, training_pairs
+from structlora.tasks.nlg.data import DATASETS, SPLITS, has_split_files, load_split, training_pairs
 from structlora.recipes import device, flags, limits, methods, outputs, training
-from structlora.recipes.data_dir import DATA_RULE, add_data_dir_argument, resolve_data_dir
+from structlora.tasks.data_dir import DATA_RULE, add_data_dir_argument, resolve_data_dir
 
 TASK_TYPE = "CAUSAL_LM"
-# The keys of structlora.nlg.modeling.LAYOUTS (kept here so --help does not import torch; a test checks).
+# The keys of structlora.tasks.nlg.modeling.LAYOUTS (kept here so --help does not import torch; a test checks).
 LAYOUT_NAMES: tuple[str, ...] = ("authors", "separator")
 
 
@@ -97,7 +97,7 @@ class _EncodedPairs:
 
 def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_length: int,
                  separator: str | None = None) -> _EncodedPairs:
-    from structlora.nlg.modeling import SEPARATOR, encode_example
+    from structlora.tasks.nlg.modeling import SEPARATOR, encode_example
 
     separator = SEPARATOR if separator is None else separator
     return _EncodedPairs([encode_example(tokenizer, s, r, max_length, separator) for s, r in pairs])
@@ -108,7 +108,7 @@ def completion_trainer_class(base_cls: type, label_smoothing: float) -> type:
     (Trainer's own label smoother cannot tell that a wrapped model is a causal LM, so it would not
     shift the labels.)"""
 
-    from structlora.nlg.modeling import completion_loss
+    from structlora.tasks.nlg.modeling import completion_loss
 
     class CompletionTrainer(base_cls):  # type: ignore[misc, valid-type]
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
@@ -129,7 +129,7 @@ def completion_trainer_class(base_cls: type, label_smoothing: float) -> type:
 
 def build_model(args: argparse.Namespace, spec: Any):
     """Base model with the adapter of ``--method`` (``--enable-lora`` set on the config)."""
-    from structlora.nlg.modeling import load_causal_lm
+    from structlora.tasks.nlg.modeling import load_causal_lm
 
     model = load_causal_lm(spec)
     if args.method == "full" or args.method in methods.PEFT_LIBRARY_METHODS:
@@ -175,7 +175,7 @@ def default_train_split(dataset: str, data_dir: str | None, source: str) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from structlora.nlg.modeling import LAYOUTS, CompletionCollator, ModelSpec, load_tokenizer
+    from structlora.tasks.nlg.modeling import LAYOUTS, CompletionCollator, ModelSpec, load_tokenizer
 
     flags.apply_config_file(args)
     if not args.output:

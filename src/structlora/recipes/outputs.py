@@ -11,7 +11,7 @@ import math
 import os
 from typing import Any, Mapping, Sequence
 
-from ..data_errors import BadRows
+from ..tasks.data_errors import BadRows
 from .resume import resumes_of
 
 

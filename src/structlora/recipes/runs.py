@@ -15,7 +15,7 @@ from typing import Any
 
 from .quiet import head_in_adapter
 
-NLG_META = "structlora_nlg.json"  # structlora.nlg.modeling.META_FILE, kept here so --help imports nothing heavy
+NLG_META = "structlora_nlg.json"  # structlora.tasks.nlg.modeling.META_FILE, kept here so --help imports nothing heavy
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Modules trained in full with every method (the task head): a new task's head of another shape is re-initialised
 # by --init-from, and adapter sizes are compared without them.
@@ -112,7 +112,7 @@ def load_glue_run(run: TrainedRun, model_name: str) -> tuple[Any, Any, Any]:
     """The classifier of a `train glue` run, its tokenizer and its GLUE task."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from ..glue.data import get_task
+    from ..tasks.glue.data import get_task
 
     task = get_task(run.results.get("task") or run.flags.get("task") or "")
     labels = glue_label_settings(task)
@@ -129,7 +129,7 @@ def load_glue_run(run: TrainedRun, model_name: str) -> tuple[Any, Any, Any]:
 
 def _load_causal_run(run: TrainedRun, model_override: str | None) -> tuple[Any, Any]:
     if run.recipe == "nlg":  # the NLG run records how to rebuild its base model and prompts beside the adapter
-        from ..nlg.modeling import ModelSpec, load_causal_lm, load_tokenizer
+        from ..tasks.nlg.modeling import ModelSpec, load_causal_lm, load_tokenizer
 
         spec, _ = ModelSpec.load(run.adapter_dir)
         spec.model = model_override or spec.model
@@ -139,7 +139,7 @@ def _load_causal_run(run: TrainedRun, model_override: str | None) -> tuple[Any, 
 
             return AutoModelForCausalLM.from_pretrained(str(run.adapter_dir)), tokenizer
         return with_adapter(load_causal_lm(spec), run.adapter_dir), tokenizer
-    from ..llm.modeling import load_causal_lm as load_llm
+    from ..tasks.llm.modeling import load_causal_lm as load_llm
 
     if run.is_full:
         return load_llm(str(run.adapter_dir))

@@ -18,8 +18,8 @@ import os
 import sys
 from typing import Any, Sequence
 
-from structlora.nlg import metrics
-from structlora.nlg.data import read_e2e_references, read_lines, read_multi_references
+from structlora.tasks.nlg import generation_eval, metrics
+from structlora.tasks.nlg.data import read_e2e_references, read_lines, read_multi_references
 from structlora.recipes.progress import phase
 
 
@@ -77,7 +77,7 @@ def score_e2e(hyp_path: str, ref_path: str, use_java: bool = True, mteval: str =
 
 def _generation_eval(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
                      use_java: bool) -> tuple[dict[str, Any], list[str]]:
-    return metrics.generation_eval_scores(hypotheses, references, use_java=use_java)
+    return generation_eval.generation_eval_scores(hypotheses, references, use_java=use_java)
 
 
 def score_generation_eval(dataset: str, hyp_path: str, ref_prefix: str, seen_file: str | None = None,

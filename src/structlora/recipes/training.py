@@ -16,7 +16,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
-from ..data_errors import BadRows
+from ..tasks.data_errors import BadRows
 from .checkpoints import check_output_dir, checkpoint_dir, resume_checkpoint, write_status
 from .device import has_accelerator as _has_accelerator
 from .device import resolve_device_settings

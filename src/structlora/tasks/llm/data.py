@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..data_dir import DATA_ENV, resolve_data_dir
 from ..data_errors import BadRows, DataRowError, read_text, strict
 from .tasks import PromptedExample, TaskSpec, with_demonstrations
 
-DATA_ENV = "STRUCTLORA_DATA"
 _EXTENSIONS = (".jsonl", ".json", ".tsv")
 
 
@@ -33,12 +33,6 @@ class TaskSplits:
     train: list[PromptedExample]
     dev: list[PromptedExample]
     eval: list[PromptedExample]
-
-
-def resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path | None:
-    """`--data-dir` wins over `$STRUCTLORA_DATA`; None when neither is set."""
-    chosen = data_dir or os.environ.get(DATA_ENV)
-    return Path(chosen).expanduser() if chosen else None
 
 
 def local_candidates(spec: TaskSpec, data_dir: Path, split: str) -> list[Path]:

@@ -16,8 +16,8 @@ Data never lives in the repository: pass a folder, or set ``STRUCTLORA_DATA``; t
 from __future__ import annotations
 
 import csv
-import io
 import functools
+import io
 import json
 import os
 import random
@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from ..data_dir import DATA_ENV, resolve_data_dir
 from ..data_errors import BadRows, DataRowError, read_text, strict
 
 DATASETS: tuple[str, ...] = ("e2e", "webnlg", "dart")
@@ -47,7 +48,6 @@ HUB_IDS: dict[str, tuple[str, str | None]] = {
     "webnlg": ("web_nlg", "webnlg_challenge_2017"),
     "dart": ("dart", None),
 }
-DATA_ENV_VAR = "STRUCTLORA_DATA"
 
 
 @dataclass(frozen=True)
@@ -268,16 +268,6 @@ def read_dart_json(path: str | os.PathLike, bad_rows: BadRows | None = None) -> 
 
 
 # ----------------------------------------------------------------------------------- locating data
-def default_data_root() -> Path:
-    """``$STRUCTLORA_DATA``, else ``../shared/data`` beside the repository (when present), else ``data``."""
-    env = os.environ.get(DATA_ENV_VAR)
-    if env:
-        return Path(env)
-    repo_root = Path(__file__).resolve().parents[3]
-    candidate = repo_root.parent / "shared" / "data"
-    return candidate if candidate.is_dir() else Path("data")
-
-
 def _first_existing(folder: Path, names: Sequence[str]) -> Path | None:
     for name in names:
         if (folder / name).exists():
@@ -318,7 +308,7 @@ def _split_reader(dataset: str, split: str, data_root: str | os.PathLike | None
                   ) -> Callable[[BadRows | None], list[NLGInput]]:
     """The reader of the local files of ``dataset`` / ``split`` (train, dev or test); FileNotFoundError naming
     what was looked for when there are none."""
-    root = Path(data_root) if data_root else default_data_root()
+    root = Path(data_root) if data_root else (resolve_data_dir(None) or Path("data"))  # the data rule
     if dataset == "e2e":
         folder = root / "e2e"
         official = {"train": ["trainset.csv"], "dev": ["devset.csv"],
@@ -331,11 +321,11 @@ def _split_reader(dataset: str, split: str, data_root: str | os.PathLike | None
         if path is not None:
             return functools.partial(read_e2e_lines, path)
         raise FileNotFoundError(f"E2E {split}: none of {official + lines} in {folder} "
-                                f"(set --data-dir or ${DATA_ENV_VAR})")
+                                f"(set --data-dir or ${DATA_ENV})")
     if dataset == "webnlg":
         folder = _first_existing(root, ["webnlg2017", "webnlg"])
         if folder is None:
-            raise FileNotFoundError(f"no webnlg2017/ folder in {root} (set --data-dir or ${DATA_ENV_VAR})")
+            raise FileNotFoundError(f"no webnlg2017/ folder in {root} (set --data-dir or ${DATA_ENV})")
         split_folder = folder / split
         if not split_folder.is_dir():
             raise FileNotFoundError(f"WebNLG {split}: {split_folder} does not exist")

@@ -231,7 +231,7 @@ def read_task_file(path: Path, task: GlueTask, bad_rows: BadRows | None = None) 
 
 def load_glue_local(data_dir: str | os.PathLike, task_name: str, bad_rows: BadRows | None = None) -> Any:
     """Read ``task_name`` from local files under ``data_dir`` (see the module docstring for layouts); bad rows
-    are errors unless ``bad_rows`` skips them (see :mod:`structlora.data_errors`)."""
+    are errors unless ``bad_rows`` skips them (see :mod:`structlora.tasks.data_errors`)."""
     import datasets
 
     task = get_task(task_name)
