@@ -152,3 +152,13 @@ def test_merge_prints_no_load_report_for_the_head_the_adapter_holds(trained, tmp
     finally:
         logger.removeHandler(handler)
     assert not [m for m in seen if "LOAD REPORT" in m]
+
+
+def test_a_run_says_which_recipe_trained_it(trained, tmp_path):
+    from structlora.recipes.runs import TrainedRun
+
+    assert json.loads((trained["run"] / "results.json").read_text())["recipe"] == "glue"
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"method": "lora"}))
+    (tmp_path / "results.json").write_text(json.dumps({"recipe": "llm", "task": "rte"}))
+    assert TrainedRun(tmp_path).recipe == "llm"  # recorded, not guessed (a task alone would read as GLUE)

@@ -140,7 +140,8 @@ def train_glue(args: argparse.Namespace) -> dict[str, Any]:
         eval_metrics = outputs.clean_eval_metrics(trainer.evaluate(as_eval_dataset(eval_sets)))
     outputs.save_final_model(trainer, args.output)
     method = methods.method_label(args)
-    extra = {"adapter_params": adapter_params, "model": args.model, "seed": args.seed, "main_metric": task.main_metric,
+    extra = {"recipe": "glue", "adapter_params": adapter_params, "model": args.model, "seed": args.seed,
+             "main_metric": task.main_metric,
              "train_examples": len(train_set), "eval_examples": {k: len(v) for k, v in eval_sets.items()},
              "selection_eval_examples": {k: len(v) for k, v in selection_sets.items()},
              **trainer.structlora_clock.train_and_eval(), **outputs.robustness_record(trainer, bad_rows),

@@ -177,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
     with open(Path(args.output) / "predictions.jsonl", "w") as handle:
         for record in predictions:
             handle.write(json.dumps(record) + "\n")
-    extra = {"model": args.model, "family": spec.family, "objective": objective, "icl": args.icl,
+    extra = {"recipe": "llm", "model": args.model, "family": spec.family, "objective": objective, "icl": args.icl,
              "n_train": len(splits.train), "n_dev": len(splits.dev), "n_eval": len(splits.eval),
              "seed": args.seed, "eval_seconds": round(eval_seconds, 3),
              **outputs.robustness_record(trainer, bad_rows), "flags": outputs.flags_of(args)}

@@ -225,12 +225,13 @@ def run(args: argparse.Namespace) -> int:
     if args.method == "full":
         tokenizer.save_pretrained(adapter_dir)
     final = outputs.clean_eval_metrics(trainer.evaluate(), keep_loss=True)
-    outputs.write_results(args.output, f"nlg-{args.dataset}", methods.method_label(args), trainable, final, history, seconds,
-                         extra={"model": args.model, "structure": getattr(args, "structure", None)
-                                if args.method == "mtlora" else None,
-                                "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
-                                "label_smoothing": label_smoothing, **trainer.structlora_clock.train_and_eval(),
-                                **outputs.robustness_record(trainer, bad_rows), "flags": outputs.flags_of(args)})
+    outputs.write_results(args.output, f"nlg-{args.dataset}", methods.method_label(args), trainable, final, history,
+                          seconds,
+                          extra={"recipe": "nlg", "model": args.model, "structure": getattr(args, "structure", None)
+                                 if args.method == "mtlora" else None,
+                                 "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
+                                 "label_smoothing": label_smoothing, **trainer.structlora_clock.train_and_eval(),
+                                 **outputs.robustness_record(trainer, bad_rows), "flags": outputs.flags_of(args)})
     outputs.plot_curves(args.output, history, "eval_loss")
     print(f"trainable parameters: {trainable}; train time {seconds:.1f}s; eval loss "
           f"{final.get('eval_loss', float('nan')):.4f} -> {adapter_dir}", file=sys.stderr)

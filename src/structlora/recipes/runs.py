@@ -15,6 +15,7 @@ from typing import Any
 
 from .quiet import head_in_adapter
 
+RECIPES = ("glue", "nlg", "llm")
 NLG_META = "structlora_nlg.json"  # structlora.tasks.nlg.modeling.META_FILE, kept here so --help imports nothing heavy
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Modules trained in full with every method (the task head): a new task's head of another shape is re-initialised
@@ -48,7 +49,10 @@ class TrainedRun:
 
     @property
     def recipe(self) -> str:
-        """``glue``, ``nlg`` or ``llm``: the `train` command that wrote the run."""
+        """``glue``, ``nlg`` or ``llm``: the `train` command that wrote the run (recorded in results.json; runs from
+        before that record are recognised by what they wrote)."""
+        if self.results.get("recipe") in RECIPES:
+            return str(self.results["recipe"])
         if (self.adapter_dir / NLG_META).is_file():
             return "nlg"
         if "family" in self.results:
@@ -143,7 +147,8 @@ def _load_causal_run(run: TrainedRun, model_override: str | None) -> tuple[Any, 
 
     if run.is_full:
         return load_llm(str(run.adapter_dir))
-    model, tokenizer = load_llm(run.base_model(model_override), run.flags.get("gguf_file"), run.flags.get("model_dtype") or "float32")
+    model, tokenizer = load_llm(run.base_model(model_override), run.flags.get("gguf_file"),
+                                run.flags.get("model_dtype") or "float32")
     return with_adapter(model, run.adapter_dir), tokenizer
 
 
