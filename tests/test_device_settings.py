@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from structlora.recipes import data_dir, device, flags
+from structlora.recipes import device, flags
+from structlora.tasks import data_dir
 
 
 def parsed(argv: list[str], config: Path | None = None) -> argparse.Namespace:

@@ -161,7 +161,7 @@ def nothing_loaded(monkeypatch):
     """Data and model loading fail the test: the refusal must come before them."""
     import transformers
 
-    from structlora import glue
+    from structlora.tasks import glue
     from structlora.tasks.nlg import data as nlg_data
     from structlora.recipes import nlg
 
