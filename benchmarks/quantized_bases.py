@@ -71,7 +71,7 @@ def run_one(method: str, base: str, cache: str, steps: int, tokens: int) -> dict
 def _ensure_cache(cache: str) -> None:
     if os.path.isfile(os.path.join(cache, "config.json")):
         return
-    from structlora.llm.modeling import load_causal_lm
+    from structlora.tasks.llm.modeling import load_causal_lm
 
     model, tokenizer = load_causal_lm("smollm2-135m")
     model.save_pretrained(cache)

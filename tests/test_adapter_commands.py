@@ -111,3 +111,54 @@ def test_eval_refuses_a_bad_row_unless_skipped_and_counts_it(trained, tmp_path):
     results = json.loads((output / "results.json").read_text())
     assert (results["eval_examples"], results["skipped_bad_rows"]) == (12, 1)
     assert results["bad_rows"]["first"] == [f"{dev}:14: label '2' is not one of 0..1 (task 'sst2')"]
+
+
+@pytest.mark.parametrize("command", ["merge", "export"])
+@pytest.mark.parametrize("method", ["loretta_adp", "adapter"])
+def test_merge_and_export_of_a_bottleneck_adapter_say_what_does_work(tmp_path, capsys, command, method):
+    from structlora.recipes.commands import build_parser
+
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text(json.dumps({"method": method, "task_type": "SEQ_CLS"}))
+    (run / "results.json").write_text(json.dumps({"task": "sst2", "model": "m"}))
+    with pytest.raises(SystemExit) as refused:
+        main([command, "--run", str(run), "--output", str(tmp_path / "out")])
+    message = str(refused.value.code)
+    assert message.startswith(f"error: structlora {command}: {run / 'adapter'} holds a {method} adapter.")
+    assert "`structlora eval --run RUN`" in message and "`structlora generate --adapter RUN`" in message
+    assert "PeftModel.from_pretrained(base_model, \"RUN/adapter\")" in message
+    assert not (tmp_path / "out").exists()
+    parser = build_parser([command])
+    help_text = next(a for a in parser._actions if a.dest == "command").choices[command].format_help()
+    assert "structlora generate" in " ".join(help_text.split())
+
+
+def test_merge_prints_no_load_report_for_the_head_the_adapter_holds(trained, tmp_path):
+    """The run's base loads without its classifier (the adapter holds it): transformers' MISSING report is not
+    shown; a report that names other tensors still would be (tests/test_cli_errors.py)."""
+    import logging
+
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addHandler(handler := Keep())
+    try:
+        assert main(["merge", "--run", str(trained["run"]), "--output", str(tmp_path / "merged")]) == 0
+    finally:
+        logger.removeHandler(handler)
+    assert not [m for m in seen if "LOAD REPORT" in m]
+
+
+def test_a_run_says_which_recipe_trained_it(trained, tmp_path):
+    from structlora.recipes.runs import TrainedRun
+
+    assert json.loads((trained["run"] / "results.json").read_text())["recipe"] == "glue"
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"method": "lora"}))
+    (tmp_path / "results.json").write_text(json.dumps({"recipe": "llm", "task": "rte"}))
+    assert TrainedRun(tmp_path).recipe == "llm"  # recorded, not guessed (a task alone would read as GLUE)

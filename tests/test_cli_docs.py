@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from structlora import cli_docs
-from structlora.cli import _COMMANDS
+from structlora.recipes.commands import COMMANDS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,12 +19,12 @@ def test_docs_cli_md_is_up_to_date():
 
 def test_every_flag_is_explained_and_shows_its_default():
     text = cli_docs.render()
-    for path, *_ in _COMMANDS:
+    for path, *_ in COMMANDS:
         assert f"## structlora {' '.join(path)}" in text
     import argparse
 
-    for path, *_ in _COMMANDS:
-        parser = cli_docs._build_parser(list(path))
+    for path, *_ in COMMANDS:
+        parser = cli_docs.build_parser(list(path))
         for name in path:
             action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
             parser = action.choices[name]
@@ -40,7 +40,7 @@ def test_every_flag_is_explained_and_shows_its_default():
 def test_help_does_not_import_torch():
     src = REPO / "src"
     code = ("import sys\nfrom structlora.cli import main\n"
-            f"for path in {[list(p) for p, *_ in _COMMANDS]!r}:\n"
+            f"for path in {[list(p) for p, *_ in COMMANDS]!r}:\n"
             "    try:\n        main([*path, '--help'])\n    except SystemExit:\n        pass\n"
             "heavy = [m for m in ('torch', 'transformers', 'datasets') if m in sys.modules]\n"
             "assert not heavy, heavy\n")
@@ -50,10 +50,10 @@ def test_help_does_not_import_torch():
 
 
 def test_choices_listed_for_fast_help_match_the_library():
-    from structlora.glue.data import GLUE_TASKS
-    from structlora.llm.modeling import DTYPES
-    from structlora.nlg.generation import DECODING_MODES
-    from structlora.nlg.modeling import LAYOUTS, META_FILE
+    from structlora.tasks.glue.data import GLUE_TASKS
+    from structlora.tasks.llm.modeling import DTYPES
+    from structlora.tasks.nlg.generation import DECODING_MODES
+    from structlora.tasks.nlg.modeling import LAYOUTS, META_FILE
     from structlora.recipes import generate, glue, llm, nlg
 
     assert set(glue.GLUE_TASK_NAMES) == set(GLUE_TASKS)

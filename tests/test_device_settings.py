@@ -5,15 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from structlora.recipes import common, data_dir, device
+from structlora.recipes import device, flags
+from structlora.tasks import data_dir
 
 
 def parsed(argv: list[str], config: Path | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    common.add_training_arguments(parser)
+    flags.add_training_arguments(parser)
     parser.add_argument("--model-dtype", default="float32")
     args = parser.parse_args(argv + (["--config", str(config)] if config else []))
-    return common.apply_config_file(args, parser)
+    return flags.apply_config_file(args, parser)
 
 
 def test_bf16_and_recipe_checkpointing_are_turned_off_on_a_cpu_without_bf16(monkeypatch, tmp_path, capsys):
@@ -34,6 +35,17 @@ def test_bf16_is_kept_where_the_device_has_it(monkeypatch, tmp_path):
     monkeypatch.setattr(device, "has_accelerator", lambda: True)
     args = device.resolve_device_settings(parsed(["--bf16", "--gradient-checkpointing"]))
     assert args.bf16 is True and args.gradient_checkpointing is True
+
+
+def test_bf16_on_a_cpu_that_has_it_is_said_not_silent(monkeypatch, capsys):
+    monkeypatch.setattr(device, "bf16_supported", lambda: True)
+    monkeypatch.setattr(device, "has_accelerator", lambda: False)
+    args = device.resolve_device_settings(parsed(["--bf16"]))
+    assert args.bf16 is True
+    assert capsys.readouterr().err.startswith("note: bf16 on the CPU: it has native bfloat16 arithmetic")
+    assert device.precision_name(args) == "bf16 mixed precision on the CPU"
+    device.resolve_device_settings(parsed([]))
+    assert capsys.readouterr().err == ""  # float32: nothing to say
 
 
 def test_data_rule_flag_then_environment_then_shared_then_hub(monkeypatch, tmp_path):

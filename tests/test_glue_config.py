@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import structlora
-from structlora.recipes import common, glue, report
+from structlora.recipes import flags, glue, methods, outputs, report
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "glue"
 
@@ -17,7 +17,7 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "glue"
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     glue.add_arguments(parser)
-    return common.apply_config_file(parser.parse_args(argv))
+    return flags.apply_config_file(parser.parse_args(argv))
 
 
 def test_yaml_values_become_defaults_and_explicit_flags_win(tmp_path):
@@ -74,22 +74,22 @@ def test_loretta_recipe_files(method):
 
 def test_build_peft_config_passes_only_given_values():
     args = parse(["--method", "loretta-rep", "--tensor-rank", "3"])
-    config = common.build_peft_config(args, "SEQ_CLS")
+    config = methods.build_peft_config(args, "SEQ_CLS")
     assert isinstance(config, structlora.LorettaRepConfig)
     default = structlora.LorettaRepConfig()
     assert (config.tensor_rank, config.lora_alpha, config.r) == (3, default.lora_alpha, default.r)
-    mtlora = common.build_peft_config(parse(["--method", "mtlora", "--structure", "dtsm", "--r", "4"]), "SEQ_CLS")
+    mtlora = methods.build_peft_config(parse(["--method", "mtlora", "--structure", "dtsm", "--r", "4"]), "SEQ_CLS")
     assert isinstance(mtlora, structlora.MTLoraConfig) and (mtlora.structure, mtlora.r) == ("dtsm", 4)
-    adp = common.build_peft_config(parse(["--method", "loretta-adp", "--bottleneck-size", "16"]), "SEQ_CLS")
+    adp = methods.build_peft_config(parse(["--method", "loretta-adp", "--bottleneck-size", "16"]), "SEQ_CLS")
     assert isinstance(adp, structlora.LorettaAdpConfig) and adp.bottleneck_size == 16
-    lora = common.build_peft_config(parse(["--target-modules", "query,value"]), "SEQ_CLS")
+    lora = methods.build_peft_config(parse(["--target-modules", "query,value"]), "SEQ_CLS")
     assert isinstance(lora, structlora.LoraConfig) and list(lora.target_modules) == ["query", "value"]
-    assert common.build_peft_config(parse(["--method", "full"]), "SEQ_CLS") is None
+    assert methods.build_peft_config(parse(["--method", "full"]), "SEQ_CLS") is None
 
 
 def test_report_markdown_table(tmp_path, capsys):
     for name, method, accuracy in (("a", "lora", 0.8), ("b", "loretta-rep", 0.75)):
-        common.write_results(str(tmp_path / name), "sst2", method, 1234 if method == "lora" else 99,
+        outputs.write_results(str(tmp_path / name), "sst2", method, 1234 if method == "lora" else 99,
                              {"accuracy": accuracy}, [{"epoch": 1.0, "step": 2, "accuracy": accuracy}], 12.34)
     assert report.run(argparse.Namespace(runs=[str(tmp_path)], output=str(tmp_path / "table.md"),
                                          per_run=True)) == 0

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from structlora.data_errors import BadRows, DataRowError
-from structlora.glue import GLUE_TASKS, GlueDataError, load_glue, load_glue_local
+from structlora.tasks.data_errors import BadRows, DataRowError
+from structlora.tasks.glue import GLUE_TASKS, GlueDataError, load_glue, load_glue_local
 from shared_paths import SHARED_DATA
 
 

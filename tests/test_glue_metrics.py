@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from transformers import EvalPrediction
 
-from structlora.glue import compute_glue_metrics, make_compute_metrics
-from structlora.recipes.common import clean_eval_metrics, history_from_log
+from structlora.tasks.glue import compute_glue_metrics, make_compute_metrics
+from structlora.recipes.outputs import clean_eval_metrics, history_from_log
 
 
 def test_cola_matthews_by_hand():

@@ -117,6 +117,21 @@ def test_mnli_two_eval_sets_then_rte_init_from_mnli(tiny_bert, data_dir, tmp_pat
     assert rte["task"] == "rte" and 0.0 <= rte["eval"]["accuracy"] <= 1.0
 
 
+def test_init_from_an_adapter_of_another_structure_is_one_error_line(tiny_bert, data_dir, tmp_path, capsys):
+    """A dtsm run's adapter has the tensors of a ctcm one: --init-from it into a ctcm run is refused, not loaded."""
+    train(tiny_bert, data_dir, tmp_path / "dtsm", "--task", "sst2", "--method", "mtlora", "--structure", "dtsm",
+          "--max-steps", "1")
+    argv = ["train", "glue", "--model", str(tiny_bert), "--data-dir", str(data_dir), "--output", str(tmp_path / "ctcm"),
+            "--task", "sst2", "--method", "mtlora", "--structure", "ctcm", "--max-steps", "1",
+            "--init-from", str(tmp_path / "dtsm")]
+    capsys.readouterr()
+    assert main(argv) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"error: --init-from {tmp_path / 'dtsm'}: its adapter has another structure than this "
+                            "run's (structure 'dtsm' there, 'ctcm' here, from adapter_config.json)")
+    assert not (tmp_path / "ctcm" / "results.json").exists()
+
+
 def test_stsb_regression_via_config_file(tiny_bert, data_dir, tmp_path):
     config = tmp_path / "stsb.yaml"
     config.write_text("task: stsb\nmethod: loretta-rep\ntensor-rank: 2\nmax-steps: 2\neval-every: 2\nlr: 1e-2\n")
@@ -139,6 +154,27 @@ def test_resume_matches_uninterrupted_run(tiny_bert, data_dir, tmp_path):
     last = "checkpoints/checkpoint-4/adapter_model.safetensors"
     a, b = load_file(str(tmp_path / "straight" / last)), load_file(str(tmp_path / "resumed" / last))
     assert all(float((a[name] - b[name]).abs().max()) < 1e-6 for name in a)
+
+
+def test_resume_with_another_training_flag_is_refused_unless_allowed_then_recorded(tiny_bert, data_dir, tmp_path,
+                                                                                     capsys):
+    flags = ["--task", "sst2", "--method", "lora", "--lr", "5e-2", "--lr-scheduler", "constant", "--eval-every", "2"]
+    out = tmp_path / "run"
+    train(tiny_bert, data_dir, out, *flags, "--max-steps", "2")
+    argv = ["train", "glue", "--model", str(tiny_bert), "--data-dir", str(data_dir), "--output", str(out),
+            "--seed", "0", *flags, "--max-steps", "4", "--resume", "--lr", "0.5", "--batch-size", "4"]
+    with pytest.raises(SystemExit) as refused:
+        main(argv)
+    assert str(refused.value.code).startswith("error: --resume: --batch-size 4 (the run: 8), --lr 0.5 (the run: "
+                                              f"0.05) differ from the flags {out} was trained with")
+    capsys.readouterr()
+    assert not (out / "checkpoints" / "checkpoint-4").exists()
+    assert main([*argv, "--allow-resume-changes"]) == 0
+    assert "--lr 0.5 (the run: 0.05) not used: the optimizer continues with the checkpoint's" in capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert results["flags"]["lr"] == 0.05 and results["flags"]["batch_size"] == 4  # what ran
+    assert results["resumes"] == [{"resume": "latest", "changed": {"batch_size": {"run": 8, "resumed": 4}},
+                                   "not_used": {"lr": 0.5}}]
 
 
 def test_torchrun_two_processes_gloo(tiny_bert, data_dir, tmp_path):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from structlora.cli import _build_parser, main
-from structlora.llm.tiny import save_tiny_llama
+from structlora.recipes.commands import build_parser, main
+from structlora.tasks.llm.tiny import save_tiny_llama
 from test_llm_tasks import write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,13 +138,13 @@ def test_unreachable_data_is_a_clear_error(workspace: dict[str, Path]) -> None:
 
 @pytest.mark.parametrize("recipe", sorted((REPO / "recipes" / "llm").glob("*.yaml")), ids=lambda p: p.stem)
 def test_recipes_apply_with_task_overrides(recipe: Path) -> None:
-    from structlora.recipes import common
+    from structlora.recipes import flags
     from structlora.recipes.llm import apply_task_overrides
 
-    def parse(*flags: str):
-        argv = ["train", "llm", "--task", "CB", "--model", "m", "--output", "o", "--config", str(recipe), *flags]
-        args = _build_parser(argv).parse_args(argv)
-        return apply_task_overrides(common.apply_config_file(args))
+    def parse(*extra: str):
+        argv = ["train", "llm", "--task", "CB", "--model", "m", "--output", "o", "--config", str(recipe), *extra]
+        args = build_parser(argv).parse_args(argv)
+        return apply_task_overrides(flags.apply_config_file(args))
 
     args = parse()
     assert args.method in ("lora", "loretta-rep", "loretta-adp", "adapter", "ia3", "prefix", "prompt")

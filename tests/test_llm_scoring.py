@@ -8,10 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from structlora.llm.metrics import choice_accuracy, exact_match, generation_metrics, normalize_answer, token_f1
-from structlora.llm.scoring import (EncodedExample, EncodedRow, ExampleCollator, collate_rows,
+from structlora.tasks.llm.metrics import choice_accuracy, exact_match, generation_metrics, normalize_answer, token_f1
+from structlora.tasks.llm.scoring import (EncodedExample, EncodedRow, ExampleCollator, collate_rows,
                                     completion_log_likelihoods, example_loss, score_candidates)
-from structlora.llm.tasks import PromptedExample
+from structlora.tasks.llm.tasks import PromptedExample
 
 WORDS = ["<pad>", "<s>", "the", "film", "was", "great", "terrible", "Yes", "No", "?"]
 ID = {word: i for i, word in enumerate(WORDS)}
@@ -122,8 +122,8 @@ def test_normalisation_and_token_f1_known_values() -> None:
 def test_shared_prefix_path_matches_full_rows_on_a_tiny_llama(tmp_path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from structlora.llm.scoring import encode_example, pad_token_id, shared_prefix_log_likelihoods
-    from structlora.llm.tiny import save_tiny_llama
+    from structlora.tasks.llm.scoring import encode_example, pad_token_id, shared_prefix_log_likelihoods
+    from structlora.tasks.llm.tiny import save_tiny_llama
 
     folder = save_tiny_llama(tmp_path / "tiny", hidden_size=16, num_hidden_layers=1)
     model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from structlora.llm.data import DataUnavailableError, add_demonstrations, load_records, sample_splits
-from structlora.llm.tasks import TASKS, PromptedExample, get_task
+from structlora.tasks.llm.data import DataUnavailableError, add_demonstrations, load_records, sample_splits
+from structlora.tasks.llm.tasks import TASKS, PromptedExample, get_task
 
 
 def render_one(task: str, record: dict) -> PromptedExample:

@@ -397,21 +397,21 @@ def test_loading_an_svd_start_computes_no_svd(tmp_path, monkeypatch):
 # -- the recipes' flags ---------------------------------------------------------------------------------------------
 
 def test_recipe_flags_build_the_options():
-    from structlora.recipes import common
+    from structlora.recipes import methods
     from test_method_flags import recipe_args
 
-    config = common.build_peft_config(recipe_args("--method", "mtlora", "--use-rslora", "--init", "lora-xs"), "SEQ_CLS")
+    config = methods.build_peft_config(recipe_args("--method", "mtlora", "--use-rslora", "--init", "lora-xs"), "SEQ_CLS")
     assert (type(config), config.use_rslora, config.init) == (MTLoraConfig, True, "lora-xs")
-    config = common.build_peft_config(recipe_args("--method", "lora", "--init", "pissa"), "SEQ_CLS")
+    config = methods.build_peft_config(recipe_args("--method", "lora", "--init", "pissa"), "SEQ_CLS")
     assert (type(config), config.use_rslora, config.init) == (LoraConfig, False, "pissa")
-    assert common.build_peft_config(recipe_args("--method", "lora", "--init", "reference"), "SEQ_CLS").init == "default"
+    assert methods.build_peft_config(recipe_args("--method", "lora", "--init", "reference"), "SEQ_CLS").init == "default"
     with pytest.raises(SystemExit, match="--init lora-xs trains MTLoRA's T between frozen SVD factors"):
-        common.check_method_flags(recipe_args("--method", "lora", "--init", "lora-xs"))
+        methods.check_method_flags(recipe_args("--method", "lora", "--init", "lora-xs"))
     with pytest.raises(SystemExit, match="--loraplus-lr-ratio speeds up the B factors, which --init lora-xs freezes"):
-        common.check_method_flags(recipe_args("--method", "mtlora", "--init", "lora-xs", "--loraplus-lr-ratio", "4"))
+        methods.check_method_flags(recipe_args("--method", "mtlora", "--init", "lora-xs", "--loraplus-lr-ratio", "4"))
     for flag in (["--use-rslora"], ["--loraplus-lr-ratio", "4"]):
         with pytest.raises(SystemExit, match=f"{flag[0]} is read only by --method lora, mtlora, loretta-rep"):
-            common.check_method_flags(recipe_args("--method", "adapter", *flag))
+            methods.check_method_flags(recipe_args("--method", "adapter", *flag))
 
 
 def test_glue_recipe_trains_lora_xs_with_rslora_and_lora_with_loraplus(tiny_bert, data_dir, tmp_path, monkeypatch):
@@ -467,18 +467,18 @@ def test_svd_starts_refuse_a_sharded_weight():
 
 
 def test_results_and_sweeps_name_the_options():
-    from structlora.recipes import common, sweep
+    from structlora.recipes import methods, sweep
     from test_method_flags import recipe_args
 
     args = recipe_args("--method", "mtlora", "--structure", "ctcm", "--loraplus-lr-ratio", "16", "--init", "pissa",
                        "--use-rslora")
-    assert common.method_label(args) == "mtlora-ctcm+rslora+pissa+loraplus16"
-    assert common.method_label(recipe_args("--method", "lora")) == "lora"
+    assert methods.method_label(args) == "mtlora-ctcm+rslora+pissa+loraplus16"
+    assert methods.method_label(recipe_args("--method", "lora")) == "lora"
     assert sweep.method_flags("mtlora+loraplus2.5+lora-xs") == ["--method", "mtlora", "--loraplus-lr-ratio", "2.5",
                                                                 "--init", "lora-xs"]
     assert sweep.canonical_label("mtlora+loraplus2.5+lora-xs") == "mtlora-shim+lora-xs+loraplus2.5"
     # What a sweep runs is what the run records.
     for label in ("lora+rslora", "mtlora-shim+pissa", "mtlora-dtsm+lora-xs+loraplus4", "loretta-rep+rslora"):
-        assert common.method_label(recipe_args(*sweep.method_flags(label))) == sweep.canonical_label(label)
+        assert methods.method_label(recipe_args(*sweep.method_flags(label))) == sweep.canonical_label(label)
     with pytest.raises(SystemExit, match=r"unknown method option '\+dora'"):
         sweep.method_flags("lora+dora")

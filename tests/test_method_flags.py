@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-import structlora.cli
+import structlora.recipes.commands
 from structlora.cli import main
-from structlora.recipes import common
+from structlora.recipes import flags, methods
 
 REPO = Path(__file__).resolve().parents[1]
 # A value for each flag of METHOD_FLAG_READERS (not the default, where the flag has one).
@@ -25,9 +25,9 @@ SAMPLE = {"structure": "icfm", "r": "4", "lora_alpha": "16", "lora_dropout": "0.
 
 def recipe_args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    common.add_method_arguments(parser)
-    common.add_training_arguments(parser)
-    return common.apply_config_file(parser.parse_args(list(argv)))
+    methods.add_method_arguments(parser)
+    flags.add_training_arguments(parser)
+    return flags.apply_config_file(parser.parse_args(list(argv)))
 
 
 def flag(dest: str) -> str:
@@ -35,13 +35,13 @@ def flag(dest: str) -> str:
 
 
 def test_every_flag_is_refused_by_exactly_the_methods_that_do_not_read_it():
-    assert set(SAMPLE) == set(common.METHOD_FLAG_READERS)
+    assert set(SAMPLE) == set(methods.METHOD_FLAG_READERS)
     refused = {}
     for dest, value in SAMPLE.items():
-        for method in common.METHODS:
+        for method in methods.METHODS:
             args = recipe_args("--method", method, flag(dest), *([] if value is None else [value]))
             try:
-                common.check_method_flags(args)
+                methods.check_method_flags(args)
             except SystemExit as refusal:
                 refused.setdefault(dest, []).append(method)
                 assert str(refusal.code).startswith(f"error: {flag(dest)} is read only by --method ")
@@ -68,15 +68,15 @@ def test_every_flag_is_refused_by_exactly_the_methods_that_do_not_read_it():
 
 
 def test_defaults_pass_and_a_default_value_given_explicitly_is_still_refused():
-    for method in common.METHODS:
-        common.check_method_flags(recipe_args("--method", method))  # nothing set: nothing refused
+    for method in methods.METHODS:
+        methods.check_method_flags(recipe_args("--method", method))  # nothing set: nothing refused
     # `--structure shim` is the default value, but given with LoRA it says the user expects MTLoRA.
     with pytest.raises(SystemExit, match="--structure is read only by --method mtlora; --method lora would"):
-        common.check_method_flags(recipe_args("--method", "lora", "--structure", "shim"))
-    common.check_method_flags(recipe_args("--method", "mtlora", "--structure", "shim"))
+        methods.check_method_flags(recipe_args("--method", "lora", "--structure", "shim"))
+    methods.check_method_flags(recipe_args("--method", "mtlora", "--structure", "shim"))
     with pytest.raises(SystemExit, match="--init identity starts MTLoRA's T at I"):
-        common.check_method_flags(recipe_args("--method", "lora", "--init", "identity"))
-    common.check_method_flags(recipe_args("--method", "lora", "--init", "reference"))
+        methods.check_method_flags(recipe_args("--method", "lora", "--init", "identity"))
+    methods.check_method_flags(recipe_args("--method", "lora", "--init", "reference"))
 
 
 def test_a_config_files_flag_is_refused_naming_the_file_unless_the_command_line_replaces_its_method(tmp_path,
@@ -85,29 +85,29 @@ def test_a_config_files_flag_is_refused_naming_the_file_unless_the_command_line_
     inconsistent.write_text("method: bitfit\nr: 16\n")
     with pytest.raises(SystemExit, match=f"--r \\(set by {inconsistent}\\) is read only by --method lora, mtlora, "
                                          "loretta-rep; --method bitfit would ignore it"):
-        common.check_method_flags(recipe_args("--config", str(inconsistent)))
+        methods.check_method_flags(recipe_args("--config", str(inconsistent)))
     recipe = tmp_path / "mtlora.yaml"
     recipe.write_text("method: mtlora\nstructure: icfm\nr: 8\nlr: 4e-4\n")
-    common.check_method_flags(recipe_args("--config", str(recipe)))
+    methods.check_method_flags(recipe_args("--config", str(recipe)))
     assert capsys.readouterr().err == ""
     # The recipe's budget with another method: its MTLoRA-only flag cannot be unset from the command line.
     args = recipe_args("--config", str(recipe), "--method", "lora")
-    common.check_method_flags(args)
-    common.check_method_flags(args)  # checked again when the config is built: one warning
+    methods.check_method_flags(args)
+    methods.check_method_flags(args)  # checked again when the config is built: one warning
     assert capsys.readouterr().err.splitlines() == [
         f"warning: --structure (set by {recipe}) is not read by --method lora (given on the command line): it is "
         "ignored"]
-    assert common.build_peft_config(args, "SEQ_CLS").r == 8
+    assert methods.build_peft_config(args, "SEQ_CLS").r == 8
     with pytest.raises(SystemExit, match="--structure is read only by --method mtlora"):  # but never a flag given
-        common.check_method_flags(recipe_args("--config", str(recipe), "--method", "lora", "--structure", "ctcm"))
+        methods.check_method_flags(recipe_args("--config", str(recipe), "--method", "lora", "--structure", "ctcm"))
 
 
 def test_build_and_wrap_refuse_before_building_a_model():
     pytest.importorskip("peft")
     with pytest.raises(SystemExit, match="--r is read only by"):
-        common.build_peft_config(recipe_args("--method", "bitfit", "--r", "8"), "SEQ_CLS")
+        methods.build_peft_config(recipe_args("--method", "bitfit", "--r", "8"), "SEQ_CLS")
     with pytest.raises(SystemExit, match="--target-modules is read only by"):
-        common.wrap_model(None, recipe_args("--method", "prompt", "--target-modules", "query"), "SEQ_CLS")
+        methods.wrap_model(None, recipe_args("--method", "prompt", "--target-modules", "query"), "SEQ_CLS")
 
 
 def test_the_command_line_refuses_with_one_line_before_reading_anything(tmp_path):
@@ -124,7 +124,7 @@ def test_the_command_line_refuses_with_one_line_before_reading_anything(tmp_path
 
 def test_sweep_refuses_a_shared_flag_that_one_method_ignores_before_any_run(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(structlora.cli, "main", lambda argv: calls.append(argv) or 0)
+    monkeypatch.setattr(structlora.recipes.commands, "main", lambda argv: calls.append(argv) or 0)
     with pytest.raises(SystemExit, match="error: --methods bitfit: --r is read only by .* In a sweep, give a flag "
                                          "that only some methods read with --method-args 'METHOD=FLAGS'"):
         main(["sweep", "glue", "--tasks", "sst2", "--methods", "lora,bitfit", "--seeds", "0", "--output",
@@ -146,7 +146,7 @@ def test_every_shipped_recipe_sets_only_flags_its_method_reads(recipe):
     # The flags argparse requires on the command line (they do not touch the adapter).
     required = {"llm": ["--task", "squad", "--model", "m"], "nlg": ["--dataset", "e2e", "--model", "m"]}
     argv = ["train", kind, "--config", str(REPO / recipe), *required.get(kind, [])]
-    parser = structlora.cli._build_parser(argv)
+    parser = structlora.recipes.commands.build_parser(argv)
     args, unknown = parser.parse_known_args(argv)
     assert unknown == []
-    common.check_method_flags(common.apply_config_file(args))
+    methods.check_method_flags(flags.apply_config_file(args))

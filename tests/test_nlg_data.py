@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from structlora.nlg.data import (NLGInput, has_split_files, linearize_e2e_mr, linearize_triples, load_split,
+from structlora.tasks.nlg.data import (NLGInput, has_split_files, linearize_e2e_mr, linearize_triples, load_split,
                                  read_dart_json,
                                  read_e2e_csv, read_e2e_lines, read_webnlg_xml, split_by_input, training_pairs,
                                  webnlg_xml_files)

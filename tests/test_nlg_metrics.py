@@ -8,8 +8,9 @@ import math
 
 import pytest
 
-from structlora.nlg import metrics as M
-from structlora.nlg.data import NLGInput, read_e2e_references, read_multi_references, write_e2e_references, \
+from structlora.tasks.nlg import generation_eval
+from structlora.tasks.nlg import metrics as M
+from structlora.tasks.nlg.data import NLGInput, read_e2e_references, read_multi_references, write_e2e_references, \
     write_multi_references
 
 needs_java = pytest.mark.skipif(M.java_executable() is None, reason="Java runtime not installed")
@@ -77,35 +78,35 @@ def test_e2e_bleu_equals_sacrebleu_when_no_smoothing_is_involved():
 def test_multi_bleu_detok_by_hand_and_against_sacrebleu():
     sacrebleu = pytest.importorskip("sacrebleu")
     # no smoothing: a zero 3-gram precision makes BLEU 0
-    assert M.multi_bleu_detok(["a b x y"], [["a b c d"]]) == 0.0
-    assert M.multi_bleu_detok(["a b c d"], [["a b c d e f"]]) == pytest.approx(100 * math.exp(-0.5))
+    assert generation_eval.multi_bleu_detok(["a b x y"], [["a b c d"]]) == 0.0
+    assert generation_eval.multi_bleu_detok(["a b c d"], [["a b c d e f"]]) == pytest.approx(100 * math.exp(-0.5))
     # case-sensitive (GenerationEval runs it without -lc)
-    assert M.multi_bleu_detok(["A b c d"], [["a b c d"]]) == 0.0
+    assert generation_eval.multi_bleu_detok(["A b c d"], [["a b c d"]]) == 0.0
     hyps = ["Aarhus Airport serves the city of Aarhus, Denmark.", "Alan Shepard was born in New Hampshire."]
     refs = [["The Aarhus is the airport of Aarhus, Denmark.", "Aarhus Airport serves the city of Aarhus."],
             ["Alan Shepard was born in New Hampshire, U.S.", "New Hampshire is where Alan Shepard was born."]]
     theirs = sacrebleu.corpus_bleu(hyps, [[r[0] for r in refs], [r[1] for r in refs]], smooth_method="none")
-    assert M.multi_bleu_detok(hyps, refs) == pytest.approx(theirs.score, abs=1e-9)
+    assert generation_eval.multi_bleu_detok(hyps, refs) == pytest.approx(theirs.score, abs=1e-9)
 
 
 def test_multi_bleu_detok_counts_empty_padding_references():
     # "a b c" (3 words) vs refs of 5 words and the empty line: distances 2 and 3 -> length 5 is used
     # (BP = exp(1 - 5/3)); "a b" vs refs of 5 words and "": distances 3 and 2 -> the empty line wins,
     # reference length 0 -> the Perl script prints BLEU = 0.
-    assert M.multi_bleu_detok(["a b c d"], [["a b c d x", ""]]) == pytest.approx(100 * math.exp(1 - 5 / 4))
-    assert M.multi_bleu_detok(["a b"], [["a b c d x", ""]]) == 0.0
+    assert generation_eval.multi_bleu_detok(["a b c d"], [["a b c d x", ""]]) == pytest.approx(100 * math.exp(1 - 5 / 4))
+    assert generation_eval.multi_bleu_detok(["a b"], [["a b c d x", ""]]) == 0.0
 
 
 def test_ter_matches_pyter_published_example_and_hand_cases():
     # pyter's documented example: 0.308
     ref = "SAUDI ARABIA denied THIS WEEK information published in the AMERICAN new york times".split()
     hyp = "THIS WEEK THE SAUDIS denied information published in the new york times".split()
-    assert f"{M.ter(hyp, ref):.3f}" == "0.308"
-    assert M.ter("a b c".split(), "a b c".split()) == 0.0
-    assert M.ter("a b".split(), "a b c d".split()) == 0.5  # two insertions / 4
-    assert M.ter("c a b".split(), "a b c".split()) == pytest.approx(1 / 3)  # one shift / 3
+    assert f"{generation_eval.ter(hyp, ref):.3f}" == "0.308"
+    assert generation_eval.ter("a b c".split(), "a b c".split()) == 0.0
+    assert generation_eval.ter("a b".split(), "a b c d".split()) == 0.5  # two insertions / 4
+    assert generation_eval.ter("c a b".split(), "a b c".split()) == pytest.approx(1 / 3)  # one shift / 3
     # GenerationEval: min over references, empty reference scores 1
-    assert M.generation_eval_ter(["a b c"], [["a b c d", ""]]) == 0.25
+    assert generation_eval.generation_eval_ter(["a b c"], [["a b c d", ""]]) == 0.25
 
 
 def test_coco_rouge_and_cider_by_hand():
@@ -138,9 +139,9 @@ def test_e2e_scores_with_java_identical_output():
 @pytest.mark.slow
 @needs_java
 def test_generation_eval_meteor_file_mode():
-    assert M.meteor_generation_eval(["the cat sat on the mat"], [["the cat sat on the mat", ""]]) == \
+    assert generation_eval.meteor_generation_eval(["the cat sat on the mat"], [["the cat sat on the mat", ""]]) == \
         pytest.approx(1.0)
-    partial = M.meteor_generation_eval(["Acharya University"], [["Acharya University is in India ."]])
+    partial = generation_eval.meteor_generation_eval(["Acharya University"], [["Acharya University is in India ."]])
     assert 0.0 < partial < 1.0
 
 
@@ -149,7 +150,7 @@ def test_without_java_the_other_metrics_are_reported(monkeypatch):
     scores, notes = M.e2e_scores(["a b c d"], [["a b c d e f"]])
     assert scores["METEOR"] is None and scores["BLEU"] == pytest.approx(math.exp(-0.5))
     assert any("Java not found" in n for n in notes)
-    scores, notes = M.generation_eval_scores(["a b c"], [["a b c d", ""]])
+    scores, notes = generation_eval.generation_eval_scores(["a b c"], [["a b c d", ""]])
     assert scores["METEOR"] is None and scores["TER"] == 0.25
     assert any("Java not found" in n for n in notes)
 
@@ -227,14 +228,14 @@ def test_generation_eval_bleu_and_ter_equal_official_eval_py():
     # BLEU: official run on files ending with a newline (without one, Perl's `chop` eats the last
     # character of each file's last line). TER: official run on files without a final newline (with one,
     # eval.py's split('\n') adds a phantom empty input scoring TER 1: (3 * 0.39248 + 1) / 4 = 0.54436).
-    assert M.multi_bleu_detok(GE_GOLDEN_HYPS, GE_GOLDEN_REFS) == pytest.approx(84.41, abs=5e-3)
-    hyps_tok, refs_tok = M.generation_eval_tokenize(GE_GOLDEN_HYPS, GE_GOLDEN_REFS)
-    assert M.generation_eval_ter(hyps_tok, refs_tok) == pytest.approx(0.39248366013071895, abs=1e-12)
+    assert generation_eval.multi_bleu_detok(GE_GOLDEN_HYPS, GE_GOLDEN_REFS) == pytest.approx(84.41, abs=5e-3)
+    hyps_tok, refs_tok = generation_eval.generation_eval_tokenize(GE_GOLDEN_HYPS, GE_GOLDEN_REFS)
+    assert generation_eval.generation_eval_ter(hyps_tok, refs_tok) == pytest.approx(0.39248366013071895, abs=1e-12)
 
 
 @needs_java
 def test_generation_eval_meteor_equal_official_eval_py():
-    scores, _ = M.generation_eval_scores(GE_GOLDEN_HYPS, GE_GOLDEN_REFS)
+    scores, _ = generation_eval.generation_eval_scores(GE_GOLDEN_HYPS, GE_GOLDEN_REFS)
     assert scores["METEOR"] == pytest.approx(0.41762145892324465, abs=1e-12)
 
 
@@ -281,8 +282,8 @@ GE_OFFICIAL_HYPS = [
 def test_score_equals_official_generation_eval_nr6(tmp_path, capsys):
     dataset = "dart"  # `score webnlg` shares the code (plus the seen/unseen split, tested above)
     from structlora.cli import main
-    from structlora.nlg.authors_decoding import authors_post_process
-    from structlora.nlg.generation import write_reference_files
+    from structlora.tasks.nlg.authors_decoding import authors_post_process
+    from structlora.tasks.nlg.generation import write_reference_files
 
     inputs = [NLGInput(f"input {i}", tuple(refs)) for i, refs in enumerate(GE_OFFICIAL_REFS)]
     written = write_reference_files(dataset, inputs, tmp_path / "hyps.txt", tokenize_lower=True)
@@ -302,6 +303,6 @@ def test_nltk_version_other_than_generation_evals_pin_is_noted(monkeypatch):
     import nltk
 
     monkeypatch.setattr(nltk, "__version__", "3.9.1")
-    assert any("NLTK 3.9.1" in n and "nltk==3.5" in n for n in M.nltk_tokenizer_notes())
+    assert any("NLTK 3.9.1" in n and "nltk==3.5" in n for n in generation_eval.nltk_tokenizer_notes())
     monkeypatch.setattr(nltk, "__version__", "3.5")
-    assert not any("nltk==3.5" in n for n in M.nltk_tokenizer_notes())
+    assert not any("nltk==3.5" in n for n in generation_eval.nltk_tokenizer_notes())

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from structlora.nlg.data import NLGInput, read_e2e_references
-from structlora.nlg.generation import DecodingSettings, clean_hypothesis, completed_lines, generate_hypotheses
-from structlora.nlg.modeling import CompletionCollator, completion_loss, encode_example
+from structlora.tasks.nlg.data import NLGInput, read_e2e_references
+from structlora.tasks.nlg.generation import DecodingSettings, clean_hypothesis, completed_lines, generate_hypotheses
+from structlora.tasks.nlg.modeling import CompletionCollator, completion_loss, encode_example
 from shared_paths import GPT2_TOKENIZER
 from tiny_models import save_tiny_gpt2
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from structlora.nlg import metrics as M
-from structlora.nlg.data import read_e2e_references, read_lines
+from structlora.tasks.nlg import metrics as M
+from structlora.tasks.nlg.data import read_e2e_references, read_lines
 from test_nlg_metrics import E2E_GOLDEN_HYPS, E2E_GOLDEN_REFS
 
 EXAMPLE = Path(__file__).parent / "fixtures" / "e2e_metrics_example"

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from shared_paths import GPT2_TOKENIZER, SHARED_DATA
-from structlora.cli import _build_parser, main
+from structlora.recipes.commands import build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,7 +83,7 @@ def test_the_readme_and_every_recipe_show_commands():
 @pytest.mark.parametrize("command", README + [c for _, c in RECIPES])
 def test_every_command_parses_and_its_files_exist(command):
     argv = argv_of(command)
-    parser = _build_parser(argv)
+    parser = build_parser(argv)
     args, unknown = parser.parse_known_args(argv)
     assert unknown == []
     if getattr(args, "config", None):
@@ -151,7 +151,7 @@ BUDGETS = {
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    from structlora.llm.tiny import save_tiny_llama
+    from structlora.tasks.llm.tiny import save_tiny_llama
     from tiny_models import save_tiny_bert
 
     root = tmp_path_factory.mktemp("readme-models")
@@ -263,8 +263,8 @@ def test_a_data_set_the_hub_did_not_provide_names_data_dir():
     """Without ../shared/data (a clean clone) and offline, the NLG recipe's error says what to pass."""
     import argparse
 
-    from structlora.cli import _one_line
+    from structlora.recipes.commands import one_line
 
     error = ConnectionError("Couldn't reach 'e2e_nlg' on the Hub (LocalEntryNotFoundError)")
-    line = _one_line(error, argparse.Namespace(data_dir=None, model="gpt2-medium"))
+    line = one_line(error, argparse.Namespace(data_dir=None, model="gpt2-medium"))
     assert "--data-dir" in line and "e2e_nlg" in line and "--model" not in line

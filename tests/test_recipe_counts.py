@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import structlora
-from structlora.recipes import common, glue, llm, nlg
+from structlora.recipes import flags, glue, llm, methods, nlg
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -18,14 +18,14 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 def recipe_args(module, path: Path, *argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     module.add_arguments(parser)
-    return common.apply_config_file(parser.parse_args(["--config", str(path), *argv]))
+    return flags.apply_config_file(parser.parse_args(["--config", str(path), *argv]))
 
 
 def trained_count(model: torch.nn.Module, args: argparse.Namespace, task_type: str, enable_lora=None) -> int:
-    config = common.build_peft_config(args, task_type)
+    config = methods.build_peft_config(args, task_type)
     if enable_lora is not None:
         config.enable_lora = enable_lora
-    return common.count_trainable_parameters(structlora.get_peft_model(model, config))
+    return methods.count_trainable_parameters(structlora.get_peft_model(model, config))
 
 
 def roberta_base(num_labels: int):
@@ -45,7 +45,7 @@ def test_glue_mtlora_roberta_base_count(structure, expected):
 
 def test_glue_mtlora_adapts_the_ffn_output_but_not_the_attention_output():
     args = recipe_args(glue, RECIPES / "glue" / "mtlora_roberta_base_rte.yaml")
-    model = structlora.get_peft_model(roberta_base(2), common.build_peft_config(args, "SEQ_CLS"))
+    model = structlora.get_peft_model(roberta_base(2), methods.build_peft_config(args, "SEQ_CLS"))
     adapted = {name.split(".layer.0.", 1)[1].split(".adapters.", 1)[0] for name, p in model.named_parameters()
                if p.requires_grad and ".layer.0." in name}
     assert adapted == {"attention.self.query", "attention.self.value", "intermediate.dense", "output.dense"}
@@ -58,6 +58,17 @@ def test_nlg_mtlora_gpt2_medium_count():
     with torch.device("meta"):
         model = GPT2LMHeadModel(GPT2Config(n_embd=1024, n_layer=24, n_head=16))
     assert trained_count(model, args, "CAUSAL_LM", nlg._parse_enable_lora(args.enable_lora)) == 1_085_184
+
+
+def test_nlg_recipe_enable_lora_can_be_unset_from_the_command_line():
+    recipe = RECIPES / "nlg" / "mtlora_gpt2.yaml"
+    args = recipe_args(nlg, recipe, "--dataset", "e2e", "--model", "gpt2-medium")
+    assert nlg._parse_enable_lora(args.enable_lora) == {"c_attn": [True, True, True]}
+    for unset in ("none", "default"):
+        args = recipe_args(nlg, recipe, "--dataset", "e2e", "--model", "gpt2-medium", "--enable-lora", unset)
+        assert nlg._parse_enable_lora(args.enable_lora) is None
+    args = recipe_args(nlg, recipe, "--dataset", "e2e", "--model", "gpt2-medium", "--enable-lora", "c_attn=1,0,1")
+    assert nlg._parse_enable_lora(args.enable_lora) == {"c_attn": [True, False, True]}
 
 
 def llama_2_7b():
@@ -107,5 +118,5 @@ WIDTH, BLOCKS, ADAPTER = 1024, 24, 1024 * 100 + 100 + 100 * 1024 + 1024
 def test_nlg_gpt2_medium_baseline_counts(recipe, expected):
     pytest.importorskip("peft")
     args = recipe_args(nlg, RECIPES / "nlg" / recipe, "--dataset", "e2e", "--model", "gpt2-medium")
-    model = common.wrap_model(gpt2_medium(), args, "CAUSAL_LM")
-    assert common.count_trainable_parameters(model) == expected
+    model = methods.wrap_model(gpt2_medium(), args, "CAUSAL_LM")
+    assert methods.count_trainable_parameters(model) == expected

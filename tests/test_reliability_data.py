@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from structlora.data_errors import BadRows, DataRowError
-from structlora.recipes import common, limits
+from structlora.tasks.data_errors import BadRows, DataRowError
+from structlora.recipes import checkpoints, limits
 
 BOM = b"\xef\xbb\xbf"
 
@@ -35,7 +35,7 @@ def _strict_then_skipped(read, path: Path, message: str, kept: int, skipped: int
 # -- NLG readers -------------------------------------------------------------------------------------------------
 
 def test_e2e_csv_rows_are_validated_with_file_and_line(tmp_path):
-    from structlora.nlg.data import read_e2e_csv
+    from structlora.tasks.nlg.data import read_e2e_csv
     path = tmp_path / "devset.csv"
     good = 'mr,ref\n"name[A], eatType[pub]",A is a pub.\n'
     for bad, message in ((""""name[B], eatType[pub]",\n""", r"devset\.csv:3: empty 'ref'"),
@@ -48,7 +48,7 @@ def test_e2e_csv_rows_are_validated_with_file_and_line(tmp_path):
 
 
 def test_e2e_lines_rows_are_validated_with_file_and_line(tmp_path):
-    from structlora.nlg.data import read_e2e_lines
+    from structlora.tasks.nlg.data import read_e2e_lines
     path = tmp_path / "valid.txt"
     path.write_text("name : A || A is a pub.\nname : B with no separator\nname : C ||  \n", encoding="utf-8")
     _with_bom(path)
@@ -75,7 +75,7 @@ WEBNLG = """<?xml version="1.0" encoding="UTF-8"?>
 
 
 def test_webnlg_entries_are_validated_with_file_and_line(tmp_path):
-    from structlora.nlg.data import read_webnlg_xml
+    from structlora.tasks.nlg.data import read_webnlg_xml
     path = tmp_path / "1triples.xml"
     path.write_text(WEBNLG, encoding="utf-8")
     _with_bom(path)
@@ -88,7 +88,7 @@ def test_webnlg_entries_are_validated_with_file_and_line(tmp_path):
 
 
 def test_dart_records_are_validated_with_file_and_line(tmp_path):
-    from structlora.nlg.data import read_dart_json
+    from structlora.tasks.nlg.data import read_dart_json
     path = tmp_path / "dart.json"
     records = [{"tripleset": [["A", "LOCATION", "B"]], "annotations": [{"text": "A is in B."}]},
                {"tripleset": [["A", "B"]], "annotations": [{"text": "bad"}]},
@@ -114,8 +114,8 @@ def test_dart_records_are_validated_with_file_and_line(tmp_path):
     ("{not json", r"val\.jsonl:2: not a JSON object"),
 ])
 def test_llm_records_are_validated_with_file_and_line(tmp_path, bad, message):
-    from structlora.llm.data import sample_splits
-    from structlora.llm.tasks import get_task
+    from structlora.tasks.llm.data import sample_splits
+    from structlora.tasks.llm.tasks import get_task
     folder = tmp_path / "superglue" / "CB"
     folder.mkdir(parents=True)
     good = {"premise": "It rains.", "hypothesis": "It is wet.", "label": "entailment"}
@@ -161,8 +161,8 @@ def nothing_loaded(monkeypatch):
     """Data and model loading fail the test: the refusal must come before them."""
     import transformers
 
-    from structlora import glue
-    from structlora.nlg import data as nlg_data
+    from structlora.tasks import glue
+    from structlora.tasks.nlg import data as nlg_data
     from structlora.recipes import nlg
 
     def forbidden(*args, **kwargs):
@@ -254,13 +254,13 @@ def test_resume_refuses_a_checkpoint_without_rng_state_unless_allowed(tmp_path, 
         (checkpoint / name).write_text("x")
     args = argparse.Namespace(output=str(tmp_path), resume=str(checkpoint), method="lora")
     with pytest.raises(SystemExit, match=r"lacks rng_state\.pth; .*--allow-incomplete-checkpoint"):
-        common._resume_checkpoint(args)
+        checkpoints.resume_checkpoint(args)
     args.allow_incomplete_checkpoint = True
-    assert common._resume_checkpoint(args) == str(checkpoint)
+    assert checkpoints.resume_checkpoint(args) == str(checkpoint)
     assert "resuming" in capsys.readouterr().err
     (checkpoint / "adapter_model.safetensors").unlink()  # the weights themselves are never optional
     with pytest.raises(SystemExit, match="lacks adapter_model.safetensors"):
-        common._resume_checkpoint(args)
+        checkpoints.resume_checkpoint(args)
 
 
 def test_a_diverging_run_stops_and_a_skipped_step_is_counted(tiny_bert_folder, tmp_path, monkeypatch):

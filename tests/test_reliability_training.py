@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from structlora import LoraConfig, get_peft_model
-from structlora.recipes import common
+from structlora.recipes import checkpoints, outputs
+from structlora.recipes.runs import init_from_run
 from structlora.trainer import NonFiniteTrainingError
 from test_core import randomize_adapters, tiny_bert
 from test_reliability import assert_unchanged, fingerprint
@@ -54,7 +55,7 @@ def test_skip_nonfinite_steps_counts_and_keeps_weights_finite(tmp_path):
     trainer.train()
     assert trainer.skipped_nonfinite_steps == 1
     assert all(torch.isfinite(v).all() for v in trainer.model.adapter_state_dict().values())
-    assert common.robustness_record(trainer, None) == {"skipped_nonfinite_steps": 1}  # what results.json records
+    assert outputs.robustness_record(trainer, None) == {"skipped_nonfinite_steps": 1}  # what results.json records
 
 
 def test_nonfinite_adapter_is_never_saved(tmp_path):
@@ -100,43 +101,43 @@ def test_output_with_a_finished_run_is_refused(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps({"status": "completed"}))
     _checkpoint(tmp_path, 4)
     with pytest.raises(SystemExit, match="holds a completed run.*--overwrite.*--resume"):
-        common.check_output_dir(_args(tmp_path))
+        checkpoints.check_output_dir(_args(tmp_path))
     assert (tmp_path / "results.json").is_file() and (tmp_path / "checkpoints" / "checkpoint-4").is_dir()
 
 
 def test_output_with_checkpoints_of_an_unfinished_run_is_refused(tmp_path):
     _checkpoint(tmp_path, 2)
     with pytest.raises(SystemExit, match="holds checkpoints of an unfinished run; pass --resume"):
-        common.check_output_dir(_args(tmp_path))
-    common.check_output_dir(_args(tmp_path, resume="latest"))  # resuming it is fine
+        checkpoints.check_output_dir(_args(tmp_path))
+    checkpoints.check_output_dir(_args(tmp_path, resume="latest"))  # resuming it is fine
 
 
 def test_resume_on_a_finished_run_does_nothing(tmp_path, capsys):
     (tmp_path / "results.json").write_text(json.dumps({"status": "completed"}))
     _checkpoint(tmp_path, 4, max_steps=4)
     with pytest.raises(SystemExit) as exit_info:
-        common.check_output_dir(_args(tmp_path, resume="latest"))
+        checkpoints.check_output_dir(_args(tmp_path, resume="latest"))
     assert exit_info.value.code == 0
     assert "nothing to resume, nothing was done" in capsys.readouterr().err
-    common.check_output_dir(_args(tmp_path, resume="latest", max_steps=8))  # a longer schedule continues it
+    checkpoints.check_output_dir(_args(tmp_path, resume="latest", max_steps=8))  # a longer schedule continues it
 
 
 def test_overwrite_replaces_the_run(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps({"status": "completed"}))
     (tmp_path / "keep.txt").write_text("user file")
     _checkpoint(tmp_path, 4)
-    common.check_output_dir(_args(tmp_path, overwrite=True))
+    checkpoints.check_output_dir(_args(tmp_path, overwrite=True))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
 
 
 def test_resume_falls_back_from_a_half_written_checkpoint(tmp_path, capsys):
     _checkpoint(tmp_path, 2)
     _checkpoint(tmp_path, 4, complete=False)
-    chosen = common._resume_checkpoint(_args(tmp_path, resume="latest"))
+    chosen = checkpoints.resume_checkpoint(_args(tmp_path, resume="latest"))
     assert chosen.endswith("checkpoint-2")
     assert "checkpoint-4 is incomplete (lacks optimizer.pt, scheduler.pt, rng_state.pth" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="lacks optimizer.pt"):
-        common._resume_checkpoint(_args(tmp_path, resume=str(tmp_path / "checkpoints" / "checkpoint-4")))
+        checkpoints.resume_checkpoint(_args(tmp_path, resume=str(tmp_path / "checkpoints" / "checkpoint-4")))
 
 
 # -- --init-from -------------------------------------------------------------------------------------------
@@ -147,10 +148,57 @@ def test_init_from_with_other_adapter_shapes_is_an_error(tmp_path):
     source.save_pretrained(tmp_path)
     model = get_peft_model(tiny_bert(), LoraConfig(r=8, target_modules=["query"]))
     before = fingerprint(model)
-    with pytest.raises(ValueError, match=r"adapter tensor\(s\) have another shape.*\(4, 32\) in the folder, "
-                                         r"\(8, 32\) here"):
-        common.load_adapter_from(model, tmp_path)
+    with pytest.raises(ValueError, match=r"another structure than this run's \(r 4 there, 8 here, from "
+                                         r"adapter_config.json\)"):
+        init_from_run(model, tmp_path)
     assert_unchanged(before, model)
+
+
+@pytest.mark.parametrize("saved, wanted, field", [
+    (dict(structure="dtsm"), dict(structure="ctcm"), "structure 'dtsm' there, 'ctcm' here"),
+    (dict(structure="shim"), dict(structure="icfm"), "structure 'shim' there, 'icfm' here"),
+    (dict(structure="shim", lora_alpha=16), dict(structure="shim", lora_alpha=32), "lora_alpha 16 there, 32 here"),
+])
+def test_init_from_another_structure_is_refused_though_the_shapes_match(tmp_path, saved, wanted, field):
+    from structlora import MTLoraConfig
+
+    source = get_peft_model(tiny_bert(), MTLoraConfig(r=4, target_modules=["query"], **saved))
+    randomize_adapters(source)
+    source.save_pretrained(tmp_path)
+    model = get_peft_model(tiny_bert(), MTLoraConfig(r=4, target_modules=["query"], **wanted))
+    assert {k: v.shape for k, v in model.adapter_state_dict().items()} == \
+        {k: v.shape for k, v in source.adapter_state_dict().items()}  # a shape check alone would load it
+    before = fingerprint(model)
+    with pytest.raises(ValueError, match=f"--init-from {tmp_path}: its adapter has another structure than this "
+                                         f"run's \\({field}, from adapter_config.json\\)"):
+        init_from_run(model, tmp_path)
+    assert_unchanged(before, model)
+
+
+def test_init_from_checks_the_structure_recorded_in_the_weights_too(tmp_path):
+    """An adapter_config.json edited after saving does not let other weights in: the weights file's own record
+    of the structure is compared as well."""
+    from structlora import MTLoraConfig
+
+    source = get_peft_model(tiny_bert(), MTLoraConfig(r=4, target_modules=["query"], structure="dtsm"))
+    source.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "structure": "ctcm"}))
+    model = get_peft_model(tiny_bert(), MTLoraConfig(r=4, target_modules=["query"], structure="ctcm"))
+    with pytest.raises(ValueError, match=r"structure 'dtsm' there, 'ctcm' here, from adapter_model.safetensors"):
+        init_from_run(model, tmp_path)
+
+
+def test_init_from_accepts_the_same_structure_with_another_dropout(tmp_path):
+    from structlora import MTLoraConfig
+
+    source = get_peft_model(tiny_bert(), MTLoraConfig(r=4, target_modules=["query"], structure="ctcm"))
+    randomize_adapters(source)
+    source.save_pretrained(tmp_path)
+    model = get_peft_model(tiny_bert(), MTLoraConfig(r=4, target_modules=["query"], structure="ctcm",
+                                                     lora_dropout=0.1))
+    init_from_run(model, tmp_path)
+    assert all(torch.equal(v, source.adapter_state_dict()[k]) for k, v in model.adapter_state_dict().items())
 
 
 def test_init_from_reinitialises_only_a_head_and_says_so(tmp_path, capsys):
@@ -164,7 +212,7 @@ def test_init_from_reinitialises_only_a_head_and_says_so(tmp_path, capsys):
                                                        max_position_embeddings=64, num_labels=2)).eval()
     model = get_peft_model(two_way, LoraConfig(r=4, target_modules=["query"], task_type="SEQ_CLS"))
     head_before = model.adapter_state_dict()["classifier.weight"].clone()
-    common.load_adapter_from(model, tmp_path)
+    init_from_run(model, tmp_path)
     assert "re-initialised 2 head tensor(s)" in capsys.readouterr().err
     assert torch.equal(model.adapter_state_dict()["classifier.weight"], head_before)
     query = "bert.encoder.layer.0.attention.self.query.parameterization.lora_A"
@@ -188,7 +236,7 @@ def test_score_refuses_empty_inputs_instead_of_hanging(tmp_path):
 def test_java_scorers_time_out_instead_of_hanging(tmp_path, monkeypatch):
     """A Java process that never answers (here a fake `java` that sleeps) is stopped after the timeout: the
     persistent METEOR process (E2E) and the one-shot jars (PTB tokenizer, METEOR file mode)."""
-    from structlora.nlg import metrics
+    from structlora.tasks.nlg import generation_eval, metrics
     fake_java = tmp_path / "java"
     fake_java.write_text("#!/bin/sh\nexec sleep 600\n")
     fake_java.chmod(0o755)
@@ -203,7 +251,7 @@ def test_java_scorers_time_out_instead_of_hanging(tmp_path, monkeypatch):
     with pytest.raises(metrics.JavaTimeout, match="the Stanford PTB tokenizer"):
         metrics.ptb_tokenize(["a cat"])
     with pytest.raises(OSError, match=r"METEOR 1.5 \(Java\) did not finish"):  # the CLI's one-line error class
-        metrics.meteor_generation_eval(["a cat"], [["the cat"]])
+        generation_eval.meteor_generation_eval(["a cat"], [["the cat"]])
 
 
 def test_generate_refuses_an_output_it_did_not_write(tmp_path):
@@ -259,8 +307,8 @@ def _write_sst2(folder, train_rows):
 @pytest.mark.parametrize("bad,message", [("2", r"label '2' is not one of 0\.\.1"), ("0.7", "label '0.7' is not one of"),
                                          ("yes", "label 'yes' is not one of"), ("-1", "label '-1'")])
 def test_glue_labels_are_validated_with_file_and_line(tmp_path, bad, message):
-    from structlora.data_errors import DataRowError
-    from structlora.glue.data import load_glue_local
+    from structlora.tasks.data_errors import DataRowError
+    from structlora.tasks.glue.data import load_glue_local
     _write_sst2(tmp_path, [["a great film", "1"], ["dull", bad]])
     with pytest.raises(DataRowError, match=rf"sst2/train\.tsv:3: {message}.*pass --skip-bad-rows"):
         load_glue_local(tmp_path, "sst2")
@@ -269,8 +317,8 @@ def test_glue_labels_are_validated_with_file_and_line(tmp_path, bad, message):
 def test_glue_bom_short_rows_and_counted_skips(tmp_path):
     """A short row is an error naming file:line (none of the real GLUE files in ../shared/data has one); with
     --skip-bad-rows it is skipped and counted."""
-    from structlora.data_errors import BadRows, DataRowError
-    from structlora.glue.data import load_glue_local
+    from structlora.tasks.data_errors import BadRows, DataRowError
+    from structlora.tasks.glue.data import load_glue_local
     _write_sst2(tmp_path, [["a great film", "1"], ["broken line"], ["fine", "1.0"], ["dull", "7"]])
     train = tmp_path / "sst2" / "train.tsv"
     train.write_bytes(b"\xef\xbb\xbf" + train.read_bytes())  # a UTF-8 BOM before the header
@@ -282,3 +330,15 @@ def test_glue_bom_short_rows_and_counted_skips(tmp_path):
     assert bad_rows.summary() == {"skipped_bad_rows": 2, "bad_rows": {
         "by_file": {str(train): 2}, "first": [f"{train}:3: 1 tab-separated column(s), task 'sst2' needs at least 2 here",
                                               f"{train}:5: label '7' is not one of 0..1 (task 'sst2')"]}}
+
+
+# -- --resume compares the training flags --------------------------------------------------------------------
+
+def test_resume_compares_training_flags_and_the_schedule_length_only_of_an_unfinished_run():
+    from structlora.recipes.resume import changed_flags
+
+    recorded = {"lr": 1e-4, "epochs": 3.0, "max_steps": -1, "seed": 0, "eval_batch_size": 32, "data_dir": "a"}
+    now = {"lr": 1e-4, "epochs": 5.0, "max_steps": -1, "seed": 1, "eval_batch_size": 64, "data_dir": "a",
+           "new_flag": 1}
+    assert changed_flags(now, recorded, finished=False) == {"epochs": (3.0, 5.0), "seed": (0, 1)}
+    assert changed_flags(now, recorded, finished=True) == {"seed": (0, 1)}  # a finished run continued longer

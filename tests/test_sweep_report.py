@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import structlora.cli
+import structlora.recipes.commands
 from structlora.cli import main
 from structlora.recipes import report, sweep
 from tiny_models import save_tiny_bert
@@ -49,7 +49,7 @@ def grid(output: Path, seeds: str = "0,1", methods: str = "lora,adapter-pfeiffer
 
 def test_interrupted_grid_continues_and_keeps_finished_runs(tmp_path, monkeypatch):
     interrupted = FakeTrainer(interrupt_at=4)
-    monkeypatch.setattr(structlora.cli, "main", interrupted)
+    monkeypatch.setattr(structlora.recipes.commands, "main", interrupted)
     with pytest.raises(KeyboardInterrupt):
         grid(tmp_path)
     finished = sorted(p.parent for p in tmp_path.rglob("results.json"))
@@ -57,7 +57,7 @@ def test_interrupted_grid_continues_and_keeps_finished_runs(tmp_path, monkeypatc
     stamps = {p: (p / "results.json").stat().st_mtime_ns for p in finished}
 
     resumed = FakeTrainer()
-    monkeypatch.setattr(structlora.cli, "main", resumed)
+    monkeypatch.setattr(structlora.recipes.commands, "main", resumed)
     assert grid(tmp_path) == 0
     assert len(resumed.calls) == 8 - 3  # only what was not finished
     assert all((p / "results.json").stat().st_mtime_ns == stamps[p] for p in finished)  # kept, not rerun
@@ -69,7 +69,7 @@ def test_interrupted_grid_continues_and_keeps_finished_runs(tmp_path, monkeypatc
     assert Path(first[first.index("--output") + 1]) == tmp_path / "cola" / "adapter-pfeiffer" / "seed0"
 
     again = FakeTrainer()
-    monkeypatch.setattr(structlora.cli, "main", again)
+    monkeypatch.setattr(structlora.recipes.commands, "main", again)
     assert grid(tmp_path, seeds="0,1,2") == 0  # the grid grows into the same folder
     assert len(again.calls) == 4 and all(call[call.index("--seed") + 1] == "2" for call in again.calls)
 
@@ -77,14 +77,14 @@ def test_interrupted_grid_continues_and_keeps_finished_runs(tmp_path, monkeypatc
 def test_a_run_cut_mid_training_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     (tmp_path / "sst2" / "lora" / "seed0" / "checkpoints" / "checkpoint-3").mkdir(parents=True)
     fake = FakeTrainer()
-    monkeypatch.setattr(structlora.cli, "main", fake)
+    monkeypatch.setattr(structlora.recipes.commands, "main", fake)
     grid(tmp_path, seeds="0", methods="lora")
     by_output = {Path(c[c.index("--output") + 1]).relative_to(tmp_path).parts[0]: c for c in fake.calls}
     assert by_output["sst2"][-1] == "--resume" and "--resume" not in by_output["cola"]
 
 
 def test_failed_runs_are_recorded_retried_and_marked(tmp_path, monkeypatch):
-    monkeypatch.setattr(structlora.cli, "main", FakeTrainer(fail_method="prefix"))
+    monkeypatch.setattr(structlora.recipes.commands, "main", FakeTrainer(fail_method="prefix"))
     assert grid(tmp_path, seeds="0", methods="lora,prefix") == 1  # non-zero: the grid is not complete
     failed = json.loads((tmp_path / "sst2" / "prefix" / "seed0" / "failed.json").read_text())
     assert failed["status"] == "failed" and "cannot run here" in failed["error"]
@@ -93,14 +93,14 @@ def test_failed_runs_are_recorded_retried_and_marked(tmp_path, monkeypatch):
     prefix_row = next(line for line in table.splitlines() if line.startswith("| prefix "))
     assert "✗ 1 failed" in prefix_row and prefix_row.split(" | ")[-2] == "–"  # no average
     retry = FakeTrainer()
-    monkeypatch.setattr(structlora.cli, "main", retry)
+    monkeypatch.setattr(structlora.recipes.commands, "main", retry)
     assert grid(tmp_path, seeds="0", methods="lora,prefix") == 0
     assert [c[c.index("--method") + 1] for c in retry.calls] == ["prefix", "prefix"]
     assert not list(tmp_path.rglob("failed.json"))  # finished since
 
 
 def test_sweep_refusals(tmp_path, monkeypatch):
-    monkeypatch.setattr(structlora.cli, "main", FakeTrainer())
+    monkeypatch.setattr(structlora.recipes.commands, "main", FakeTrainer())
     with pytest.raises(SystemExit, match="unknown method 'lorra'"):
         grid(tmp_path, methods="lora,lorra")
     with pytest.raises(SystemExit, match="--seed in --train-args"):
@@ -118,6 +118,46 @@ def write_run(root: Path, task: str, method: str, seed: int, metrics: dict, adap
     (folder / "results.json").write_text(json.dumps({
         "task": task, "method": method, "seed": seed, "trainable_params": adapter + 10, "adapter_params": adapter,
         "eval": metrics, "history": [], "train_seconds": 2.0 + seed}))
+
+
+def test_report_names_every_folder_it_leaves_out_and_why(tmp_path, capsys):
+    write_run(tmp_path / "good", "sst2", "lora", 0, {"accuracy": 0.9})
+    half = tmp_path / "half"  # interrupted: checkpoints, no results.json
+    (half / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (half / "checkpoints" / "checkpoint-10").mkdir()
+    diverged = tmp_path / "grid" / "diverged"
+    diverged.mkdir(parents=True)
+    (diverged / "results.json").write_text(json.dumps({"status": "diverged", "error": "loss is NaN at step 3"}))
+    unfinished = tmp_path / "grid" / "seed1"
+    (unfinished / "checkpoints").mkdir(parents=True)
+    assert main(["report", str(tmp_path / "good"), str(half), str(tmp_path / "grid"), str(tmp_path / "none")]) == 0
+    captured = capsys.readouterr()
+    assert "| lora |" in captured.out
+    notes = [line for line in captured.err.splitlines() if line.startswith("note: not in the table: ")]
+    assert notes == [
+        f"note: not in the table: {half}: no results.json: an unfinished run (resume it with --resume); its last "
+        "checkpoint is checkpoint-10",
+        f"note: not in the table: {unfinished}: no results.json: an unfinished run (resume it with --resume)",
+        f"note: not in the table: {diverged}: diverged: loss is NaN at step 3",
+        f"note: not in the table: {tmp_path / 'none'}: does not exist"]
+
+
+def test_report_rows_per_model_and_only_fractions_times_100(tmp_path):
+    write_run(tmp_path / "bert", "sst2", "lora", 0, {"accuracy": 0.9})
+    write_run(tmp_path / "roberta", "sst2", "lora", 0, {"accuracy": 0.8})
+    write_run(tmp_path / "gpt2", "nlg-e2e", "lora", 0, {"eval_loss": 3.32})
+    for model in ("bert", "roberta", "gpt2"):
+        path = next((tmp_path / model).rglob("results.json"))
+        path.write_text(json.dumps({**json.loads(path.read_text()), "model": model, "main_metric": "eval_loss"
+                                    if model == "gpt2" else "accuracy"}))
+    table = report.paper_table(report.load_runs([tmp_path]))
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in table.splitlines() if line.startswith("| ")}
+    assert list(rows)[1:] == ["bert · lora", "gpt2 · lora", "roberta · lora"]
+    assert rows["method"][3:5] == ["sst2 (acc)", "nlg-e2e (eval_loss)"]
+    assert rows["bert · lora"][3:5] == ["90.0", "–"] and rows["roberta · lora"][3:5] == ["80.0", "–"]
+    assert rows["gpt2 · lora"][4] == "3.3"  # a loss, not a fraction: not ×100 (was 332.0)
+    one_model = report.paper_table(report.load_runs([tmp_path / "bert"]))
+    assert "| lora |" in one_model and "·" not in one_model
 
 
 def test_paper_table_metrics_marks_csv_and_plot(tmp_path):
@@ -187,3 +227,14 @@ def test_sweep_trains_baselines_end_to_end(tmp_path):
     assert (output / "sst2" / "ia3" / "seed0" / "adapter" / "adapter_model.safetensors").is_file()
     run = json.loads((output / "sst2" / "bitfit" / "seed0" / "sweep_run.json").read_text())
     assert run["status"] == "finished" and run["process_cpu_seconds"] > 0
+
+
+def test_method_names_are_defined_once_and_the_table_orders_every_one():
+    from structlora import config, demo
+    from structlora.recipes import methods
+
+    assert sorted(report._TABLE_ORDER) == sorted(methods.METHODS)  # every --method has its row position
+    assert report.METHOD_ORDER[:3] == ("full", "bitfit", "adapter-houlsby")
+    assert set(demo.METHODS) <= set(methods.METHODS) and methods.MTLORA_STRUCTURES is config.MTLORA_STRUCTURES
+    assert [sweep.canonical_label(m) for m in ("mtlora", "adapter", "lora")] == ["mtlora-shim", "adapter-houlsby",
+                                                                                "lora"]

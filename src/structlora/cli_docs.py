@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Iterator
 
-from .cli import _COMMANDS, _build_parser
+from .recipes.commands import COMMANDS, build_parser
 
 WIDTH = "100"
 
@@ -30,7 +30,7 @@ def _fixed_width() -> Iterator[None]:
 
 
 def _help_of(path: tuple[str, ...]) -> str:
-    parser = _build_parser(list(path))
+    parser = build_parser(list(path))
     for name in path:
         action = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
         parser = action.choices[name]
@@ -43,8 +43,8 @@ def render() -> str:
         sections = ["# Command line reference", "",
                     "Generated from `--help` by `python -m structlora.cli_docs > docs/CLI.md`; "
                     "`tests/test_cli_docs.py` fails when it is out of date.", "",
-                    "```text", _build_parser([]).format_help().rstrip(), "```", ""]
-        for path, *_ in _COMMANDS:
+                    "```text", build_parser([]).format_help().rstrip(), "```", ""]
+        for path, *_ in COMMANDS:
             sections += [f"## structlora {' '.join(path)}", "", "```text", _help_of(path).rstrip(), "```", ""]
     return "\n".join(sections)
 

@@ -19,8 +19,11 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from .config import MTLORA_STRUCTURES
+from .recipes.methods import STRUCTLORA_METHODS
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-METHODS = ("lora", "mtlora", "loretta-rep", "loretta-adp")
+METHODS = STRUCTLORA_METHODS  # the demo compares structlora's own four
 # Learning rates for MiniLM's short schedule: tensor-train factors need a larger step than LoRA's
 # (their updates pass through a product of small cores).
 DEFAULT_LR = {"lora": 1e-3, "mtlora": 1e-3, "loretta-rep": 1e-3, "loretta-adp": 1e-3, "full": 5e-5}
@@ -44,9 +47,9 @@ def minilm_path() -> Path:
 
 
 def default_data_dir() -> str | None:
-    """The data rule of every command (structlora.recipes.data_dir): $STRUCTLORA_DATA, else ../shared/data
+    """The data rule of every command (structlora.tasks.data_dir): $STRUCTLORA_DATA, else ../shared/data
     when it holds sst2/, else None (the hub)."""
-    from .recipes.data_dir import resolve_data_dir
+    from .tasks.data_dir import resolve_data_dir
 
     found = resolve_data_dir(None, has_data=lambda root: (root / "sst2").is_dir())
     return str(found) if found is not None else None
@@ -56,10 +59,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m structlora.demo", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default=None, help="encoder (default: the packaged all-MiniLM-L6-v2)")
-    parser.add_argument("--data-dir", default=None, help="local GLUE data (default: see module doc)")
+    parser.add_argument("--data-dir", default=None,
+                        help="local GLUE data, a folder with sst2/ or SST-2/ (`make demo DATA_DIR=DIR`; default: "
+                             "$STRUCTLORA_DATA, else ../shared/data, else the Hub)")
     parser.add_argument("--output", default="runs/demo", help="where runs, table and plot go")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods to compare")
-    parser.add_argument("--structure", default="shim", choices=("shim", "icfm", "ctcm", "dtsm"),
+    parser.add_argument("--structure", default="shim", choices=MTLORA_STRUCTURES,
                         help="the MTLoRA structure to run")
     parser.add_argument("--full", action=argparse.BooleanOptionalAction, default=False,
                         help="all of SST-2, 3 epochs, whole dev set at every evaluation (hours on 2 CPU cores)")
@@ -78,7 +83,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run_method(method: str, args: argparse.Namespace, model: str, data_dir: str | None) -> dict[str, Any]:
-    from .cli import main as cli_main
+    from .recipes.commands import main as cli_main
 
     output = Path(args.output) / (f"mtlora-{args.structure}" if method == "mtlora" else method)
     epochs = args.epochs if args.epochs is not None else (3.0 if args.full else 1.0)
@@ -174,6 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = args.model or str(minilm_path())
     data_dir = args.data_dir or default_data_dir()
     print(f"structlora demo: model {model}, data {data_dir or 'hub nyu-mll/glue'}, output {args.output}")
+    if data_dir is None:
+        print("note: no local SST-2 found: the Hub's nyu-mll/glue is read. With a local copy: make demo "
+              "DATA_DIR=DIR (python -m structlora.demo --data-dir DIR), or set $STRUCTLORA_DATA", file=sys.stderr)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS) - {"full"})
     if unknown:

@@ -18,103 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..data_errors import BadRows, add_skip_bad_rows_argument
-from .data_dir import add_data_dir_argument, resolve_data_dir
-
-NLG_META = "structlora_nlg.json"
-
-
-# ------------------------------------------------------------------------------------------- the run
-class TrainedRun:
-    """A training output folder: where its adapter is, what it recorded, which recipe made it."""
-
-    def __init__(self, path: str) -> None:
-        folder = Path(path)
-        if (folder / "adapter").is_dir():
-            self.run_dir, self.adapter_dir = folder, folder / "adapter"
-        elif (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file():
-            self.run_dir, self.adapter_dir = folder.parent, folder
-        else:
-            raise SystemExit(f"error: --run {path}: not a training output (no adapter/ folder, adapter_config.json "
-                             "or config.json in it)")
-        results = self.run_dir / "results.json"
-        self.results: dict[str, Any] = json.loads(results.read_text()) if results.is_file() else {}
-        config = self.adapter_dir / "adapter_config.json"
-        self.adapter_config: dict[str, Any] = json.loads(config.read_text()) if config.is_file() else {}
-        self.is_full = not self.adapter_config  # --method full saves the whole model
-        if (self.adapter_dir / NLG_META).is_file():
-            self.recipe = "nlg"
-        elif "family" in self.results:
-            self.recipe = "llm"
-        elif self.results.get("task") or self.adapter_config.get("task_type") == "SEQ_CLS":
-            self.recipe = "glue"
-        else:
-            raise SystemExit(f"error: --run {path}: cannot tell which recipe trained it (no results.json)")
-        self.flags: dict[str, Any] = self.results.get("flags", {})
-
-    def base_model(self, override: str | None) -> str:
-        model = override or self.results.get("model") or self.adapter_config.get("base_model_name_or_path")
-        if not model:
-            raise SystemExit("error: the run does not record its base model: pass --model")
-        return str(model)
-
-
-def _load_glue_model(run: TrainedRun, model_name: str) -> tuple[Any, Any, Any]:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from ..glue.data import get_task
-
-    task = get_task(run.results.get("task") or run.flags.get("task") or "")
-    labels: dict[str, Any] = {"num_labels": task.num_labels}
-    if task.label_names:
-        labels["id2label"] = dict(enumerate(task.label_names))
-        labels["label2id"] = {name: i for i, name in enumerate(task.label_names)}
-    tokenizer_source = run.adapter_dir if (run.adapter_dir / "tokenizer_config.json").is_file() else model_name
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source))
-    if run.is_full:
-        return AutoModelForSequenceClassification.from_pretrained(str(run.adapter_dir), **labels), tokenizer, task
-    base = AutoModelForSequenceClassification.from_pretrained(model_name, **labels)
-    if base.config.pad_token_id is None and tokenizer.pad_token_id is not None:
-        base.config.pad_token_id = tokenizer.pad_token_id
-    return _with_adapter(base, run), tokenizer, task
-
-
-def _load_causal_model(run: TrainedRun, model_name: str) -> tuple[Any, Any]:
-    if run.recipe == "nlg":
-        from ..nlg.modeling import ModelSpec, load_causal_lm, load_tokenizer
-
-        spec, _ = ModelSpec.load(run.adapter_dir)
-        if model_name != spec.model and run.results.get("model") != model_name:
-            spec.model = model_name
-        tokenizer = load_tokenizer(spec)
-        if run.is_full:
-            from transformers import AutoModelForCausalLM
-
-            return AutoModelForCausalLM.from_pretrained(str(run.adapter_dir)), tokenizer
-        return _with_adapter(load_causal_lm(spec), run), tokenizer
-    from ..llm.modeling import load_causal_lm as load_llm
-
-    if run.is_full:
-        model, tokenizer = load_llm(str(run.adapter_dir))
-        return model, tokenizer
-    model, tokenizer = load_llm(model_name, run.flags.get("gguf_file"), run.flags.get("model_dtype") or "float32")
-    return _with_adapter(model, run), tokenizer
-
-
-def _with_adapter(base: Any, run: TrainedRun) -> Any:
-    from .peft_methods import load_adapter
-
-    return load_adapter(base, run.adapter_dir)
-
-
-def load_run_model(run: TrainedRun, model_override: str | None) -> tuple[Any, Any]:
-    """The base model with the run's adapter (or the fully fine-tuned model) and its tokenizer."""
-    model_name = run.base_model(model_override)
-    if run.recipe == "glue":
-        model, tokenizer, _ = _load_glue_model(run, model_name)
-        return model, tokenizer
-    return _load_causal_model(run, model_name)
-
+from ..tasks.data_errors import BadRows, add_skip_bad_rows_argument
+from ..tasks.data_dir import add_data_dir_argument, resolve_data_dir
+from .runs import TrainedRun, load_glue_run, load_run_model
 
 def _refuse_existing(output: str) -> Path:
     folder = Path(output)
@@ -151,11 +57,30 @@ def add_merge_arguments(parser: argparse.ArgumentParser, writes: str = "the merg
                         help=f"new folder for {writes} (refused when it exists and is not empty)")
 
 
+# Bottleneck adapters (adapter_config.json's method) add a non-linear path: neither a LoRA nor mergeable.
+BOTTLENECK_METHODS = ("loretta_adp", "adapter")
+BOTTLENECK_DEPLOYMENT = (
+    "LoRETTA_adp and dense adapters add a non-linear bottleneck: no weight update can hold them, so they are neither "
+    "merged nor exported. Use the run as it is: `structlora eval --run RUN` (GLUE, LLM), `structlora generate "
+    "--adapter RUN` (NLG), or in Python `structlora.PeftModel.from_pretrained(base_model, \"RUN/adapter\")`")
+
+
+def add_merge_and_deploy_arguments(parser: argparse.ArgumentParser) -> None:
+    add_merge_arguments(parser)
+    parser.description = (parser.description or "") + "\n\n" + BOTTLENECK_DEPLOYMENT + "."
+
+
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     add_merge_arguments(parser, writes="the PEFT LoRA folder")
     parser.description = (parser.description or "") + (
-        "\n\nLoRA, MTLoRA and LoRETTA_rep export exactly (T·A and tensor trains expanded); LoRETTA_adp applies a "
-        "non-linearity and cannot be a LoRA: use `structlora merge` for it.")
+        "\n\nLoRA, MTLoRA and LoRETTA_rep export exactly (T·A and tensor trains expanded). " + BOTTLENECK_DEPLOYMENT
+        + ".")
+
+
+def _refuse_bottleneck(run: TrainedRun, command: str) -> None:
+    if run.adapter_config.get("method") in BOTTLENECK_METHODS:
+        raise SystemExit(f"error: structlora {command}: {run.adapter_dir} holds a {run.adapter_config['method']} "
+                         f"adapter. {BOTTLENECK_DEPLOYMENT}")
 
 
 # ------------------------------------------------------------------------------------------- commands
@@ -164,6 +89,7 @@ def run_merge(args: argparse.Namespace) -> int:
     run = TrainedRun(args.run)
     if run.is_full:
         raise SystemExit(f"error: {run.adapter_dir} holds a fully fine-tuned model: nothing to merge, load it as is")
+    _refuse_bottleneck(run, "merge")
     model, tokenizer = load_run_model(run, args.model)
     merged = model.merge_and_unload()
     merged.save_pretrained(str(output))
@@ -180,9 +106,7 @@ def run_export(args: argparse.Namespace) -> int:
     run = TrainedRun(args.run)
     if run.is_full:
         raise SystemExit(f"error: {run.adapter_dir} holds a fully fine-tuned model, not an adapter")
-    if run.adapter_config.get("method") == "loretta-adp":
-        raise SystemExit("error: a LoRETTA_adp adapter is not a low-rank weight update, so no PEFT LoRA folder "
-                         "can hold it; use `structlora merge` for a plain transformers model")
+    _refuse_bottleneck(run, "export")
     model, _ = load_run_model(run, args.model)
     export_to_peft(model, str(output))
     print(f"PEFT LoRA folder -> {output} (peft.PeftModel.from_pretrained(base, {str(output)!r}))", file=sys.stderr)
@@ -232,18 +156,17 @@ def _eval_glue(run: TrainedRun, args: argparse.Namespace, bad_rows: BadRows) -> 
     import torch
     from transformers import DataCollatorWithPadding
 
-    from ..glue import load_glue
-    from ..glue.data import find_task_folder
-    from ..glue.metrics import compute_glue_metrics
-    from .glue import _subset, _tokenize
+    from ..tasks.glue import load_glue
+    from ..tasks.glue.data import find_task_folder, take_examples, tokenize_split
+    from ..tasks.glue.metrics import compute_glue_metrics
 
-    model, tokenizer, task = _load_glue_model(run, run.base_model(args.model))
+    model, tokenizer, task = load_glue_run(run, run.base_model(args.model))
     data_dir = resolve_data_dir(args.data_dir or run.flags.get("data_dir"),
                                 has_data=lambda root: find_task_folder(root, task) is not None)
     raw = load_glue(task.name, data_dir, bad_rows)
     split = task.eval_splits[0] if args.split == "dev" else "train"
-    dataset = _tokenize(_subset(raw[split], args.max_eval_samples, None), tokenizer, task.text_columns,
-                        int(run.flags.get("max_length") or 128))
+    dataset = tokenize_split(take_examples(raw[split], args.max_eval_samples, None), tokenizer, task.text_columns,
+                             int(run.flags.get("max_length") or 128))
     collator = DataCollatorWithPadding(tokenizer)
     model.eval()
     outputs = []
@@ -265,9 +188,9 @@ def _eval_glue(run: TrainedRun, args: argparse.Namespace, bad_rows: BadRows) -> 
 
 
 def _eval_llm(run: TrainedRun, args: argparse.Namespace, bad_rows: BadRows) -> tuple[dict[str, float], list[dict], dict]:
-    from ..llm.data import add_demonstrations, sample_splits
-    from ..llm.evaluation import EvaluationSettings, evaluate_examples
-    from ..llm.tasks import get_task
+    from ..tasks.llm.data import add_demonstrations, sample_splits
+    from ..tasks.llm.evaluation import EvaluationSettings, evaluate_examples
+    from ..tasks.llm.tasks import get_task
 
     spec = get_task(run.results["task"])
     flags, results = run.flags, run.results
@@ -295,5 +218,5 @@ class _Command:
 
 
 EVAL = _Command(add_eval_arguments, run_eval)
-MERGE = _Command(add_merge_arguments, run_merge)
+MERGE = _Command(add_merge_and_deploy_arguments, run_merge)
 EXPORT = _Command(add_export_arguments, run_export)

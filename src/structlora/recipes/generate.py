@@ -19,15 +19,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from structlora.data_errors import BadRows, add_skip_bad_rows_argument
-from structlora.nlg.data import DATASETS, SPLITS, load_split
-from structlora.recipes.data_dir import add_data_dir_argument, resolve_data_dir
-from structlora.recipes.peft_methods import PROMPT_LEARNING_METHODS, load_adapter
+from structlora.tasks.data_errors import BadRows, add_skip_bad_rows_argument, read_text
+from structlora.tasks.nlg.data import DATASETS, SPLITS, load_split
+from structlora.tasks.data_dir import add_data_dir_argument, resolve_data_dir
+from structlora.recipes.peft_methods import PROMPT_LEARNING_METHODS
+from structlora.recipes.runs import NLG_META, TrainedRun, load_run_model
 
 # Kept here so --help imports nothing heavy (tests/test_cli_docs.py checks they match the library's):
-# the file `train nlg` writes beside the adapter (structlora.nlg.modeling.META_FILE) and the decoding modes
-# (structlora.nlg.generation.DECODING_MODES).
-META_FILE = "structlora_nlg.json"
+# the file `train nlg` writes beside the adapter (structlora.tasks.nlg.modeling.META_FILE) and the decoding modes
+# (structlora.tasks.nlg.generation.DECODING_MODES).
+META_FILE = NLG_META
 DECODING_MODES: tuple[str, ...] = ("authors", "hf")
 
 
@@ -73,38 +74,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def adapter_folder(path: str) -> Path:
-    folder = Path(path)
-    if (folder / "adapter" / META_FILE).exists():
-        return folder / "adapter"
-    if (folder / META_FILE).exists():
-        return folder
-    raise SystemExit(f"error: {path} is not a `structlora train nlg` output ({META_FILE} not found)")
-
-
-def load_trained_model(folder: Path):
-    """Base model + trained adapter (or the fully fine-tuned model), its tokenizer, spec and metadata."""
-    from structlora.nlg.modeling import ModelSpec, load_causal_lm, load_tokenizer
-
-    spec, meta = ModelSpec.load(folder)
-    tokenizer = load_tokenizer(spec)
-    if meta.get("method") == "full":
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(str(folder))
-    else:
-        model = load_adapter(load_causal_lm(spec), folder)
-    return model, tokenizer, spec, meta
+    """The adapter folder of a `train nlg` run given as the run or as its adapter/."""
+    run = TrainedRun(path, flag="--adapter")
+    if not (run.adapter_dir / META_FILE).is_file():
+        raise SystemExit(f"error: {path} is not a `structlora train nlg` output ({META_FILE} not found)")
+    return run.adapter_dir
 
 
 def _check_resumable(sources_path: str, inputs: list, output: str, restart: bool) -> None:
-    """Refuse to append to hypotheses written for other inputs."""
+    """Refuse to append to hypotheses written for other inputs. The same inputs with more of them (a raised
+    ``--limit``) continue after the hypotheses written; fewer (a lowered one) are refused, since the file already
+    holds hypotheses beyond them."""
     if restart or not os.path.exists(output) or not os.path.exists(sources_path):
         return
-    with open(sources_path, encoding="utf-8") as handle:
-        previous = [line.rstrip("\n") for line in handle]
+    previous = read_text(sources_path).split("\n")
+    if previous and previous[-1] == "":
+        previous.pop()
     current = [" ".join(x.source.split()) for x in inputs]
-    if previous != current:
-        raise SystemExit(f"error: {output} was generated for other inputs; use --restart or another --output")
+    if current[: len(previous)] == previous:
+        return  # the same inputs, or more of them: decoding continues after the hypotheses written
+    if previous[: len(current)] == current:
+        raise SystemExit(f"error: {output} holds hypotheses for the first {len(previous)} inputs; --limit "
+                         f"{len(current)} asks for fewer. Pass --restart to decode only {len(current)}, or another "
+                         f"--output (or use the first {len(current)} lines of {output})")
+    raise SystemExit(f"error: {output} was generated for other inputs; use --restart or another --output")
 
 
 def adapter_fingerprint(folder: Path) -> str:
@@ -137,7 +130,7 @@ def _check_output_owner(output: str, record_path: str, record: dict[str, Any], r
 
 
 def run(args: argparse.Namespace) -> int:
-    from structlora.nlg.generation import DecodingSettings, generate_hypotheses, sidecar_paths, write_reference_files
+    from structlora.tasks.nlg.generation import DecodingSettings, generate_hypotheses, sidecar_paths, write_reference_files
 
     from . import limits
 
@@ -175,9 +168,12 @@ def run(args: argparse.Namespace) -> int:
     except FileNotFoundError as error:
         raise SystemExit(f"error: {error}. Pass --split dev or dev-heldout (shipped data has no test "
                          "files), or --data-dir with the split's files") from None
-    model, tokenizer, spec, meta = load_trained_model(folder)
+    from structlora.tasks.nlg.modeling import ModelSpec
+
+    model, tokenizer = load_run_model(TrainedRun(folder, flag="--adapter"))
+    spec, meta = ModelSpec.load(folder)
     if args.decoding == "authors":
-        from structlora.nlg.generation import stop_tokens
+        from structlora.tasks.nlg.generation import stop_tokens
 
         try:
             stop_tokens(tokenizer)  # the blank-line stop must be known before any decoding
@@ -213,6 +209,10 @@ def run(args: argparse.Namespace) -> int:
                                   resume=not args.restart, progress=args.progress,
                                   max_length=spec.max_length)
     print(f"generated {decoded} new hypotheses ({len(inputs)} inputs) -> {args.output}", file=sys.stderr)
+    from structlora.tasks.nlg.data import read_lines
+    from structlora.recipes.score import warn_empty_hypotheses
+
+    warn_empty_hypotheses(args.output, read_lines(args.output))
     for name, path in written.items():
         print(f"  {name}: {path}", file=sys.stderr)
     if args.score:

@@ -13,17 +13,18 @@ import argparse
 import sys
 from typing import Any
 
-from . import common, limits
-from .data_dir import add_data_dir_argument, resolve_data_dir
+from . import flags, limits, methods, outputs, training
+from ..tasks.data_dir import add_data_dir_argument, resolve_data_dir
+from .runs import glue_label_settings
 
 TASK_TYPE = "SEQ_CLS"
-# The names of structlora.glue.data.GLUE_TASKS (kept here so --help needs no scientific stack; a test checks).
+# The names of structlora.tasks.glue.data.GLUE_TASKS (kept here so --help needs no scientific stack; a test checks).
 GLUE_TASK_NAMES: tuple[str, ...] = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    common.add_method_arguments(parser)
-    common.add_training_arguments(parser)
+    methods.add_method_arguments(parser)
+    flags.add_training_arguments(parser)
     group = parser.add_argument_group("GLUE")
     # Not argparse-required: a --config file may supply them (checked after it is read).
     group.add_argument("--task", default=None, choices=GLUE_TASK_NAMES, type=str.lower,
@@ -44,48 +45,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    common.apply_config_file(args)
+    flags.apply_config_file(args)
     for required in ("task", "model", "output"):
         if not getattr(args, required):
             raise SystemExit(f"error: --{required} is required (flag or config file)")
     # Before any data or weights are read: flag ranges, --max-length against the model, the output folder.
     limits.check_before_work(args, integers={"max_train_samples": 1, "max_eval_samples": 1, "eval_subset": 1})
-    from ..glue import GlueDataError
+    from ..tasks.glue import GlueDataError
 
     try:
         results = train_glue(args)
     except GlueDataError as error:
         raise SystemExit(f"error: {error}") from None  # a message, not a traceback
-    if common.is_main_process():
+    if outputs.is_main_process():
         metrics = ", ".join(f"{k}={v:.4f}" for k, v in results["eval"].items() if isinstance(v, float))
         print(f"[structlora] {args.task} {results['method']}: {metrics} "
               f"({results['trainable_params']:,} trainable params; train {results['train_seconds']:.1f}s, "
               f"eval {results['eval_seconds']:.1f}s) -> {args.output}")
     return 0
-
-
-def _tokenize(dataset: Any, tokenizer: Any, text_columns: tuple[str, ...], max_length: int,
-              sort_by_length: bool = False) -> Any:
-    def encode(batch: dict[str, list[Any]]) -> dict[str, Any]:
-        encoded = tokenizer(*(batch[c] for c in text_columns), truncation=True, max_length=max_length)
-        encoded["labels"] = batch["label"]
-        return encoded
-
-    # keep_in_memory: no cache files, so torchrun ranks never race on writing them.
-    encoded = dataset.map(encode, batched=True, remove_columns=dataset.column_names, keep_in_memory=True)
-    if sort_by_length:
-        # Evaluation metrics do not depend on the order; batches of similar lengths pad (and cost) less.
-        lengths = [len(ids) for ids in encoded["input_ids"]]
-        encoded = encoded.select(sorted(range(len(lengths)), key=lengths.__getitem__), keep_in_memory=True)
-    return encoded
-
-
-def _subset(dataset: Any, limit: int | None, shuffle_seed: int | None) -> Any:
-    if not limit or limit >= len(dataset):
-        return dataset
-    if shuffle_seed is not None:
-        dataset = dataset.shuffle(seed=shuffle_seed, keep_in_memory=True)
-    return dataset.select(range(limit))
 
 
 def _warning_on_collapse(compute_metrics: Any, is_regression: bool) -> Any:
@@ -108,31 +85,31 @@ def train_glue(args: argparse.Namespace) -> dict[str, Any]:
     """Load data and model, train, evaluate the best checkpoint, write the outputs; return results.json."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, set_seed
 
-    from ..glue import load_glue, make_compute_metrics
-    from ..glue.data import get_task
+    from ..tasks.glue import load_glue, make_compute_metrics
+    from ..tasks.glue.data import get_task, take_examples, tokenize_split
 
     task = get_task(args.task)
     args.task = task.name
     set_seed(args.seed)  # the new classification head's initialisation
-    from ..glue.data import find_task_folder
+    from ..tasks.glue.data import find_task_folder
 
     data_dir = resolve_data_dir(args.data_dir, has_data=lambda root: find_task_folder(root, task) is not None)
-    bad_rows = common.bad_rows_for(args)
+    bad_rows = training.bad_rows_for(args)
     raw = load_glue(task.name, data_dir, bad_rows)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     for flag, asked, available in (("--max-train-samples", args.max_train_samples, len(raw["train"])),
                                    ("--eval-subset", args.eval_subset, len(raw[task.eval_splits[0]]))):
         if asked and asked > available:
             print(f"warning: {flag} {asked}: the data has {available} examples; using all of them", file=sys.stderr)
-    train_set = _tokenize(_subset(raw["train"], args.max_train_samples, args.seed), tokenizer,
-                          task.text_columns, args.max_length)
-    full_eval = {split: _subset(raw[split], args.max_eval_samples, None) for split in task.eval_splits}
-    eval_sets = {split: _tokenize(ds, tokenizer, task.text_columns, args.max_length, sort_by_length=True)
+    train_set = tokenize_split(take_examples(raw["train"], args.max_train_samples, args.seed), tokenizer,
+                               task.text_columns, args.max_length)
+    full_eval = {split: take_examples(raw[split], args.max_eval_samples, None) for split in task.eval_splits}
+    eval_sets = {split: tokenize_split(ds, tokenizer, task.text_columns, args.max_length, sort_by_length=True)
                  for split, ds in full_eval.items()}
     selection_sets = eval_sets
     if args.eval_subset and any(args.eval_subset < len(ds) for ds in full_eval.values()):
-        selection_sets = {split: _tokenize(_subset(ds, args.eval_subset, args.seed), tokenizer, task.text_columns,
-                                           args.max_length, sort_by_length=True)
+        selection_sets = {split: tokenize_split(take_examples(ds, args.eval_subset, args.seed), tokenizer,
+                                                task.text_columns, args.max_length, sort_by_length=True)
                           for split, ds in full_eval.items()}
 
     def as_eval_dataset(sets: dict[str, Any]) -> Any:
@@ -140,19 +117,15 @@ def train_glue(args: argparse.Namespace) -> dict[str, Any]:
         return (next(iter(sets.values())) if len(sets) == 1
                 else {split.removeprefix("validation_"): ds for split, ds in sets.items()})
 
-    label_kwargs: dict[str, Any] = {"num_labels": task.num_labels}
-    if task.label_names:
-        label_kwargs["id2label"] = dict(enumerate(task.label_names))
-        label_kwargs["label2id"] = {name: i for i, name in enumerate(task.label_names)}
-    model = AutoModelForSequenceClassification.from_pretrained(args.model, **label_kwargs)
+    model = AutoModelForSequenceClassification.from_pretrained(args.model, **glue_label_settings(task))
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id  # decoder-style models pool on the last non-pad
-    model = common.wrap_model(model, args, TASK_TYPE)
-    trainable_params = common.count_trainable_parameters(model)
+    model = methods.wrap_model(model, args, TASK_TYPE)
+    trainable_params = methods.count_trainable_parameters(model)
     # Without the task head (classifier / pooler / score), which every method trains alike.
-    adapter_params = common.count_trainable_parameters(model, exclude=common.HEAD_MODULE_NAMES)
+    adapter_params = methods.count_trainable_parameters(model, exclude=methods.HEAD_MODULE_NAMES)
 
-    trainer, history, train_seconds = common.run_training(
+    trainer, history, train_seconds = training.run_training(
         model, args, train_set, as_eval_dataset(selection_sets),
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=_warning_on_collapse(make_compute_metrics(task.name), task.is_regression),
@@ -162,18 +135,19 @@ def train_glue(args: argparse.Namespace) -> dict[str, Any]:
     )
     # The best checkpoint is loaded (load_best_model_at_end); its metrics are the run's result. They are
     # in the history already; evaluate again only if the best evaluation cannot be found there.
-    eval_metrics = None if selection_sets is not eval_sets else common.best_eval_metrics(trainer, history)
+    eval_metrics = None if selection_sets is not eval_sets else outputs.best_eval_metrics(trainer, history)
     if eval_metrics is None:  # the whole dev set, once, with the chosen model (eval sets one by one if a dict)
-        eval_metrics = common.clean_eval_metrics(trainer.evaluate(as_eval_dataset(eval_sets)))
-    common.save_final_model(trainer, args.output)
-    method = common.method_label(args)
-    extra = {"adapter_params": adapter_params, "model": args.model, "seed": args.seed, "main_metric": task.main_metric,
+        eval_metrics = outputs.clean_eval_metrics(trainer.evaluate(as_eval_dataset(eval_sets)))
+    outputs.save_final_model(trainer, args.output)
+    method = methods.method_label(args)
+    extra = {"recipe": "glue", "adapter_params": adapter_params, "model": args.model, "seed": args.seed,
+             "main_metric": task.main_metric,
              "train_examples": len(train_set), "eval_examples": {k: len(v) for k, v in eval_sets.items()},
              "selection_eval_examples": {k: len(v) for k, v in selection_sets.items()},
-             **trainer.structlora_clock.train_and_eval(), **common.robustness_record(trainer, bad_rows),
-             "flags": common.flags_of(args)}
-    common.write_results(args.output, task.name, method, trainable_params, eval_metrics, history,
+             **trainer.structlora_clock.train_and_eval(), **outputs.robustness_record(trainer, bad_rows),
+             "flags": outputs.flags_of(args)}
+    outputs.write_results(args.output, task.name, method, trainable_params, eval_metrics, history,
                          train_seconds, extra)
-    common.plot_curves(args.output, history, task.main_metric)
+    outputs.plot_curves(args.output, history, task.main_metric)
     return {"task": task.name, "method": method, "trainable_params": trainable_params, "eval": eval_metrics,
             "history": history, "train_seconds": train_seconds, **extra}

@@ -69,7 +69,7 @@ def model_positions(model: str, gguf_file: str | None = None) -> tuple[int | Non
     """``(tokens, where, hard)``: how many positions the model has (None when its config cannot be read without
     loading weights or reaching the network), where that number comes from, and whether going beyond it crashes
     (a learned position table) rather than leaving the trained context (rotary positions)."""
-    from structlora.nlg.modeling import resolve_model
+    from structlora.tasks.nlg.modeling import resolve_model
 
     try:
         source, gguf = resolve_model(model, gguf_file)
@@ -136,9 +136,11 @@ def check_before_work(args: Any, integers: dict[str, int] | None = None,
                       floats: dict[str, tuple[float, float, bool]] | None = None) -> None:
     """A training recipe's checks, in order: flag ranges, adapter flags the method reads, ``--max-length`` against
     the model, the output folder."""
-    from . import common
+    from . import checkpoints, methods
+    from .hub import check_model_available
 
     check_training_flags(args, integers, floats)
-    common.check_method_flags(args)
+    methods.check_method_flags(args)
+    check_model_available(args.model)  # before anything could wait for an unreachable Hub
     check_max_length(args.max_length, args.model, getattr(args, "gguf_file", None))
-    common.check_output_dir(args, remove=False)
+    checkpoints.check_output_dir(args, remove=False)

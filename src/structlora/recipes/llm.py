@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from structlora.recipes import common, limits
-from structlora.recipes.data_dir import add_data_dir_argument, resolve_data_dir
+from structlora.recipes import device, flags, limits, methods, outputs, training
+from structlora.tasks.data_dir import add_data_dir_argument, resolve_data_dir
 
 NO_TRAINING = "none"
 
@@ -34,7 +34,7 @@ def _json_mapping(text: str) -> dict[str, Any]:
 
 def _task_name(value: str) -> str:
     """A task name or alias, any case -> its canonical name (so --help can list choices)."""
-    from structlora.llm.tasks import get_task
+    from structlora.tasks.llm.tasks import get_task
 
     try:
         return get_task(value).name
@@ -42,17 +42,17 @@ def _task_name(value: str) -> str:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-# Base-weight dtypes (structlora.llm.modeling.DTYPES; listed here so --help does not import torch).
+# Base-weight dtypes (structlora.tasks.llm.modeling.DTYPES; listed here so --help does not import torch).
 MODEL_DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from structlora.llm.tasks import TASKS
+    from structlora.tasks.llm.tasks import TASKS
 
-    common.add_method_arguments(parser)
-    common.add_training_arguments(parser)
+    methods.add_method_arguments(parser)
+    flags.add_training_arguments(parser)
     method = next(a for a in parser._actions if a.dest == "method")
-    method.choices = (*common.METHODS, NO_TRAINING)
+    method.choices = (*methods.METHODS, NO_TRAINING)
     method.help = f"{method.help}; '{NO_TRAINING}' evaluates the base model without training"
     # The authors' settings for large models (common's defaults suit small encoders); --help shows these.
     parser.set_defaults(lr=1e-4, max_length=2048, batch_size=16)
@@ -89,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def apply_task_overrides(args: argparse.Namespace) -> argparse.Namespace:
     """Apply `task_overrides[TASK]` from the config like config values: explicit flags still win."""
-    from structlora.llm.tasks import get_task
+    from structlora.tasks.llm.tasks import get_task
 
     overrides = args.task_overrides or {}
     name = get_task(args.task).name
@@ -109,13 +109,13 @@ def apply_task_overrides(args: argparse.Namespace) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> int:
     from transformers import set_seed
 
-    from structlora.llm.data import DataUnavailableError, add_demonstrations, sample_splits
-    from structlora.llm.evaluation import EvaluationSettings, evaluate_examples, llm_trainer_class, primary_metric
-    from structlora.llm.modeling import load_causal_lm
-    from structlora.llm.scoring import EncodedDataset, ExampleCollator, encode_example, pad_token_id
-    from structlora.llm.tasks import get_task
+    from structlora.tasks.llm.data import DataUnavailableError, add_demonstrations, sample_splits
+    from structlora.tasks.llm.evaluation import EvaluationSettings, evaluate_examples, llm_trainer_class, primary_metric
+    from structlora.tasks.llm.modeling import load_causal_lm
+    from structlora.tasks.llm.scoring import EncodedDataset, ExampleCollator, encode_example, pad_token_id
+    from structlora.tasks.llm.tasks import get_task
 
-    common.apply_config_file(args)
+    flags.apply_config_file(args)
     try:
         spec = get_task(args.task)
         apply_task_overrides(args)
@@ -126,9 +126,9 @@ def run(args: argparse.Namespace) -> int:
     # Before any data or weights are read: flag ranges, --max-length against the model, the output folder.
     limits.check_before_work(args, integers={"n_train": 0, "n_dev": 0, "n_eval": 1, "icl": 0, "max_new_tokens": 1})
     objective = spec.objective if args.train_objective == "auto" else args.train_objective
-    common.resolve_device_settings(args)
+    device.resolve_device_settings(args)
     set_seed(args.seed)
-    bad_rows = common.bad_rows_for(args)
+    bad_rows = training.bad_rows_for(args)
     try:
         splits = sample_splits(spec, args.n_train, args.n_dev, args.n_eval, seed=args.seed,
                                data_dir=resolve_data_dir(args.data_dir), split_validation=args.split_validation,
@@ -153,15 +153,15 @@ def run(args: argparse.Namespace) -> int:
     if args.method == NO_TRAINING:
         trainable = 0
     else:
-        model = common.wrap_model(model, args, "CAUSAL_LM")
-        trainable = common.count_trainable_parameters(model)
+        model = methods.wrap_model(model, args, "CAUSAL_LM")
+        trainable = methods.count_trainable_parameters(model)
         train_set = EncodedDataset([encode_example(tokenizer, e, args.max_length, objective) for e in splits.train])
-        trainer_cls = llm_trainer_class(common.default_trainer_class(args.method))
-        trainer, history, train_seconds = common.run_training(
+        trainer_cls = llm_trainer_class(training.default_trainer_class(args.method))
+        trainer, history, train_seconds = training.run_training(
             model, args, train_set, splits.dev, ExampleCollator(pad_token_id(tokenizer)), None,
             metric_for_best_model=metric, trainer_cls=trainer_cls,
             task=spec, tokenizer=tokenizer, objective=objective, evaluation=evaluation)
-        common.save_final_model(trainer, args.output)
+        outputs.save_final_model(trainer, args.output)
         model = trainer.model
 
     eval_examples = add_demonstrations(splits.eval, splits.train, args.icl, seed=args.seed)
@@ -177,13 +177,13 @@ def run(args: argparse.Namespace) -> int:
     with open(Path(args.output) / "predictions.jsonl", "w") as handle:
         for record in predictions:
             handle.write(json.dumps(record) + "\n")
-    extra = {"model": args.model, "family": spec.family, "objective": objective, "icl": args.icl,
+    extra = {"recipe": "llm", "model": args.model, "family": spec.family, "objective": objective, "icl": args.icl,
              "n_train": len(splits.train), "n_dev": len(splits.dev), "n_eval": len(splits.eval),
              "seed": args.seed, "eval_seconds": round(eval_seconds, 3),
-             **common.robustness_record(trainer, bad_rows), "flags": common.flags_of(args)}
-    path = common.write_results(args.output, spec.name, common.method_label(args), trainable, eval_metrics, history,
+             **outputs.robustness_record(trainer, bad_rows), "flags": outputs.flags_of(args)}
+    path = outputs.write_results(args.output, spec.name, methods.method_label(args), trainable, eval_metrics, history,
                                 train_seconds, extra=extra)
     if history:
-        common.plot_curves(args.output, history, metric)
+        outputs.plot_curves(args.output, history, metric)
     print(json.dumps({"task": spec.name, "method": args.method, **eval_metrics, "results": path}))
     return 0

@@ -19,12 +19,12 @@ import copy
 import sys
 from typing import Any
 
-from structlora.nlg.data import DATASETS, SPLITS, has_split_files, load_split, training_pairs
-from structlora.recipes import common, limits
-from structlora.recipes.data_dir import DATA_RULE, add_data_dir_argument, resolve_data_dir
+from structlora.tasks.nlg.data import DATASETS, SPLITS, has_split_files, load_split, training_pairs
+from structlora.recipes import device, flags, limits, methods, outputs, training
+from structlora.tasks.data_dir import DATA_RULE, add_data_dir_argument, resolve_data_dir
 
 TASK_TYPE = "CAUSAL_LM"
-# The keys of structlora.nlg.modeling.LAYOUTS (kept here so --help does not import torch; a test checks).
+# The keys of structlora.tasks.nlg.modeling.LAYOUTS (kept here so --help does not import torch; a test checks).
 LAYOUT_NAMES: tuple[str, ...] = ("authors", "separator")
 
 
@@ -58,15 +58,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "separator: data + ' ||' + ' ' + text + end-of-text")
     group.add_argument("--enable-lora", default=None,
                        help="fused projections: which parts get an update, e.g. c_attn=True,True,True for "
-                            "GPT-2's fused q,k,v (a bare list applies to every target; default: every part)")
-    common.add_method_arguments(parser)
-    common.add_training_arguments(parser)
+                            "GPT-2's fused q,k,v (a bare list applies to every target); none: unset a recipe "
+                            "file's value (default: every part)")
+    methods.add_method_arguments(parser)
+    flags.add_training_arguments(parser)
 
 
 def _parse_enable_lora(value: Any) -> list[bool] | dict[str, list[bool]] | None:
     """``True,True,True`` (every target) or ``c_attn=True,True,True`` / a YAML mapping (per module
-    name suffix)."""
-    if value is None:
+    name suffix); ``none`` (or ``default``) unsets it, so a recipe file's value can be switched off."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "default", "")):
         return None
 
     def flags(items: Any) -> list[bool]:
@@ -96,7 +97,7 @@ class _EncodedPairs:
 
 def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_length: int,
                  separator: str | None = None) -> _EncodedPairs:
-    from structlora.nlg.modeling import SEPARATOR, encode_example
+    from structlora.tasks.nlg.modeling import SEPARATOR, encode_example
 
     separator = SEPARATOR if separator is None else separator
     return _EncodedPairs([encode_example(tokenizer, s, r, max_length, separator) for s, r in pairs])
@@ -107,7 +108,7 @@ def completion_trainer_class(base_cls: type, label_smoothing: float) -> type:
     (Trainer's own label smoother cannot tell that a wrapped model is a causal LM, so it would not
     shift the labels.)"""
 
-    from structlora.nlg.modeling import completion_loss
+    from structlora.tasks.nlg.modeling import completion_loss
 
     class CompletionTrainer(base_cls):  # type: ignore[misc, valid-type]
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
@@ -128,12 +129,12 @@ def completion_trainer_class(base_cls: type, label_smoothing: float) -> type:
 
 def build_model(args: argparse.Namespace, spec: Any):
     """Base model with the adapter of ``--method`` (``--enable-lora`` set on the config)."""
-    from structlora.nlg.modeling import load_causal_lm
+    from structlora.tasks.nlg.modeling import load_causal_lm
 
     model = load_causal_lm(spec)
-    if args.method == "full" or args.method in common.PEFT_LIBRARY_METHODS:
-        return common.wrap_model(model, args, TASK_TYPE)
-    config = common.build_peft_config(args, TASK_TYPE)
+    if args.method == "full" or args.method in methods.PEFT_LIBRARY_METHODS:
+        return methods.wrap_model(model, args, TASK_TYPE)
+    config = methods.build_peft_config(args, TASK_TYPE)
     enable_lora = _parse_enable_lora(getattr(args, "enable_lora", None))
     if enable_lora is not None:
         if not hasattr(config, "enable_lora"):
@@ -143,9 +144,9 @@ def build_model(args: argparse.Namespace, spec: Any):
 
     peft_model = structlora.get_peft_model(model, config)
     if getattr(args, "init_from", None):
-        from pathlib import Path
+        from .runs import init_from_run
 
-        common.load_adapter_from(peft_model, Path(args.init_from))
+        init_from_run(peft_model, args.init_from)
     return peft_model
 
 
@@ -174,19 +175,19 @@ def default_train_split(dataset: str, data_dir: str | None, source: str) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from structlora.nlg.modeling import LAYOUTS, CompletionCollator, ModelSpec, load_tokenizer
+    from structlora.tasks.nlg.modeling import LAYOUTS, CompletionCollator, ModelSpec, load_tokenizer
 
-    common.apply_config_file(args)
+    flags.apply_config_file(args)
     if not args.output:
         raise SystemExit("error: --output DIR is required")
     # Before any data or weights are read: flag ranges, --max-length against the model, the output folder.
     limits.check_before_work(args, integers={"max_train_examples": 1, "max_eval_examples": 1},
                              floats={"heldout_fraction": (0.0, 1.0, True)})
-    common.resolve_device_settings(args)
+    device.resolve_device_settings(args)
     data_dir, source = resolve_data(args)
     args.train_split = args.train_split or default_train_split(args.dataset, data_dir, source)
     eval_split = args.eval_split or ("dev-heldout" if args.train_split == "dev-train" else "dev")
-    bad_rows = common.bad_rows_for(args)
+    bad_rows = training.bad_rows_for(args)
     split_kwargs = dict(heldout_fraction=args.heldout_fraction, heldout_seed=args.heldout_seed, source=source,
                         bad_rows=bad_rows)
     # Data first: a missing split is reported before minutes of model loading.
@@ -207,30 +208,31 @@ def run(args: argparse.Namespace) -> int:
     eval_set = encode_pairs(tokenizer, eval_pairs, args.max_length, separator)
 
     model = build_model(args, spec)
-    trainable = common.count_trainable_parameters(model)
+    trainable = methods.count_trainable_parameters(model)
     # Our loss applies the smoothing; Trainer's own smoother must stay off (see completion_trainer_class).
     label_smoothing = args.label_smoothing
     trainer_args = copy.copy(args)
     trainer_args.label_smoothing = 0.0
-    trainer_cls = completion_trainer_class(common.default_trainer_class(args.method), label_smoothing)
-    trainer, history, seconds = common.run_training(
+    trainer_cls = completion_trainer_class(training.default_trainer_class(args.method), label_smoothing)
+    trainer, history, seconds = training.run_training(
         model, trainer_args, train_set, eval_set, CompletionCollator(tokenizer.pad_token_id), None,
         metric_for_best_model="loss", greater_is_better=False, trainer_cls=trainer_cls,
     )
-    adapter_dir = common.save_final_model(trainer, args.output)
+    adapter_dir = outputs.save_final_model(trainer, args.output)
     spec.save(adapter_dir, method=args.method, dataset=args.dataset, data_dir=args.data_dir,
               data_source=source, train_split=args.train_split, eval_split=eval_split,
               heldout_fraction=args.heldout_fraction, heldout_seed=args.heldout_seed)
     if args.method == "full":
         tokenizer.save_pretrained(adapter_dir)
-    final = common.clean_eval_metrics(trainer.evaluate(), keep_loss=True)
-    common.write_results(args.output, f"nlg-{args.dataset}", common.method_label(args), trainable, final, history, seconds,
-                         extra={"model": args.model, "structure": getattr(args, "structure", None)
-                                if args.method == "mtlora" else None,
-                                "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
-                                "label_smoothing": label_smoothing, **trainer.structlora_clock.train_and_eval(),
-                                **common.robustness_record(trainer, bad_rows), "flags": common.flags_of(args)})
-    common.plot_curves(args.output, history, "eval_loss")
+    final = outputs.clean_eval_metrics(trainer.evaluate(), keep_loss=True)
+    outputs.write_results(args.output, f"nlg-{args.dataset}", methods.method_label(args), trainable, final, history,
+                          seconds,
+                          extra={"recipe": "nlg", "model": args.model, "structure": getattr(args, "structure", None)
+                                 if args.method == "mtlora" else None,
+                                 "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
+                                 "label_smoothing": label_smoothing, **trainer.structlora_clock.train_and_eval(),
+                                 **outputs.robustness_record(trainer, bad_rows), "flags": outputs.flags_of(args)})
+    outputs.plot_curves(args.output, history, "eval_loss")
     print(f"trainable parameters: {trainable}; train time {seconds:.1f}s; eval loss "
           f"{final.get('eval_loss', float('nan')):.4f} -> {adapter_dir}", file=sys.stderr)
     return 0

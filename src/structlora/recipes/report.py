@@ -3,9 +3,10 @@
     structlora report runs/table --output table.md --csv table.csv --plot table.png
 
 Each DIR is a run folder (holding results.json) or a folder of run folders (searched recursively; a
-`structlora sweep` output is one). Rows are methods, columns tasks; each cell is the mean ± std over seeds
-of the metric the papers report for that task (×100: MCC for CoLA, Pearson for STS-B, accuracy/F1 for
-MRPC and QQP, matched accuracy for MNLI, accuracy otherwise), with trainable parameters (adapter alone and
+`structlora sweep` output is one). Rows are methods (``<model> · <method>`` when the runs have several base
+models), columns tasks; each cell is the mean ± std over seeds of the metric the papers report for that task (MCC for
+CoLA, Pearson for STS-B, accuracy/F1 for MRPC and QQP, matched accuracy for MNLI, accuracy otherwise; fractions ×100,
+other metrics such as a loss as recorded), with trainable parameters (adapter alone and
 with the head) and an average column. Cells with fewer seeds than the others, failed runs (a sweep's
 failed.json) and missing tasks are marked, and an average over such cells is marked too: nothing is
 averaged silently. ``--per-run`` prints the old one-line-per-run table instead.
@@ -19,9 +20,13 @@ import io
 import json
 import math
 import statistics
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
+
+from .glue import GLUE_TASK_NAMES
+from .methods import PEFT_LIBRARY_METHODS, STRUCTLORA_METHODS, method_labels
 
 # The metric(s) each paper reports per GLUE task (two: "a/b" in the cell, their mean in the average).
 TASK_METRICS: dict[str, tuple[str, ...]] = {
@@ -31,9 +36,14 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
 }
 METRIC_SHORT = {"matthews_correlation": "MCC", "accuracy": "acc", "f1": "F1", "pearson": "Pearson",
                 "matched_accuracy": "acc (m)", "spearmanr": "Spearman"}
-TASK_ORDER = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte")
-METHOD_ORDER = ("full", "bitfit", "adapter-houlsby", "adapter-pfeiffer", "ia3", "prefix", "prompt", "ptuning",
-                "lora", "mtlora-shim", "mtlora-icfm", "mtlora-ctcm", "mtlora-dtsm", "loretta-rep", "loretta-adp")
+TASK_ORDER = GLUE_TASK_NAMES
+# The papers' row order: full fine-tuning, the baselines, then structlora's methods (every --method once).
+_TABLE_ORDER = ("full", "bitfit", "adapter", *PEFT_LIBRARY_METHODS, *STRUCTLORA_METHODS)
+METHOD_ORDER = tuple(label for method in _TABLE_ORDER for label in method_labels(method))
+# Metrics that are fractions (accuracy, F1, correlations): shown ×100 as in the papers. Others (a loss, BLEU) as
+# recorded: an E2E eval_loss of 3.32 is 3.3, not 332.
+FRACTION_METRICS = ("accuracy", "f1", "matthews_correlation", "pearson", "spearmanr", "exact_match")
+MODEL_SEPARATOR = " · "  # a row's label when the runs have several base models: "<model> · <method>"
 INCOMPLETE = "†"
 FAILED = "✗"
 
@@ -49,9 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    results = load_runs(args.runs)
+    results, left_out = find_runs(args.runs)
+    print_left_out(left_out)
     if not results:
-        raise SystemExit(f"error: no results.json under {', '.join(args.runs)}")
+        raise SystemExit(f"error: no finished run under {', '.join(args.runs)}"
+                         + (" (see the notes above)" if left_out else ""))
     seeds, csv_path, plot_path = (getattr(args, name, None) for name in ("seeds", "csv", "plot"))
     if getattr(args, "per_run", False):
         table = markdown_table([r for r in results if r.get("status") != "failed"])
@@ -76,29 +88,75 @@ def is_reevaluation(record: dict[str, Any]) -> bool:
 def load_runs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     """results.json of each run folder (``run`` set to the folder), plus a ``status: failed`` record for each
     sweep run folder with a failed.json and no results.json."""
+    return find_runs(paths)[0]
+
+
+def find_runs(paths: Sequence[str | Path]) -> tuple[list[dict[str, Any]], list[tuple[Path, str]]]:
+    """``(runs, left_out)``: the records of ``load_runs``, and each folder that holds a run (or was given) but has
+    no place in the table, with why: unfinished, diverged, unreadable, not a run."""
     runs: list[dict[str, Any]] = []
+    left_out: list[tuple[Path, str]] = []
     for raw in paths:
         path = Path(raw)
+        if not path.exists():
+            left_out.append((path, "does not exist"))
+            continue
         if path.is_file():
             files = [path]
         elif (path / "results.json").is_file() or (path / "failed.json").is_file():
             files = [f for f in (path / "results.json", path / "failed.json") if f.is_file()]
         else:
             files = sorted([*path.rglob("results.json"), *path.rglob("failed.json")])
+            left_out += [(folder, _unfinished(folder)) for folder in _unfinished_runs(path, files)]
+            if not files and not any(folder == path for folder, _ in left_out):
+                left_out.append((path, "no results.json in it or below: not a run folder"))
         for file in files:
             if file.name == "failed.json" and (file.parent / "results.json").is_file():
                 continue  # retried since, and finished
             try:
-                record = json.loads(file.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                raise SystemExit(f"error: corrupt {file}: {error}") from None
+                record = json.loads(file.read_text(encoding="utf-8"))
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+            except (ValueError, UnicodeDecodeError) as error:
+                left_out.append((file.parent, f"unreadable {file.name} ({error})"))
+                continue
             if is_reevaluation(record):
+                if file.parent == path:  # named on the command line: say why it is not in the table
+                    left_out.append((path, "a `structlora eval` output, not a training run (its run is counted)"))
                 continue  # `structlora eval` output (RUN/eval-dev by default): the run itself is counted
             if file.name == "failed.json":
                 record["status"] = "failed"
+            elif record.get("status", "completed") != "completed":
+                left_out.append((file.parent, f"{record['status']}: {record.get('error', 'no result')}"))
+                continue
             record["run"] = str(file.parent)
             runs.append(record)
-    return runs
+    return runs, left_out
+
+
+_RUN_MARKERS = ("checkpoints", "run_flags.json", "adapter")
+
+
+def _unfinished_runs(root: Path, files: Sequence[Path]) -> list[Path]:
+    """Run folders under ``root`` (the root included) that have started (checkpoints, a flags record or an
+    adapter) but hold neither results.json nor failed.json."""
+    finished = {file.parent for file in files}
+    started = {marker.parent for name in _RUN_MARKERS for marker in [root / name, *root.rglob(name)] if marker.exists()}
+    return sorted(folder for folder in started
+                  if folder not in finished and not any(parent in started for parent in folder.parents))
+
+
+def _unfinished(folder: Path) -> str:
+    checkpoints = sorted((folder / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])
+                         if p.name.split("-")[-1].isdigit() else -1)
+    last = f"; its last checkpoint is {checkpoints[-1].name}" if checkpoints else ""
+    return f"no results.json: an unfinished run (resume it with --resume){last}"
+
+
+def print_left_out(left_out: Sequence[tuple[Path, str]]) -> None:
+    """One stderr line per folder that is not in the table, with why."""
+    for folder, why in left_out:
+        print(f"note: not in the table: {folder}: {why}", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------------ the table
@@ -151,10 +209,20 @@ def task_metrics(task: str, record: dict[str, Any]) -> tuple[str, ...]:
     return (main,) if main else tuple(list(record.get("eval", {}))[:1])
 
 
+def is_fraction(metric: str) -> bool:
+    """Whether ``metric`` is a fraction (shown ×100): accuracy, F1, MCC, correlations, exact match."""
+    return metric.removeprefix("eval_").endswith(FRACTION_METRICS)
+
+
 def build_cells(results: Sequence[dict[str, Any]]) -> dict[tuple[str, str], Cell]:
+    """Cells keyed by (row, task); a row is the method, or ``<model> · <method>`` when the runs have several base
+    models (one model's numbers never average with another's)."""
     cells: dict[tuple[str, str], Cell] = {}
+    several_models = len({str(r.get("model")) for r in results if r.get("model")}) > 1
     for record in results:
         method, task = str(record.get("method", "?")), str(record.get("task", "?"))
+        if several_models:
+            method = f"{record.get('model', '?')}{MODEL_SEPARATOR}{method}"
         cell = cells.get((method, task))
         if cell is None:
             cell = cells[(method, task)] = Cell(method, task, task_metrics(task, record))
@@ -168,7 +236,7 @@ def build_cells(results: Sequence[dict[str, Any]]) -> dict[tuple[str, str], Cell
             continue
         cell.seeds.append(record.get("seed"))
         for metric, value in zip(cell.metrics, values, strict=True):
-            cell.values.setdefault(metric, []).append(100.0 * float(value))
+            cell.values.setdefault(metric, []).append((100.0 if is_fraction(metric) else 1.0) * float(value))
         if "adapter_params" in record:
             cell.adapter_params.add(int(record["adapter_params"]))
         cell.trainable_params.add(int(record.get("trainable_params", 0)))
@@ -177,7 +245,13 @@ def build_cells(results: Sequence[dict[str, Any]]) -> dict[tuple[str, str], Cell
 
 
 def _ordered(names: Sequence[str], order: Sequence[str]) -> list[str]:
-    return sorted(set(names), key=lambda n: (order.index(n) if n in order else len(order), n))
+    """``names`` in the papers' ``order`` (unknown names after, alphabetically); rows of several models grouped by
+    model."""
+    def key(name: str) -> tuple[str, int, str]:
+        model, _, plain = name.rpartition(MODEL_SEPARATOR)
+        return model, order.index(plain) if plain in order else len(order), plain
+
+    return sorted(set(names), key=key)
 
 
 def _count_range(counts: set[int]) -> str:
@@ -252,7 +326,8 @@ def paper_table(results: Sequence[dict[str, Any]], expected_seeds: int | None = 
         time_text = f"{statistics.fmean(seconds):.0f}" if seconds else "–"
         lines.append(f"| {method} | {_count_range(adapter)} | {_count_range(trainable)} | " + " | ".join(texts)
                      + f" | {avg} | {time_text} |")
-    lines += ["", "Mean ± std over seeds (×100; a single seed shows its value alone); "
+    lines += ["", "Mean ± std over seeds (fractions ×100, other metrics as recorded; a single seed shows its value "
+              "alone); "
               f"{expected} seed(s) expected per cell. avg: mean over tasks (MRPC/QQP: of accuracy and F1)."]
     if notes:
         lines.append(f"{INCOMPLETE}: fewer seeds than expected, failed runs or undefined (NaN) metrics — the mean is "
@@ -311,7 +386,8 @@ def plot(cells: dict[tuple[str, str], Cell], path: str | Path, expected_seeds: i
         axis.set_xscale("log")
         metrics = next(c.metrics for (m, t), c in cells.items() if t == task)
         axis.set_xlabel("trainable parameters, adapter alone (log scale)")
-        axis.set_ylabel(" / ".join(METRIC_SHORT.get(m, m) for m in metrics) + " (×100)")
+        axis.set_ylabel(" / ".join(METRIC_SHORT.get(m, m) for m in metrics)
+                        + (" (×100)" if all(is_fraction(m) for m in metrics) else ""))
         axis.set_title(task)
         axis.grid(True, which="both", alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()

@@ -18,8 +18,8 @@ import os
 import sys
 from typing import Any, Sequence
 
-from structlora.nlg import metrics
-from structlora.nlg.data import read_e2e_references, read_lines, read_multi_references
+from structlora.tasks.nlg import generation_eval, metrics
+from structlora.tasks.nlg.data import read_e2e_references, read_lines, read_multi_references
 from structlora.recipes.progress import phase
 
 
@@ -46,10 +46,23 @@ def _require_content(path: str, items: Sequence[Any]) -> None:
         raise SystemExit(f"error: {path} is empty: nothing to score")
 
 
+def warn_empty_hypotheses(path: str, hypotheses: Sequence[str]) -> int:
+    """A warning when hypotheses are empty (a model that ends at once): they are scored as empty outputs, which
+    lowers every metric. Returns how many are empty."""
+    empty = [number for number, line in enumerate(hypotheses, start=1) if not line.strip()]
+    if empty:
+        shown = ", ".join(map(str, empty[:5])) + (", …" if len(empty) > 5 else "")
+        print(f"warning: {len(empty)} of {len(hypotheses)} hypotheses in {path} are empty (line(s) {shown}): they are "
+              "scored as empty outputs; a model that emits end-of-text at once needs more training, or check the "
+              "prompt layout", file=sys.stderr)
+    return len(empty)
+
+
 def score_e2e(hyp_path: str, ref_path: str, use_java: bool = True, mteval: str = "python") -> dict[str, Any]:
     hypotheses = read_lines(hyp_path)
     references = read_e2e_references(ref_path)
     _require_content(hyp_path, hypotheses)
+    warn_empty_hypotheses(hyp_path, hypotheses)
     _require_content(ref_path, references)
     if len(hypotheses) != len(references):
         raise SystemExit(f"error: {hyp_path} has {len(hypotheses)} lines but {ref_path} has "
@@ -64,7 +77,7 @@ def score_e2e(hyp_path: str, ref_path: str, use_java: bool = True, mteval: str =
 
 def _generation_eval(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
                      use_java: bool) -> tuple[dict[str, Any], list[str]]:
-    return metrics.generation_eval_scores(hypotheses, references, use_java=use_java)
+    return generation_eval.generation_eval_scores(hypotheses, references, use_java=use_java)
 
 
 def score_generation_eval(dataset: str, hyp_path: str, ref_prefix: str, seen_file: str | None = None,
@@ -72,6 +85,7 @@ def score_generation_eval(dataset: str, hyp_path: str, ref_prefix: str, seen_fil
     hypotheses = read_lines(hyp_path)
     references = read_multi_references(ref_prefix)
     _require_content(hyp_path, hypotheses)
+    warn_empty_hypotheses(hyp_path, hypotheses)
     _require_content(f"{ref_prefix}*", references)
     if len(hypotheses) != len(references):
         raise SystemExit(f"error: {hyp_path} has {len(hypotheses)} lines but the reference files have "

@@ -26,7 +26,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import common
+from .methods import (ADAPTER_PLACEMENTS, METHODS, MTLORA_STRUCTURES, add_method_arguments, check_method_flags,
+                      default_label)
 
 RECIPES = ("glue", "nlg", "llm")
 SWEEP_FILE = "sweep.json"
@@ -57,7 +58,7 @@ def _csv(value: str) -> list[str]:
 
 def method_flags(label: str) -> list[str]:
     """``mtlora-icfm`` -> ``--method mtlora --structure icfm``; ``adapter-pfeiffer`` -> placement flag; options after
-    ``+`` as `common.method_label` writes them: ``+rslora``, ``+pissa``, ``+lora-xs``, ``+loraplus<ratio>``."""
+    ``+`` as `methods.method_label` writes them: ``+rslora``, ``+pissa``, ``+lora-xs``, ``+loraplus<ratio>``."""
     label, *options = label.split("+")
     return [*_base_method_flags(label), *(flag for option in options for flag in _option_flags(option))]
 
@@ -75,13 +76,13 @@ def _option_flags(option: str) -> list[str]:
 
 
 def _base_method_flags(label: str) -> list[str]:
-    for prefix, flag, choices in (("mtlora-", "--structure", common.MTLORA_STRUCTURES),
-                                  ("adapter-", "--adapter-placement", common.ADAPTER_PLACEMENTS)):
+    for prefix, flag, choices in (("mtlora-", "--structure", MTLORA_STRUCTURES),
+                                  ("adapter-", "--adapter-placement", ADAPTER_PLACEMENTS)):
         if label.startswith(prefix) and label[len(prefix):] in choices:
             return ["--method", prefix[:-1], flag, label[len(prefix):]]
-    if label not in common.METHODS:
-        valid = [*common.METHODS, *(f"mtlora-{s}" for s in common.MTLORA_STRUCTURES),
-                 *(f"adapter-{p}" for p in common.ADAPTER_PLACEMENTS)]
+    if label not in METHODS:
+        valid = [*METHODS, *(f"mtlora-{s}" for s in MTLORA_STRUCTURES),
+                 *(f"adapter-{p}" for p in ADAPTER_PLACEMENTS)]
         raise SystemExit(f"error: unknown method {label!r} in --methods; valid: {', '.join(valid)}")
     return ["--method", label]
 
@@ -91,7 +92,7 @@ def canonical_label(label: str) -> str:
     base, *options = label.split("+")
     order = {"rslora": 0, "pissa": 1, "lora-xs": 1}  # method_label's order; +loraplus<ratio> last
     options = sorted(options, key=lambda option: order.get(option, 2))
-    return "+".join([{"mtlora": "mtlora-shim", "adapter": "adapter-houlsby"}.get(base, base), *options])
+    return "+".join([default_label(base) if base in METHODS else base, *options])
 
 
 def run_folder(output: str | Path, task: str, label: str, seed: int) -> Path:
@@ -148,11 +149,11 @@ def _check_method_flags(methods: Sequence[str], train_args: list[str], method_ar
     is one that method reads (each run would refuse it anyway, one failed run per seed). Only flags on the
     command line are seen here; a --config file's are checked by each run."""
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    common.add_method_arguments(parser)
+    add_method_arguments(parser)
     for label in methods:
         run_flags = [*method_flags(label), *train_args, *method_args.get(canonical_label(label), [])]
         try:
-            common.check_method_flags(parser.parse_known_args(run_flags)[0])
+            check_method_flags(parser.parse_known_args(run_flags)[0])
         except SystemExit as refusal:
             reason = str(refusal.code).removeprefix("error: ")
             raise SystemExit(f"error: --methods {label}: {reason}. In a sweep, give a flag that only some methods "
@@ -188,7 +189,7 @@ def sweep(recipe: str, tasks: Sequence[str], methods: Sequence[str], seeds: Sequ
           stop_on_error: bool = False) -> dict[str, int]:
     """Run every (task, method, seed) not finished yet, seed by seed; return counts
     ``{"ran", "skipped", "failed"}``."""
-    from ..cli import main as cli_main
+    from .commands import main as cli_main
 
     counts = {"ran": 0, "skipped": 0, "failed": 0}
     # Seed-major: an unfinished grid still has every method and task at its first seeds.

@@ -8,6 +8,7 @@ then the Hugging Face hub (`super_glue`, `squad`, `drop`, ...).  Nothing is ever
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import random
@@ -15,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..data_errors import BadRows, DataRowError, strict
+from ..data_dir import DATA_ENV, resolve_data_dir
+from ..data_errors import BadRows, DataRowError, read_text, strict
 from .tasks import PromptedExample, TaskSpec, with_demonstrations
 
-DATA_ENV = "STRUCTLORA_DATA"
 _EXTENSIONS = (".jsonl", ".json", ".tsv")
 
 
@@ -32,12 +33,6 @@ class TaskSplits:
     train: list[PromptedExample]
     dev: list[PromptedExample]
     eval: list[PromptedExample]
-
-
-def resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path | None:
-    """`--data-dir` wins over `$STRUCTLORA_DATA`; None when neither is set."""
-    chosen = data_dir or os.environ.get(DATA_ENV)
-    return Path(chosen).expanduser() if chosen else None
 
 
 def local_candidates(spec: TaskSpec, data_dir: Path, split: str) -> list[Path]:
@@ -56,7 +51,7 @@ def read_located_records(path: Path, bad_rows: BadRows | None = None) -> list[tu
     that is not a JSON object, or a tsv row with too few columns, is a bad row (DataRowError by default)."""
     bad_rows = strict(bad_rows)
     if path.suffix == ".tsv":
-        with path.open(newline="", encoding="utf-8-sig") as handle:
+        with io.StringIO(read_text(path, "utf-8-sig", newline=""), newline="") as handle:
             reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
             located = []
             for row in reader:
@@ -66,7 +61,7 @@ def read_located_records(path: Path, bad_rows: BadRows | None = None) -> list[tu
                     continue
                 located.append((reader.line_num, dict(row)))
             return located
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_text(path, "utf-8-sig")
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             return [(None, record) for record in json.loads(text)]

@@ -17,7 +17,7 @@ from typing import Any, Iterator, Literal, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..recipes.peft_methods import check_generate_matches_forward, generation_cache_kwargs, is_prompt_learning
+from ..prompt_learning import check_generate_matches_forward, generation_cache_kwargs, is_prompt_learning
 from .tasks import PromptedExample
 
 Objective = Literal["candidates", "lm"]

@@ -21,6 +21,21 @@ class DataRowError(ValueError):
     """A row of a data file cannot be used; the message starts with ``file:line``."""
 
 
+class DataFileError(ValueError):
+    """A data file cannot be read as text; the message starts with the file."""
+
+
+def read_text(path: str | os.PathLike, encoding: str = "utf-8", newline: str | None = None) -> str:
+    """The text of ``path``; a file in another encoding is a DataFileError naming the file and the byte."""
+    try:
+        with open(path, encoding=encoding, newline=newline) as handle:
+            return handle.read()
+    except UnicodeDecodeError as error:
+        raise DataFileError(f"{path} is not {encoding.removesuffix('-sig').upper()} text (byte "
+                            f"0x{error.object[error.start]:02x} at offset {error.start}); convert it to UTF-8, "
+                            f"e.g. iconv -f latin1 -t utf-8") from None
+
+
 def location(path: str | os.PathLike, line: int | None = None) -> str:
     return f"{path}:{line}" if line is not None else str(path)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import json
 import os
 import random
@@ -26,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from ..data_errors import BadRows, DataRowError, strict
+from ..data_dir import DATA_ENV, resolve_data_dir
+from ..data_errors import BadRows, DataRowError, read_text, strict
 
 DATASETS: tuple[str, ...] = ("e2e", "webnlg", "dart")
 # dev-train / dev-heldout: the dev set split by unique input (the official test sets are held back).
@@ -46,7 +48,6 @@ HUB_IDS: dict[str, tuple[str, str | None]] = {
     "webnlg": ("web_nlg", "webnlg_challenge_2017"),
     "dart": ("dart", None),
 }
-DATA_ENV_VAR = "STRUCTLORA_DATA"
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ def read_e2e_csv(path: str | os.PathLike, bad_rows: BadRows | None = None) -> li
     """The official E2E CSV (header ``mr,ref``; a test file may have ``mr`` only). A UTF-8 BOM is dropped."""
     bad_rows = strict(bad_rows)
     grouper = _Grouper()
-    with open(path, newline="", encoding="utf-8-sig") as handle:
+    with io.StringIO(read_text(path, "utf-8-sig", newline=""), newline="") as handle:
         reader = csv.DictReader(handle)
         if reader.fieldnames is None or "mr" not in reader.fieldnames:
             raise DataRowError(f"{path}:1: expected a header with an 'mr' column, got {reader.fieldnames}")
@@ -138,7 +139,7 @@ def read_e2e_lines(path: str | os.PathLike, bad_rows: BadRows | None = None) -> 
     """The LoRA / prefix-tuning line format ``linearised mr || reference`` (one pair per line)."""
     bad_rows = strict(bad_rows)
     grouper = _Grouper()
-    with open(path, encoding="utf-8-sig") as handle:
+    with io.StringIO(read_text(path, "utf-8-sig")) as handle:
         for number, line in enumerate(handle, start=1):
             line = line.rstrip("\n")
             if not line.strip():
@@ -160,7 +161,7 @@ def _entry_line(path: str | os.PathLike, entry: ElementTree.Element) -> int | No
     eid = entry.get("eid")
     if eid is None:
         return None
-    text = Path(path).read_text(encoding="utf-8-sig")
+    text = read_text(path, "utf-8-sig")
     position = text.find(f'eid="{eid}"')
     return text.count("\n", 0, position) + 1 if position >= 0 else None
 
@@ -245,7 +246,7 @@ def read_dart_json(path: str | os.PathLike, bad_rows: BadRows | None = None) -> 
     """DART v1.1.1 JSON (a list of ``{"tripleset": [[s, p, o]...], "annotations": [{"text"}...]}``);
     predicates lower-cased as in the LoRA converter. A UTF-8 BOM is dropped; a malformed record is a bad row."""
     bad_rows = strict(bad_rows)
-    with open(path, encoding="utf-8-sig") as handle:
+    with io.StringIO(read_text(path, "utf-8-sig")) as handle:
         text = handle.read()
     try:
         records = json.loads(text)
@@ -267,16 +268,6 @@ def read_dart_json(path: str | os.PathLike, bad_rows: BadRows | None = None) -> 
 
 
 # ----------------------------------------------------------------------------------- locating data
-def default_data_root() -> Path:
-    """``$STRUCTLORA_DATA``, else ``../shared/data`` beside the repository (when present), else ``data``."""
-    env = os.environ.get(DATA_ENV_VAR)
-    if env:
-        return Path(env)
-    repo_root = Path(__file__).resolve().parents[3]
-    candidate = repo_root.parent / "shared" / "data"
-    return candidate if candidate.is_dir() else Path("data")
-
-
 def _first_existing(folder: Path, names: Sequence[str]) -> Path | None:
     for name in names:
         if (folder / name).exists():
@@ -317,7 +308,7 @@ def _split_reader(dataset: str, split: str, data_root: str | os.PathLike | None
                   ) -> Callable[[BadRows | None], list[NLGInput]]:
     """The reader of the local files of ``dataset`` / ``split`` (train, dev or test); FileNotFoundError naming
     what was looked for when there are none."""
-    root = Path(data_root) if data_root else default_data_root()
+    root = Path(data_root) if data_root else (resolve_data_dir(None) or Path("data"))  # the data rule
     if dataset == "e2e":
         folder = root / "e2e"
         official = {"train": ["trainset.csv"], "dev": ["devset.csv"],
@@ -330,11 +321,11 @@ def _split_reader(dataset: str, split: str, data_root: str | os.PathLike | None
         if path is not None:
             return functools.partial(read_e2e_lines, path)
         raise FileNotFoundError(f"E2E {split}: none of {official + lines} in {folder} "
-                                f"(set --data-dir or ${DATA_ENV_VAR})")
+                                f"(set --data-dir or ${DATA_ENV})")
     if dataset == "webnlg":
         folder = _first_existing(root, ["webnlg2017", "webnlg"])
         if folder is None:
-            raise FileNotFoundError(f"no webnlg2017/ folder in {root} (set --data-dir or ${DATA_ENV_VAR})")
+            raise FileNotFoundError(f"no webnlg2017/ folder in {root} (set --data-dir or ${DATA_ENV})")
         split_folder = folder / split
         if not split_folder.is_dir():
             raise FileNotFoundError(f"WebNLG {split}: {split_folder} does not exist")
@@ -428,7 +419,7 @@ def read_e2e_references(path: str | os.PathLike) -> list[list[str]]:
     """Inverse of :func:`write_e2e_references`, as e2e-metrics ``read_lines(multi_ref=True)``: a file
     without any blank line holds one reference per input."""
     groups: list[list[str]] = [[]]
-    with open(path, encoding="utf-8") as handle:
+    with io.StringIO(read_text(path)) as handle:
         for line in handle:
             line = line.strip()
             if not line:
@@ -461,7 +452,7 @@ def read_multi_references(prefix: str | os.PathLike) -> list[list[str]]:
 
 def read_lines(path: str | os.PathLike) -> list[str]:
     """One item per line, newline and surrounding whitespace stripped (no phantom last line)."""
-    with open(path, encoding="utf-8") as handle:
+    with io.StringIO(read_text(path)) as handle:
         lines = handle.read().split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # the final newline ends the last line; it does not start a new one

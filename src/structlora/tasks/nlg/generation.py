@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from ..recipes.peft_methods import check_generate_matches_forward, generation_cache_kwargs
+from ..prompt_learning import check_generate_matches_forward, generation_cache_kwargs
 from .authors_decoding import (AUTHORS_REFERENCE_FILES, AuthorsBeamSettings, authors_beam_search, authors_hypothesis,
                                authors_post_process)
 from .data import NLGInput, write_e2e_references, write_multi_references
@@ -23,7 +23,7 @@ _AUTHORS = AuthorsBeamSettings()  # the README's values, defined once in authors
 class DecodingSettings:
     """The LoRA / MTLoRA decoding settings (the MTLoRA README: beam 10, length penalty 0.8, 4-gram
     blocking, 64 steps). ``mode="authors"`` is their ``gpt2_beam.py`` + ``gpt2_decode.py``
-    (``structlora.nlg.authors_decoding``); ``mode="hf"`` is transformers' ``generate``, whose n-gram
+    (``structlora.tasks.nlg.authors_decoding``); ``mode="hf"`` is transformers' ``generate``, whose n-gram
     blocking also covers the prompt and whose beams stop differently. ``tokenize_lower`` is the decode
     step's ``--tokenize --lower`` (the authors use it for WebNLG and DART, on outputs and references)."""
 

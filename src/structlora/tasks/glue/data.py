@@ -16,6 +16,7 @@ Local layouts understood by ``load_glue_local`` (``DATA_DIR/<task folder>/<split
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import sys
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..data_errors import BadRows, strict
+from ..data_errors import BadRows, read_text, strict
 
 HUB_ID = "nyu-mll/glue"
 
@@ -144,7 +145,7 @@ def _read_tsv(path: Path) -> list[tuple[int, list[str]]]:
     # GLUE's TSVs hold unbalanced quotes (MNLI, SST-2): never treat quotes as quoting.
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     try:
-        with open(path, encoding="utf-8-sig", newline="") as handle:
+        with io.StringIO(read_text(path, "utf-8-sig", newline=""), newline="") as handle:
             reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
             return [(reader.line_num, row) for row in reader if row]
     except UnicodeDecodeError as error:
@@ -230,7 +231,7 @@ def read_task_file(path: Path, task: GlueTask, bad_rows: BadRows | None = None) 
 
 def load_glue_local(data_dir: str | os.PathLike, task_name: str, bad_rows: BadRows | None = None) -> Any:
     """Read ``task_name`` from local files under ``data_dir`` (see the module docstring for layouts); bad rows
-    are errors unless ``bad_rows`` skips them (see :mod:`structlora.data_errors`)."""
+    are errors unless ``bad_rows`` skips them (see :mod:`structlora.tasks.data_errors`)."""
     import datasets
 
     task = get_task(task_name)
@@ -261,3 +262,30 @@ def load_glue(task_name: str, data_dir: str | os.PathLike | None = None, bad_row
             raise GlueDataError(f"--data-dir {data_dir} does not exist. {how_to_get_data(task)}")
         return load_glue_local(data_dir, task.name, bad_rows)
     return load_glue_hub(task)
+
+
+def tokenize_split(dataset: Any, tokenizer: Any, text_columns: tuple[str, ...], max_length: int,
+                   sort_by_length: bool = False) -> Any:
+    """``dataset`` tokenized for a classifier (``text_columns`` as one input or a pair, ``label`` -> ``labels``)."""
+    def encode(batch: dict[str, list[Any]]) -> dict[str, Any]:
+        encoded = tokenizer(*(batch[c] for c in text_columns), truncation=True, max_length=max_length)
+        encoded["labels"] = batch["label"]
+        return encoded
+
+    # keep_in_memory: no cache files, so torchrun ranks never race on writing them.
+    encoded = dataset.map(encode, batched=True, remove_columns=dataset.column_names, keep_in_memory=True)
+    if sort_by_length:
+        # Evaluation metrics do not depend on the order; batches of similar lengths pad (and cost) less.
+        lengths = [len(ids) for ids in encoded["input_ids"]]
+        encoded = encoded.select(sorted(range(len(lengths)), key=lengths.__getitem__), keep_in_memory=True)
+    return encoded
+
+
+def take_examples(dataset: Any, limit: int | None, shuffle_seed: int | None) -> Any:
+    """The first ``limit`` examples (all when ``limit`` is unset or larger), after a seeded shuffle when
+    ``shuffle_seed`` is given."""
+    if not limit or limit >= len(dataset):
+        return dataset
+    if shuffle_seed is not None:
+        dataset = dataset.shuffle(seed=shuffle_seed, keep_in_memory=True)
+    return dataset.select(range(limit))

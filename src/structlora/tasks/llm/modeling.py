@@ -20,7 +20,7 @@ def load_causal_lm(model: str, gguf_file: str | None = None, dtype: str = "float
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # Aliases, GGUF paths and de-quantised GGUF models: shared with the NLG recipe.
-    from structlora.nlg.modeling import clear_gguf_quantization_markers, resolve_model
+    from structlora.tasks.nlg.modeling import clear_gguf_quantization_markers, resolve_model
 
     source, gguf = resolve_model(model, gguf_file)
     extra = {"gguf_file": gguf} if gguf else {}

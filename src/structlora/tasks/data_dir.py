@@ -18,7 +18,7 @@ from typing import Callable
 DATA_ENV = "STRUCTLORA_DATA"
 DATA_RULE = (f"data: --data-dir, else ${DATA_ENV}, else ../shared/data beside the working directory or the "
              "repository (when it exists), else the Hugging Face Hub")
-_REPO_ROOT = Path(__file__).resolve().parents[3]
+_REPO_ROOT = Path(__file__).resolve().parents[4]
 
 
 def shared_data_candidates() -> list[Path]:
