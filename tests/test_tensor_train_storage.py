@@ -139,3 +139,17 @@ def test_gradients_equal_those_of_separate_core_tensors(factory: str) -> None:
     if factory == "adp":
         assert all(m.weight_tt.core_storage is m.weight_tt.flat_cores for m in model.modules()
                    if isinstance(m, TTLinear))
+
+
+def test_a_partitioned_flat_parameter_keeps_its_name_in_the_state_dict() -> None:
+    """ZeRO-3 leaves an empty partition in a parameter outside its gather (DeepSpeed saves the module state then):
+    no core can be sliced out of it, so the state dict names the parameter itself."""
+    model = rep_model()
+    parameterization = next(m for n, m in model.base_model.named_modules() if n.endswith("q_proj.adapters.default"
+                                                                                         ".parameterization"))
+    whole = parameterization.flat_cores.data
+    parameterization.flat_cores.data = torch.empty(0)
+    keys = [k for k in parameterization.state_dict()]
+    assert keys == ["flat_cores"]
+    parameterization.flat_cores.data = whole
+    assert [k for k in parameterization.state_dict()][0] == "lora_A.cores.0"

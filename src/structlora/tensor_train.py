@@ -216,6 +216,12 @@ def core_tensors(owner: nn.Module, flat: torch.Tensor | None = None, prefix: str
             for name, train in owned_trains(owner) for k, core in enumerate(train.core_views(flat))}
 
 
+def _core_layout(owner: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """core_tensors' keys and shapes (meta tensors), whatever `owner`'s parameter holds now (a partition, say)."""
+    size = sum(train.numel_cores for _, train in owned_trains(owner))
+    return core_tensors(owner, torch.empty(size, device="meta"), prefix)
+
+
 def parameter_values(module: nn.Module, state: dict[str, torch.Tensor],
                      prefix: str = "") -> Iterator[tuple[nn.Parameter, torch.Tensor]]:
     """(parameter, its value) for every parameter of `module`, from `state` keyed as `module.state_dict()` with
@@ -226,8 +232,7 @@ def parameter_values(module: nn.Module, state: dict[str, torch.Tensor],
             if parameter is None:
                 continue
             if parameter_name == FLAT_CORES:
-                keys = core_tensors(sub, torch.empty(parameter.shape, device="meta"), sub_prefix)
-                yield parameter, torch.cat([state[key].reshape(-1) for key in keys])
+                yield parameter, torch.cat([state[key].reshape(-1) for key in _core_layout(sub, sub_prefix)])
             else:
                 yield parameter, state[sub_prefix + parameter_name]
 
@@ -256,11 +261,14 @@ def _keep_per_core_state(owner: nn.Module) -> None:
 
 def _per_core_state(owner: nn.Module, state: dict, prefix: str, _metadata: Any) -> None:
     """state_dict hook: the flat parameter's entry becomes one entry per core (the authors' names)."""
-    flat = state.pop(prefix + FLAT_CORES, None)
+    flat = state.get(prefix + FLAT_CORES)
     if flat is None:  # no longer holds cores (share_flat_cores moved them to an owner)
         return
     if isinstance(flat, DTensor):  # FSDP2 outside the forward: the per-core views of the whole (a collective)
         flat = flat.full_tensor()
+    if flat.shape[-1] != sum(train.numel_cores for _, train in owned_trains(owner)):
+        return  # a ZeRO-3 partition outside its gather holds no whole core: it keeps its parameter's name
+    del state[prefix + FLAT_CORES]
     state.update(core_tensors(owner, flat, prefix))
 
 
@@ -270,7 +278,7 @@ def _joined_cores(owner: nn.Module, state: dict, prefix: str, _metadata: Any, _s
     target = owner._parameters.get(FLAT_CORES)
     if target is None:
         return
-    expected = core_tensors(owner, torch.empty(target.shape, dtype=target.dtype, device="meta"), prefix)
+    expected = _core_layout(owner, prefix)
     if not all(key in state for key in expected):
         return  # left for load_state_dict to report: FLAT_CORES missing, the cores present unexpected
     for key, core in expected.items():
