@@ -153,3 +153,24 @@ def test_a_partitioned_flat_parameter_keeps_its_name_in_the_state_dict() -> None
     assert keys == ["flat_cores"]
     parameterization.flat_cores.data = whole
     assert [k for k in parameterization.state_dict()][0] == "lora_A.cores.0"
+
+
+def test_a_loretta_rep_layer_compiles_without_graph_breaks() -> None:
+    from torch import nn
+
+    from structlora.layers import LowRankLayer
+
+    torch.manual_seed(0)
+    layer = LowRankLayer(nn.Linear(16, 12))
+    layer.add_adapter("default", LorettaRepConfig(r=4, tensor_rank=2, init="reference"), None)
+    x = torch.randn(3, 16)
+    storage = [p for p in layer.adapters.parameters()]
+    assert len(storage) == 1  # A and B in one flat parameter
+    eager_out = layer(x)
+    eager_grad, = torch.autograd.grad(eager_out.sum(), storage)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)  # fullgraph: a break is an error
+    out = compiled(x)
+    grad, = torch.autograd.grad(out.sum(), storage)
+    torch.testing.assert_close(out, eager_out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, eager_grad, rtol=1e-6, atol=1e-6)
+    assert grad.abs().sum() > 0
