@@ -124,7 +124,7 @@ def test_direct_call_after_backward_rebuilds_instead_of_reusing_a_spent_chain() 
     model(input_ids=IDS, labels=IDS).loss.backward()  # spends the bank
     hidden = model.base_model.model(input_ids=IDS).last_hidden_state  # no hook: trains rebuild themselves
     hidden.sum().backward()  # would raise "backward through the graph a second time" on a spent slice
-    assert all(core.grad is not None for train in trains_of(model) for core in train.cores)
+    assert all(train.core_storage.grad is not None for train in trains_of(model))
 
 
 def test_no_grad_bank_is_not_used_with_grad() -> None:
@@ -132,8 +132,9 @@ def test_no_grad_bank_is_not_used_with_grad() -> None:
     with torch.no_grad():
         model(input_ids=IDS)  # banks without a graph
     model.base_model.model(input_ids=IDS).last_hidden_state.sum().backward()
-    assert all(core.grad is not None and core.grad.abs().sum() > 0 for train in trains_of(model)
-               for core in train.cores)
+    assert all(train.core_storage.grad is not None for train in trains_of(model))
+    assert all(grad.abs().sum() > 0 for train in trains_of(model)
+               for grad in train.core_views(train.core_storage.grad))
 
 
 def test_deepcopy_banks_its_own_trains_and_unload_removes_the_hook() -> None:

@@ -181,9 +181,10 @@ def test_dtype_move_and_replaced_parameters_invalidate() -> None:
     assert double.dtype == torch.float64
     assert_close(double, uncached(model), tol=1e-10)
     train = next(m for m in model.modules() if isinstance(m, TTMatrix))
-    train.cores[0] = nn.Parameter(train.cores[0].detach() * 2)  # a new Parameter object
+    owner = train._home.owner  # the module whose flat parameter holds the train's cores
+    owner.flat_cores = nn.Parameter(train.core_storage.detach() * 2)  # a new Parameter object
     assert_close(cached(model), uncached(model), tol=1e-10)
-    train.cores[1].data = train.cores[1].detach() * 3  # a new storage behind the same Parameter
+    train.core_storage.data = train.core_storage.detach() * 3  # a new storage behind the same Parameter
     assert_close(cached(model), uncached(model), tol=1e-10)
 
 

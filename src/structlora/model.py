@@ -30,7 +30,7 @@ from .quantized import refuse_quantized_merge
 from .svd_init import saved_factors_follow
 from .targets import (BOTTLENECK_PLACEMENT, CLASSIFIER_HEAD_NAMES, FUSED_PROJECTIONS, TargetWarning,
                       default_targets, is_norm_module, module_matches, unknown_target_error)
-from .tensor_train import TTLinear, classifier_tt_shape
+from .tensor_train import TTLinear, classifier_tt_shape, parameter_values
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 # The adapter's structure, stored in the safetensors metadata so that an adapter_config.json edited (or
@@ -892,11 +892,21 @@ class PeftModel(nn.Module):
         self._state.check_write_weights(adapter_name, "loading adapter weights")
         # Sharded weights (FSDP2, ZeRO-3): every rank checks the whole tensors and keeps its part.
         with whole_parameters(self._adapter_parameters(adapter_name), modify=True):
-            self._check_and_copy(tensors, self.adapter_state_dict(adapter_name), source)
+            converted = self._checked(tensors, self.adapter_state_dict(adapter_name), source)
+            # Written parameter by parameter (not into the state dict's tensors): a tensor train's cores are joined
+            # into the flat parameter that holds them, which may be an FSDP2 DTensor.
+            pairs = [pair for name, wrapper in self._wrappers() if adapter_name in wrapper.adapters
+                     for pair in parameter_values(wrapper.adapters[adapter_name], converted, f"{name}.")]
+            base = dict(self.base_model.named_parameters())
+            pairs += [(base[name], converted[name]) for name in self._trained_base_params.get(adapter_name, [])]
+            # All or nothing, also for an interrupt in the middle: a half-loaded adapter computes neither function.
+            copy_all_or_nothing(pairs)
         self._state.weights_written()
 
     @staticmethod
-    def _check_and_copy(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str) -> None:
+    def _checked(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
+                 source: str) -> dict[str, torch.Tensor]:
+        """`tensors` converted to the dtype and device of `expected`'s, once every check has passed."""
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))
         if unexpected:
@@ -924,8 +934,7 @@ class PeftModel(nn.Module):
                 raise ValueError(f"{source}: {key} has {bad} non-finite value(s) (NaN/inf) in {target.dtype}; "
                                  f"refusing to load a diverged or corrupt adapter")
             converted[key] = value
-        # All or nothing, also for an interrupt in the middle: a half-loaded adapter computes neither function.
-        copy_all_or_nothing([(target, converted[key]) for key, target in expected.items()])
+        return converted
 
 
 # PEFT / transformers adapter methods that structlora's PeftModel does not provide, with what to use instead.

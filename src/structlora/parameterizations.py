@@ -18,7 +18,7 @@ from torch import nn
 from .bank import computed
 from .config import LoraConfig, LorettaRepConfig, MTLoraConfig
 from .svd_init import svd_start
-from .tensor_train import TTMatrix, tt_shape_for
+from .tensor_train import TTMatrix, core_tensors, share_flat_cores, tt_shape_for
 
 
 # MTLoRA structures whose T uses a second r x r matrix D besides C.
@@ -242,7 +242,11 @@ def _transform(structure: str, c: torch.Tensor, d: torch.Tensor | None = None) -
 
 
 class TensorTrainLowRank(LowRankParameterization):
-    """LoRETTA_rep: A (in → R) and each B block (r → slice) are tensor trains."""
+    """LoRETTA_rep: A (in → R) and each B block (r → slice) are tensor trains.
+
+    The cores of all of them are views of one flat parameter (`flat_cores`, see `structlora.tensor_train`): one
+    trainable tensor per adapted module, as LoRA's A and B are two.
+    """
 
     def __init__(self, in_features: int, out_features: int, config: LorettaRepConfig,
                  enabled_slices: list[bool]) -> None:
@@ -257,12 +261,16 @@ class TensorTrainLowRank(LowRankParameterization):
         if config.init == "default":
             for block in self.lora_B:
                 block.zero_last_core()
+        share_flat_cores(self)
 
     def a_matrix(self) -> torch.Tensor:
         return self.lora_A.matrix().t()
 
     def b_blocks(self) -> list[torch.Tensor]:
         return [block.matrix().t() for block in self.lora_B]
+
+    def raw_parameters(self) -> dict[str, torch.Tensor]:
+        return core_tensors(self)  # per core, named as in the state dict (lora_A.cores.0, ...)
 
 
 def make_parameterization(in_features: int, out_features: int, config: LoraConfig,

@@ -14,11 +14,14 @@ crashes on hidden 2048; we never do).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from .bank import computed
+from .distributed import DTensor, distribute_tensor
 from .inference import CachedFactorsMixin, FactorCache, scaled_dense
 
 # The authors' shape tables (loretta 0.1.0, utils/tensor_util.py): TT_SHAPES[r][hidden] factorises
@@ -99,10 +102,29 @@ def classifier_tt_shape(hidden: int) -> list[int]:
     return factorize(hidden * hidden)
 
 
+# The parameter that holds tensor-train cores, flattened and concatenated (see `TTMatrix`).
+FLAT_CORES = "flat_cores"
+
+
+@dataclass(eq=False)
+class _CoreHome:
+    """Where a train's cores live: `owner`'s FLAT_CORES parameter, from `offset` on. A plain object (not a
+    registered module), so that the owner is not a second parent of the train; deepcopy maps it to the copy."""
+
+    owner: nn.Module
+    offset: int
+
+
 class TTMatrix(nn.Module):
     """A (rows x cols) matrix stored as a tensor train; `matrix()` rebuilds it (x @ matrix() layout).
 
-    Attributes `cores` is a ParameterList of (r_{k-1}, n_k, r_k) tensors.
+    `cores` are the (r_{k-1}, n_k, r_k) tensors, as views of ONE flat parameter (`flat_cores`): the train's own, or,
+    after `share_flat_cores(owner)`, its owner's, which holds the cores of all the owner's trains (LoRETTA_rep: A
+    and B of one adapter). An optimizer then walks one tensor per adapter instead of one per core (a 7B model's
+    2,240 cores were 2,240 tiny tensors, each with its own AdamW bookkeeping on the host). The views are sliced
+    from the current parameter on every access, so `.to()`, FSDP's swapped parameters and `functional_call` are
+    always seen. `state_dict()` keeps one tensor per core, named `cores.<k>` under the train as before (the
+    authors' layout), and `load_state_dict()` accepts those names.
     """
 
     def __init__(self, rows: int, cols: int, shape: list[int], tensor_rank: int) -> None:
@@ -117,17 +139,42 @@ class TTMatrix(nn.Module):
         self.rows, self.cols, self.shape, self.tensor_rank = rows, cols, list(shape), tensor_rank
         ranks = [1] + [tensor_rank] * (len(shape) - 1) + [1]
         self.ranks = ranks
-        self.cores = nn.ParameterList(
-            nn.Parameter(torch.empty(ranks[k], n, ranks[k + 1])) for k, n in enumerate(shape)
-        )
+        self.core_shapes = [(ranks[k], n, ranks[k + 1]) for k, n in enumerate(shape)]
+        self.core_sizes = [math.prod(core_shape) for core_shape in self.core_shapes]
+        self._home = _CoreHome(self, 0)
+        self.flat_cores = nn.Parameter(torch.empty(sum(self.core_sizes)))
+        _keep_per_core_state(self)
         self.reset_gaussian(target_std=math.sqrt(1.0 / (rows + cols)))
+
+    @property
+    def numel_cores(self) -> int:
+        return sum(self.core_sizes)
+
+    @property
+    def core_storage(self) -> nn.Parameter:
+        """The flat parameter that holds the cores (the train's own, or its owner's); gradients accumulate there."""
+        return self._home.owner._parameters[FLAT_CORES]
+
+    @property
+    def cores(self) -> list[torch.Tensor]:
+        """The cores, as views of `core_storage` (in-place writes reach it; `core_views(core_storage.grad)` are
+        their gradients)."""
+        return self.core_views(self.core_storage)
+
+    def core_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """This train's cores in `flat` (*batch, owner's flat size): (*batch, r_{k-1}, n_k, r_k) views."""
+        batch, start, views = flat.shape[:-1], self._home.offset, []
+        for core_shape, size in zip(self.core_shapes, self.core_sizes):
+            views.append(flat.narrow(-1, start, size).view(*batch, *core_shape))
+            start += size
+        return views
 
     @torch.no_grad()
     def reset_gaussian(self, target_std: float) -> None:
         """The authors' initialisation: core_k ~ N(0,1)/sqrt(r_k) * target_std**(1/order)."""
-        order = len(self.cores)
-        for core in self.cores:
-            core.normal_().div_(math.sqrt(core.shape[-1])).mul_(target_std ** (1.0 / order))
+        cores = self.cores
+        for core in cores:
+            core.normal_().div_(math.sqrt(core.shape[-1])).mul_(target_std ** (1.0 / len(cores)))
 
     @torch.no_grad()
     def zero_last_core(self) -> None:
@@ -139,18 +186,111 @@ class TTMatrix(nn.Module):
         return computed(self)
 
     # -- structlora.bank: same-shaped trains of all layers are contracted in one batched chain ----------------
+    # The input is the whole flat parameter (one tensor to fingerprint and stack, and a sharded one is left whole:
+    # the bank sees it is sharded without slicing it); the compute slices this train's cores out of it.
     def bank_key(self) -> tuple:
-        first = self.cores[0]
-        return ("tensor_train", self.rows, self.cols, tuple(self.ranks), tuple(self.shape), first.dtype, first.device)
+        flat = self.core_storage
+        return ("tensor_train", self.rows, self.cols, tuple(self.ranks), tuple(self.shape), flat.shape[-1],
+                self._home.offset, flat.dtype, flat.device)
 
     def bank_inputs(self) -> list[torch.Tensor]:
-        return list(self.cores._parameters.values())  # the ParameterList's own indexing is slow per call
+        return [self.core_storage]
 
     def bank_compute(self, inputs: list[torch.Tensor]) -> torch.Tensor:
-        return contract_train(inputs, self.rows, self.cols)
+        return contract_train(self.core_views(inputs[0]), self.rows, self.cols)
 
     def extra_repr(self) -> str:
         return f"rows={self.rows}, cols={self.cols}, shape={self.shape}, tensor_rank={self.tensor_rank}"
+
+
+def owned_trains(owner: nn.Module) -> list[tuple[str, TTMatrix]]:
+    """(name relative to `owner`, train) for every train whose cores `owner`'s flat parameter holds, in order."""
+    return [(name, module) for name, module in owner.named_modules()
+            if isinstance(module, TTMatrix) and module._home.owner is owner]
+
+
+def core_tensors(owner: nn.Module, flat: torch.Tensor | None = None, prefix: str = "") -> dict[str, torch.Tensor]:
+    """{prefix + "<train>.cores.<k>": core} for the trains `owner` holds: views of `flat` (default: its parameter)."""
+    flat = owner._parameters[FLAT_CORES] if flat is None else flat
+    return {f"{prefix}{name + '.' if name else ''}cores.{k}": core
+            for name, train in owned_trains(owner) for k, core in enumerate(train.core_views(flat))}
+
+
+def _core_layout(owner: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """core_tensors' keys and shapes (meta tensors), whatever `owner`'s parameter holds now (a partition, say)."""
+    size = sum(train.numel_cores for _, train in owned_trains(owner))
+    return core_tensors(owner, torch.empty(size, device="meta"), prefix)
+
+
+def parameter_values(module: nn.Module, state: dict[str, torch.Tensor],
+                     prefix: str = "") -> Iterator[tuple[nn.Parameter, torch.Tensor]]:
+    """(parameter, its value) for every parameter of `module`, from `state` keyed as `module.state_dict()` with
+    `prefix`: a flat core parameter's value is its cores joined (the inverse of the per-core state dict)."""
+    for name, sub in module.named_modules():
+        sub_prefix = prefix + (f"{name}." if name else "")
+        for parameter_name, parameter in sub._parameters.items():
+            if parameter is None:
+                continue
+            if parameter_name == FLAT_CORES:
+                yield parameter, torch.cat([state[key].reshape(-1) for key in _core_layout(sub, sub_prefix)])
+            else:
+                yield parameter, state[sub_prefix + parameter_name]
+
+
+@torch.no_grad()
+def share_flat_cores(owner: nn.Module) -> None:
+    """Move the cores of every TTMatrix inside `owner` into one flat parameter of `owner` (`flat_cores`), values
+    unchanged; the trains' own flat parameters are removed. State dicts keep one tensor per core."""
+    trains = [module for module in owner.modules() if isinstance(module, TTMatrix)]
+    flat = torch.cat([core.reshape(-1) for train in trains for core in train.cores])
+    offset = 0
+    for train in trains:
+        train._parameters.pop(FLAT_CORES, None)
+        train._home = _CoreHome(owner, offset)
+        offset += train.numel_cores
+    owner.flat_cores = nn.Parameter(flat)
+    if not getattr(owner, "_keeps_per_core_state", False):
+        _keep_per_core_state(owner)
+
+
+def _keep_per_core_state(owner: nn.Module) -> None:
+    owner.register_state_dict_post_hook(_per_core_state)
+    owner.register_load_state_dict_pre_hook(_joined_cores)
+    owner._keeps_per_core_state = True
+
+
+def _per_core_state(owner: nn.Module, state: dict, prefix: str, _metadata: Any) -> None:
+    """state_dict hook: the flat parameter's entry becomes one entry per core (the authors' names)."""
+    flat = state.get(prefix + FLAT_CORES)
+    if flat is None:  # no longer holds cores (share_flat_cores moved them to an owner)
+        return
+    if isinstance(flat, DTensor):  # FSDP2 outside the forward: the per-core views of the whole (a collective)
+        flat = flat.full_tensor()
+    if flat.shape[-1] != sum(train.numel_cores for _, train in owned_trains(owner)):
+        return  # a ZeRO-3 partition outside its gather holds no whole core: it keeps its parameter's name
+    del state[prefix + FLAT_CORES]
+    state.update(core_tensors(owner, flat, prefix))
+
+
+def _joined_cores(owner: nn.Module, state: dict, prefix: str, _metadata: Any, _strict: bool,
+                  _missing: list[str], _unexpected: list[str], errors: list[str]) -> None:
+    """load_state_dict hook: per-core entries become the flat parameter's entry (when all are there and fit)."""
+    target = owner._parameters.get(FLAT_CORES)
+    if target is None:
+        return
+    expected = _core_layout(owner, prefix)
+    if not all(key in state for key in expected):
+        return  # left for load_state_dict to report: FLAT_CORES missing, the cores present unexpected
+    for key, core in expected.items():
+        if not isinstance(state[key], torch.Tensor) or state[key].shape != core.shape:
+            errors.append(f"size mismatch for {key}: copying a param with shape "
+                          f"{tuple(getattr(state[key], 'shape', ()))}, the shape in current model is "
+                          f"{tuple(core.shape)}.")
+            return
+    flat = torch.cat([state.pop(key).reshape(-1).to(target.dtype) for key in expected])
+    if isinstance(target, DTensor):
+        flat = distribute_tensor(flat.to(target.device), target.device_mesh, target.placements, src_data_rank=None)
+    state[prefix + FLAT_CORES] = flat
 
 
 def contract_train(cores: list[torch.Tensor], rows: int, cols: int) -> torch.Tensor:
