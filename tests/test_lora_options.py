@@ -145,16 +145,26 @@ def test_loraplus_groups_lora_mtlora_and_embeddings():
 
 def test_loraplus_groups_tensor_train_cores_by_the_factor_they_build():
     model = get_peft_model(tiny_llama(), LorettaRepConfig(r=4, tensor_rank=3, target_modules=["q_proj"]))
+    randomize_adapters(model)
+    before, state_before = outputs(model, "logits"), {k: v.clone() for k, v in model.adapter_state_dict().items()}
     groups = {g["name"]: g for g in loraplus_parameter_groups(model, lr=2e-4, loraplus_lr_ratio=4,
                                                                decay_parameter_names=set())}
+    # Splitting the storage changes no value and no saved name.
+    assert torch.equal(outputs(model, "logits"), before)
+    state_after = model.adapter_state_dict()
+    assert state_after.keys() == state_before.keys()
+    assert all(torch.equal(state_after[k], v) for k, v in state_before.items())
     assert (groups["A"]["lr"], groups["B_no_decay"]["lr"]) == (2e-4, 8e-4)
     assert "B" not in groups  # no name is decayed
     a_names, b_names = _names(model, groups["A"]), _names(model, groups["B_no_decay"])
-    assert a_names and all(".lora_A.cores." in n for n in a_names)
+    # The adapter's one flat core parameter is split by factor: A's cores at lr, B's at lr * ratio.
+    assert a_names == {n for n, _ in model.named_parameters() if n.endswith(".lora_A.flat_cores")} != set()
     b_cores = {n for n in b_names if ".lora_B." in n}
-    assert b_cores and all(".cores." in n for n in b_cores)
+    assert b_cores == {n for n, _ in model.named_parameters() if n.endswith(".lora_B.flat_cores")} != set()
+    assert len(b_cores) == len(a_names)  # one per adapted module each: LoRA's count
     # The trained norms (1-D) go with B, as in the LoRA+ authors' code and PEFT's.
-    assert b_names - b_cores == {n for n, p in model.named_parameters() if p.requires_grad and p.ndim == 1}
+    assert b_names - b_cores == {n for n, p in model.named_parameters()
+                                 if p.requires_grad and p.ndim == 1 and not n.endswith(".flat_cores")}
 
 
 def test_loraplus_refuses_an_adapter_without_a_trained_b():

@@ -8,7 +8,9 @@ Which tensors are "B" (the fast group):
 - LoRA and MTLoRA: `lora_B`. MTLoRA's T (its C, and D) stays at the base rate, with A: T is r x r, neither of
   its dimensions grows with the width, so the argument that speeds up B says nothing about it, and a larger
   rate on T would be a plain learning-rate change of the structure, not LoRA+.
-- LoRETTA_rep: the tensor-train cores that build B (`lora_B.<slice>.cores.<k>`); A's cores stay at the base rate.
+- LoRETTA_rep: the tensor-train cores that build B; A's cores stay at the base rate. Their cores are stored as one
+  flat parameter per adapter (`structlora.tensor_train`); building the groups first splits that storage into one
+  flat parameter per factor (`lora_A.flat_cores`, `lora_B.flat_cores`), values unchanged.
 - One-dimensional trained tensors (biases, norm weights) go with B, as in the LoRA+ authors' code and PEFT's
   `create_loraplus_optimizer`; without weight decay where the Trainer would not decay them.
 - Low-rank adapters on embeddings (A and B) train at `loraplus_lr_embedding` (default 1e-6), as PEFT's.
@@ -26,6 +28,8 @@ import torch
 from torch import nn
 
 from .layers import LowRankLayer
+from .parameterizations import TensorTrainLowRank
+from .tensor_train import FLAT_CORES
 
 LORAPLUS_GROUPS = ("A", "B", "B_no_decay", "embedding")
 
@@ -68,15 +72,19 @@ def loraplus_parameter_groups(model: nn.Module, lr: float, loraplus_lr_ratio: fl
         ValueError: a ratio that is not a positive number, or no trainable B factor in the model.
     """
     check_loraplus_lr_ratio(loraplus_lr_ratio)
+    for module in model.modules():
+        if isinstance(module, TensorTrainLowRank):
+            module.store_factors_apart()  # one flat parameter per factor, so that each gets its rate
     embedding_ids = _embedding_adapter_parameters(model)
     groups: dict[str, list[nn.Parameter]] = {name: [] for name in LORAPLUS_GROUPS}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        decayed = parameter.ndim > 1 if decay_parameter_names is None else name in decay_parameter_names
+        matrix = parameter.ndim > 1 or name.endswith("." + FLAT_CORES)  # flat tensor-train cores are factors
+        decayed = matrix if decay_parameter_names is None else name in decay_parameter_names
         if id(parameter) in embedding_ids:
             groups["embedding"].append(parameter)
-        elif _is_b_factor(name) or parameter.ndim == 1:
+        elif _is_b_factor(name) or not matrix:
             groups["B" if decayed else "B_no_decay"].append(parameter)
         else:
             groups["A"].append(parameter)

@@ -17,8 +17,9 @@ from torch import nn
 
 from .bank import computed
 from .config import LoraConfig, LorettaRepConfig, MTLoraConfig
+from .distributed import DTensor
 from .svd_init import svd_start
-from .tensor_train import TTMatrix, core_tensors, share_flat_cores, tt_shape_for
+from .tensor_train import FLAT_CORES, TTMatrix, share_flat_cores, tt_shape_for
 
 
 # MTLoRA structures whose T uses a second r x r matrix D besides C.
@@ -270,7 +271,28 @@ class TensorTrainLowRank(LowRankParameterization):
         return [block.matrix().t() for block in self.lora_B]
 
     def raw_parameters(self) -> dict[str, torch.Tensor]:
-        return core_tensors(self)  # per core, named as in the state dict (lora_A.cores.0, ...)
+        # Per core, named as in the state dict (lora_A.cores.0, ...), wherever the flat storage lives.
+        return {f"{name}.cores.{k}": core for name, train in self.named_modules() if isinstance(train, TTMatrix)
+                for k, core in enumerate(train.cores)}
+
+    @torch.no_grad()
+    def store_factors_apart(self) -> None:
+        """Keep A's cores and B's cores in two flat parameters (`lora_A.flat_cores`, `lora_B.flat_cores`) instead of
+        one, so that an optimizer can give the two factors different learning rates (LoRA+): two trainable tensors
+        per adapted module, as LoRA's. Values, gradients' meaning and the state dict's per-core names are unchanged.
+        Call it before the optimizer is built (its parameters are replaced)."""
+        shared = self._parameters.get(FLAT_CORES)
+        if shared is None:
+            return  # already apart
+        if isinstance(shared, DTensor):
+            raise ValueError("LoRETTA_rep's tensor-train cores are sharded (FSDP2): their storage cannot be split by "
+                             "factor now; build the LoRA+ optimizer before sharding the model, or train without "
+                             "loraplus_lr_ratio")
+        share_flat_cores(self.lora_A)
+        share_flat_cores(self.lora_B)
+        del self._parameters[FLAT_CORES]
+        for owner in (self.lora_A, self.lora_B):
+            owner.flat_cores.requires_grad_(shared.requires_grad)
 
 
 def make_parameterization(in_features: int, out_features: int, config: LoraConfig,

@@ -223,11 +223,15 @@ def _core_layout(owner: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
 
 
 def parameter_values(module: nn.Module, state: dict[str, torch.Tensor],
-                     prefix: str = "") -> Iterator[tuple[nn.Parameter, torch.Tensor]]:
-    """(parameter, its value) for every parameter of `module`, from `state` keyed as `module.state_dict()` with
-    `prefix`: a flat core parameter's value is its cores joined (the inverse of the per-core state dict)."""
+                     prefix: str = "") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(tensor, its value) for every parameter and persistent buffer of `module` (an SVD start's frozen factors are
+    buffers), from `state` keyed as `module.state_dict()` with `prefix`: a flat core parameter's value is its cores
+    joined (the inverse of the per-core state dict)."""
     for name, sub in module.named_modules():
         sub_prefix = prefix + (f"{name}." if name else "")
+        for buffer_name, buffer in sub._buffers.items():
+            if buffer is not None and buffer_name not in sub._non_persistent_buffers_set:
+                yield buffer, state[sub_prefix + buffer_name]
         for parameter_name, parameter in sub._parameters.items():
             if parameter is None:
                 continue
