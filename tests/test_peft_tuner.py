@@ -334,3 +334,17 @@ def test_readme_peft_section_runs_as_written(llama_folder, tmp_path, monkeypatch
     assert not any(isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer) for m in namespace["merged"].modules())
     assert any(isinstance(m, StructloraLowRankLayer) for m in namespace["plain"].modules())
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("order", ["structlora first", "peft first"])
+def test_import_structlora_registers_whenever_peft_is_imported(order, tmp_path):
+    """`import structlora` alone (no config touched) is enough for peft's loaders, in either import order; and it
+    does not import peft itself."""
+    peft.get_peft_model(tiny_llama(), METHODS["loretta_rep"]()).save_pretrained(str(tmp_path))
+    imports = "import structlora, sys\nassert 'peft' not in sys.modules\nimport peft\n" if order == "structlora first" \
+        else "import peft\nimport structlora\n"
+    script = imports + (f"config = peft.PeftConfig.from_pretrained({str(tmp_path)!r})\n"
+                        "print(type(config).__module__, type(config).__name__)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                            cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert result.stdout.strip().endswith("structlora.config LorettaRepConfig"), result.stdout + result.stderr
