@@ -348,3 +348,28 @@ def test_import_structlora_registers_whenever_peft_is_imported(order, tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
                             cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert result.stdout.strip().endswith("structlora.config LorettaRepConfig"), result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("method", ["mtlora-icfm", "loretta_adp"])
+def test_mixed_batch_adapter_names_route_each_row_to_its_adapter(method):
+    model = peft.get_peft_model(tiny_llama(), METHODS[method](), adapter_name="a")
+    model.add_adapter("b", METHODS[method]())
+    perturbed(model)  # only "a" is trainable: give "b" its own weights too
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".adapters.b." in name:
+                parameter.add_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)) * 0.2)
+    model.eval()
+    rows = {}
+    for name in ("a", "b"):
+        model.set_adapter(name)
+        rows[name] = outputs(model)
+    with model.disable_adapter():
+        rows["__base__"] = outputs(model)
+    with torch.no_grad():
+        mixed = model(input_ids=INPUT, adapter_names=["b", "__base__"]).logits
+    torch.testing.assert_close(mixed[0], rows["b"][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed[1], rows["__base__"][1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="no adapter named 'c'"):
+        model(input_ids=INPUT, adapter_names=["a", "c"])
+    torch.testing.assert_close(outputs(model), rows["b"], rtol=0, atol=0)  # routing left no state behind

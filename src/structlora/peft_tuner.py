@@ -15,8 +15,9 @@ of the targets. What it adds to PEFT's BaseTuner:
 
 from __future__ import annotations
 
+import contextlib
 import re
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 from peft.tuners.tuners_utils import (BaseTuner, _filter_state_dict_by_key_prefixes,
@@ -27,6 +28,7 @@ from torch import nn
 from .bank import bank
 from .config import AdapterConfig, BitFitConfig, LoraConfig, LorettaAdpConfig, LorettaRepConfig, TaskType
 from .layers import layer_kind
+from .mixed import routed_adapters
 from .peft_layers import (ADAPTERS, StructloraBottleneckLayer, StructloraLowRankLayer, StructloraTrainedCopy,
                           StructloraTunerLayer)
 from .quantized import refuse_quantized_merge
@@ -238,6 +240,25 @@ class StructloraTuner(BaseTuner):
                         if getattr(module.base_layer, "bias", None) is not None:
                             module.base_layer.bias.requires_grad = True
 
+    # -- several adapters in one batch ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """PEFT's forward / generate hook: `adapter_names=[...]` (one per row, "__base__" for none) routes each
+        row to its adapter (structlora.mixed), as PEFT's LoRA does."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if any(isinstance(m, ModulesToSaveWrapper) for m in self.model.modules()):
+            raise ValueError("adapter_names: routing rows through modules_to_save / classification heads is not "
+                             "supported on the PEFT path yet; run one adapter at a time (set_adapter)")
+        merged = sorted({n for _, layer in self._low_rank_layers() for n in layer.merged_adapters})
+        if merged:
+            raise ValueError(f"adapter_names: adapter(s) {merged} are merged into the base weights, which every row "
+                             f"would then see; unmerge_adapter() first")
+        with routed_adapters(_RoutedTuner(self), adapter_names):
+            yield
+
     # -- merging ---------------------------------------------------------------------------------------------
     def _check_merge_allowed(self) -> None:
         super()._check_merge_allowed()
@@ -305,6 +326,31 @@ class StructloraTuner(BaseTuner):
                 raise ValueError(f"the checkpoint's {_short(key)} has non-finite values (NaN/inf): refusing to load a "
                                  f"diverged or corrupt adapter")
         return remapped
+
+
+class _RoutedTuner:
+    """What structlora.mixed.routed_adapters reads of a model, for a StructloraTuner."""
+
+    def __init__(self, tuner: StructloraTuner) -> None:
+        self.peft_config = tuner.peft_config
+        self._model = tuner.model
+
+    def _wrappers(self) -> Iterator[tuple[str, StructloraTunerLayer]]:
+        return ((n, m) for n, m in self._model.named_modules() if isinstance(m, StructloraTunerLayer))
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Every layer computes its base output; requires_grad is left as it is (PEFT's enable_adapters would set
+        it on the active adapter)."""
+        layers = [layer for _, layer in self._wrappers()]
+        previous = [layer._disable_adapters for layer in layers]
+        for layer in layers:
+            layer._disable_adapters = True
+        try:
+            yield
+        finally:
+            for layer, was in zip(layers, previous):
+                layer._disable_adapters = was
 
 
 def _short(key: str) -> str:
