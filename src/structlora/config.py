@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from . import _plugin
-from .peft_support import require_supported_peft
+from .peft_support import StructloraPeftType, require_supported_peft
 
 require_supported_peft()
 
@@ -30,23 +30,6 @@ CONFIG_NAME = "adapter_config.json"
 PEFT_TYPE_MARKER = ("structlora adapter folder, not a PEFT one: load it with structlora.PeftModel.from_pretrained("
                     "model, path), or write a PEFT LoRA folder from it with structlora.export_to_peft(peft_model, "
                     "out_dir)")
-# What PEFT's loaders say, without structlora imported, about a folder saved through PEFT (peft.PeftModel,
-# transformers' save_pretrained): they look `peft_type` up in their table and fail with a KeyError quoting it.
-_PEFT_TYPE_HINT = " (a structlora method: pip install structlora, then import structlora before loading this adapter)"
-
-
-class StructloraPeftType(str, enum.Enum):
-    """The `peft_type` of each structlora method in PEFT's tables. The value carries the hint a user needs when
-    PEFT meets it without structlora imported."""
-
-    LORA = "STRUCTLORA_LORA" + _PEFT_TYPE_HINT
-    MTLORA = "STRUCTLORA_MTLORA" + _PEFT_TYPE_HINT
-    LORETTA_REP = "STRUCTLORA_LORETTA_REP" + _PEFT_TYPE_HINT
-    LORETTA_ADP = "STRUCTLORA_LORETTA_ADP" + _PEFT_TYPE_HINT
-    ADAPTER = "STRUCTLORA_ADAPTER" + _PEFT_TYPE_HINT
-    BITFIT = "STRUCTLORA_BITFIT" + _PEFT_TYPE_HINT
-
-
 _HUB_CACHE_SNAPSHOT = re.compile(r"models--(?P<repo>[^/\\]+)[/\\]snapshots[/\\]")
 
 
@@ -273,7 +256,11 @@ class AdapterConfig(PeftConfig):
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Union[str, None] = None,
                         **kwargs: Any) -> "AdapterConfig":
         """Read `adapter_config.json` from a folder written by save_pretrained (structlora's or PEFT's save path).
-        A name that is not a local folder goes to PEFT's loader (the Hub), with `kwargs` (revision, token, ...).
+
+        Args:
+            pretrained_model_name_or_path: the adapter folder; a name that is not a local folder goes to PEFT's
+                loader (the Hub), with `kwargs` (revision, token, ...).
+            subfolder: a folder inside it holding the config.
 
         Raises:
             FileNotFoundError: the folder has no adapter_config.json.

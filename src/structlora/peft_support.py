@@ -1,4 +1,5 @@
-"""Which PEFT releases structlora plugs into, and the one error outside them.
+"""How structlora meets PEFT: the releases it plugs into (and the one error outside them), and the `peft_type`
+names of its methods.
 
 structlora's methods are PEFT methods written into PEFT's module-level tables (`structlora.peft_method`), which
 PEFT does not promise to keep stable: only the releases tested in CI are accepted.
@@ -6,6 +7,7 @@ PEFT does not promise to keep stable: only the releases tested in CI are accepte
 
 from __future__ import annotations
 
+import enum
 import re
 from importlib import metadata
 
@@ -31,3 +33,20 @@ def require_supported_peft() -> str:
         raise ImportError(f"structlora needs {wanted} (the PEFT releases it is tested with), but peft {version} is "
                           f"installed: pip install '{wanted}'")
     return version
+
+
+# What PEFT's loaders say, without structlora imported, about a folder saved through PEFT (peft.PeftModel,
+# transformers' save_pretrained): they look `peft_type` up in their table and fail with a KeyError quoting it.
+_PEFT_TYPE_HINT = " (a structlora method: pip install structlora, then import structlora before loading this adapter)"
+
+
+class StructloraPeftType(str, enum.Enum):
+    """The `peft_type` of each structlora method in PEFT's tables. The value carries the hint a user needs when
+    PEFT meets it without structlora imported."""
+
+    LORA = "STRUCTLORA_LORA" + _PEFT_TYPE_HINT
+    MTLORA = "STRUCTLORA_MTLORA" + _PEFT_TYPE_HINT
+    LORETTA_REP = "STRUCTLORA_LORETTA_REP" + _PEFT_TYPE_HINT
+    LORETTA_ADP = "STRUCTLORA_LORETTA_ADP" + _PEFT_TYPE_HINT
+    ADAPTER = "STRUCTLORA_ADAPTER" + _PEFT_TYPE_HINT
+    BITFIT = "STRUCTLORA_BITFIT" + _PEFT_TYPE_HINT
