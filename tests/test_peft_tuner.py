@@ -373,3 +373,23 @@ def test_mixed_batch_adapter_names_route_each_row_to_its_adapter(method):
     with pytest.raises(ValueError, match="no adapter named 'c'"):
         model(input_ids=INPUT, adapter_names=["a", "c"])
     torch.testing.assert_close(outputs(model), rows["b"], rtol=0, atol=0)  # routing left no state behind
+
+
+def test_plain_trl_dpo_trainer_uses_the_disabled_adapter_as_reference(tmp_path):
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    tokenizer = tiny_word_tokenizer()
+    data = Dataset.from_dict({"prompt": ["the film is", "the book was"] * 2, "chosen": [" good .", " great ."] * 2,
+                              "rejected": [" bad .", " awful ."] * 2})
+    args = trl.DPOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, save_steps=2,
+                         report_to=[], use_cpu=True, learning_rate=1e-2, logging_steps=1, max_length=16)
+    trainer = trl.DPOTrainer(model=tiny_llama_for(tokenizer), args=args, train_dataset=data,
+                             processing_class=tokenizer, peft_config=structlora.MTLoraConfig(r=2, structure="dtsm"))
+    assert trainer.ref_model is None  # no second base model: the reference is the base with the adapter disabled
+    trainer.train()
+    first, second = [entry for entry in trainer.state.log_history if "loss" in entry][:2]
+    assert abs(first["loss"] - float(torch.log(torch.tensor(2.0)))) < 1e-4  # fresh adapter (B = 0) = reference
+    assert second["rewards/margins"] != 0
+    files = set(os.listdir(tmp_path / "checkpoint-2"))
+    assert "adapter_model.safetensors" in files and not any(f.startswith("model") for f in files)
