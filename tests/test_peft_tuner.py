@@ -393,3 +393,13 @@ def test_plain_trl_dpo_trainer_uses_the_disabled_adapter_as_reference(tmp_path):
     assert second["rewards/margins"] != 0
     files = set(os.listdir(tmp_path / "checkpoint-2"))
     assert "adapter_model.safetensors" in files and not any(f.startswith("model") for f in files)
+
+
+def test_low_cpu_mem_usage_is_refused_with_one_clear_error(tmp_path):
+    peft.get_peft_model(tiny_llama(), METHODS["lora"]()).save_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="low_cpu_mem_usage=True is not supported"):
+        peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path), low_cpu_mem_usage=True)
+    model = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
+    with pytest.raises(ValueError, match="low_cpu_mem_usage=True is not supported"):
+        model.load_adapter(str(tmp_path), adapter_name="other", low_cpu_mem_usage=True)
+    assert list(model.peft_config) == ["default"]

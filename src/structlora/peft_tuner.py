@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from typing import Any, Iterator, Optional, Union
 
 import torch
@@ -59,6 +60,20 @@ def _enabled_slices(config: LoraConfig, name: str) -> list[bool] | None:
     return list(enable) if enable is not None else None
 
 
+# PEFT's low_cpu_mem_usage builds adapters on the meta device; structlora's layers place each new adapter on its
+# base layer's device, so it is refused before anything is injected.
+_NO_LOW_CPU_MEM = ("low_cpu_mem_usage=True is not supported by structlora's methods yet: load the adapter without it "
+                   "(adapter weights are small)")
+
+
+def _creates_on_meta() -> bool:
+    """Whether new parameters are being created on the meta device (PEFT's from_pretrained(low_cpu_mem_usage=True)
+    builds the tuner inside accelerate's init_empty_weights)."""
+    probe = nn.Module()
+    probe.register_parameter("probe", nn.Parameter(torch.empty(1)))
+    return probe.probe.device.type == "meta"
+
+
 def _bank_active_factors(model: nn.Module, _args: Any) -> None:
     """Forward pre-hook: compute the active adapters' factors of all layers together (structlora.bank)."""
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
@@ -84,6 +99,8 @@ class StructloraTuner(BaseTuner):
 
     def __init__(self, model: nn.Module, peft_config: Any, adapter_name: str, low_cpu_mem_usage: bool = False,
                  state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+        if low_cpu_mem_usage or _creates_on_meta():
+            raise ValueError(_NO_LOW_CPU_MEM)
         super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage,
                          state_dict=state_dict)
         if getattr(self.model, "_structlora_bank_hook", None) is None:
@@ -177,8 +194,10 @@ class StructloraTuner(BaseTuner):
     # -- what PEFT does not inject: trained norms and the tensorized head ------------------------------------
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
                        low_cpu_mem_usage: bool = False, state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+        if low_cpu_mem_usage:
+            raise ValueError(_NO_LOW_CPU_MEM)
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-                               low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+                               low_cpu_mem_usage=False, state_dict=state_dict)
         config = self.peft_config[adapter_name]
         trainable = not config.inference_mode and adapter_name in self.active_adapters
         if config.train_norms:
@@ -279,6 +298,9 @@ class StructloraTuner(BaseTuner):
         self._check_merge_allowed()
         names = list(adapter_names) if adapter_names is not None else list(self.active_adapters)
         layers = self._low_rank_layers()
+        if all(name in layer.merged_adapters for _, layer in layers for name in names if name in layer.adapters):
+            warnings.warn("All adapters are already merged, nothing to do.")  # PEFT's words for the same case
+            return
         for module_name, layer in layers:
             for name in names:
                 if name in layer.adapters and name not in layer.merged_adapters:
@@ -291,7 +313,8 @@ class StructloraTuner(BaseTuner):
 
     def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
                                      adapter_names: Optional[list[str]] = None) -> nn.Module:
-        if merge:
+        if merge and not all(n in layer.merged_adapters for _, layer in self._low_rank_layers()
+                             for n in (adapter_names or self.active_adapters) if n in layer.adapters):
             self.merge_adapter(adapter_names)  # all layers checked first; the unloading below then only unwraps
         hook = getattr(self.model, "_structlora_bank_hook", None)
         model = super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge,
