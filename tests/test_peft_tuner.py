@@ -403,3 +403,23 @@ def test_low_cpu_mem_usage_is_refused_with_one_clear_error(tmp_path):
     with pytest.raises(ValueError, match="low_cpu_mem_usage=True is not supported"):
         model.load_adapter(str(tmp_path), adapter_name="other", low_cpu_mem_usage=True)
     assert list(model.peft_config) == ["default"]
+
+
+def test_generate_with_adapter_names_matches_each_adapter_alone():
+    model = peft.get_peft_model(tiny_llama(), METHODS["mtlora-shim"](), adapter_name="a")
+    model.add_adapter("b", METHODS["mtlora-shim"]())
+    perturbed(model)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".adapters.b." in name:
+                parameter.add_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)) * 0.5)
+    model.eval()
+    prompt = INPUT[:, :4]
+    options = dict(max_new_tokens=4, do_sample=False, num_beams=2, pad_token_id=0)
+    alone = {}
+    for name in ("a", "b"):
+        model.set_adapter(name)
+        alone[name] = model.generate(input_ids=prompt, **options)
+    assert not torch.equal(alone["a"], alone["b"])  # the adapters decode differently: routing is visible
+    mixed = model.generate(input_ids=prompt, adapter_names=["b", "a"], **options)
+    assert torch.equal(mixed[0], alone["b"][0]) and torch.equal(mixed[1], alone["a"][1])
