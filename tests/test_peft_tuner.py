@@ -423,3 +423,29 @@ def test_generate_with_adapter_names_matches_each_adapter_alone():
     assert not torch.equal(alone["a"], alone["b"])  # the adapters decode differently: routing is visible
     mixed = model.generate(input_ids=prompt, adapter_names=["b", "a"], **options)
     assert torch.equal(mixed[0], alone["b"][0]) and torch.equal(mixed[1], alone["a"][1])
+
+
+@pytest.mark.parametrize("method", ["lora", "mtlora-icfm", "loretta_rep", "loretta_adp"])
+def test_4bit_base_trains_through_plain_transformers_trainer(method, llama_folder, tmp_path):
+    """transformers refuses to fine-tune a quantized model that is not a PEFT model; a structlora one now is."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorForLanguageModeling, Trainer,
+                              TrainingArguments)
+
+    base = AutoModelForCausalLM.from_pretrained(
+        llama_folder, device_map="cpu", dtype=torch.float32,
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_compute_dtype=torch.float32))
+    model = peft.get_peft_model(base, METHODS[method]())
+    quantized = {n: p.detach().clone() for n, p in model.named_parameters() if p.dtype == torch.uint8}
+    assert quantized, "the base is not quantized"
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    tokenizer = tiny_word_tokenizer()
+    data = _sft_dataset().map(lambda row: tokenizer(row["text"]), remove_columns=["text"])
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=2,
+                             report_to=[], use_cpu=True, learning_rate=1e-2, save_strategy="no")
+    Trainer(model=model, args=args, train_dataset=data,
+            data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False)).train()
+    parameters = dict(model.named_parameters())
+    assert any(not torch.equal(parameters[n], before) for n, before in trained.items())
+    assert all(torch.equal(parameters[n], before) for n, before in quantized.items())
