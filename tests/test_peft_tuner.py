@@ -449,3 +449,16 @@ def test_4bit_base_trains_through_plain_transformers_trainer(method, llama_folde
     parameters = dict(model.named_parameters())
     assert any(not torch.equal(parameters[n], before) for n, before in trained.items())
     assert all(torch.equal(parameters[n], before) for n, before in quantized.items())
+
+
+@pytest.mark.parametrize("method, model_name", [("mtlora-ctcm", "bert"), ("loretta_rep", "llama"), ("lora", "gpt2")])
+def test_export_to_peft_lora_from_the_peft_path(method, model_name, tmp_path):
+    """A peft.PeftModel of a structlora method exports to a plain PEFT LoRA folder (heads and norms included)
+    that plain peft loads with the same outputs."""
+    model = perturbed(peft.get_peft_model(MODELS[model_name](), config_for(method, model_name)))
+    expected = outputs(model)
+    structlora.export_to_peft(model, str(tmp_path))
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    loaded = peft.PeftModel.from_pretrained(MODELS[model_name](), str(tmp_path))
+    assert not any(isinstance(m, StructloraLowRankLayer) for m in loaded.modules())
+    torch.testing.assert_close(outputs(loaded), expected, rtol=1e-5, atol=1e-5)
