@@ -336,13 +336,14 @@ def test_readme_peft_section_runs_as_written(llama_folder, tmp_path, monkeypatch
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("order", ["structlora first", "peft first"])
+@pytest.mark.parametrize("order", ["structlora first", "peft first", "config module first"])
 def test_import_structlora_registers_whenever_peft_is_imported(order, tmp_path):
     """`import structlora` alone (no config touched) is enough for peft's loaders, in either import order; and it
     does not import peft itself."""
     peft.get_peft_model(tiny_llama(), METHODS["loretta_rep"]()).save_pretrained(str(tmp_path))
-    imports = "import structlora, sys\nassert 'peft' not in sys.modules\nimport peft\n" if order == "structlora first" \
-        else "import peft\nimport structlora\n"
+    imports = {"structlora first": "import structlora, sys\nassert 'peft' not in sys.modules\nimport peft\n",
+               "peft first": "import peft\nimport structlora\n",
+               "config module first": "from structlora.config import LoraConfig\nimport peft\n"}[order]
     script = imports + (f"config = peft.PeftConfig.from_pretrained({str(tmp_path)!r})\n"
                         "print(type(config).__module__, type(config).__name__)\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,

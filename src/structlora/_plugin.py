@@ -2,9 +2,9 @@
 
 Importing peft costs seconds (torch, transformers), which `structlora --help` must not pay. So `import structlora`
 registers at once only when peft is already imported; otherwise it asks the import system to run the
-registration (`structlora.peft_method`) right after peft's own import finishes. Creating any structlora config
-also registers (`AdapterConfig.__post_init__`), which covers the one case the import hook leaves out: peft first
-imported by `structlora.config` itself, while that module is still half-built.
+registration (`structlora.peft_method`) right after peft's own import finishes. When peft is first imported by
+`structlora.config` itself (the hook then finds that module half-built and leaves it), `structlora.config`
+registers as its last statement.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def _initializing(name: str) -> bool:
 
 
 def _after_peft_import() -> None:
-    if not _initializing(_CONFIG):  # else: the config module registers on first use (see the module docstring)
+    if not _initializing(_CONFIG):  # else: the config module registers at its end (see the module docstring)
         ensure_registered()
 
 

@@ -166,7 +166,6 @@ class AdapterConfig(PeftConfig):
         if self.method and CONFIG_CLASSES.get(self.method) is not type(self) and type(self) in CONFIG_CLASSES.values():
             raise ValueError(f"method {self.method!r} does not fit {type(self).__name__}: a corrupt or hand-edited "
                              f"adapter_config.json, or a config built from another method's fields")
-        _plugin.ensure_registered()  # this method in PEFT's tables (structlora._plugin says why here too)
         if self.trainable_token_indices is not None:
             raise ValueError("trainable_token_indices (PEFT's trainable tokens) is not supported by structlora's "
                              "methods; leave it None (train the embeddings with modules_to_save instead)")
@@ -511,3 +510,7 @@ CONFIG_CLASSES: dict[str, type[AdapterConfig]] = {
 }
 CONFIG_CLASSES_BY_PEFT_TYPE: dict[StructloraPeftType, type[AdapterConfig]] = {
     cls._peft_type: cls for cls in CONFIG_CLASSES.values()}
+
+# Last, once every class exists: structlora's methods into PEFT's tables (structlora.peft_method imports this
+# module back; by now it finds everything it needs). See structlora._plugin for the other ways in.
+_plugin.ensure_registered()
