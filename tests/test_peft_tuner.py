@@ -5,6 +5,7 @@ load_adapter, AutoPeftModel, TRL's SFTTrainer(peft_config=...) and transformers'
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -463,3 +464,16 @@ def test_export_to_peft_lora_from_the_peft_path(method, model_name, tmp_path):
     loaded = peft.PeftModel.from_pretrained(MODELS[model_name](), str(tmp_path))
     assert not any(isinstance(m, StructloraLowRankLayer) for m in loaded.modules())
     torch.testing.assert_close(outputs(loaded), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("version, accepted", [("0.20.0", False), ("0.21.0", True), ("0.22.3", True),
+                                               ("0.23.0.dev0", False), ("1.0.0", False)])
+def test_peft_outside_the_tested_range_is_one_clear_error(version, accepted, monkeypatch):
+    from structlora import peft_support
+
+    monkeypatch.setattr(peft_support.metadata, "version", lambda name: version)
+    if accepted:
+        assert peft_support.require_supported_peft() == version
+    else:
+        with pytest.raises(ImportError, match=r"structlora needs peft>=0\.21,<0\.23 .*but peft " + re.escape(version)):
+            peft_support.require_supported_peft()
