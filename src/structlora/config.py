@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from . import _plugin
-from .peft_support import StructloraPeftType, require_supported_peft
+from .peft_support import StructloraPeftType, refuse_peft_layout, require_supported_peft
 
 require_supported_peft()
 
@@ -281,6 +281,8 @@ class AdapterConfig(PeftConfig):
             if not isinstance(data, dict):
                 raise ValueError(f"corrupt adapter config {path!r}: expected a JSON object")
             config = AdapterConfig.from_dict(data)
+            if cls is AdapterConfig:  # structlora.PeftModel's loaders: they read their own weights layout only
+                refuse_peft_layout(directory)
         if not isinstance(config, cls):
             raise ValueError(f"{path!r} holds a {type(config).__name__}, not a {cls.__name__}")
         return config

@@ -8,6 +8,7 @@ PEFT does not promise to keep stable: only the releases tested in CI are accepte
 from __future__ import annotations
 
 import enum
+import os
 import re
 from importlib import metadata
 
@@ -50,3 +51,22 @@ class StructloraPeftType(str, enum.Enum):
     LORETTA_ADP = "STRUCTLORA_LORETTA_ADP" + _PEFT_TYPE_HINT
     ADAPTER = "STRUCTLORA_ADAPTER" + _PEFT_TYPE_HINT
     BITFIT = "STRUCTLORA_BITFIT" + _PEFT_TYPE_HINT
+
+
+def refuse_peft_layout(directory: str) -> None:
+    """ValueError when the adapter folder was saved through peft (peft.PeftModel, transformers): its weights are
+    keyed `base_model.model.<module>.adapters.<path>`, which structlora.PeftModel's loaders do not read."""
+    path = os.path.join(directory, "adapter_model.safetensors")
+    if not os.path.isfile(path):
+        return  # the loader reports a missing weights file itself
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as handle:
+            keys = list(handle.keys())
+    except Exception:  # noqa: BLE001 - a corrupt file is the weights loader's to report, with its own message
+        return
+    if any(key.startswith("base_model.model.") for key in keys):
+        raise ValueError(f"{directory!r} was saved through peft (peft.PeftModel.save_pretrained or transformers): "
+                         f"load it with peft.PeftModel.from_pretrained(model, path) (importing structlora registers "
+                         f"its methods with peft); structlora.PeftModel reads the folders it saves itself")
