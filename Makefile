@@ -7,7 +7,7 @@ DEMO_STAMP := $(VENV)/.demo-stamp
 # torch is pinned and installed first: a loose requirement would pull several GB of CUDA wheels.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test install clean
+.PHONY: demo test test-peft-oldest install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,10 +28,19 @@ $(DEMO_STAMP): $(STAMP)
 demo: $(DEMO_STAMP)
 	$(BIN)/python -m structlora.demo $(if $(DATA_DIR),--data-dir "$(DATA_DIR)") $(DEMO_ARGS)
 
-# The default run, then the multi-process tier (torchrun + gloo: FSDP2, DeepSpeed; over a minute).
+# The default run, then the multi-process tier (torchrun + gloo: FSDP2, DeepSpeed; over a minute), then the PEFT
+# tuner's tests under the oldest supported peft (the venv has the newest the pyproject bound allows).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
 	$(BIN)/python -m pytest -q -n 2 -m distributed $(PYTEST_ARGS)
+	$(MAKE) test-peft-oldest
+
+# structlora's methods are plugged into PEFT's tables (structlora.peft_method) for the releases CI tests: the oldest
+# one goes in a folder ahead of the venv's site-packages, for tests/test_peft_tuner.py only.
+PEFT_OLDEST ?= peft==0.21.2
+test-peft-oldest: $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps --upgrade --target $(VENV)/peft-oldest "$(PEFT_OLDEST)"
+	PYTHONPATH=$(VENV)/peft-oldest $(BIN)/python -m pytest -q -n 2 tests/test_peft_tuner.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import TYPE_CHECKING, Any
+
+from . import _plugin
 
 __version__ = "0.1.0"
 
@@ -18,11 +21,12 @@ _EXPORTS: dict[str, str] = {
     "AdapterTrainer": "trainer",
     "TargetWarning": "targets",
     "create_loraplus_optimizer": "loraplus",
+    "StructloraPeftType": "config",
 }
 
 if TYPE_CHECKING:
     from .config import (AdapterConfig, BitFitConfig, DenseAdapterConfig, LoraConfig, LorettaAdpConfig,
-                         LorettaRepConfig, MTLoraConfig, TaskType)
+                         LorettaRepConfig, MTLoraConfig, StructloraPeftType, TaskType)
     from .inference import clear_factor_caches
     from .interop import export_to_peft, from_loretta
     from .loraplus import create_loraplus_optimizer
@@ -36,8 +40,15 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module 'structlora' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{module}", __name__), name)
+    if "structlora.config" in sys.modules:
+        _plugin.ensure_registered()  # the methods are in PEFT's tables before a config reaches peft's loaders
     globals()[name] = value  # later look-ups skip this function
     return value
+
+
+# structlora's methods go into PEFT's tables as soon as peft is imported (now, if it already is): `peft.PeftModel
+# .from_pretrained` then loads structlora folders. peft itself is not imported here (seconds; see _plugin).
+_plugin.activate()
 
 
 def __dir__() -> list[str]:
@@ -46,7 +57,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "AdapterConfig", "LoraConfig", "MTLoraConfig", "LorettaRepConfig", "LorettaAdpConfig", "DenseAdapterConfig",
-    "BitFitConfig", "TaskType",
+    "BitFitConfig", "TaskType", "StructloraPeftType",
     "get_peft_model", "PeftModel", "adapted_layers", "export_to_peft", "from_loretta", "AdapterTrainer",
     "clear_factor_caches", "TargetWarning", "create_loraplus_optimizer",
 ]

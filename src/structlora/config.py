@@ -1,4 +1,9 @@
-"""Adapter configurations (PEFT-style dataclasses, saved as `adapter_config.json`)."""
+"""Adapter configurations: PEFT configs (`peft.PeftConfig` subclasses), saved as `adapter_config.json`.
+
+Each method has its own `peft_type` (`StructloraPeftType`), which PEFT's loaders use to find the config class and
+the tuner (`structlora.peft_method` writes both into PEFT's tables). Importing this module imports peft and checks
+that its version is one structlora is tested with (`SUPPORTED_PEFT`).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,13 @@ import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Union
+
+from . import _plugin
+from .peft_support import StructloraPeftType, refuse_peft_layout, require_supported_peft
+
+require_supported_peft()
+
+from peft import PeftConfig  # noqa: E402 - only once the version is known to be one we support
 
 CONFIG_NAME = "adapter_config.json"
 # Written as `peft_type` in our adapter_config.json. PEFT's loaders (PeftModel / PeftConfig / AutoPeftModel
@@ -107,8 +119,9 @@ def portable_model_name(name: Union[str, None]) -> Union[str, None]:
 
 
 @dataclass
-class AdapterConfig:
-    """Fields shared by every method (a base class: build one of the method configs below).
+class AdapterConfig(PeftConfig):
+    """Fields shared by every method (a base class: build one of the method configs below). A `peft.PeftConfig`:
+    `peft.get_peft_model(model, config)` builds a `peft.PeftModel` with structlora's layers (`structlora.peft_method`).
 
     Args:
         target_modules: the modules to adapt: a list of names (a module matches when its name equals an entry
@@ -123,6 +136,10 @@ class AdapterConfig:
         base_model_type: the base model's `model_type`, recorded when the adapter is added; loading the
             adapter onto another type is refused.
         inference_mode: freeze the adapter's weights (from_pretrained sets it unless `is_trainable`).
+        trainable_token_indices: not supported (PEFT's trainable tokens); None. Named because TRL reads it.
+
+    PEFT's own fields (`peft_type`, `peft_version`, `revision`, `auto_mapping`) are set as PEFT sets them;
+    `peft_type` is the method's (`StructloraPeftType`) and cannot be changed.
 
     Raises:
         ValueError, TypeError: a field has a wrong value or type; the message names the field.
@@ -136,17 +153,23 @@ class AdapterConfig:
     base_model_name_or_path: Union[str, None] = None
     base_model_type: Union[str, None] = None  # recorded at save time; loading onto another type is an error
     inference_mode: bool = False
+    trainable_token_indices: Union[list[int], dict[str, list[int]], None] = None  # read by TRL; must stay None
 
-    method: str = field(default="", init=False)
+    method: str = ""  # set by each config class; a saved config's value is checked against the class
+
+    _peft_type = None  # the method's StructloraPeftType (each config class sets its own; not a field)
 
     def __post_init__(self) -> None:
+        self._check_task_type()
+        super().__post_init__()  # PEFT's: its own task type check, peft_version
+        self._set_peft_type()
+        if self.method and CONFIG_CLASSES.get(self.method) is not type(self) and type(self) in CONFIG_CLASSES.values():
+            raise ValueError(f"method {self.method!r} does not fit {type(self).__name__}: a corrupt or hand-edited "
+                             f"adapter_config.json, or a config built from another method's fields")
+        if self.trainable_token_indices is not None:
+            raise ValueError("trainable_token_indices (PEFT's trainable tokens) is not supported by structlora's "
+                             "methods; leave it None (train the embeddings with modules_to_save instead)")
         _require_choice("bias", self.bias, _BIAS_CHOICES)
-        if isinstance(self.task_type, str) and not isinstance(self.task_type, TaskType):
-            _require_choice("task_type", self.task_type, tuple(t.value for t in TaskType))
-            self.task_type = TaskType(self.task_type)
-        elif self.task_type is not None and not isinstance(self.task_type, TaskType):
-            raise TypeError(f"task_type must be one of {', '.join(t.value for t in TaskType)} or None, "
-                            f"got {self.task_type!r}")
         if isinstance(self.target_modules, (tuple, set)):
             self.target_modules = sorted(self.target_modules) if isinstance(self.target_modules, set) else list(
                 self.target_modules)
@@ -161,20 +184,49 @@ class AdapterConfig:
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict: task_type as its name, plus `method` (which config class it is)."""
         data = dataclasses.asdict(self)
-        data["task_type"] = self.task_type.value if isinstance(self.task_type, TaskType) else self.task_type
+        data["task_type"] = self.task_type.value if isinstance(self.task_type, enum.Enum) else self.task_type
+        data["peft_type"] = self.peft_type.value if isinstance(self.peft_type, enum.Enum) else self.peft_type
         data["method"] = self.method
         return data
 
-    def save_pretrained(self, directory: str) -> None:
-        """Write `adapter_config.json` into `directory` (created if needed). The base model is recorded by a
-        portable name (`portable_model_name`), and `peft_type` holds PEFT_TYPE_MARKER so that PEFT's loaders
-        fail with a message naming structlora's loader and `export_to_peft`."""
-        os.makedirs(directory, exist_ok=True)
+    def _check_task_type(self) -> None:
+        if isinstance(self.task_type, str) and not isinstance(self.task_type, TaskType):
+            _require_choice("task_type", self.task_type, tuple(t.value for t in TaskType))
+            self.task_type = TaskType(self.task_type)
+        elif self.task_type is not None and not isinstance(self.task_type, TaskType):
+            raise TypeError(f"task_type must be one of {', '.join(t.value for t in TaskType)} or None, "
+                            f"got {self.task_type!r}")
+
+    def _set_peft_type(self) -> None:
+        """peft_type is the class's own: None, its value, or PEFT_TYPE_MARKER (folders of earlier releases)."""
+        own = type(self)._peft_type
+        given = self.peft_type
+        if given is not None and given != PEFT_TYPE_MARKER and (own is None or given != own):
+            raise ValueError(f"peft_type {given!r} does not fit {type(self).__name__} (its peft_type is "
+                             f"{own.value if own is not None else None!r}); leave peft_type unset")
+        self.peft_type = own
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """Write `adapter_config.json` into `save_directory` (created if needed). The base model is recorded by a
+        portable name (`portable_model_name`).
+
+        `peft_type` is the method's StructloraPeftType when the config belongs to a `peft.PeftModel` (PEFT's and
+        transformers' save paths: those folders load with peft.PeftModel.from_pretrained once structlora is
+        imported), else PEFT_TYPE_MARKER (structlora.PeftModel's own folder format), so that PEFT's loaders fail
+        with a message naming structlora's loader and `export_to_peft`. `auto_mapping_dict` (from PEFT) is stored
+        as `auto_mapping`; other keyword arguments are ignored."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_pretrained needs a directory, but {save_directory!r} is a file")
+        os.makedirs(save_directory, exist_ok=True)
         data = self.to_dict()
         data["base_model_name_or_path"] = portable_model_name(self.base_model_name_or_path)
-        data["peft_type"] = PEFT_TYPE_MARKER
-        with open(os.path.join(directory, CONFIG_NAME), "w") as handle:
+        if kwargs.get("auto_mapping_dict") is not None:
+            data["auto_mapping"] = kwargs["auto_mapping_dict"]
+        if not getattr(self, "_in_peft_model", False):
+            data["peft_type"] = PEFT_TYPE_MARKER
+        with open(os.path.join(save_directory, CONFIG_NAME), "w", encoding="utf-8") as handle:
             json.dump(data, handle, indent=2, sort_keys=True)
+
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> "AdapterConfig":
@@ -199,25 +251,41 @@ class AdapterConfig:
         names = {f.name for f in dataclasses.fields(cls) if f.init}
         return cls(**{k: v for k, v in data.items() if k in names})
 
-    @staticmethod
-    def from_pretrained(directory: str) -> "AdapterConfig":
-        """Read `adapter_config.json` from `directory` (a folder written by save_pretrained).
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Union[str, None] = None,
+                        **kwargs: Any) -> "AdapterConfig":
+        """Read `adapter_config.json` from a folder written by save_pretrained (structlora's or PEFT's save path).
+
+        Args:
+            pretrained_model_name_or_path: the adapter folder; a name that is not a local folder goes to PEFT's
+                loader (the Hub), with `kwargs` (revision, token, ...).
+            subfolder: a folder inside it holding the config.
 
         Raises:
             FileNotFoundError: the folder has no adapter_config.json.
-            ValueError: the file is not valid JSON, or not a structlora config.
+            ValueError: the file is not valid JSON, not a structlora config, or (on a method's class, e.g.
+                MTLoraConfig.from_pretrained) another method's config.
         """
+        directory = os.path.join(pretrained_model_name_or_path, subfolder or "")
         path = os.path.join(directory, CONFIG_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}: not a saved structlora adapter folder")
-        try:
-            with open(path) as handle:
-                data = json.load(handle)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"corrupt adapter config {path!r}: {error}") from error
-        if not isinstance(data, dict):
-            raise ValueError(f"corrupt adapter config {path!r}: expected a JSON object")
-        return AdapterConfig.from_dict(data)
+        if not os.path.isfile(path) and kwargs and not os.path.exists(directory):
+            config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        else:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}: not a saved structlora adapter folder")
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    data = json.load(handle)
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise ValueError(f"corrupt adapter config {path!r}: {error}") from error
+            if not isinstance(data, dict):
+                raise ValueError(f"corrupt adapter config {path!r}: expected a JSON object")
+            config = AdapterConfig.from_dict(data)
+            if cls is AdapterConfig:  # structlora.PeftModel's loaders: they read their own weights layout only
+                refuse_peft_layout(directory)
+        if not isinstance(config, cls):
+            raise ValueError(f"{path!r} holds a {type(config).__name__}, not a {cls.__name__}")
+        return config
 
 
 @dataclass
@@ -236,6 +304,8 @@ class LoraConfig(AdapterConfig):
         fan_in_fan_out: None detects the weight layout (transformers' Conv1D stores in x out); a value that
             does not fit the layer is refused.
     """
+
+    _peft_type = StructloraPeftType.LORA
 
     r: int = 8
     lora_alpha: float = 8
@@ -295,6 +365,8 @@ class MTLoraConfig(LoraConfig):
     The LoRA fields (r, lora_alpha, target_modules, …) are LoraConfig's.
     """
 
+    _peft_type = StructloraPeftType.MTLORA
+
     structure: str = "shim"
     init: str = "reference"
 
@@ -322,6 +394,8 @@ class LorettaRepConfig(LoraConfig):
             cores for both: ΔW starts as noise).
         merge_weights: accepted for `loretta` compatibility and ignored: merging is explicit (merge_adapter).
     """
+
+    _peft_type = StructloraPeftType.LORETTA_REP
 
     lora_alpha: float = 16
     tensor_rank: int = 5
@@ -364,6 +438,8 @@ class LorettaAdpConfig(AdapterConfig):
 
     Bottleneck adapters apply a non-linearity, so they cannot be merged into the weights or exported to PEFT.
     """
+
+    _peft_type = StructloraPeftType.LORETTA_ADP
 
     bottleneck_size: int = 64
     non_linearity: str = "relu"
@@ -410,6 +486,8 @@ class DenseAdapterConfig(LorettaAdpConfig):
     False, and train_norms defaults to False.
     """
 
+    _peft_type = StructloraPeftType.ADAPTER
+
     placement: str = "houlsby"
     tensorized: bool = False
     tensorize_classifier: bool = False
@@ -431,6 +509,8 @@ class BitFitConfig(AdapterConfig):
 
     bias must stay "all" and target_modules unset (a ValueError otherwise)."""
 
+    _peft_type = StructloraPeftType.BITFIT
+
     bias: str = "all"
 
     def __post_init__(self) -> None:
@@ -450,3 +530,9 @@ CONFIG_CLASSES: dict[str, type[AdapterConfig]] = {
     "adapter": DenseAdapterConfig,
     "bitfit": BitFitConfig,
 }
+CONFIG_CLASSES_BY_PEFT_TYPE: dict[StructloraPeftType, type[AdapterConfig]] = {
+    cls._peft_type: cls for cls in CONFIG_CLASSES.values()}
+
+# Last, once every class exists: structlora's methods into PEFT's tables (structlora.peft_method imports this
+# module back; by now it finds everything it needs). See structlora._plugin for the other ways in.
+_plugin.ensure_registered()

@@ -52,7 +52,7 @@ def export_to_peft(model: PeftModel, save_directory: str, adapter_name: str | No
     `modules_to_save` (tensorized heads expanded to dense).
 
     Args:
-        model: the structlora PeftModel.
+        model: the structlora PeftModel, or a peft.PeftModel of a structlora method (`structlora.peft_method`).
         save_directory: the folder to write (created if needed).
         adapter_name: the adapter to export (default: the active one).
     Raises:
@@ -90,9 +90,11 @@ def export_to_peft(model: PeftModel, save_directory: str, adapter_name: str | No
         targets.append(name)
     modules_to_save = []
     for name, wrapper in base.named_modules():
-        if isinstance(wrapper, TrainableCopy) and adapter_name in wrapper.adapters:
+        # a trained copy: structlora's (norms, heads), or PEFT's modules_to_save wrapper on a peft.PeftModel
+        copies = wrapper.adapters if isinstance(wrapper, TrainableCopy) else getattr(wrapper, "modules_to_save", None)
+        if isinstance(copies, nn.ModuleDict) and adapter_name in copies:
             modules_to_save.append(name)
-            for key, tensor in _materialize(wrapper.adapters[adapter_name]).items():
+            for key, tensor in _materialize(copies[adapter_name]).items():
                 tensors[f"base_model.model.{name}.{key}"] = tensor
     ranks = set(rank_pattern.values())
     r = max(ranks, key=list(rank_pattern.values()).count)

@@ -1,0 +1,380 @@
+"""`StructloraTuner`: structlora's methods as a PEFT tuner (`peft.tuners.tuners_utils.BaseTuner`).
+
+`peft.get_peft_model(model, MTLoraConfig(...))` (and PeftModel.from_pretrained, AutoPeftModel, transformers'
+`load_adapter`, TRL's `peft_config=`) build this tuner, which puts the layers of `structlora.peft_layers` in place
+of the targets. What it adds to PEFT's BaseTuner:
+
+- targets: structlora's matching and per-architecture defaults (`structlora.targets`), checked in full (layer
+  kinds, `enable_lora`, `fan_in_fan_out`) before the model is touched;
+- LoRETTA's trained layer-norm copies (`train_norms`) and tensorized classifier (`tensorize_classifier`, SEQ_CLS);
+- the factor bank before each forward (`structlora.bank`);
+- merge: all layers checked before the first weight is written; bottleneck adapters and quantized bases refused;
+- checkpoints: keys `<module>.adapters.<path>` (the adapter name removed), and loading refuses a file that lacks
+  any of the adapter's weights or holds non-finite values (PEFT itself loads with strict=False).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import warnings
+from typing import Any, Iterator, Optional, Union
+
+import torch
+from peft.tuners.tuners_utils import (BaseTuner, _filter_state_dict_by_key_prefixes,
+                                      _get_tuner_state_dict_key_prefixes)
+from peft.utils.other import ModulesToSaveWrapper
+from torch import nn
+
+from .bank import bank
+from .config import AdapterConfig, BitFitConfig, LoraConfig, LorettaAdpConfig, LorettaRepConfig, TaskType
+from .layers import layer_kind
+from .mixed import routed_adapters
+from .peft_layers import (ADAPTERS, StructloraBottleneckLayer, StructloraLowRankLayer, StructloraTrainedCopy,
+                          StructloraTunerLayer)
+from .quantized import refuse_quantized_merge
+from .targets import (BOTTLENECK_PLACEMENT, CLASSIFIER_HEAD_NAMES, FUSED_PROJECTIONS, LOW_RANK_DEFAULT_TARGETS,
+                      default_targets, is_norm_module, module_matches, unknown_target_error)
+from .tensor_train import TTLinear, classifier_tt_shape
+
+# Segments of module names inside wrappers (ours and PEFT's): never targets themselves.
+_INTERNAL_SEGMENTS = frozenset(("base_layer", ADAPTERS, "modules_to_save", "original_module"))
+
+
+def _is_internal(name: str) -> bool:
+    return not _INTERNAL_SEGMENTS.isdisjoint(name.split("."))
+
+
+def _inside_any(name: str, owners: Any) -> bool:
+    return any(name == owner or name.startswith(owner + ".") or name.endswith("." + owner) or
+               ("." + owner + ".") in name for owner in owners)
+
+
+def _enabled_slices(config: LoraConfig, name: str) -> list[bool] | None:
+    enable = config.enable_lora
+    if isinstance(enable, dict):
+        for suffix, slices in enable.items():
+            if name == suffix or name.endswith("." + suffix):
+                return list(slices)
+        return None
+    return list(enable) if enable is not None else None
+
+
+# PEFT's low_cpu_mem_usage builds adapters on the meta device; structlora's layers place each new adapter on its
+# base layer's device, so it is refused before anything is injected.
+_NO_LOW_CPU_MEM = ("low_cpu_mem_usage=True is not supported by structlora's methods yet: load the adapter without it "
+                   "(adapter weights are small)")
+
+
+def _creates_on_meta() -> bool:
+    """Whether new parameters are being created on the meta device (PEFT's from_pretrained(low_cpu_mem_usage=True)
+    builds the tuner inside accelerate's init_empty_weights)."""
+    probe = nn.Module()
+    probe.register_parameter("probe", nn.Parameter(torch.empty(1)))
+    return probe.probe.device.type == "meta"
+
+
+def _bank_active_factors(model: nn.Module, _args: Any) -> None:
+    """Forward pre-hook: compute the active adapters' factors of all layers together (structlora.bank)."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return  # without autograd each adapter reuses its cached factors (structlora.inference)
+    configs = getattr(model, "peft_config", {})
+    if all(type(config) is LoraConfig for config in configs.values()):
+        return  # plain LoRA computes no factor
+    members = []
+    for module in model.modules():
+        if isinstance(module, StructloraLowRankLayer):
+            name = module._active()
+            if name is not None and name not in module.merged_adapters:
+                members += [m for m in module.adapters[name].modules() if hasattr(m, "bank_key")]
+    bank(members)
+
+
+class StructloraTuner(BaseTuner):
+    """The PEFT tuner of every structlora method (LoRA, MTLoRA, LoRETTA_rep, LoRETTA_adp, dense adapters)."""
+
+    prefix: str = ADAPTERS
+    tuner_layer_cls = StructloraTunerLayer
+    target_module_mapping = LOW_RANK_DEFAULT_TARGETS
+
+    def __init__(self, model: nn.Module, peft_config: Any, adapter_name: str, low_cpu_mem_usage: bool = False,
+                 state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+        if low_cpu_mem_usage or _creates_on_meta():
+            raise ValueError(_NO_LOW_CPU_MEM)
+        super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage,
+                         state_dict=state_dict)
+        if getattr(self.model, "_structlora_bank_hook", None) is None:
+            self.model._structlora_bank_hook = self.model.register_forward_pre_hook(_bank_active_factors)
+
+    # -- targets -------------------------------------------------------------------------------------------
+    def _model_type(self, model: nn.Module) -> str:
+        return getattr(getattr(model, "config", None), "model_type", "") or ""
+
+    def _prepare_adapter_config(self, peft_config: AdapterConfig, model_config: dict) -> AdapterConfig:
+        if isinstance(peft_config, BitFitConfig) or not isinstance(peft_config, (LoraConfig, LorettaAdpConfig)):
+            raise TypeError(f"{type(peft_config).__name__} has no PEFT tuner (BitFit injects no layer, and PEFT's "
+                            f"tuners need one): use structlora.get_peft_model(model, config)")
+        model_type = model_config.get("model_type", "") or ""
+        if peft_config.base_model_type and model_type and peft_config.base_model_type != model_type:
+            raise ValueError(f"this adapter was made for a {peft_config.base_model_type!r} model, but the base model "
+                             f"is {model_type!r}")
+        if peft_config.target_modules is None:
+            targets = default_targets(model_type, peft_config.method,
+                                      getattr(peft_config, "use_parallel_adapter", False),
+                                      getattr(peft_config, "placement", "houlsby"))
+            peft_config.target_modules = list(targets) if isinstance(targets, list) else targets
+        peft_config.base_model_type = model_type or None
+        peft_config._in_peft_model = True  # saved with its StructloraPeftType (see AdapterConfig.save_pretrained)
+        return peft_config
+
+    @staticmethod
+    def _check_target_module_exists(peft_config: AdapterConfig, key: str) -> bool:
+        if _is_internal(key) or _inside_any(key, peft_config.modules_to_save or ()):
+            return False  # a module trained in full (head, modules_to_save) is not also adapted (PEFT's rule)
+        return module_matches(key, peft_config.target_modules)
+
+    def _prepare_model(self, peft_config: AdapterConfig, model: nn.Module) -> None:
+        """Check every target before anything is injected (PEFT injects layer by layer)."""
+        bottleneck = isinstance(peft_config, LorettaAdpConfig)
+        kinds = ("linear", "conv1d") if bottleneck or isinstance(peft_config, LorettaRepConfig) else (
+            "linear", "conv1d", "embedding")
+        candidates, unadaptable = [], []
+        for name, module in model.named_modules():
+            if not name or not self._check_target_module_exists(peft_config, name):
+                continue
+            inner = module.base_layer if isinstance(module, StructloraTunerLayer) else module
+            kind = layer_kind(inner)
+            (candidates if kind in kinds else unadaptable).append((name, kind or type(inner).__name__))
+        if unadaptable:
+            listed = ", ".join(f"{n} ({k})" for n, k in unadaptable[:5])
+            raise ValueError(f"target_modules {peft_config.target_modules!r} matches {len(unadaptable)} module(s) that "
+                             f"{peft_config.method} cannot adapt: {listed}. It adapts {', '.join(kinds)} layers only: "
+                             f"narrow target_modules to those")
+        if not candidates:
+            names = [n for n, _ in model.named_modules() if not _is_internal(n)]
+            adaptable = [n for n, m in model.named_modules() if layer_kind(m) and not _is_internal(n)]
+            raise unknown_target_error(peft_config.target_modules, names, adaptable)
+        if not bottleneck:
+            self._check_low_rank_options(peft_config, candidates, model)
+
+    def _check_low_rank_options(self, config: LoraConfig, candidates: list[tuple[str, str]], model: nn.Module) -> None:
+        fused = FUSED_PROJECTIONS.get(self._model_type(model), {})
+        for name, kind in candidates:
+            slices = _enabled_slices(config, name)
+            expected = fused.get(name.rsplit(".", 1)[-1], 1)
+            if slices is not None and len(slices) != expected:
+                raise ValueError(f"enable_lora gives {len(slices)} slices for {name!r}, which has {expected}; give "
+                                 f"exactly {expected} entr{'ies' if expected > 1 else 'y'}")
+            if config.fan_in_fan_out is not None and config.fan_in_fan_out != (kind == "conv1d"):
+                raise ValueError(f"fan_in_fan_out={config.fan_in_fan_out} does not fit {name!r}, a {kind} layer; "
+                                 f"structlora detects the layout itself: leave fan_in_fan_out unset")
+
+    def _create_and_replace(self, peft_config: AdapterConfig, adapter_name: str, target: nn.Module, target_name: str,
+                            parent: nn.Module, current_key: str, parameter_name: Optional[str] = None) -> None:
+        if isinstance(peft_config, LorettaAdpConfig):
+            layer = target if isinstance(target, StructloraBottleneckLayer) else StructloraBottleneckLayer(target)
+            layer.add_adapter(adapter_name, peft_config, self._placement(peft_config, current_key))
+        else:
+            layer = target if isinstance(target, StructloraLowRankLayer) else StructloraLowRankLayer(target)
+            layer.add_adapter(adapter_name, peft_config, _enabled_slices(peft_config, current_key))
+        if layer is not target:
+            self._replace_module(parent, target_name, layer, target)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        if isinstance(child, StructloraTrainedCopy):  # unloading: the copy (or original) goes in as it is
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
+
+    def _placement(self, config: LorettaAdpConfig, name: str) -> str:
+        if config.use_parallel_adapter:
+            return "parallel"
+        return BOTTLENECK_PLACEMENT.get(self._model_type(self.model), {}).get(name.rsplit(".", 1)[-1], "output")
+
+    # -- what PEFT does not inject: trained norms and the tensorized head ------------------------------------
+    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
+                       low_cpu_mem_usage: bool = False, state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+        if low_cpu_mem_usage:
+            raise ValueError(_NO_LOW_CPU_MEM)
+        super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                               low_cpu_mem_usage=False, state_dict=state_dict)
+        config = self.peft_config[adapter_name]
+        trainable = not config.inference_mode and adapter_name in self.active_adapters
+        if config.train_norms:
+            self._add_norm_copies(model, adapter_name, config, trainable)
+        if (isinstance(config, (LorettaRepConfig, LorettaAdpConfig)) and config.tensorize_classifier
+                and config.task_type == TaskType.SEQ_CLS):
+            self._tensorize_heads(model, adapter_name, config.tensor_rank, trainable)
+
+    def _add_norm_copies(self, model: nn.Module, adapter_name: str, config: AdapterConfig, trainable: bool) -> None:
+        owners = [n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+        names = [n for n, m in model.named_modules()
+                 if n and not _is_internal(n) and not _inside_any(n, owners)
+                 and (isinstance(m, StructloraTrainedCopy) or (is_norm_module(m)
+                                                               and not isinstance(m, StructloraTunerLayer)))]
+        for name in names:
+            module = model.get_submodule(name)
+            layer = module if isinstance(module, StructloraTrainedCopy) else StructloraTrainedCopy(module)
+            if layer is not module:
+                parent_name, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+            layer.add_copy(adapter_name)
+            layer.set_adapter(self.active_adapters, inference_mode=not trainable)
+            for parameter in layer.adapters[adapter_name].parameters():
+                parameter.requires_grad_(trainable)
+
+    @staticmethod
+    def _tensorize_heads(model: nn.Module, adapter_name: str, tensor_rank: int, trainable: bool) -> None:
+        """The authors' tensorized classifier: the head copy's square hidden `dense` becomes a TT layer."""
+        for name, module in model.named_modules():
+            if not isinstance(module, ModulesToSaveWrapper) or name.rsplit(".", 1)[-1] not in CLASSIFIER_HEAD_NAMES:
+                continue
+            head = module.modules_to_save[adapter_name]
+            dense = getattr(head, "dense", None)
+            if isinstance(dense, nn.Linear) and dense.in_features == dense.out_features:
+                hidden = dense.in_features
+                head.dense = TTLinear(hidden, hidden, classifier_tt_shape(hidden), tensor_rank).to(dense.weight.device)
+                head.dense.requires_grad_(trainable)
+
+    def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if len(names) > 1:
+            raise ValueError(f"structlora's layers run one adapter at a time; got {names}")
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+
+    # -- trainable parameters: the adapters, and the biases the config names -------------------------------
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        for name, parameter in model.named_parameters():
+            if ("." + ADAPTERS + ".") not in ("." + name) and ".modules_to_save." not in name:
+                parameter.requires_grad = False
+        for active in self.active_adapters:
+            bias = getattr(self.peft_config[active], "bias", "none")
+            if bias == "all":
+                for name, parameter in model.named_parameters():
+                    if name.endswith("bias") and "." + ADAPTERS + "." not in name and "original_module" not in name:
+                        parameter.requires_grad = True
+            elif bias in ("lora_only", "adapter_only"):
+                for module in model.modules():
+                    if isinstance(module, (StructloraLowRankLayer, StructloraBottleneckLayer)):
+                        if getattr(module.base_layer, "bias", None) is not None:
+                            module.base_layer.bias.requires_grad = True
+
+    # -- several adapters in one batch ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """PEFT's forward / generate hook: `adapter_names=[...]` (one per row, "__base__" for none) routes each
+        row to its adapter (structlora.mixed), as PEFT's LoRA does."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if any(isinstance(m, ModulesToSaveWrapper) for m in self.model.modules()):
+            raise ValueError("adapter_names: routing rows through modules_to_save / classification heads is not "
+                             "supported on the PEFT path yet; run one adapter at a time (set_adapter)")
+        merged = sorted({n for _, layer in self._low_rank_layers() for n in layer.merged_adapters})
+        if merged:
+            raise ValueError(f"adapter_names: adapter(s) {merged} are merged into the base weights, which every row "
+                             f"would then see; unmerge_adapter() first")
+        with routed_adapters(_RoutedTuner(self), adapter_names):
+            yield
+
+    # -- merging ---------------------------------------------------------------------------------------------
+    def _check_merge_allowed(self) -> None:
+        super()._check_merge_allowed()
+        for name in self.active_adapters:
+            config = self.peft_config[name]
+            if isinstance(config, LorettaAdpConfig):
+                raise ValueError(f"adapter {name!r} is a bottleneck adapter ({config.method}): it applies "
+                                 f"{config.non_linearity} to the activations, so it is not a change of the weights and "
+                                 f"cannot be merged into them")
+        refuse_quantized_merge(self._low_rank_layers(), "merge")
+
+    def _low_rank_layers(self) -> list[tuple[str, StructloraLowRankLayer]]:
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, StructloraLowRankLayer)]
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        """Fold ΔW into the base weights. Every layer's merged weight is checked to be finite first; a refusal
+        names the layer and changes no weight."""
+        self._check_merge_allowed()
+        names = list(adapter_names) if adapter_names is not None else list(self.active_adapters)
+        layers = self._low_rank_layers()
+        if all(name in layer.merged_adapters for _, layer in layers for name in names if name in layer.adapters):
+            warnings.warn("All adapters are already merged, nothing to do.")  # PEFT's words for the same case
+            return
+        for module_name, layer in layers:
+            for name in names:
+                if name in layer.adapters and name not in layer.merged_adapters:
+                    try:
+                        layer.merged_weight(name)
+                    except ValueError as error:
+                        raise ValueError(f"merge refused at {module_name!r}: {error}; no weight was changed") from error
+        for _, layer in layers:
+            layer.merge(adapter_names=[n for n in names if n in layer.adapters])
+
+    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
+                                     adapter_names: Optional[list[str]] = None) -> nn.Module:
+        if merge and not all(n in layer.merged_adapters for _, layer in self._low_rank_layers()
+                             for n in (adapter_names or self.active_adapters) if n in layer.adapters):
+            self.merge_adapter(adapter_names)  # all layers checked first; the unloading below then only unwraps
+        hook = getattr(self.model, "_structlora_bank_hook", None)
+        model = super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge,
+                                                     adapter_names=adapter_names)
+        if hook is not None:
+            hook.remove()
+            del model._structlora_bank_hook
+        return model
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        """`<module>.adapters.<name>.<path>` → `<module>.adapters.<path>`; other keys (heads, biases) unchanged."""
+        head, marker, tail = key.rpartition(f".{ADAPTERS}.{adapter_name}.")
+        return f"{head}.{ADAPTERS}.{tail}" if marker else key
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: AdapterConfig, adapter_name: str,
+                                           state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
+        expected = _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes)
+        missing = sorted(key for key in expected if key not in remapped)
+        if missing:
+            hint = ("; its keys name no `.adapters.` weights: a folder written by structlora.PeftModel.save_pretrained "
+                    "loads with structlora.PeftModel.from_pretrained" if not any(
+                        f".{ADAPTERS}." in key for key in state_dict) else "")
+            raise ValueError(f"the checkpoint lacks {len(missing)} of adapter {adapter_name!r}'s weights, e.g. "
+                             f"{_short(missing[0])} (an adapter of another model or method?){hint}")
+        for key, value in remapped.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+                raise ValueError(f"the checkpoint's {_short(key)} has non-finite values (NaN/inf): refusing to load a "
+                                 f"diverged or corrupt adapter")
+        return remapped
+
+
+class _RoutedTuner:
+    """What structlora.mixed.routed_adapters reads of a model, for a StructloraTuner."""
+
+    def __init__(self, tuner: StructloraTuner) -> None:
+        self.peft_config = tuner.peft_config
+        self._model = tuner.model
+
+    def _wrappers(self) -> Iterator[tuple[str, StructloraTunerLayer]]:
+        return ((n, m) for n, m in self._model.named_modules() if isinstance(m, StructloraTunerLayer))
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Every layer computes its base output; requires_grad is left as it is (PEFT's enable_adapters would set
+        it on the active adapter)."""
+        layers = [layer for _, layer in self._wrappers()]
+        previous = [layer._disable_adapters for layer in layers]
+        for layer in layers:
+            layer._disable_adapters = True
+        try:
+            yield
+        finally:
+            for layer, was in zip(layers, previous):
+                layer._disable_adapters = was
+
+
+def _short(key: str) -> str:
+    return re.sub(r"^base_model\.model\.", "", key)
