@@ -374,6 +374,9 @@ def test_mixed_batch_adapter_names_route_each_row_to_its_adapter(method):
     torch.testing.assert_close(mixed[1], rows["__base__"][1], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="no adapter named 'c'"):
         model(input_ids=INPUT, adapter_names=["a", "c"])
+    doubled = torch.cat([INPUT, INPUT])  # 4 rows, 2 names: refused, not run as b, b, base, base
+    with pytest.raises(ValueError, match="adapter_names has 2 entries, but the batch has 4 rows"):
+        model(input_ids=doubled, adapter_names=["b", "__base__"])
     torch.testing.assert_close(outputs(model), rows["b"], rtol=0, atol=0)  # routing left no state behind
 
 
@@ -425,6 +428,8 @@ def test_generate_with_adapter_names_matches_each_adapter_alone():
     assert not torch.equal(alone["a"], alone["b"])  # the adapters decode differently: routing is visible
     mixed = model.generate(input_ids=prompt, adapter_names=["b", "a"], **options)
     assert torch.equal(mixed[0], alone["b"][0]) and torch.equal(mixed[1], alone["a"][1])
+    with pytest.raises(ValueError, match="adapter_names has 1 entries, but the batch has 2 rows"):
+        model.generate(input_ids=prompt, adapter_names=["b"], **options)  # beams expand rows; names must not
 
 
 @pytest.mark.parametrize("method", ["lora", "mtlora-icfm", "loretta_rep", "loretta_adp"])

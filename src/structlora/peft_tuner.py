@@ -29,7 +29,7 @@ from torch import nn
 from .bank import bank
 from .config import AdapterConfig, BitFitConfig, LoraConfig, LorettaAdpConfig, LorettaRepConfig, TaskType
 from .layers import layer_kind
-from .mixed import routed_adapters
+from .mixed import input_rows, routed_adapters
 from .peft_layers import (ADAPTERS, StructloraBottleneckLayer, StructloraLowRankLayer, StructloraTrainedCopy,
                           StructloraTunerLayer)
 from .quantized import refuse_quantized_merge
@@ -275,7 +275,11 @@ class StructloraTuner(BaseTuner):
         if merged:
             raise ValueError(f"adapter_names: adapter(s) {merged} are merged into the base weights, which every row "
                              f"would then see; unmerge_adapter() first")
-        with routed_adapters(_RoutedTuner(self), adapter_names):
+        # PEFT passes generate() its inputs, but forward() only the extra keyword arguments. Inputs seen here: one
+        # name per input row is checked now, and the larger batches that follow can only be generate()'s beams and
+        # returned sequences. No inputs (forward): every batch must have exactly one row per name.
+        rows = input_rows(args, kwargs)
+        with routed_adapters(_RoutedTuner(self), adapter_names, rows, expanded=rows is not None):
             yield
 
     # -- merging ---------------------------------------------------------------------------------------------
