@@ -352,6 +352,17 @@ def test_import_structlora_registers_whenever_peft_is_imported(order, tmp_path):
     assert result.stdout.strip().endswith("structlora.config LorettaRepConfig"), result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("first", ["structlora.layers", "structlora.mixed", "structlora.peft_tuner"])
+def test_any_module_imported_first_then_a_config_registers(first):
+    """A module that imports the config module on its way in (registration imports it back) is not met half-built:
+    the import works, and the first config built registers the methods with peft."""
+    script = (f"import {first}\nimport structlora, peft\nfrom peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING\n"
+              "config = structlora.MTLoraConfig(r=2)\nprint(config.peft_type in PEFT_TYPE_TO_CONFIG_MAPPING)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert result.stdout.strip() == "True", result.stdout + result.stderr[-2000:]
+
+
 @pytest.mark.parametrize("method", ["mtlora-icfm", "loretta_adp"])
 def test_mixed_batch_adapter_names_route_each_row_to_its_adapter(method):
     model = peft.get_peft_model(tiny_llama(), METHODS[method](), adapter_name="a")

@@ -41,7 +41,7 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'structlora' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     if "structlora.config" in sys.modules:
-        _plugin.ensure_registered()  # the methods are in PEFT's tables before a config reaches peft's loaders
+        _plugin.register_when_possible()  # the methods are in PEFT's tables before a config reaches peft's loaders
     globals()[name] = value  # later look-ups skip this function
     return value
 

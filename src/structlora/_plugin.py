@@ -4,7 +4,9 @@ Importing peft costs seconds (torch, transformers), which `structlora --help` mu
 registers at once only when peft is already imported; otherwise it asks the import system to run the
 registration (`structlora.peft_method`) right after peft's own import finishes. When peft is first imported by
 `structlora.config` itself (the hook then finds that module half-built and leaves it), `structlora.config`
-registers as its last statement.
+registers as its last statement — unless another structlora module is still being imported (one that imported the
+config module first, such as `structlora.layers`): the registration would import it back half-built, so the first
+config built registers instead.
 """
 
 from __future__ import annotations
@@ -25,6 +27,20 @@ def ensure_registered() -> None:
         importlib.import_module(_REGISTRATION)
 
 
+def _other_module_half_built() -> bool:
+    """Whether a structlora module other than the config module is still being imported: the registration imports
+    the tuner and its layers, which would meet that module half-built (`import structlora.layers` first imports
+    the config module, whose end registers)."""
+    return any(_initializing(name) for name in list(sys.modules) if name.startswith("structlora.") and name != _CONFIG)
+
+
+def register_when_possible() -> None:
+    """ensure_registered(), unless another structlora module is still being imported; then the next config built
+    (AdapterConfig.__post_init__ calls this) registers."""
+    if _REGISTRATION not in sys.modules and not _other_module_half_built():
+        ensure_registered()
+
+
 def _initializing(name: str) -> bool:
     module = sys.modules.get(name)
     return module is not None and getattr(getattr(module, "__spec__", None), "_initializing", False)
@@ -32,7 +48,7 @@ def _initializing(name: str) -> bool:
 
 def _after_peft_import() -> None:
     if not _initializing(_CONFIG):  # else: the config module registers at its end (see the module docstring)
-        ensure_registered()
+        register_when_possible()
 
 
 class _LoaderAfterPeft(importlib.abc.Loader):

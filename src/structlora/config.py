@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from . import _plugin
+from .names import DENSE_ADAPTER_PLACEMENTS, MTLORA_STRUCTURES
 from .peft_support import StructloraPeftType, refuse_peft_layout, require_supported_peft
 
 require_supported_peft()
@@ -42,7 +43,6 @@ class TaskType(str, enum.Enum):
     TOKEN_CLS = "TOKEN_CLS"
 
 
-MTLORA_STRUCTURES = ("shim", "icfm", "ctcm", "dtsm")
 _BIAS_CHOICES = ("none", "all", "lora_only", "adapter_only")
 
 
@@ -160,6 +160,7 @@ class AdapterConfig(PeftConfig):
     _peft_type = None  # the method's StructloraPeftType (each config class sets its own; not a field)
 
     def __post_init__(self) -> None:
+        _plugin.register_when_possible()  # if the import of this module could not (see structlora._plugin)
         self._check_task_type()
         super().__post_init__()  # PEFT's: its own task type check, peft_version
         self._set_peft_type()
@@ -470,7 +471,6 @@ class LorettaAdpConfig(AdapterConfig):
             _require_bool(flag, getattr(self, flag))
 
 
-DENSE_ADAPTER_PLACEMENTS = ("houlsby", "pfeiffer")
 
 
 @dataclass
@@ -535,4 +535,4 @@ CONFIG_CLASSES_BY_PEFT_TYPE: dict[StructloraPeftType, type[AdapterConfig]] = {
 
 # Last, once every class exists: structlora's methods into PEFT's tables (structlora.peft_method imports this
 # module back; by now it finds everything it needs). See structlora._plugin for the other ways in.
-_plugin.ensure_registered()
+_plugin.register_when_possible()

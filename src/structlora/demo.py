@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import MTLORA_STRUCTURES
+from .names import MTLORA_STRUCTURES
 from .recipes.methods import STRUCTLORA_METHODS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -5,7 +5,7 @@
 --init``. ``check_method_flags(args)`` refuses a flag the method does not read; ``build_peft_config(args, task_type)``
 is the structlora config (None for ``--method full``); ``wrap_model`` applies it (and ``--init-from``, through
 ``runs.init_from_run``). Method names are defined here once; MTLoRA's structures are the library's
-(``structlora.config.MTLORA_STRUCTURES``).
+(``structlora.names``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any, Sequence
 
-from structlora.config import MTLORA_STRUCTURES
+from structlora.names import DENSE_ADAPTER_PLACEMENTS, MTLORA_STRUCTURES
 
 from .flags import EXPLICIT_ATTR, comma_list, track_explicit_flags
 from .peft_methods import ENCODER_METHODS, PEFT_METHODS, PROMPT_LEARNING_METHODS
@@ -38,7 +38,7 @@ BASELINE_METHODS: tuple[str, ...] = ("full", "adapter", "bitfit", *PEFT_LIBRARY_
 METHODS: tuple[str, ...] = (*STRUCTLORA_METHODS, *BASELINE_METHODS)
 
 
-ADAPTER_PLACEMENTS: tuple[str, ...] = ("houlsby", "pfeiffer")
+ADAPTER_PLACEMENTS: tuple[str, ...] = DENSE_ADAPTER_PLACEMENTS
 
 
 # The adapter flags and the methods that read them. Given with any other method a flag would change nothing, so
