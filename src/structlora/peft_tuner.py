@@ -8,9 +8,12 @@ of the targets. What it adds to PEFT's BaseTuner:
   kinds, `enable_lora`, `fan_in_fan_out`) before the model is touched;
 - LoRETTA's trained layer-norm copies (`train_norms`) and tensorized classifier (`tensorize_classifier`, SEQ_CLS);
 - the factor bank before each forward (`structlora.bank`);
-- merge: all layers checked before the first weight is written; bottleneck adapters and quantized bases refused;
-- checkpoints: keys `<module>.adapters.<path>` (the adapter name removed), and loading refuses a file that lacks
-  any of the adapter's weights or holds non-finite values (PEFT itself loads with strict=False).
+- merge, unmerge and unloading all-or-nothing (all layers checked before the first weight is written, and an
+  exception, an interrupt included, undoes what was done); bottleneck adapters and quantized bases refused;
+  exact unmerge (each layer subtracts the ΔW it added); `__base__` refused as an adapter name;
+- checkpoints: keys `<module>.adapters.<path>` (the adapter name removed), and loading refuses, before the first
+  tensor is copied, a file that lacks any of the adapter's weights, holds non-finite values or a tensor of the
+  wrong shape (PEFT itself loads with strict=False).
 """
 
 from __future__ import annotations
