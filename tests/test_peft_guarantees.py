@@ -88,6 +88,30 @@ def test_peft_unmerge_interrupted_at_the_second_layer_leaves_everything_merged(m
     torch.testing.assert_close(outputs(model), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_peft_merge_of_two_adapters_interrupted_in_the_second_layer_leaves_nothing_merged(monkeypatch):
+    model = _peft_adapted()
+    model.add_adapter("b", structlora.MTLoraConfig(r=2, structure="shim", target_modules=TARGETS))
+    generator = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".adapters.b." in name:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    before, expected = _snapshot(model), outputs(model)
+    _fail_at_call(monkeypatch, LowRankLayer, "merge_checked", 3)  # layer 1 took a and b; layer 2's a fails
+    with pytest.raises(_Interrupt):
+        model.merge_adapter(adapter_names=["default", "b"])
+    monkeypatch.undo()
+    assert all(not layer.merged_adapters for _, layer in _layers(model))
+    first = _layers(model)[0][0]
+    for name, weight in _base_weights(model).items():  # layer 1: W + ΔWa + ΔWb − ΔWb − ΔWa, within two roundings
+        if name == first:
+            torch.testing.assert_close(weight, before["tensors"][f"{name}.base_layer.weight"], rtol=0,
+                                       atol=2 * ROUND_TRIP_ATOL)
+            before["tensors"][f"{name}.base_layer.weight"] = weight
+    _assert_same(before, model)
+    torch.testing.assert_close(outputs(model), expected, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("operation, where", [("merge_and_unload", "merging"), ("merge_and_unload", "unwrapping"),
                                               ("unload", "unwrapping")])  # unload() merges nothing
 def test_peft_merge_and_unload_interrupted_at_the_second_layer_leaves_the_adapter_model(monkeypatch, operation,
