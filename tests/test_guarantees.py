@@ -23,11 +23,17 @@ from test_reliability import assert_unchanged, fingerprint
 ROUND_TRIP_ATOL = 2.0 ** -23
 
 
-def _adapted(config=None) -> torch.nn.Module:
-    model = get_peft_model(tiny_bert(), config or MTLoraConfig(r=4, structure="ctcm",
-                                                                target_modules=["query", "value", "dense"]))
+def _adapted(config=None, wrap=get_peft_model) -> torch.nn.Module:
+    """A tiny BERT with a non-trivial adapter; `wrap=peft.get_peft_model` gives the PEFT path (StructloraTuner)."""
+    model = wrap(tiny_bert(), config or MTLoraConfig(r=4, structure="ctcm", target_modules=["query", "value", "dense"]))
     randomize_adapters(model)
     return model.eval()
+
+
+def _peft_get_peft_model(model, config):
+    import peft
+
+    return peft.get_peft_model(model, config)
 
 
 def _base_weights(model) -> dict[str, torch.Tensor]:
@@ -61,10 +67,11 @@ def _write_by_set_data(model) -> None:
             parameter.data = parameter.data * 1.5
 
 
+@pytest.mark.parametrize("wrap", [get_peft_model, _peft_get_peft_model], ids=["structlora", "peft"])
 @pytest.mark.parametrize("write", [_write_by_load_state_dict, _write_by_optimizer_step, _write_by_set_data],
                          ids=["load_state_dict", "optimizer_step", "param.data"])
-def test_unmerge_restores_the_base_after_writes_to_a_merged_adapter(write):
-    model = _adapted()
+def test_unmerge_restores_the_base_after_writes_to_a_merged_adapter(write, wrap):
+    model = _adapted(wrap=wrap)
     before, round_trip = _base_weights(model), _round_trip_weights(model)
     model.merge_adapter()
     write(model)

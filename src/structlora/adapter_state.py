@@ -43,6 +43,14 @@ class AdapterStateError(ValueError, RuntimeError):
     """
 
 
+def refuse_base_adapter_name(name: object) -> None:
+    """ValueError for BASE_ADAPTER, which `adapter_names=[...]` reads as "no adapter" (an adapter of that name
+    would silently never run)."""
+    if name == BASE_ADAPTER:
+        raise ValueError(f"invalid adapter_name {name!r}: reserved, as in PEFT — in adapter_names=[...] it means the "
+                         f"base model (no adapter) for that row; choose another name")
+
+
 def validate_adapter_name(name: object) -> str:
     """The name itself, or a TypeError/ValueError saying what a valid adapter name is."""
     if not isinstance(name, str):
@@ -51,9 +59,7 @@ def validate_adapter_name(name: object) -> str:
         raise ValueError(
             f"invalid adapter_name {name!r}: use a letter or '_' followed by up to 63 letters, digits, '_' or '-' "
             f"(it becomes a module key and a folder name, so '.', '/' and spaces are not allowed)")
-    if name == BASE_ADAPTER:
-        raise ValueError(f"invalid adapter_name {name!r}: reserved, as in PEFT — in adapter_names=[...] it means the "
-                         f"base model (no adapter) for that row; choose another name")
+    refuse_base_adapter_name(name)
     if name in RESERVED_NAMES:
         raise ValueError(f"invalid adapter_name {name!r}: reserved for structlora's own modules "
                          f"({', '.join(sorted(RESERVED_NAMES))}); choose another name")

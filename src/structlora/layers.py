@@ -10,7 +10,7 @@ adapter per name; merge/unmerge sit beside forward, as in loralib.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -510,19 +510,22 @@ def _frozen_copy(adapter: nn.Module) -> nn.Module:
     return frozen
 
 
-def merge_all(layers: list[LowRankLayer], name: str) -> None:
-    """Merge adapter `name` into every layer of `layers` or into none: on any exception, an interrupt or an
-    out-of-memory error included, the layers merged so far are unmerged again (their weights are then what a
-    merge/unmerge round trip gives: W + ΔW − ΔW, the same ΔW) and the exception is raised."""
+def merge_all(layers: list[LowRankLayer], names: str | Sequence[str]) -> None:
+    """Merge adapter `names` (one name or several) into every layer of `layers` or into none: on any exception, an
+    interrupt or an out-of-memory error included, the merges done so far are unmerged again, last first (their
+    weights are then what a merge/unmerge round trip gives: W + ΔW − ΔW, the same ΔW) and the exception is raised.
+    Layers without an adapter of a name, or with it merged already, are left as they are."""
+    names = [names] if isinstance(names, str) else list(names)
     done: list[LowRankLayer] = []
     try:
         for layer in layers:
-            if name not in layer.merged_adapters:
-                layer.merge(name)
-                done.append(layer)
+            for name in names:
+                if name in layer.adapters and name not in layer.merged_adapters:
+                    LowRankLayer.merge(layer, name)  # LowRankLayer's own: PEFT's layers take (safe_merge, names)
+                    done.append(layer)
     except BaseException:
         for layer in reversed(done):
-            layer.unmerge(last=1)
+            LowRankLayer.unmerge(layer, last=1)
         raise
 
 
@@ -532,7 +535,7 @@ def unmerge_all(layers: list[LowRankLayer]) -> None:
     done: list[tuple[LowRankLayer, list[tuple[str, LowRankAdapter]]]] = []
     try:
         for layer in layers:
-            done.append((layer, layer.unmerge()))
+            done.append((layer, LowRankLayer.unmerge(layer)))
     except BaseException:
         for layer, removed in reversed(done):
             for name, merged_as in reversed(removed):

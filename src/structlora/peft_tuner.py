@@ -8,9 +8,12 @@ of the targets. What it adds to PEFT's BaseTuner:
   kinds, `enable_lora`, `fan_in_fan_out`) before the model is touched;
 - LoRETTA's trained layer-norm copies (`train_norms`) and tensorized classifier (`tensorize_classifier`, SEQ_CLS);
 - the factor bank before each forward (`structlora.bank`);
-- merge: all layers checked before the first weight is written; bottleneck adapters and quantized bases refused;
-- checkpoints: keys `<module>.adapters.<path>` (the adapter name removed), and loading refuses a file that lacks
-  any of the adapter's weights or holds non-finite values (PEFT itself loads with strict=False).
+- merge, unmerge and unloading all-or-nothing (all layers checked before the first weight is written, and an
+  exception, an interrupt included, undoes what was done); bottleneck adapters and quantized bases refused;
+  exact unmerge (each layer subtracts the ΔW it added); `__base__` refused as an adapter name;
+- checkpoints: keys `<module>.adapters.<path>` (the adapter name removed), and loading refuses, before the first
+  tensor is copied, a file that lacks any of the adapter's weights, holds non-finite values or a tensor of the
+  wrong shape (PEFT itself loads with strict=False).
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ from peft.tuners.tuners_utils import (BaseTuner, _filter_state_dict_by_key_prefi
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
+from .adapter_state import ModuleSnapshot, refuse_base_adapter_name
 from .bank import bank
 from .config import AdapterConfig, BitFitConfig, LoraConfig, LorettaAdpConfig, LorettaRepConfig, TaskType
-from .layers import layer_kind
+from .layers import LowRankLayer, layer_kind, merge_all, unmerge_all
 from .mixed import input_rows, routed_adapters
 from .peft_layers import (ADAPTERS, StructloraBottleneckLayer, StructloraLowRankLayer, StructloraTrainedCopy,
                           StructloraTunerLayer)
@@ -101,6 +105,7 @@ class StructloraTuner(BaseTuner):
                  state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
         if low_cpu_mem_usage or _creates_on_meta():
             raise ValueError(_NO_LOW_CPU_MEM)
+        refuse_base_adapter_name(adapter_name)  # before BaseTuner's __init__ touches the model
         super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage,
                          state_dict=state_dict)
         if getattr(self.model, "_structlora_bank_hook", None) is None:
@@ -196,6 +201,7 @@ class StructloraTuner(BaseTuner):
                        low_cpu_mem_usage: bool = False, state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
         if low_cpu_mem_usage:
             raise ValueError(_NO_LOW_CPU_MEM)
+        refuse_base_adapter_name(adapter_name)  # add_adapter / load_adapter: refused before anything is injected
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                                low_cpu_mem_usage=False, state_dict=state_dict)
         config = self.peft_config[adapter_name]
@@ -297,8 +303,9 @@ class StructloraTuner(BaseTuner):
         return [(n, m) for n, m in self.model.named_modules() if isinstance(m, StructloraLowRankLayer)]
 
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
-        """Fold ΔW into the base weights. Every layer's merged weight is checked to be finite first; a refusal
-        names the layer and changes no weight."""
+        """Fold ΔW into the base weights. All or nothing: every layer's merged weight is checked to be finite first
+        (a refusal names the layer and changes no weight), and an exception while writing (an interrupt, out of
+        memory) unmerges the layers merged so far before it propagates (structlora.layers.merge_all)."""
         self._check_merge_allowed()
         names = list(adapter_names) if adapter_names is not None else list(self.active_adapters)
         layers = self._low_rank_layers()
@@ -312,17 +319,35 @@ class StructloraTuner(BaseTuner):
                         layer.merged_weight(name)
                     except ValueError as error:
                         raise ValueError(f"merge refused at {module_name!r}: {error}; no weight was changed") from error
-        for _, layer in layers:
-            layer.merge(adapter_names=[n for n in names if n in layer.adapters])
+        merge_all([layer for _, layer in layers], names)
+
+    def unmerge_adapter(self) -> None:
+        """Take every merged ΔW back out, as it was merged (each layer keeps a frozen copy of the adapter as merged,
+        so writes to a merged adapter do not shift the base). All or nothing (structlora.layers.unmerge_all)."""
+        unmerge_all([layer for _, layer in self._low_rank_layers()])
 
     def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
                                      adapter_names: Optional[list[str]] = None) -> nn.Module:
-        if merge and not all(n in layer.merged_adapters for _, layer in self._low_rank_layers()
+        """PEFT's unloading, all or nothing: on any exception while merging or unwrapping (an interrupt included)
+        the wrappers are put back, what this call merged is unmerged and the exception is raised."""
+        layers = [layer for _, layer in self._low_rank_layers()]
+        merged_before = {id(layer): len(layer.merged_adapters) for layer in layers}
+        snapshot = ModuleSnapshot(self.model)
+        had_config = "peft_config" in self.model.__dict__
+        if merge and not all(n in layer.merged_adapters for layer in layers
                              for n in (adapter_names or self.active_adapters) if n in layer.adapters):
             self.merge_adapter(adapter_names)  # all layers checked first; the unloading below then only unwraps
-        hook = getattr(self.model, "_structlora_bank_hook", None)
-        model = super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge,
-                                                     adapter_names=adapter_names)
+        try:
+            model = super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge,
+                                                         adapter_names=adapter_names)
+        except BaseException:
+            snapshot.restore()
+            if had_config:
+                self.model.peft_config = self.peft_config
+            for layer in reversed(layers):
+                LowRankLayer.unmerge(layer, last=len(layer.merged_adapters) - merged_before[id(layer)])
+            raise
+        hook = getattr(model, "_structlora_bank_hook", None)
         if hook is not None:
             hook.remove()
             del model._structlora_bank_hook
@@ -339,8 +364,9 @@ class StructloraTuner(BaseTuner):
     def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: AdapterConfig, adapter_name: str,
                                            state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        current = model.state_dict()
         prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
-        expected = _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes)
+        expected = _filter_state_dict_by_key_prefixes(current, prefixes)
         missing = sorted(key for key in expected if key not in remapped)
         if missing:
             hint = ("; its keys name no `.adapters.` weights: a folder written by structlora.PeftModel.save_pretrained "
@@ -352,6 +378,12 @@ class StructloraTuner(BaseTuner):
             if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
                 raise ValueError(f"the checkpoint's {_short(key)} has non-finite values (NaN/inf): refusing to load a "
                                  f"diverged or corrupt adapter")
+            # torch's load_state_dict copies every other tensor before it reports a wrong shape: refused here, before
+            # the first copy (PEFT's ignore_mismatched_sizes would leave those weights as they were: refused too).
+            target = current.get(key, current.get(key.removeprefix("base_model.model.")))
+            if isinstance(value, torch.Tensor) and target is not None and value.shape != target.shape:
+                raise ValueError(f"the checkpoint's {_short(key)} has shape {tuple(value.shape)}, but the model's is "
+                                 f"{tuple(target.shape)} (an adapter of another model or config?): nothing was loaded")
         return remapped
 
 
