@@ -15,7 +15,7 @@ without recompiling (tested with `error_on_recompile`).
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -25,8 +25,19 @@ from .config import AdapterConfig, LoraConfig
 from .engine import add_lowrank_embedding_update, add_lowrank_update
 from .layers import BottleneckLayer, LowRankLayer, TrainableCopy
 
-if TYPE_CHECKING:
-    from .model import PeftModel
+
+
+class RoutableModel(Protocol):
+    """What routing rows and hot-swapping read of a model: structlora's PeftModel, or the PEFT tuner's view of
+    itself (`peft_tuner`). A protocol, so that this module does not import the models built on it."""
+
+    peft_config: dict[str, AdapterConfig]
+
+    def _wrappers(self) -> Iterator[tuple[str, nn.Module]]: ...
+
+    def disable_adapter(self) -> contextlib.AbstractContextManager: ...
+
+    def load_adapter_weights(self, directory: str, adapter_name: str | None = None) -> None: ...
 
 __all__ = ["BASE_ADAPTER", "hotswap_adapter", "routed_adapters", "input_rows"]
 
@@ -117,7 +128,7 @@ def _copy_hook(routing: _Routing):
     return hook
 
 
-def _check_names(model: "PeftModel", adapter_names: Any) -> list[str]:
+def _check_names(model: RoutableModel, adapter_names: Any) -> list[str]:
     if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)) or not adapter_names:
         raise TypeError(f"adapter_names must be a non-empty list with one adapter name per row, got {adapter_names!r}")
     unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in model.peft_config})
@@ -142,7 +153,7 @@ def input_rows(args: tuple, kwargs: dict) -> int | None:
 
 
 @contextlib.contextmanager
-def routed_adapters(model: "PeftModel", adapter_names: list[str], rows: int | None = None,
+def routed_adapters(model: RoutableModel, adapter_names: list[str], rows: int | None = None,
                     expanded: bool = False) -> Iterator[None]:
     """Inside the block, row i of every batch runs with adapter `adapter_names[i]` ("__base__": none).
 
@@ -173,7 +184,7 @@ def routed_adapters(model: "PeftModel", adapter_names: list[str], rows: int | No
 _SWAPPABLE_FIELDS = {"lora_alpha", "lora_dropout", "base_model_name_or_path", "inference_mode", "init"}
 
 
-def hotswap_adapter(model: "PeftModel", model_id: str, adapter_name: str = "default") -> None:
+def hotswap_adapter(model: RoutableModel, model_id: str, adapter_name: str = "default") -> None:
     """Replace the weights of `adapter_name` with those saved in `model_id`, in place.
 
     The saved adapter must have the same structure (method, targets, ranks, …); a different `lora_alpha` sets
