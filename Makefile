@@ -36,11 +36,11 @@ test: $(STAMP)
 	$(MAKE) test-peft-oldest
 
 # structlora's methods are plugged into PEFT's tables (structlora.peft_method) for the releases CI tests: the oldest
-# one goes in a folder ahead of the venv's site-packages, for tests/test_peft_tuner.py only.
+# one goes in a folder ahead of the venv's site-packages, for the PEFT-path tests only.
 PEFT_OLDEST ?= peft==0.21.2
 test-peft-oldest: $(STAMP)
 	$(BIN)/python -m pip install -q --no-deps --upgrade --target $(VENV)/peft-oldest "$(PEFT_OLDEST)"
-	PYTHONPATH=$(VENV)/peft-oldest $(BIN)/python -m pytest -q -n 2 tests/test_peft_tuner.py $(PYTEST_ARGS)
+	PYTHONPATH=$(VENV)/peft-oldest $(BIN)/python -m pytest -q -n 2 tests/test_peft_tuner.py tests/test_peft_guarantees.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs
