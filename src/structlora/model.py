@@ -29,7 +29,7 @@ from .mixed import input_rows, routed_adapters
 from .quantized import refuse_quantized_merge
 from .svd_init import saved_factors_follow
 from .targets import (BOTTLENECK_PLACEMENT, CLASSIFIER_HEAD_NAMES, FUSED_PROJECTIONS, TargetWarning,
-                      default_targets, is_norm_module, module_matches, unknown_target_error)
+                      default_targets, enabled_slices, is_norm_module, module_matches, unknown_target_error)
 from .tensor_train import TTLinear, classifier_tt_shape, parameter_values
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -330,7 +330,7 @@ class PeftModel(nn.Module):
                                      f"(targets: {', '.join(leaves)}); a key must name a targeted fused projection")
         fused = FUSED_PROJECTIONS.get(model_type)
         for name, kind in candidates:
-            slices = self._enabled_slices(config, name)
+            slices = enabled_slices(config.enable_lora, name)
             if slices is not None and fused is not None:
                 expected = fused.get(name.rsplit(".", 1)[-1], 1)
                 out_features = base_shape(self.base_model.get_submodule(name))[1] if kind != "embedding" else None
@@ -381,21 +381,11 @@ class PeftModel(nn.Module):
             if layer is None:
                 continue
             try:
-                layer.add_adapter(adapter_name, config, self._enabled_slices(config, name))
+                layer.add_adapter(adapter_name, config, enabled_slices(config.enable_lora, name))
             except ValueError as error:  # name the module (e.g. a quantized base refused by an SVD start)
                 raise ValueError(f"{name!r}: {error}") from error
             injected.append(name)
         return injected
-
-    @staticmethod
-    def _enabled_slices(config: LoraConfig, name: str) -> list[bool] | None:
-        enable = config.enable_lora
-        if isinstance(enable, dict):
-            for suffix, slices in enable.items():
-                if name == suffix or name.endswith("." + suffix):
-                    return list(slices)
-            return None
-        return list(enable) if enable is not None else None
 
     def _inject_bottleneck(self, adapter_name: str, config: LorettaAdpConfig, targets: Union[list[str], str],
                            model_type: str, exclude: tuple[str, ...]) -> list[str]:

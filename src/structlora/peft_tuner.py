@@ -38,7 +38,7 @@ from .peft_layers import (ADAPTERS, StructloraBottleneckLayer, StructloraLowRank
                           StructloraTunerLayer)
 from .quantized import refuse_quantized_merge
 from .targets import (BOTTLENECK_PLACEMENT, CLASSIFIER_HEAD_NAMES, FUSED_PROJECTIONS, LOW_RANK_DEFAULT_TARGETS,
-                      default_targets, is_norm_module, module_matches, unknown_target_error)
+                      default_targets, enabled_slices, is_norm_module, module_matches, unknown_target_error)
 from .tensor_train import TTLinear, classifier_tt_shape
 
 # Segments of module names inside wrappers (ours and PEFT's): never targets themselves.
@@ -52,16 +52,6 @@ def _is_internal(name: str) -> bool:
 def _inside_any(name: str, owners: Any) -> bool:
     return any(name == owner or name.startswith(owner + ".") or name.endswith("." + owner) or
                ("." + owner + ".") in name for owner in owners)
-
-
-def _enabled_slices(config: LoraConfig, name: str) -> list[bool] | None:
-    enable = config.enable_lora
-    if isinstance(enable, dict):
-        for suffix, slices in enable.items():
-            if name == suffix or name.endswith("." + suffix):
-                return list(slices)
-        return None
-    return list(enable) if enable is not None else None
 
 
 # PEFT's low_cpu_mem_usage builds adapters on the meta device; structlora's layers place each new adapter on its
@@ -165,7 +155,7 @@ class StructloraTuner(BaseTuner):
     def _check_low_rank_options(self, config: LoraConfig, candidates: list[tuple[str, str]], model: nn.Module) -> None:
         fused = FUSED_PROJECTIONS.get(self._model_type(model), {})
         for name, kind in candidates:
-            slices = _enabled_slices(config, name)
+            slices = enabled_slices(config.enable_lora, name)
             expected = fused.get(name.rsplit(".", 1)[-1], 1)
             if slices is not None and len(slices) != expected:
                 raise ValueError(f"enable_lora gives {len(slices)} slices for {name!r}, which has {expected}; give "
@@ -181,7 +171,7 @@ class StructloraTuner(BaseTuner):
             layer.add_adapter(adapter_name, peft_config, self._placement(peft_config, current_key))
         else:
             layer = target if isinstance(target, StructloraLowRankLayer) else StructloraLowRankLayer(target)
-            layer.add_adapter(adapter_name, peft_config, _enabled_slices(peft_config, current_key))
+            layer.add_adapter(adapter_name, peft_config, enabled_slices(peft_config.enable_lora, current_key))
         if layer is not target:
             self._replace_module(parent, target_name, layer, target)
 

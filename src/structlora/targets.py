@@ -140,3 +140,14 @@ def unknown_target_error(targets: Union[list[str], str], names: Iterable[str],
 def is_norm_module(module: nn.Module) -> bool:
     """LayerNorm / RMSNorm of any family (class name contains 'Norm' and it owns parameters)."""
     return "norm" in type(module).__name__.lower() and any(True for _ in module.parameters(recurse=False))
+
+
+def enabled_slices(enable_lora: Union[list[bool], dict[str, list[bool]], None], name: str) -> list[bool] | None:
+    """The slices of module `name` that get an adapter under a config's `enable_lora` (a list for every target, or
+    a dict from a module-name suffix to its list); None: not a fused projection."""
+    if isinstance(enable_lora, dict):
+        for suffix, slices in enable_lora.items():
+            if name == suffix or name.endswith("." + suffix):
+                return list(slices)
+        return None
+    return list(enable_lora) if enable_lora is not None else None
