@@ -343,6 +343,13 @@ def test_lora_xs_round_trips(tmp_path):
     assert torch.allclose(_logits(loaded), expected, atol=1e-6)
     loaded.merge_adapter()
     assert torch.allclose(_logits(loaded), expected, atol=1e-5)
+    # Into an MTLoRA config without the SVD start (same tensor names and shapes): refused, since its A and B would
+    # be trained; the adapter keeps its values.
+    plain = get_peft_model(copy.deepcopy(base), MTLoraConfig(r=4, structure="shim", target_modules=LLAMA_TARGETS))
+    before = {k: v.clone() for k, v in plain.adapter_state_dict().items()}
+    with pytest.raises(ValueError, match="svd_start: weights saved with 'lora-xs', config has None"):
+        plain.load_adapter_weights(str(tmp_path / "adapter"))
+    assert all(torch.equal(plain.adapter_state_dict()[k], v) for k, v in before.items())
     loaded.unmerge_adapter()
     exported = _export_matches(model, base, tmp_path / "peft")
     assert exported["r"] == 4

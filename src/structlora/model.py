@@ -27,7 +27,7 @@ from .layers import (AdapterLayerMixin, BottleneckLayer, LowRankLayer, Trainable
                      merge_all, unmerge_all)
 from .mixed import input_rows, routed_adapters
 from .quantized import refuse_quantized_merge
-from .svd_init import saved_factors_follow
+from .svd_init import SVD_INITS, saved_factors_follow
 from .targets import (BOTTLENECK_PLACEMENT, CLASSIFIER_HEAD_NAMES, FUSED_PROJECTIONS, TargetWarning,
                       default_targets, enabled_slices, is_norm_module, module_matches, unknown_target_error)
 from .tensor_train import TTLinear, classifier_tt_shape, parameter_values
@@ -48,7 +48,12 @@ def adapter_folder(save_directory: str, adapter_name: str) -> str:
 
 
 def _structure_fields(config: AdapterConfig) -> dict[str, Any]:
-    return {k: v for k, v in config.to_dict().items() if k not in _UNCHECKED_CONFIG_FIELDS}
+    fields = {k: v for k, v in config.to_dict().items() if k not in _UNCHECKED_CONFIG_FIELDS}
+    # `init` is free (a start does not change what trained weights compute), except an SVD start, whose frozen
+    # factors make another trainable set: LoRA-XS weights loaded into a plain MTLoRA config would train A and B.
+    # Files saved before this key are compared without it.
+    fields["svd_start"] = getattr(config, "init", None) if getattr(config, "init", None) in SVD_INITS else None
+    return fields
 _INTERNAL_SEGMENTS = ("base_layer", "original", "adapters")
 
 
