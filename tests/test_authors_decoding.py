@@ -181,11 +181,11 @@ def test_training_flags_reach_trainer(tmp_path):
 
     from structlora.recipes import flags, nlg, training
 
-    parser = argparse.ArgumentParser()
+    parser = flags.RecipeParser()
     nlg.add_arguments(parser)
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "nlg" / "mtlora_gpt2.yaml"
-    args = flags.apply_config_file(parser.parse_args(
-        ["--config", str(recipe), "--dataset", "e2e", "--model", "gpt2-medium", "--output", str(tmp_path)]))
+    args = parser.parse_flags(["--config", str(recipe), "--dataset", "e2e", "--model", "gpt2-medium", "--output",
+                               str(tmp_path)])
     settings = training.make_training_arguments(args)
     assert (settings.max_grad_norm, settings.adam_epsilon, settings.adam_beta2, settings.seed) == (0.0, 1e-6, 0.999, 110)
     assert settings.load_best_model_at_end is False and args.layout == "authors"

@@ -160,10 +160,10 @@ def test_bitfit_refusals():
 
 # --------------------------------------------------------------------------------------- through PEFT
 def recipe_args(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
+    parser = flags.RecipeParser()
     methods.add_method_arguments(parser)
     flags.add_training_arguments(parser)
-    return parser.parse_args(list(argv))
+    return parser.parse_flags(argv)
 
 
 def test_ia3_through_peft_starts_at_the_base_function_and_learns():
@@ -239,10 +239,10 @@ def test_baseline_recipe_files_build_their_method(recipe):
 
     from structlora.recipes import glue
 
-    parser = argparse.ArgumentParser()
+    parser = flags.RecipeParser()
     glue.add_arguments(parser)
     path = Path(__file__).resolve().parents[1] / "recipes" / "glue" / f"{recipe}.yaml"
-    args = flags.apply_config_file(parser.parse_args(["--config", str(path), "--task", "rte"]))
+    args = parser.parse_flags(["--config", str(path), "--task", "rte"])
     assert args.method == recipe.split("_")[0] and args.lr > 0 and args.model
     config = methods.build_peft_config(args, "SEQ_CLS") if args.method not in ("ia3", "prompt", "ptuning") else None
     if args.method == "adapter":

@@ -10,11 +10,10 @@ from structlora.tasks import data_dir
 
 
 def parsed(argv: list[str], config: Path | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
+    parser = flags.RecipeParser()
     flags.add_training_arguments(parser)
     parser.add_argument("--model-dtype", default="float32")
-    args = parser.parse_args(argv + (["--config", str(config)] if config else []))
-    return flags.apply_config_file(args, parser)
+    return parser.parse_flags(argv + (["--config", str(config)] if config else []))
 
 
 def test_bf16_and_recipe_checkpointing_are_turned_off_on_a_cpu_without_bf16(monkeypatch, tmp_path, capsys):

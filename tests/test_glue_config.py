@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,12 +15,13 @@ import structlora
 from structlora.recipes import flags, glue, methods, outputs, report
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "glue"
+SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
+    parser = flags.RecipeParser()
     glue.add_arguments(parser)
-    return flags.apply_config_file(parser.parse_args(argv))
+    return parser.parse_flags(argv)
 
 
 def test_yaml_values_become_defaults_and_explicit_flags_win(tmp_path):
@@ -41,8 +45,57 @@ def test_json_config_and_unknown_keys(tmp_path):
     with pytest.raises(SystemExit, match="unknown key.*learning_rate"):
         parse(["--config", str(config)])
     config.write_text(json.dumps({"method": "dora"}))
-    with pytest.raises(SystemExit, match="not one of"):
+    with pytest.raises(SystemExit, match="run.json: key method: 'dora' not among choices"):
         parse(["--config", str(config)])
+
+
+def test_flags_win_over_the_config_file_wherever_they_stand(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("lr: 4e-4\nseed: 7\nbf16: true\nuse-rslora: false\ngroup-by-length: true\n")
+    for argv in (["--lr", "1e-3", "--no-bf16", "--config", str(config), "--use-rslora"],
+                 ["--lr=1e-3", "--config", str(config), "--no-bf16", "--use-rslora"],
+                 [f"--config={config}", "--use-rslora", "--no-bf16", "--lr", "1e-3"]):
+        args = parse(argv)
+        assert (args.lr, args.seed, args.bf16, args.use_rslora, args.group_by_length) == (1e-3, 7, False, True, True)
+        assert flags.explicit_flags(args) == {"lr", "bf16", "use_rslora"} and args.config == str(config)
+    # The file's booleans land when no flag is given; without a file, the defaults.
+    args = parse(["--config", str(config)])
+    assert (args.bf16, args.use_rslora, args.group_by_length, flags.explicit_flags(args)) == (True, False, True, set())
+    assert (parse([]).bf16, parse([]).lr, parse([]).config) == (False, 5e-4, None)
+
+
+@pytest.mark.parametrize("text,problem", [
+    ("learning_rate: 1e-3\n", "unknown key learning_rate. Known: adam-beta1, "),
+    ("lr: fast\n", "key lr: Expected a float. Got value: fast"),
+    ("bf16: maybe\n", "key bf16: Value not boolean: maybe."),
+    ("task: wnli\n", "key task: 'wnli' not among choices"),
+    ("- lr\n", "must hold a mapping of flag names to values"),
+])
+def test_a_bad_config_file_is_one_error_line_naming_file_and_key(tmp_path, text, problem):
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    with pytest.raises(SystemExit) as refusal:
+        parse(["--lr", "1e-3", "--config", str(config)])
+    message = str(refusal.value.code)
+    assert message.startswith(f"error: {config}: {problem}") and "\n" not in message
+    if "unknown" in problem:
+        assert "lr, lr-scheduler" in message and "config" not in message.split("Known: ")[1].split(", ")
+
+
+def test_config_and_command_line_errors_through_the_console_script(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("learning_rate: 1\n")
+    for argv, status, last_line in (
+            (["--config", str(config)], 1, f"error: {config}: unknown key learning_rate. Known: "),
+            (["--config", str(tmp_path / "missing.yaml")], 1, f"error: {tmp_path / 'missing.yaml'}: File does not "),
+            (["--lr", "fast"], 2, "structlora train glue: error: argument --lr: Expected a float. Got value: fast"),
+            (["--no-such-flag"], 2, "structlora train glue: error: unrecognized arguments: --no-such-flag")):
+        done = subprocess.run([sys.executable, "-m", "structlora.cli", "train", "glue", *argv], capture_output=True,
+                              text=True, env={**os.environ, "PYTHONPATH": str(SRC)}, timeout=120)
+        assert done.returncode == status and done.stdout == ""
+        assert done.stderr.splitlines()[-1].startswith(last_line) and "Traceback" not in done.stderr
+        if status == 1:
+            assert len(done.stderr.splitlines()) == 1
 
 
 MTLORA_SETTINGS = {  # task: (lr, epochs, per-GPU batch, GPUs, seed), from the MTLoRA roberta_base_<task>.sh

@@ -136,15 +136,24 @@ def test_unreachable_data_is_a_clear_error(workspace: dict[str, Path]) -> None:
               "--output", str(workspace["root"] / "cb"), "--data-dir", str(workspace["data"])])
 
 
+@pytest.mark.parametrize("text,problem", [("task: nosuch\n", "key task: unknown task 'nosuch'; choose from SST-2, "),
+                                          ("task-overrides: [CB]\n", "key task-overrides: expected a JSON object")])
+def test_a_bad_task_in_a_recipe_file_names_file_and_key(tmp_path: Path, text: str, problem: str) -> None:
+    config = tmp_path / "llm.yaml"
+    config.write_text(text)
+    argv = ["train", "llm", "--task", "CB", "--model", "m", "--config", str(config)]
+    with pytest.raises(SystemExit, match=f"^error: {config}: {problem}"):
+        build_parser(argv).parse_args(argv)
+
+
 @pytest.mark.parametrize("recipe", sorted((REPO / "recipes" / "llm").glob("*.yaml")), ids=lambda p: p.stem)
 def test_recipes_apply_with_task_overrides(recipe: Path) -> None:
-    from structlora.recipes import flags
     from structlora.recipes.llm import apply_task_overrides
 
     def parse(*extra: str):
         argv = ["train", "llm", "--task", "CB", "--model", "m", "--output", "o", "--config", str(recipe), *extra]
         args = build_parser(argv).parse_args(argv)
-        return apply_task_overrides(flags.apply_config_file(args))
+        return apply_task_overrides(args)
 
     args = parse()
     assert args.method in ("lora", "loretta-rep", "loretta-adp", "adapter", "ia3", "prefix", "prompt")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 import structlora.recipes.commands
 from structlora.cli import main
@@ -24,10 +25,10 @@ SAMPLE = {"structure": "icfm", "r": "4", "lora_alpha": "16", "lora_dropout": "0.
 
 
 def recipe_args(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
+    parser = flags.RecipeParser()
     methods.add_method_arguments(parser)
     flags.add_training_arguments(parser)
-    return flags.apply_config_file(parser.parse_args(list(argv)))
+    return parser.parse_flags(argv)
 
 
 def flag(dest: str) -> str:
@@ -149,4 +150,15 @@ def test_every_shipped_recipe_sets_only_flags_its_method_reads(recipe):
     parser = structlora.recipes.commands.build_parser(argv)
     args, unknown = parser.parse_known_args(argv)
     assert unknown == []
-    methods.check_method_flags(flags.apply_config_file(args))
+    methods.check_method_flags(args)
+    # Every key of the file lands, with its flag's type (YAML reads 4e-4 as a string, 80 as an integer).
+    written = yaml.safe_load((REPO / recipe).read_text())
+    assert written and args.config == str(REPO / recipe)
+    for key, value in written.items():
+        landed = getattr(args, key.replace("-", "_"))
+        if isinstance(landed, float):
+            assert landed == float(value) and not isinstance(landed, bool), key
+        elif key in ("target-modules", "modules-to-save"):
+            assert landed == flags.comma_list(value), key
+        else:
+            assert landed == value, key

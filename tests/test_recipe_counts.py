@@ -16,9 +16,9 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def recipe_args(module, path: Path, *argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
+    parser = flags.RecipeParser()
     module.add_arguments(parser)
-    return flags.apply_config_file(parser.parse_args(["--config", str(path), *argv]))
+    return parser.parse_flags(["--config", str(path), *argv])
 
 
 def trained_count(model: torch.nn.Module, args: argparse.Namespace, task_type: str, enable_lora=None) -> int:

@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Iterator
 
-from .recipes.commands import COMMANDS, build_parser
+from .recipes.commands import COMMANDS, build_parser, command_parser
 
 WIDTH = "100"
 
@@ -30,11 +30,7 @@ def _fixed_width() -> Iterator[None]:
 
 
 def _help_of(path: tuple[str, ...]) -> str:
-    parser = build_parser(list(path))
-    for name in path:
-        action = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-        parser = action.choices[name]
-    return parser.format_help()
+    return command_parser(build_parser(list(path)), path).format_help()
 
 
 def render() -> str:

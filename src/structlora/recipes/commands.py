@@ -6,7 +6,9 @@ its own wing.
 Each recipe module owns its flags and its work; this file only wires sub-commands, so that
 the GLUE, NLG and LLM pipelines can grow without touching one another.
 
-Contract for a recipe module registered below: `add_arguments(parser)` and `run(args) -> int | None`.
+Contract for a recipe module registered below: `add_arguments(parser)` and `run(args) -> int | None`; a module
+may name the class of its parser (`PARSER_CLASS`: the training recipes' is `flags.RecipeParser`, which reads
+`--config` files).
 Modules are imported lazily, and import torch / transformers only inside `run`, so that `--help` is fast
 and optional extras stay optional.
 
@@ -64,32 +66,47 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def _subcommand_parser(subparsers: argparse._SubParsersAction, name: str, help_text: str,
-                       uses_data: bool) -> argparse.ArgumentParser:
+def _new_parser(parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser,
+                **kwargs: Any) -> argparse.ArgumentParser:
+    """The sub-command actions' parser class: argparse's, or the one a command's module names."""
+    return parser_class(**kwargs)
+
+
+def _subcommand_parser(subparsers: argparse._SubParsersAction, name: str, help_text: str, uses_data: bool,
+                       parser_class: type[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     description = help_text + (f".\n\n{DATA_RULE}." if uses_data else ".")
-    return subparsers.add_parser(name, help=help_text, description=description, formatter_class=HelpFormatter)
+    return subparsers.add_parser(name, help=help_text, description=description, formatter_class=HelpFormatter,
+                                 parser_class=parser_class)
 
 
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="structlora", description=__doc__.splitlines()[0],
                                      epilog=f"{DATA_RULE}. `structlora COMMAND --help` lists each command's flags.",
                                      formatter_class=HelpFormatter)
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_new_parser)
     groups: dict[str, argparse._SubParsersAction] = {}
     # Only import the module the user asked for (plus cheap help for the others).
     wanted = tuple(a for a in argv if not a.startswith("-"))
     for path, module_name, help_text, uses_data in COMMANDS:
-        if len(path) == 1:
-            sub = _subcommand_parser(subparsers, path[0], help_text, uses_data)
-        else:
-            if path[0] not in groups:
-                group_parser = subparsers.add_parser(path[0], help=f"{path[0]} sub-commands",
-                                                     formatter_class=HelpFormatter)
-                groups[path[0]] = group_parser.add_subparsers(dest="subcommand", required=True, metavar="TASK")
-            sub = _subcommand_parser(groups[path[0]], path[1], help_text, uses_data)
-        sub.set_defaults(_module=module_name, _command_parser=sub)
-        if wanted[: len(path)] == path:
-            _command(module_name).add_arguments(sub)
+        module = _command(module_name) if wanted[: len(path)] == path else None
+        parser_class = getattr(module, "PARSER_CLASS", argparse.ArgumentParser)
+        if len(path) > 1 and path[0] not in groups:
+            group_parser = subparsers.add_parser(path[0], help=f"{path[0]} sub-commands",
+                                                 formatter_class=HelpFormatter)
+            groups[path[0]] = group_parser.add_subparsers(dest="subcommand", required=True, metavar="TASK",
+                                                          parser_class=_new_parser)
+        sub = _subcommand_parser(groups[path[0]] if len(path) > 1 else subparsers, path[-1], help_text, uses_data,
+                                 parser_class)
+        if module is not None:
+            module.add_arguments(sub)
+    return parser
+
+
+def command_parser(parser: argparse.ArgumentParser, path: Sequence[str]) -> argparse.ArgumentParser:
+    """The parser of the sub-command ``path`` (e.g. ``("train", "glue")``) in ``build_parser``'s tree."""
+    for name in path:
+        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = subparsers.choices[name]
     return parser
 
 
@@ -156,9 +173,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     silence_import_noise()
     parser = build_parser(argv)
     args, unknown = parser.parse_known_args(argv)
+    path = (args.command, *([args.subcommand] if getattr(args, "subcommand", None) else []))
     if unknown:  # report against the sub-command, so its usage (not the top level's) is shown
-        getattr(args, "_command_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
-    module = _command(args._module)
+        command_parser(parser, path).error(f"unrecognized arguments: {' '.join(unknown)}")
+    module = _command(next(name for command, name, *_ in COMMANDS if command == tuple(path)))
     group_existed = _process_group_started()
     try:
         with warnings.catch_warnings():

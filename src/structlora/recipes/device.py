@@ -19,6 +19,8 @@ import functools
 import sys
 from pathlib import Path
 
+from .flags import explicit_flags
+
 
 def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
@@ -72,7 +74,7 @@ def resolve_device_settings(args: argparse.Namespace) -> argparse.Namespace:
     Idempotent; returns ``args``."""
     if getattr(args, "_device_settings_resolved", False):
         return args
-    explicit = set(getattr(args, "_explicit_flags", set()))
+    explicit = explicit_flags(args)
     accelerator = has_accelerator()
     wants_bf16 = bool(getattr(args, "bf16", False)) or getattr(args, "model_dtype", None) == "bfloat16"
     if wants_bf16 and not bf16_supported():

@@ -1,16 +1,18 @@
-"""The training flags every recipe shares, and the ``--config`` file that sets any flag (explicit flags win).
+"""The training flags every recipe shares, and the parser that reads them with a ``--config`` file.
 
-``add_training_arguments(parser)`` adds ``--epochs --lr --batch-size ... --resume --init-from --config --output`` and
-makes every flag added to ``parser`` from then on record itself when given (``args._explicit_flags``), so that
-``apply_config_file(args)`` fills only what the command line left at its default. Boolean flags are ``--x/--no-x``.
+A recipe's parser is ``RecipeParser``, jsonargparse's typed parser: ``--config FILE`` (``ActionConfigFile``) reads a
+YAML/JSON file whose keys set any flag, each value checked by the flag's type and choices; flags given on the
+command line win over the file wherever they stand. Boolean flags are ``--x/--no-x`` (``BOOLEAN``), so that a
+recipe's ``x: true`` can be switched off. ``explicit_flags(args)`` tells which flags the command line gave.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
-from typing import Any
+import re
+from typing import Any, Sequence
+
+from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentError, ArgumentParser
 
 from ..tasks.data_errors import add_skip_bad_rows_argument
 
@@ -21,56 +23,126 @@ LR_SCHEDULERS: tuple[str, ...] = (
 )
 
 
-# Where explicitly given flags are recorded (see track_explicit_flags).
-EXPLICIT_ATTR = "_explicit_flags"
+class _YesNo(ActionYesNo):
+    """jsonargparse's ``--x/--no-x`` whose bad value (``x: maybe`` in a file) names its flag, shown as argparse's."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not args:  # add_argument builds the flag's action from this one
+            return _YesNo(_yes_prefix=self._yes_prefix, _no_prefix=self._no_prefix, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+    def format_usage(self) -> str:  # the usage shows both, as argparse's BooleanOptionalAction does
+        return " | ".join(self.option_strings)
+
+    def _check_type(self, value: Any) -> bool:
+        try:
+            return super()._check_type(value)
+        except TypeError as error:
+            raise TypeError(f'Parser key "{self.dest}": {error}') from None
 
 
+# Every boolean flag: `--x` sets it, `--no-x` unsets it (a recipe file's `x: true` too).
+BOOLEAN = _YesNo(no_prefix="no-")
+# Where RecipeParser records the flags the command line gave (read them with explicit_flags).
+_EXPLICIT_ATTR = "_explicit_flags"
 _REGEX_CHARS = set("*()[]|^$\\+?")
 
 
-def comma_list(value: str) -> list[str] | str:
-    """``"query,value"`` -> ``["query", "value"]``; a single regular expression (PEFT semantics: matched
-    against the whole module name) is kept as a string, e.g. ``".*\\.output\\.dense"``."""
-    value = value.strip()
+def comma_list(value: str | Sequence[str]) -> list[str] | str:
+    """``"query,value"`` (or a YAML list) -> ``["query", "value"]``; a single regular expression (PEFT semantics:
+    matched against the whole module name) is kept as a string, e.g. ``".*\\.output\\.dense"``."""
+    if isinstance(value, (list, tuple)):
+        return [str(item) for item in value]
+    value = str(value).strip()
     if "," not in value and _REGEX_CHARS & set(value):
         return value
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
-def _tracking(action_cls: type[argparse.Action]) -> type[argparse.Action]:
-    """An argparse action that also records that its flag was given on the command line."""
-
-    class Tracked(action_cls):  # type: ignore[misc, valid-type]
-        def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
-            super().__call__(parser, namespace, values, option_string)
-            explicit = set(getattr(namespace, EXPLICIT_ATTR, set()))
-            explicit.add(self.dest)
-            setattr(namespace, EXPLICIT_ATTR, explicit)
-
-    Tracked.__name__ = f"Tracked{action_cls.__name__}"
-    return Tracked
+class BadValue(argparse.ArgumentTypeError, ValueError):
+    """A flag type's refusal: argparse prints its message, jsonargparse names the key (a config file's too)."""
 
 
-def track_explicit_flags(parser: argparse.ArgumentParser) -> None:
-    """Make every flag added from now on record itself when given, so config files never override it."""
-    if getattr(parser, "_structlora_tracking", False):
-        return
-    for name in (None, "store", "store_const", "store_true", "store_false", "append", "extend", "count"):
-        parser.register("action", name, _tracking(parser._registry_get("action", name, None)))
-    # Every boolean flag is `--x/--no-x` (action="boolean"), so a recipe's `x: true` can be switched off.
-    parser.register("action", "boolean", _tracking(argparse.BooleanOptionalAction))
-    parser._structlora_tracking = True  # type: ignore[attr-defined]
-    parser.set_defaults(_parser=parser)
+def explicit_flags(args: argparse.Namespace) -> frozenset[str]:
+    """The flags (dests) given on the command line: not from a config file, not defaults."""
+    return frozenset(getattr(args, _EXPLICIT_ATTR, ()))
+
+
+class RecipeParser(ArgumentParser):
+    """A training recipe's parser (jsonargparse): typed flags and ``--config`` files, where the command line wins.
+
+    jsonargparse applies a config file where it stands among the arguments; the files are moved first, so that a
+    flag before ``--config`` wins too. An error is one line: a command-line one with the usage (exit 2), a config
+    file's naming the file and the key (exit 1)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, exit_on_error=False, print_config=None, **kwargs)
+
+    def parse_flags(self, argv: Sequence[str]) -> argparse.Namespace:
+        """The flags of ``argv`` as a plain Namespace (config files applied; ``explicit_flags`` recorded)."""
+        files, rest = _config_files_first(list(argv))
+        explicit = self._parsed(rest, defaults=False)  # only what the command line gave (its errors first)
+        parsed = self._parsed(rest)
+        for count, path in enumerate(files, 1):  # one file more each time: an error is the last file's
+            parsed = self._parsed([*(f"--config={file}" for file in files[:count]), *rest], config=path)
+        values = parsed.as_dict()
+        values["config"] = ", ".join(files) or None
+        values[_EXPLICIT_ATTR] = frozenset(explicit.as_dict())
+        return argparse.Namespace(**values)
+
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        """What argparse's sub-command action calls: every argument is the recipe's (an unknown one is an error)."""
+        return self.parse_flags(args or []), []
+
+    def _parsed(self, argv: list[str], defaults: bool = True, config: str | None = None) -> Any:
+        try:
+            return self.parse_args(argv, defaults=defaults)
+        except ArgumentError as error:  # jsonargparse's message, on one line: 'Parser key "lr": Expected a ...'
+            message = re.sub(r"<class '(\w+)'>", r"\1", " ".join(str(error).split()))
+            key = re.match(r'Parser key "(\w+)": ', message)
+            if config is None:
+                if key:
+                    message = f"argument --{key.group(1).replace('_', '-')}: {message[key.end():]}"
+                argparse.ArgumentParser.error(self, message)  # argparse's: the usage, one error line (exit 2)
+            raise SystemExit(f"error: {config}: {self._file_problem(message, key)}") from None
+
+    def _file_problem(self, message: str, key: re.Match[str] | None) -> str:
+        unknown = re.fullmatch(r"Option '(.+)' is not accepted", message)
+        if unknown:
+            known = sorted(a.dest.replace("_", "-") for a in self._actions
+                           if a.option_strings and a.help != argparse.SUPPRESS and a.dest not in ("help", "config"))
+            return f"unknown key {unknown.group(1)}. Known: {', '.join(known)}"
+        if message.startswith("Unexpected config"):
+            return "must hold a mapping of flag names to values"
+        if key and key.group(1) == "config":
+            return message[key.end():]
+        return f"key {key.group(1).replace('_', '-')}: {message[key.end():]}" if key else message
+
+
+def _config_files_first(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``argv`` -> (the ``--config`` files, the other arguments in their order)."""
+    files: list[str] = []
+    rest: list[str] = []
+    arguments = iter(argv)
+    for argument in arguments:
+        file = next(arguments, None) if argument == "--config" else None
+        if file is not None:
+            files.append(file)
+        elif argument.startswith("--config="):
+            files.append(argument.split("=", 1)[1])
+        else:
+            rest.append(argument)
+    return files, rest
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Training flags shared by every recipe (model/task flags belong to the recipe)."""
-    track_explicit_flags(parser)
     group = parser.add_argument_group("training")
     group.add_argument("--output", default=None, metavar="DIR",
                        help="output directory: results.json, adapter/, curves.png, checkpoints/ (required, "
                             "flag or config file)")
-    group.add_argument("--config", default=None, metavar="FILE",
+    group.add_argument("--config", action=ActionConfigFile, metavar="FILE",
                        help="YAML/JSON recipe whose keys set any flag; flags given on the command line win "
                             "(default: none)")
     group.add_argument("--epochs", type=float, default=3.0, help="number of training epochs")
@@ -103,15 +175,15 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                        help="log the training loss every N steps (default: --eval-every, else at least once "
                             "an epoch, at most every 50 steps)")
     precision = group.add_mutually_exclusive_group()
-    precision.add_argument("--bf16", action="boolean", default=False,
+    precision.add_argument("--bf16", action=BOOLEAN, default=False,
                            help="bfloat16 mixed precision; only where the device has native bf16 (a warning "
                                 "and float32 otherwise)")
-    precision.add_argument("--fp16", action="boolean", default=False,
+    precision.add_argument("--fp16", action=BOOLEAN, default=False,
                            help="float16 mixed precision (GPU only; a warning and float32 on a CPU)")
-    group.add_argument("--gradient-checkpointing", action="boolean", default=False,
+    group.add_argument("--gradient-checkpointing", action=BOOLEAN, default=False,
                        help="recompute activations in the backward pass to save memory; a recipe file's value "
                             "is ignored on a CPU (where it only costs time), the flag is honoured")
-    group.add_argument("--group-by-length", action="boolean", default=False,
+    group.add_argument("--group-by-length", action=BOOLEAN, default=False,
                        help="batch training examples of similar length together (less padding, faster)")
     group.add_argument("--report-to", default="none", metavar="TOOL",
                        help="where Trainer logs: none, tensorboard, wandb, mlflow, all, ... (comma-separated)")
@@ -122,88 +194,17 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     group.add_argument("--init-from", default=None, metavar="DIR",
                        help="start from a trained adapter folder, e.g. an MNLI adapter for RTE (default: a "
                             "fresh adapter)")
-    group.add_argument("--overwrite", action="boolean", default=False,
+    group.add_argument("--overwrite", action=BOOLEAN, default=False,
                        help="replace the run already in --output (its checkpoints and results.json are deleted)")
-    group.add_argument("--skip-nonfinite-steps", action="boolean", default=False,
+    group.add_argument("--skip-nonfinite-steps", action=BOOLEAN, default=False,
                        help="skip (and count, in results.json) steps whose loss or gradient is NaN/inf instead of "
                             "stopping")
-    group.add_argument("--allow-resume-changes", action="boolean", default=False,
+    group.add_argument("--allow-resume-changes", action=BOOLEAN, default=False,
                        help="--resume with training flags (learning rate, schedule, batch, seed, data, ...) other than "
                             "the run's: the changes are recorded in results.json; the learning rate, weight decay "
                             "and Adam settings stay the checkpoint's")
-    group.add_argument("--allow-incomplete-checkpoint", action="boolean", default=False,
+    group.add_argument("--allow-incomplete-checkpoint", action=BOOLEAN, default=False,
                        help="--resume from a checkpoint that lacks its optimizer, scheduler or RNG state (fresh state "
                             "for them; the result then differs from an uninterrupted run) instead of refusing it")
-    add_skip_bad_rows_argument(group)
+    add_skip_bad_rows_argument(group, BOOLEAN)
     return parser
-
-
-def apply_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
-    """Fill ``args`` from ``args.config`` (YAML or JSON mapping): the file's values replace defaults,
-    never flags given on the command line. Keys may use dashes or underscores. Returns ``args``."""
-    parser = parser or getattr(args, "_parser", None)
-    path = getattr(args, "config", None)
-    if not path:
-        return args
-    if parser is None:
-        raise ValueError("apply_config_file needs the parser (pass it, or use add_training_arguments)")
-    values = _read_mapping(Path(path))
-    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", argparse.SUPPRESS)}
-    explicit = getattr(args, EXPLICIT_ATTR, set())
-    unknown = []
-    for raw_key, value in values.items():
-        dest = str(raw_key).lstrip("-").replace("-", "_")
-        action = actions.get(dest)
-        if action is None or dest == "config":
-            unknown.append(str(raw_key))
-            continue
-        if dest in explicit:
-            continue
-        if dest not in explicit and _is_untracked(action) and getattr(args, dest) != action.default:
-            continue  # an untracked flag that differs from its default was given explicitly
-        setattr(args, dest, _coerce(action, value, path))
-    if unknown:
-        known = sorted(d.replace("_", "-") for d in actions if not d.startswith("_") and d != "config")
-        raise SystemExit(f"error: {path}: unknown key(s) {', '.join(sorted(unknown))}. Known: {', '.join(known)}")
-    return args
-
-
-def _is_untracked(action: argparse.Action) -> bool:
-    return not type(action).__name__.startswith("Tracked")
-
-
-def _read_mapping(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise SystemExit(f"error: config file not found: {path}")
-    text = path.read_text()
-    if path.suffix.lower() == ".json":
-        data = json.loads(text)
-    else:
-        import yaml  # YAML is a superset of JSON, so this also reads .json files under other names
-
-        data = yaml.safe_load(text)
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise SystemExit(f"error: {path} must hold a mapping of flag names to values")
-    return data
-
-
-def _coerce(action: argparse.Action, value: Any, source: str) -> Any:
-    """Give a config value the type its flag would have produced."""
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
-        if isinstance(value, str):
-            value = value.strip().lower() in ("1", "true", "yes", "on")
-        return bool(value)
-    if value is None:
-        return None
-    if action.type is comma_list:
-        return [str(item) for item in value] if isinstance(value, (list, tuple)) else comma_list(str(value))
-    if action.type is not None and not isinstance(value, (list, dict)):
-        try:
-            value = action.type(value)
-        except (TypeError, ValueError) as err:
-            raise SystemExit(f"error: {source}: bad value {value!r} for {action.dest}: {err}") from err
-    if action.choices is not None and value not in action.choices:
-        raise SystemExit(f"error: {source}: {action.dest}={value!r} is not one of {list(action.choices)}")
-    return value

@@ -22,6 +22,10 @@ TASK_TYPE = "SEQ_CLS"
 GLUE_TASK_NAMES: tuple[str, ...] = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte")
 
 
+# `--config` files and typed flags: the training recipes' parser (structlora.recipes.commands reads this).
+PARSER_CLASS = flags.RecipeParser
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     methods.add_method_arguments(parser)
     flags.add_training_arguments(parser)
@@ -45,7 +49,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    flags.apply_config_file(args)
     for required in ("task", "model", "output"):
         if not getattr(args, required):
             raise SystemExit(f"error: --{required} is required (flag or config file)")

@@ -25,10 +25,10 @@ from structlora.tasks.data_dir import add_data_dir_argument, resolve_data_dir
 NO_TRAINING = "none"
 
 
-def _json_mapping(text: str) -> dict[str, Any]:
-    value = json.loads(text)
+def _json_mapping(text: str | dict[str, Any]) -> dict[str, Any]:
+    value = json.loads(text) if isinstance(text, str) else text  # a recipe file's mapping is one already
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("expected a JSON object")
+        raise flags.BadValue("expected a JSON object")
     return value
 
 
@@ -39,11 +39,15 @@ def _task_name(value: str) -> str:
     try:
         return get_task(value).name
     except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+        raise flags.BadValue(str(error)) from None
 
 
 # Base-weight dtypes (structlora.tasks.llm.modeling.DTYPES; listed here so --help does not import torch).
 MODEL_DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
+
+
+# `--config` files and typed flags: the training recipes' parser (structlora.recipes.commands reads this).
+PARSER_CLASS = flags.RecipeParser
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--n-train", type=int, default=1000, help="training examples sampled (seeded)")
     group.add_argument("--n-dev", type=int, default=500, help="dev examples for model selection")
     group.add_argument("--n-eval", type=int, default=1000, help="evaluation examples sampled")
-    group.add_argument("--split-validation", action="boolean", default=False,
+    group.add_argument("--split-validation", action=flags.BOOLEAN, default=False,
                        help="sample train/dev/eval all from the validation split (small local copies)")
     group.add_argument("--icl", type=int, default=0, metavar="K",
                        help="K in-context demonstrations from the training sample at evaluation")
@@ -96,7 +100,7 @@ def apply_task_overrides(args: argparse.Namespace) -> argparse.Namespace:
     chosen = next((v for k, v in overrides.items() if get_task(k).name == name), None)
     if not chosen:
         return args
-    explicit = set(getattr(args, "_explicit_flags", set()))
+    explicit = flags.explicit_flags(args)
     for key, value in chosen.items():
         dest = str(key).lstrip("-").replace("-", "_")
         if not hasattr(args, dest):
@@ -115,7 +119,6 @@ def run(args: argparse.Namespace) -> int:
     from structlora.tasks.llm.scoring import EncodedDataset, ExampleCollator, encode_example, pad_token_id
     from structlora.tasks.llm.tasks import get_task
 
-    flags.apply_config_file(args)
     try:
         spec = get_task(args.task)
         apply_task_overrides(args)

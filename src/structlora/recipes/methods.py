@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from structlora.names import DENSE_ADAPTER_PLACEMENTS, MTLORA_STRUCTURES
 
-from .flags import EXPLICIT_ATTR, comma_list, track_explicit_flags
+from .flags import BOOLEAN, comma_list, explicit_flags
 from .peft_methods import ENCODER_METHODS, PEFT_METHODS, PROMPT_LEARNING_METHODS
 from .runs import HEAD_MODULE_NAMES, init_from_run
 
@@ -62,14 +62,12 @@ METHOD_FLAG_READERS: dict[str, tuple[str, ...]] = {
 }
 
 
-# The adapter flags' defaults other than None: the flags' own defaults, and what a Namespace built without the
-# parser is compared with.
+# The adapter flags' defaults other than None (the flags' own defaults): a flag holding another value was set.
 METHOD_FLAG_DEFAULTS = {"structure": "shim", "adapter_placement": "houlsby", "use_rslora": False}
 
 
 def add_method_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Adapter flags. Unset hyper-parameters (None) fall back to the structlora config defaults."""
-    track_explicit_flags(parser)
     group = parser.add_argument_group("adapter")
     group.add_argument("--method", choices=METHODS, default="lora",
                        help="lora, mtlora, loretta-rep, loretta-adp, full fine-tuning, or a baseline: adapter "
@@ -108,7 +106,7 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                             "reference is the authors' start; identity (MTLoRA) starts with T=I; pissa (LoRA, MTLoRA) "
                             "takes A, B from the SVD of W; lora-xs (MTLoRA) freezes A, B at the SVD of W and trains T "
                             "only (default: the method's config)")
-    group.add_argument("--use-rslora", action="boolean", default=False,
+    group.add_argument("--use-rslora", action=BOOLEAN, default=METHOD_FLAG_DEFAULTS["use_rslora"],
                        help="rsLoRA: scale the update by alpha/sqrt(r) instead of alpha/r")
     group.add_argument("--loraplus-lr-ratio", type=float, default=None,
                        help="LoRA+: train the B factors at this multiple of --lr (default: off)")
@@ -119,16 +117,14 @@ def _method_flags_set(args: argparse.Namespace) -> dict[str, str]:
     """The adapter flags of METHOD_FLAG_READERS that ``args`` sets -> the config file that set it ("" when given on
     the command line, or set in a caller's Namespace): given explicitly, or holding another value than the flag's
     default."""
-    explicit = getattr(args, EXPLICIT_ATTR, set())
-    parser = getattr(args, "_parser", None)
+    explicit = explicit_flags(args)
     given: dict[str, str] = {}
     for dest in METHOD_FLAG_READERS:
         if not hasattr(args, dest):
             continue
-        default = parser.get_default(dest) if parser is not None else METHOD_FLAG_DEFAULTS.get(dest)
         if dest in explicit:
             given[dest] = ""
-        elif getattr(args, dest) != default:
+        elif getattr(args, dest) != METHOD_FLAG_DEFAULTS.get(dest):
             given[dest] = str(getattr(args, "config", None) or "")
     return given
 
@@ -140,7 +136,7 @@ def check_method_flags(args: argparse.Namespace) -> None:
     adapter`` keeps the recipe's budget); it is ignored with a warning, since the file cannot be unset flag by
     flag from the command line."""
     method = getattr(args, "method", None)
-    explicit = getattr(args, EXPLICIT_ATTR, set())
+    explicit = explicit_flags(args)
     warned = getattr(args, "_method_flags_warned", set())
     for dest, config in _method_flags_set(args).items():
         readers = METHOD_FLAG_READERS[dest]

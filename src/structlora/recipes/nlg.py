@@ -28,6 +28,10 @@ TASK_TYPE = "CAUSAL_LM"
 LAYOUT_NAMES: tuple[str, ...] = ("authors", "separator")
 
 
+# `--config` files and typed flags: the training recipes' parser (structlora.recipes.commands reads this).
+PARSER_CLASS = flags.RecipeParser
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data and model")
     group.add_argument("--dataset", choices=DATASETS, required=True, help="data-to-text benchmark")
@@ -177,7 +181,6 @@ def run(args: argparse.Namespace) -> int:
 
     from structlora.tasks.nlg.modeling import LAYOUTS, CompletionCollator, ModelSpec, load_tokenizer
 
-    flags.apply_config_file(args)
     if not args.output:
         raise SystemExit("error: --output DIR is required")
     # Before any data or weights are read: flag ranges, --max-length against the model, the output folder.

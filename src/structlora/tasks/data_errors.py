@@ -79,12 +79,12 @@ def strict(bad_rows: BadRows | None) -> BadRows:
     return bad_rows if bad_rows is not None else BadRows()
 
 
-def add_skip_bad_rows_argument(parser: Any) -> None:
-    """``--skip-bad-rows/--no-skip-bad-rows`` (the recipes' tracked boolean action where registered)."""
+def add_skip_bad_rows_argument(parser: Any, action: Any = None) -> None:
+    """``--skip-bad-rows/--no-skip-bad-rows`` (``action``: the parser's boolean action; argparse's by default)."""
     import argparse
 
-    action = parser._registry_get("action", "boolean", argparse.BooleanOptionalAction)
-    parser.add_argument(SKIP_FLAG, dest="skip_bad_rows", action=action, default=False,
+    parser.add_argument(SKIP_FLAG, dest="skip_bad_rows", action=action or argparse.BooleanOptionalAction,
+                        default=False,
                         help="skip data rows that cannot be used (too few columns, a label out of range or of the "
                              "wrong type, a missing field) and count them in results.json, instead of stopping "
                              "with an error that names file:line")
