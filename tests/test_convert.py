@@ -208,6 +208,10 @@ def test_what_cannot_be_converted_exactly_is_refused(tmp_path):
     peft.get_peft_model(MODELS["gpt2"](), METHODS["lora"]()).save_pretrained(str(tmp_path / "peft"))
     _refused(tmp_path / "peft", tmp_path / "out", r"already in PEFT's layout")
     _refused(tmp_path / "missing", tmp_path / "out", r"no adapter folder", FileNotFoundError)
+    (tmp_path / "run").mkdir()  # a training run: results.json beside adapter/
+    (tmp_path / "run" / "results.json").write_text("{}")
+    save_structlora("gpt2", METHODS["lora"](), tmp_path / "run" / "adapter")
+    _refused(tmp_path / "run", tmp_path / "out", r"is a training run's folder: convert its adapter, '.*run/adapter'")
 
 
 def test_one_bad_adapter_of_a_folder_writes_nothing(tmp_path):

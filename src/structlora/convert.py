@@ -244,6 +244,9 @@ def convert_folder(src: str, dst: str, *, overwrite: bool = False) -> list[str]:
         raise FileNotFoundError(f"no adapter folder {src!r}")
     _check_destination(src, dst, overwrite)
     folders = _adapter_folders(src)
+    if "" not in folders and "adapter" in folders and os.path.isfile(os.path.join(src, "results.json")):
+        raise ValueError(f"{src!r} is a training run's folder: convert its adapter, "
+                         f"{os.path.join(src, 'adapter')!r} (structlora convert {os.path.join(src, 'adapter')} DST)")
     if not folders:
         raise FileNotFoundError(f"no {CONFIG_NAME} in {src!r} or its sub-folders: not a saved structlora adapter "
                                 f"folder")
