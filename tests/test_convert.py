@@ -29,11 +29,18 @@ def save_structlora(model_name: str, config, folder, seed: int = 0):
     return outputs(structlora.PeftModel.from_pretrained(MODELS[model_name](), str(folder)))
 
 
-def assert_converts_exactly(model_name: str, src, dst, expected) -> None:
+def assert_converts_exactly(model_name: str, src, dst, expected, config=None) -> None:
+    """Converted, loaded through PEFT: outputs equal; with `config`, it also trains what a fresh
+    peft.get_peft_model(base, config) would (heads, norm copies, biases included)."""
     assert structlora.convert_folder(str(src), str(dst)) == [""]
     loaded = peft.PeftModel.from_pretrained(MODELS[model_name](), str(dst))
     torch.testing.assert_close(outputs(loaded), expected, rtol=0, atol=0)
     assert not torch.equal(outputs(MODELS[model_name]()), expected)  # the adapter changes the outputs
+    if config is not None:
+        trainable = peft.PeftModel.from_pretrained(MODELS[model_name](), str(dst), is_trainable=True)
+        fresh = peft.get_peft_model(MODELS[model_name](), config)
+        assert ({n: p.shape for n, p in trainable.named_parameters() if p.requires_grad}
+                == {n: p.shape for n, p in fresh.named_parameters() if p.requires_grad})
 
 
 def weights(folder) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -63,7 +70,7 @@ _DELETE = object()
 @pytest.mark.parametrize("method", list(METHODS))
 def test_converted_folder_loads_through_peft_with_identical_outputs(method, model_name, tmp_path):
     expected = save_structlora(model_name, config_for(method, model_name), tmp_path / "old")
-    assert_converts_exactly(model_name, tmp_path / "old", tmp_path / "new", expected)
+    assert_converts_exactly(model_name, tmp_path / "old", tmp_path / "new", expected, config_for(method, model_name))
     config = json.loads((tmp_path / "new" / "adapter_config.json").read_text())
     assert config["peft_type"] == METHODS[method]().peft_type.value and config["inference_mode"] is True
     assert sorted(os.listdir(tmp_path / "new")) == ["adapter_config.json", WEIGHTS_NAME]
@@ -94,7 +101,7 @@ OPTIONS = {
 def test_heads_norms_biases_and_svd_starts_convert_exactly(option, tmp_path):
     model_name, make_config = OPTIONS[option]
     expected = save_structlora(model_name, make_config(), tmp_path / "old")
-    assert_converts_exactly(model_name, tmp_path / "old", tmp_path / "new", expected)
+    assert_converts_exactly(model_name, tmp_path / "old", tmp_path / "new", expected, make_config())
 
 
 def test_tensorized_classifier_head_converts_exactly(tmp_path):
