@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     "AdapterConfig": "config", "LoraConfig": "config", "MTLoraConfig": "config", "LorettaRepConfig": "config",
     "LorettaAdpConfig": "config", "TaskType": "config", "DenseAdapterConfig": "config", "BitFitConfig": "config",
-    "export_to_peft": "interop", "from_loretta": "interop",
+    "export_to_peft": "interop", "from_loretta": "interop", "convert_folder": "convert",
     "PeftModel": "model", "adapted_layers": "model", "get_peft_model": "model",
     "clear_factor_caches": "inference",
     "AdapterTrainer": "trainer",
@@ -25,6 +25,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 if TYPE_CHECKING:
+    from .convert import convert_folder
     from .config import (AdapterConfig, BitFitConfig, DenseAdapterConfig, LoraConfig, LorettaAdpConfig,
                          LorettaRepConfig, MTLoraConfig, StructloraPeftType, TaskType)
     from .inference import clear_factor_caches
@@ -58,6 +59,6 @@ def __dir__() -> list[str]:
 __all__ = [
     "AdapterConfig", "LoraConfig", "MTLoraConfig", "LorettaRepConfig", "LorettaAdpConfig", "DenseAdapterConfig",
     "BitFitConfig", "TaskType", "StructloraPeftType",
-    "get_peft_model", "PeftModel", "adapted_layers", "export_to_peft", "from_loretta", "AdapterTrainer",
-    "clear_factor_caches", "TargetWarning", "create_loraplus_optimizer",
+    "get_peft_model", "PeftModel", "adapted_layers", "export_to_peft", "from_loretta", "convert_folder",
+    "AdapterTrainer", "clear_factor_caches", "TargetWarning", "create_loraplus_optimizer",
 ]

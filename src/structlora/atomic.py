@@ -73,3 +73,12 @@ def _flush_directory(directory: str) -> None:
         pass
     finally:
         os.close(descriptor)
+
+
+def flush_tree(folder: str) -> None:
+    """Flush every file under `folder`, and the folders themselves, to disk (before the tree is renamed into
+    place: a crash after the rename then finds whole files)."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            _flush(os.path.join(root, name))
+        _flush_directory(root)

@@ -11,9 +11,7 @@ import warnings
 from typing import Any, Callable, Iterator, Union
 
 import torch
-from safetensors import SafetensorError
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .adapter_state import AdapterState, AdapterStateError, ModuleSnapshot
@@ -22,23 +20,18 @@ from .bank import bank
 from .inference import clear_factor_caches
 from .config import (CONFIG_NAME, AdapterConfig, BitFitConfig, LoraConfig, LorettaAdpConfig, LorettaRepConfig,
                      TaskType, portable_model_name)
+from .convert import CONFIG_METADATA_KEY, WEIGHTS_NAME, check_saved_structure, read_weights, structure_fields
 from .distributed import full_cpu_copies, is_writer, whole_parameters
 from .layers import (AdapterLayerMixin, BottleneckLayer, LowRankLayer, TrainableCopy, base_shape, layer_kind,
                      merge_all, unmerge_all)
 from .mixed import input_rows, routed_adapters
 from .quantized import refuse_quantized_merge
-from .svd_init import SVD_INITS, saved_factors_follow
+from .svd_init import saved_factors_follow
 from .targets import (BOTTLENECK_PLACEMENT, CLASSIFIER_HEAD_NAMES, FUSED_PROJECTIONS, TargetWarning,
                       default_targets, enabled_slices, is_norm_module, module_matches, unknown_target_error)
 from .tensor_train import TTLinear, classifier_tt_shape, parameter_values
 
-WEIGHTS_NAME = "adapter_model.safetensors"
-# The adapter's structure, stored in the safetensors metadata so that an adapter_config.json edited (or
-# swapped) after saving is caught: e.g. `dtsm` and `ctcm` have the same tensors but compute different things.
-CONFIG_METADATA_KEY = "structlora_config"
 HEAD = "the classification head"  # why a module is trained in full (see PeftModel._trained_copy_names)
-_UNCHECKED_CONFIG_FIELDS = ("inference_mode", "base_model_name_or_path", "init", "init_weights", "merge_weights",
-                            "peft_version", "auto_mapping", "revision")  # PEFT's provenance fields
 
 
 def adapter_folder(save_directory: str, adapter_name: str) -> str:
@@ -47,13 +40,6 @@ def adapter_folder(save_directory: str, adapter_name: str) -> str:
     return save_directory if adapter_name == "default" else os.path.join(save_directory, adapter_name)
 
 
-def _structure_fields(config: AdapterConfig) -> dict[str, Any]:
-    fields = {k: v for k, v in config.to_dict().items() if k not in _UNCHECKED_CONFIG_FIELDS}
-    # `init` is free (a start does not change what trained weights compute), except an SVD start, whose frozen
-    # factors make another trainable set: LoRA-XS weights loaded into a plain MTLoRA config would train A and B.
-    # Files saved before this key are compared without it.
-    fields["svd_start"] = getattr(config, "init", None) if getattr(config, "init", None) in SVD_INITS else None
-    return fields
 _INTERNAL_SEGMENTS = ("base_layer", "original", "adapters")
 
 
@@ -766,7 +752,7 @@ class PeftModel(nn.Module):
         for adapter_name, tensors in states.items():
             directory = adapter_folder(save_directory, adapter_name)
             metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(
-                _structure_fields(self.peft_config[adapter_name]), sort_keys=True)}
+                structure_fields(self.peft_config[adapter_name]), sort_keys=True)}
             # Written aside and renamed into place, the weights first: a save that fails or is killed leaves the
             # old folder loading as before, and one killed between the two renames leaves new weights beside the
             # old config, which loads as the new adapter (same structure) or is refused by the structure check.
@@ -840,38 +826,16 @@ class PeftModel(nn.Module):
         Raises:
             FileNotFoundError: no weights file. ValueError: a corrupt file or weights that do not fit.
         """
-        path = os.path.join(directory, WEIGHTS_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!r}: not a saved structlora adapter folder")
-        try:
-            tensors = load_file(path)
-            with safe_open(path, framework="pt") as handle:
-                metadata = handle.metadata() or {}
-        except (SafetensorError, OSError, ValueError) as error:
-            raise ValueError(f"corrupt adapter weights file {path!r}: {error}") from error
+        tensors, metadata, path = read_weights(directory)
         self._check_saved_structure(metadata, adapter_name or self.active_adapter, path)
         self.set_adapter_state_dict(tensors, adapter_name, source=path)
 
     def _check_saved_structure(self, metadata: dict[str, str], adapter_name: str, path: str) -> None:
-        """Refuse weights saved from an adapter whose structure differs from the one they are loaded into.
-        (Files written before the structure was recorded have no such metadata and are checked by shape only.)"""
-        if CONFIG_METADATA_KEY not in metadata:
-            return
-        self._state.check_exists(adapter_name, "loading adapter weights")
-        try:
-            saved = json.loads(metadata[CONFIG_METADATA_KEY])
-        except json.JSONDecodeError as error:
-            raise ValueError(f"corrupt {CONFIG_METADATA_KEY} metadata in {path!r}: {error}") from error
-        current = _structure_fields(self.peft_config[adapter_name])
-        if saved.get("target_modules", ()) is None:
-            # Saved before resolved defaults were recorded: the loaded config's targets are the same defaults
-            # resolved again, and a different module set is refused by the strict key check of the weights.
-            del saved["target_modules"]
-        differing = sorted(k for k in set(saved) & set(current) if saved[k] != current[k])
-        if differing:
-            details = "; ".join(f"{k}: weights saved with {saved[k]!r}, config has {current[k]!r}" for k in differing)
-            raise ValueError(f"{path!r} was saved from a different adapter than its config describes ({details}); "
-                             f"refusing to load weights that would compute something else")
+        """Refuse weights saved from an adapter whose structure differs from the one they are loaded into
+        (structlora.convert.check_saved_structure)."""
+        if CONFIG_METADATA_KEY in metadata:
+            self._state.check_exists(adapter_name, "loading adapter weights")
+            check_saved_structure(metadata, self.peft_config[adapter_name], path)
 
     @torch.no_grad()
     def set_adapter_state_dict(self, tensors: dict[str, torch.Tensor], adapter_name: str | None = None,

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from peft import mapping
 
-from .config import CONFIG_CLASSES_BY_PEFT_TYPE
+from .config import CONFIG_CLASSES_BY_PEFT_TYPE, PEFT_TYPE_MARKER
+from .convert import LookAlikeFolder
 from .peft_tuner import StructloraTuner
 
 
 def register() -> None:
-    """Write every structlora peft_type into PEFT's config, tuner and prefix tables (idempotent)."""
+    """Write every structlora peft_type into PEFT's config, tuner and prefix tables (idempotent), and the marker of
+    structlora's own folders into the config table (`structlora.convert.LookAlikeFolder`)."""
     for peft_type, config_class in CONFIG_CLASSES_BY_PEFT_TYPE.items():
         for table, value in ((mapping.PEFT_TYPE_TO_CONFIG_MAPPING, config_class),
                              (mapping.PEFT_TYPE_TO_TUNER_MAPPING, StructloraTuner),
@@ -25,6 +27,8 @@ def register() -> None:
                 raise RuntimeError(f"PEFT's tables already hold another entry for {peft_type.name} "
                                    f"({table[peft_type]!r}); two copies of structlora imported?")
             table[peft_type] = value
+    # structlora.PeftModel's own folders carry PEFT_TYPE_MARKER: PEFT's loaders then say to convert them.
+    mapping.PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE_MARKER] = LookAlikeFolder
 
 
 register()

@@ -364,6 +364,11 @@ class StructloraTuner(BaseTuner):
                         f".{ADAPTERS}." in key for key in state_dict) else "")
             raise ValueError(f"the checkpoint lacks {len(missing)} of adapter {adapter_name!r}'s weights, e.g. "
                              f"{_short(missing[0])} (an adapter of another model or method?){hint}")
+        unknown = sorted(key for key in remapped
+                         if key not in current and key.removeprefix("base_model.model.") not in current)
+        if unknown:  # PEFT itself would skip them (strict=False): the adapter would load without those weights
+            raise ValueError(f"the checkpoint holds {len(unknown)} tensor(s) that no module of this model takes, e.g. "
+                             f"{_short(unknown[0])} (an adapter of another model or config?): nothing was loaded")
         for key, value in remapped.items():
             if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
                 raise ValueError(f"the checkpoint's {_short(key)} has non-finite values (NaN/inf): refusing to load a "

@@ -47,6 +47,8 @@ COMMANDS: list[tuple[tuple[str, ...], str, str, bool]] = [
      "transformers model", False),
     (("export",), "structlora.recipes.adapters:EXPORT", "write a trained adapter as a plain PEFT LoRA folder",
      False),
+    (("convert",), "structlora.recipes.convert", "rewrite a structlora adapter folder in PEFT's layout "
+     "(peft.PeftModel.from_pretrained loads it)", False),
 ]
 TRACEBACK_ENV = "STRUCTLORA_TRACEBACK"
 
