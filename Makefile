@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[recipes,test,trl,quantized,distributed]"
+	$(BIN)/python -m pip install -q -e ".[recipes,test,trl,quantized,distributed,lm-eval]"
 	# The authors' package, for the parity tests only (its own requirements are unpinned: no deps).
 	$(BIN)/python -m pip install -q --no-deps loretta==0.1.0
 	touch $@

@@ -337,14 +337,19 @@ def test_readme_peft_section_runs_as_written(llama_folder, tmp_path, monkeypatch
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("order", ["structlora first", "peft first", "config module first"])
+@pytest.mark.parametrize("order", ["structlora first", "peft first", "config module first",
+                                   "peft looked up before its import"])
 def test_import_structlora_registers_whenever_peft_is_imported(order, tmp_path):
     """`import structlora` alone (no config touched) is enough for peft's loaders, in either import order; and it
-    does not import peft itself."""
+    does not import peft itself. A look-up of peft that imports nothing (transformers' is_peft_available(), which
+    lm-eval's process does before it imports peft) does not use the import hook up."""
     peft.get_peft_model(tiny_llama(), METHODS["loretta_rep"]()).save_pretrained(str(tmp_path))
     imports = {"structlora first": "import structlora, sys\nassert 'peft' not in sys.modules\nimport peft\n",
                "peft first": "import peft\nimport structlora\n",
-               "config module first": "from structlora.config import LoraConfig\nimport peft\n"}[order]
+               "config module first": "from structlora.config import LoraConfig\nimport peft\n",
+               "peft looked up before its import": "import structlora, sys, importlib.util\n"
+                                                   "assert importlib.util.find_spec('peft') is not None\n"
+                                                   "assert 'peft' not in sys.modules\nimport peft\n"}[order]
     script = imports + (f"config = peft.PeftConfig.from_pretrained({str(tmp_path)!r})\n"
                         "print(type(config).__module__, type(config).__name__)\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,

@@ -62,6 +62,7 @@ class _LoaderAfterPeft(importlib.abc.Loader):
 
     def exec_module(self, module: Any) -> None:
         self._loader.exec_module(module)
+        _remove_watchers()
         _after_peft_import()
 
     def __getattr__(self, name: str) -> Any:  # get_resource_reader, is_package, ... of the real loader
@@ -69,19 +70,26 @@ class _LoaderAfterPeft(importlib.abc.Loader):
 
 
 class _PeftImportWatcher(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: wraps the loader that the other finders give for `peft` (once)."""
+    """Finds nothing itself: wraps the loader that the other finders give for `peft`. It stays on sys.meta_path
+    until peft is executed: a look-up that imports nothing (`importlib.util.find_spec("peft")`, which transformers'
+    `is_peft_available()` does) must not use it up before the import it waits for."""
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
         if fullname != "peft":
             return None
-        sys.meta_path.remove(self)
-        for finder in sys.meta_path:
+        for finder in list(sys.meta_path):
+            if isinstance(finder, _PeftImportWatcher):
+                continue
             spec = finder.find_spec(fullname, path, target) if hasattr(finder, "find_spec") else None
             if spec is not None:
                 if spec.loader is not None:
                     spec.loader = _LoaderAfterPeft(spec.loader)
                 return spec
         return None
+
+
+def _remove_watchers() -> None:
+    sys.meta_path[:] = [finder for finder in sys.meta_path if not isinstance(finder, _PeftImportWatcher)]
 
 
 def activate() -> None:
