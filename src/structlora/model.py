@@ -37,8 +37,8 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 # swapped) after saving is caught: e.g. `dtsm` and `ctcm` have the same tensors but compute different things.
 CONFIG_METADATA_KEY = "structlora_config"
 HEAD = "the classification head"  # why a module is trained in full (see PeftModel._trained_copy_names)
-_UNCHECKED_CONFIG_FIELDS = ("inference_mode", "base_model_name_or_path", "init", "init_weights", "merge_weights",
-                            "peft_version", "auto_mapping", "revision")  # PEFT's provenance fields
+_UNCHECKED_CONFIG_FIELDS = ("inference_mode", "base_model_name_or_path", "init", "init_weights", "init_lora_weights",
+                            "merge_weights", "peft_version", "auto_mapping", "revision")  # PEFT's provenance fields
 
 
 def adapter_folder(save_directory: str, adapter_name: str) -> str:
