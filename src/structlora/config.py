@@ -18,7 +18,8 @@ from typing import Any, Union
 
 from . import _plugin
 from .names import DENSE_ADAPTER_PLACEMENTS, MTLORA_STRUCTURES, SVD_INITS
-from .peft_support import StructloraPeftType, refuse_peft_layout, require_supported_peft
+from .peft_support import (StructloraPeftType, peft_load_call, refuse_peft_layout, refuse_unloadable_weights,
+                           require_supported_peft)
 
 require_supported_peft()
 
@@ -284,6 +285,8 @@ class AdapterConfig(PeftConfig):
             config = AdapterConfig.from_dict(data)
             if cls is AdapterConfig:  # structlora.PeftModel's loaders: they read their own weights layout only
                 refuse_peft_layout(directory)
+            elif peft_load_call() is not None:  # PEFT's loaders, before they inject (see structlora.peft_rollback)
+                refuse_unloadable_weights(directory)
         if not isinstance(config, cls):
             raise ValueError(f"{path!r} holds a {type(config).__name__}, not a {cls.__name__}")
         return config
@@ -333,9 +336,9 @@ class LoraConfig(AdapterConfig):
         _require_choice("init", self.init, self._INIT_CHOICES)
         _require_bool("init_lora_weights", self.init_lora_weights)
         if not self.init_lora_weights and self.init in SVD_INITS:
-            raise ValueError(f"init_lora_weights=False (a random, non-zero start) does not fit init {self.init!r}, whose "
-                             f"A and B come from the SVD of the base weight; use init_lora_weights=True with init "
-                             f"{self.init!r}, or another init")
+            raise ValueError(f"init_lora_weights=False (a random, non-zero start) does not fit init {self.init!r}, "
+                             f"whose A and B come from the SVD of the base weight; use init_lora_weights=True with "
+                             f"init {self.init!r}, or another init")
         _require_number("lora_dropout", self.lora_dropout, 0.0, 1.0, low_inclusive=True)
         if self.init == "pissa" and self.lora_dropout > 0:
             raise ValueError("init 'pissa' needs lora_dropout=0: PiSSA's start W_r = s·B₀·A₀ is part of the weight, "

@@ -113,8 +113,8 @@ def _kaiming_uniform(rows: int, cols: int) -> nn.Parameter:
 
 
 class DenseLowRank(LowRankParameterization):
-    """LoRA (T = I) and MTLoRA (T = C, C·Cᵀ, C·D or C+D) with dense A and B: A Kaiming-uniform, B zero (Kaiming-uniform
-    too with init_lora_weights=False)."""
+    """LoRA (T = I) and MTLoRA (T = C, C·Cᵀ, C·D or C+D) with dense A and B: A Kaiming-uniform, B zero
+    (Kaiming-uniform too with init_lora_weights=False)."""
 
     def __init__(self, in_features: int, out_features: int, config: LoraConfig,
                  enabled_slices: list[bool], base_layer: nn.Module | None = None) -> None:
