@@ -1,7 +1,8 @@
 """The guarantees of tests/test_guarantees.py on the PEFT path (`peft.get_peft_model(model, structlora config)`),
 held by StructloraTuner and its layers whichever PEFT entry point reaches them: merge, unmerge and unloading are
 all-or-nothing (an interrupt at the 2nd layer included); `__base__` is not an adapter name; loading a corrupt or
-misshapen checkpoint changes nothing. (Unmerge after writes to a merged adapter: tests/test_guarantees.py, [peft].)"""
+misshapen checkpoint changes nothing; a refused `PeftModel.from_pretrained` / `load_adapter` under a new name leaves the
+model as it was before the call. (Unmerge after writes to a merged adapter: tests/test_guarantees.py, [peft].)"""
 
 from __future__ import annotations
 
@@ -192,3 +193,102 @@ def test_peft_loading_a_damaged_checkpoint_changes_no_weight(tmp_path, damage):
     if damage == "misshapen":
         with pytest.raises(ValueError, match=r"has shape \(.*\), but the model's is \(.*nothing was loaded"):
             model.load_adapter(folder, adapter_name="default")
+
+
+# -- a failed PEFT load leaves the base model as it was ------------------------------------------------------------
+
+def _refused_folder(tmp_path, kind: str) -> str:
+    """An adapter folder that structlora's tuner refuses, for reasons found before (config) or after (weights) PEFT
+    has injected the layers."""
+    import json
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / kind
+    _peft_adapted(seed=5).save_pretrained(str(folder))
+    if kind == "other model type":
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, "base_model_type": "llama"}))
+        return str(folder)
+    path = str(folder / "adapter_model.safetensors")
+    if kind == "no weights file":
+        os.remove(path)
+        return str(folder)
+    if kind == "truncated file":
+        with open(path, "r+b") as handle:
+            handle.truncate(os.path.getsize(path) - 40)
+        return str(folder)
+    tensors = load_file(path)
+    key = sorted(tensors)[-1]
+    if kind == "missing weights":
+        del tensors[key]
+    elif kind == "misshapen":
+        tensors[key] = torch.zeros(*tensors[key].shape[:-1], tensors[key].shape[-1] + 1)
+    else:
+        tensors[key] = torch.full_like(tensors[key], float("nan"))
+    save_file(tensors, path)
+    return str(folder)
+
+
+REFUSALS = {"missing weights": "lacks 1 of adapter '.*''s weights", "misshapen": "has shape",
+            "non-finite": "non-finite", "other model type": "made for a 'llama' model",
+            "no weights file": "no adapter_model.safetensors", "truncated file": "does not read as a safetensors file"}
+
+
+@pytest.mark.parametrize("kind", list(REFUSALS))
+def test_a_refused_peft_from_pretrained_leaves_the_base_as_it_was(kind, tmp_path):
+    folder = _refused_folder(tmp_path, kind)
+    base = tiny_gpt2()
+    names, before, expected = [n for n, _ in base.named_modules()], _snapshot(base), outputs(base)
+    with pytest.raises(ValueError, match=REFUSALS[kind]):
+        peft.PeftModel.from_pretrained(base, folder)
+    assert [n for n, _ in base.named_modules()] == names  # no structlora layer left in it
+    _assert_same(before, base)
+    assert torch.equal(outputs(base), expected)
+    assert "peft_config" not in base.__dict__ and not base._forward_pre_hooks
+    # The same base then takes a good adapter as if nothing had happened.
+    good = tmp_path / "good"
+    _peft_adapted(seed=5).save_pretrained(str(good))
+    assert torch.equal(outputs(peft.PeftModel.from_pretrained(base, str(good))), outputs(_peft_adapted(seed=5)))
+
+
+@pytest.mark.parametrize("kind", ["missing weights", "misshapen", "no weights file"])
+def test_a_refused_load_adapter_under_a_new_name_removes_only_that_adapter(kind, tmp_path):
+    folder = _refused_folder(tmp_path, kind)
+    model = _peft_adapted()
+    names, before, expected = [n for n, _ in model.named_modules()], _snapshot(model), outputs(model)
+    with pytest.raises(ValueError, match=REFUSALS[kind]):
+        model.load_adapter(folder, adapter_name="other")
+    assert [n for n, _ in model.named_modules()] == names
+    _assert_same(before, model)
+    assert torch.equal(outputs(model), expected)
+
+
+def test_an_adapter_the_user_had_is_kept_when_a_load_into_it_is_refused(tmp_path):
+    """Only an injection made by the failing load call is undone: get_peft_model's adapter stays."""
+    folder = _refused_folder(tmp_path, "missing weights")
+    model = _peft_adapted()
+    before, expected = _snapshot(model), outputs(model)
+    with pytest.raises(ValueError, match="lacks"):
+        model.load_adapter(folder, adapter_name="default")
+    _assert_same(before, model)
+    assert torch.equal(outputs(model), expected)
+
+
+@pytest.mark.parametrize("entry", ["get_peft_model", "from_pretrained"])
+def test_an_injection_interrupted_at_the_second_layer_leaves_the_base_as_it_was(entry, monkeypatch, tmp_path):
+    _peft_adapted(seed=5).save_pretrained(str(tmp_path))
+    base = tiny_gpt2()
+    names, before, expected = [n for n, _ in base.named_modules()], _snapshot(base), outputs(base)
+    _fail_at_call(monkeypatch, StructloraTuner, "_create_and_replace", 2)
+    with pytest.raises(_Interrupt):
+        if entry == "get_peft_model":
+            peft.get_peft_model(base, structlora.MTLoraConfig(r=2, structure="ctcm", target_modules=TARGETS))
+        else:
+            peft.PeftModel.from_pretrained(base, str(tmp_path))
+    monkeypatch.undo()
+    assert [n for n, _ in base.named_modules()] == names
+    _assert_same(before, base)
+    assert torch.equal(outputs(base), expected)
+    assert "peft_config" not in base.__dict__

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from . import _plugin
-from .names import DENSE_ADAPTER_PLACEMENTS, MTLORA_STRUCTURES
-from .peft_support import StructloraPeftType, refuse_peft_layout, require_supported_peft
+from .names import DENSE_ADAPTER_PLACEMENTS, MTLORA_STRUCTURES, SVD_INITS
+from .peft_support import (StructloraPeftType, peft_load_call, refuse_peft_layout, refuse_unloadable_weights,
+                           require_supported_peft)
 
 require_supported_peft()
 
@@ -284,6 +285,8 @@ class AdapterConfig(PeftConfig):
             config = AdapterConfig.from_dict(data)
             if cls is AdapterConfig:  # structlora.PeftModel's loaders: they read their own weights layout only
                 refuse_peft_layout(directory)
+            elif peft_load_call() is not None:  # PEFT's loaders, before they inject (see structlora.peft_rollback)
+                refuse_unloadable_weights(directory)
         if not isinstance(config, cls):
             raise ValueError(f"{path!r} holds a {type(config).__name__}, not a {cls.__name__}")
         return config
@@ -304,6 +307,10 @@ class LoraConfig(AdapterConfig):
             for every target or a dict from a module-name suffix to its list. None: no fused projections.
         fan_in_fan_out: None detects the weight layout (transformers' Conv1D stores in x out); a value that
             does not fit the layer is refused.
+        init_lora_weights: PEFT's field of that name, true or false. True: the start `init` gives. False: B (a
+            tensor train B's last core) is drawn as A is instead of zero, so the adapter changes the output from the
+            start (PEFT's meaning; for tests). Not with an SVD start (init "pissa", "lora-xs"), which fixes B.
+            Folders saved without the key load as True.
     """
 
     _peft_type = StructloraPeftType.LORA
@@ -317,6 +324,7 @@ class LoraConfig(AdapterConfig):
     fan_in_fan_out: Union[bool, None] = None  # None: detected (transformers Conv1D stores in x out)
     use_rslora: bool = False
     init: str = "default"
+    init_lora_weights: bool = True  # PEFT's name: False draws B as A (the adapter changes the output at the start)
 
     _INIT_CHOICES = ("default", "pissa")  # the valid `init` values (a class attribute, not a field)
 
@@ -326,6 +334,11 @@ class LoraConfig(AdapterConfig):
         _require_positive("r", self.r)
         _require_bool("use_rslora", self.use_rslora)
         _require_choice("init", self.init, self._INIT_CHOICES)
+        _require_bool("init_lora_weights", self.init_lora_weights)
+        if not self.init_lora_weights and self.init in SVD_INITS:
+            raise ValueError(f"init_lora_weights=False (a random, non-zero start) does not fit init {self.init!r}, "
+                             f"whose A and B come from the SVD of the base weight; use init_lora_weights=True with "
+                             f"init {self.init!r}, or another init")
         _require_number("lora_dropout", self.lora_dropout, 0.0, 1.0, low_inclusive=True)
         if self.init == "pissa" and self.lora_dropout > 0:
             raise ValueError("init 'pissa' needs lora_dropout=0: PiSSA's start W_r = s·B₀·A₀ is part of the weight, "
@@ -414,6 +427,7 @@ class LorettaRepConfig(LoraConfig):
         _require_bool("tensorize_classifier", self.tensorize_classifier)
 
 
+_LORETTA_INIT_WEIGHTS = ("bert", "mam_adapter")  # loretta's init_weights values, accepted for compatibility
 NON_LINEARITIES = ("relu", "gelu", "gelu_new", "tanh", "silu", "swish", "sigmoid", "leaky_relu", "linear",
                    "identity", "mish", "gelu_fast", "gelu_pytorch_tanh", "quick_gelu", "relu6", "elu")
 
@@ -434,7 +448,10 @@ class LorettaAdpConfig(AdapterConfig):
         train_norms: train the layer norms too (default True, as the authors).
         init: "default" (up projection's last core and bias zero: output unchanged at init) or "reference"
             (the authors' Gaussian cores and uniform biases).
-        init_weights: accepted for `loretta` compatibility (it only affects dense adapters there).
+        init_weights: PEFT's field of that name for its non-LoRA methods, true or false: True the start `init`
+            gives, False the up projection (its last core) drawn instead of zero, so the adapter changes the output
+            from the start (for tests). `loretta`'s values "bert" and "mam_adapter" are accepted and change nothing
+            (they only affect dense adapters there).
         use_adapterp: accepted for `loretta` compatibility; not a separate variant here.
 
     Bottleneck adapters apply a non-linearity, so they cannot be merged into the weights or exported to PEFT.
@@ -452,7 +469,8 @@ class LorettaAdpConfig(AdapterConfig):
     tensorize_classifier: bool = True
     train_norms: bool = True
     init: str = "default"
-    init_weights: str = "bert"  # accepted for `loretta` compatibility (it only affects dense adapters there)
+    # PEFT's bool (False: non-zero start), or loretta's "bert" / "mam_adapter", accepted and ignored as there
+    init_weights: Union[bool, str] = "bert"
     use_adapterp: bool = False  # accepted for `loretta` compatibility; not a separate variant here
 
     def __post_init__(self) -> None:
@@ -462,6 +480,9 @@ class LorettaAdpConfig(AdapterConfig):
         _require_positive("tensor_rank", self.tensor_rank)
         _require_choice("non_linearity", self.non_linearity, NON_LINEARITIES)
         _require_choice("init", self.init, ("default", "reference"))
+        if not isinstance(self.init_weights, bool) and self.init_weights not in _LORETTA_INIT_WEIGHTS:
+            raise ValueError(f"init_weights must be true or false (PEFT's: false gives a non-zero start), or one of "
+                             f"loretta's {', '.join(_LORETTA_INIT_WEIGHTS)}; got {self.init_weights!r}")
         if self.scaling != "learned":
             if isinstance(self.scaling, str):
                 raise ValueError(f"scaling must be a number or 'learned', got {self.scaling!r}")

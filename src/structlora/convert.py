@@ -41,8 +41,8 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 # The adapter's structure, stored in the safetensors metadata so that an adapter_config.json edited (or
 # swapped) after saving is caught: e.g. `dtsm` and `ctcm` have the same tensors but compute different things.
 CONFIG_METADATA_KEY = "structlora_config"
-_UNCHECKED_CONFIG_FIELDS = ("inference_mode", "base_model_name_or_path", "init", "init_weights", "merge_weights",
-                            "peft_version", "auto_mapping", "revision")  # PEFT's provenance fields
+_UNCHECKED_CONFIG_FIELDS = ("inference_mode", "base_model_name_or_path", "init", "init_weights", "init_lora_weights",
+                            "merge_weights", "peft_version", "auto_mapping", "revision")  # PEFT's provenance fields
 PEFT_PREFIX = "base_model.model."
 ADAPTERS = "adapters"  # the ModuleDict of every structlora tuner layer (structlora.peft_layers.ADAPTERS)
 _LOW_RANK_ROOTS = ("parameterization",)

@@ -305,10 +305,11 @@ class BottleneckAdapter(CachedFactorsMixin, nn.Module):
         super().__init__()
         self._factor_cache = FactorCache()
         size = config.bottleneck_size
+        zero_up = config.init == "default" and config.init_weights is not False  # False: PEFT's non-zero start
         if config.tensorized:
             self.adapter_down = TTLinear(in_dim, size, tt_shape_for(in_dim, size), config.tensor_rank)
             self.adapter_up = TTLinear(size, out_dim, tt_shape_for(out_dim, size), config.tensor_rank)
-            if config.init == "default":
+            if zero_up:
                 self.adapter_up.weight_tt.zero_last_core()
                 nn.init.zeros_(self.adapter_up.bias)
         else:
@@ -317,10 +318,11 @@ class BottleneckAdapter(CachedFactorsMixin, nn.Module):
             nn.init.normal_(self.adapter_down.weight, std=0.02)
             nn.init.zeros_(self.adapter_down.bias)
             nn.init.zeros_(self.adapter_up.bias)
-            if config.init == "default":
+            if zero_up:
                 nn.init.zeros_(self.adapter_up.weight)
-            else:
+            elif config.init == "reference":
                 nn.init.normal_(self.adapter_up.weight, std=0.02)
+            # else (init_weights=False): nn.Linear's own Kaiming-uniform draw, as PEFT's non-zero starts
         self.act = ACT2FN[config.non_linearity] if config.non_linearity not in ("identity", "linear") else nn.Identity()
         self._act_in_place = _IN_PLACE_ACTIVATIONS.get(config.non_linearity, self.act)
         self.dropout = nn.Dropout(config.adapter_dropout) if config.adapter_dropout > 0 else nn.Identity()

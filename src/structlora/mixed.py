@@ -181,7 +181,8 @@ def routed_adapters(model: RoutableModel, adapter_names: list[str], rows: int | 
 
 
 # Config fields that change only values, not the module tree: a hot swap may differ in these.
-_SWAPPABLE_FIELDS = {"lora_alpha", "lora_dropout", "base_model_name_or_path", "inference_mode", "init"}
+_SWAPPABLE_FIELDS = {"lora_alpha", "lora_dropout", "base_model_name_or_path", "inference_mode", "init",
+                     "init_lora_weights", "init_weights"}
 
 
 def hotswap_adapter(model: RoutableModel, model_id: str, adapter_name: str = "default") -> None:

@@ -113,7 +113,8 @@ def _kaiming_uniform(rows: int, cols: int) -> nn.Parameter:
 
 
 class DenseLowRank(LowRankParameterization):
-    """LoRA (T = I) and MTLoRA (T = C, C·Cᵀ, C·D or C+D) with dense A and B: A Kaiming-uniform, B zero."""
+    """LoRA (T = I) and MTLoRA (T = C, C·Cᵀ, C·D or C+D) with dense A and B: A Kaiming-uniform, B zero
+    (Kaiming-uniform too with init_lora_weights=False)."""
 
     def __init__(self, in_features: int, out_features: int, config: LoraConfig,
                  enabled_slices: list[bool], base_layer: nn.Module | None = None) -> None:
@@ -125,7 +126,10 @@ class DenseLowRank(LowRankParameterization):
 
     def _init_factors(self, config: LoraConfig, base_layer: nn.Module | None) -> None:
         self.lora_A = _kaiming_uniform(self.rank_dim, self.in_features)
-        self.lora_B = nn.Parameter(torch.zeros(self.n_enabled * self.slice_size, self.r))
+        rows = self.n_enabled * self.slice_size
+        # init_lora_weights=False (PEFT's): B drawn as A is, so ΔW is not zero at the start.
+        self.lora_B = nn.Parameter(torch.zeros(rows, self.r)) if config.init_lora_weights else _kaiming_uniform(
+            rows, self.r)
 
     def _init_transform(self, structure: str, init: str) -> None:
         size = self.rank_dim
@@ -259,7 +263,7 @@ class TensorTrainLowRank(LowRankParameterization):
             TTMatrix(self.r, self.slice_size, tt_shape_for(self.slice_size, self.r), rank)
             for _ in range(self.n_enabled)
         )
-        if config.init == "default":
+        if config.init == "default" and config.init_lora_weights:  # False: B's last core stays drawn, ΔW ≠ 0
             for block in self.lora_B:
                 block.zero_last_core()
         share_flat_cores(self)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import enum
 import os
 import re
+import sys
 from importlib import metadata
+from types import CodeType
 
 # The PEFT releases CI tests (oldest and newest); pyproject.toml bounds peft to the same range.
 SUPPORTED_PEFT = (">=0.21", "<0.23")
@@ -70,3 +72,50 @@ def refuse_peft_layout(directory: str) -> None:
         raise ValueError(f"{directory!r} was saved through peft (peft.PeftModel.save_pretrained or transformers): "
                          f"load it with peft.PeftModel.from_pretrained(model, path) (importing structlora registers "
                          f"its methods with peft); structlora.PeftModel reads the folders it saves itself")
+
+
+def running_frames() -> set[int]:
+    """The ids of the frames running now (this call's callers)."""
+    frame, ids = sys._getframe(1), set()
+    while frame is not None:
+        ids.add(id(frame))
+        frame = frame.f_back
+    return ids
+
+
+def _peft_load_codes() -> tuple[CodeType, ...]:
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained.__func__.__code__, PeftModel.load_adapter.__code__
+
+
+def peft_load_call() -> int | None:
+    """The outermost `peft.PeftModel.from_pretrained` / `load_adapter` call running now (its frame's id), or None.
+    An id, not the frame: a record that outlives its call must not keep the call's locals (the models) alive."""
+    codes, frame, found = _peft_load_codes(), sys._getframe(1), None
+    while frame is not None:
+        if frame.f_code in codes:
+            found = id(frame)
+        frame = frame.f_back
+    return found
+
+
+def refuse_unloadable_weights(directory: str) -> None:
+    """Inside a PEFT load call (`peft_load_call`): ValueError when the folder has no adapter weights file, or an
+    adapter_model.safetensors whose header does not read. PEFT would find out only after injecting the adapter's
+    layers into the user's model; this runs when PEFT reads the folder's config, before that."""
+    directory = os.path.normpath(directory)
+    safetensors_path = os.path.join(directory, "adapter_model.safetensors")
+    if not os.path.isfile(safetensors_path):
+        if os.path.isfile(os.path.join(directory, "adapter_model.bin")):
+            return  # PEFT's older format: PEFT reads it
+        raise ValueError(f"{directory!r} has an adapter_config.json but no adapter_model.safetensors: the adapter's "
+                         f"weights are missing (an incomplete copy or download?); nothing was loaded")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(safetensors_path, framework="pt"):
+            pass
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error types; reported as one ValueError
+        raise ValueError(f"{safetensors_path!r} does not read as a safetensors file ({error}): a truncated or "
+                         f"corrupt copy; nothing was loaded") from error

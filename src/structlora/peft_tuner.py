@@ -13,7 +13,9 @@ of the targets. What it adds to PEFT's BaseTuner:
   exact unmerge (each layer subtracts the ΔW it added); `__base__` refused as an adapter name;
 - checkpoints: keys `<module>.adapters.<path>` (the adapter name removed), and loading refuses, before the first
   tensor is copied, a file that lacks any of the adapter's weights, holds non-finite values or a tensor of the
-  wrong shape (PEFT itself loads with strict=False).
+  wrong shape (PEFT itself loads with strict=False);
+- a failed injection, or a refused load of an adapter that the same `PeftModel.from_pretrained` / `load_adapter`
+  call injected, leaves the model as before the call (`structlora.peft_rollback`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from .layers import LowRankLayer, layer_kind, merge_all, unmerge_all
 from .mixed import input_rows, routed_adapters
 from .peft_layers import (ADAPTERS, StructloraBottleneckLayer, StructloraLowRankLayer, StructloraTrainedCopy,
                           StructloraTunerLayer)
+from .peft_rollback import InjectionRollback
 from .quantized import refuse_quantized_merge
 from .targets import (BOTTLENECK_PLACEMENT, CLASSIFIER_HEAD_NAMES, FUSED_PROJECTIONS, LOW_RANK_DEFAULT_TARGETS,
                       default_targets, enabled_slices, is_norm_module, module_matches, unknown_target_error)
@@ -192,6 +195,24 @@ class StructloraTuner(BaseTuner):
         if low_cpu_mem_usage:
             raise ValueError(_NO_LOW_CPU_MEM)
         refuse_base_adapter_name(adapter_name)  # add_adapter / load_adapter: refused before anything is injected
+        rollback = InjectionRollback(model, self, adapter_name)
+        try:
+            self._inject(model, adapter_name, autocast_adapter_dtype, state_dict)
+        except BaseException:  # a layer that cannot take the adapter (e.g. an SVD start), an interrupt: undone
+            rollback.restore()
+            raise
+        if rollback.load_call is not None:  # undone if this load call then refuses the weights
+            self._load_rollbacks()[adapter_name] = rollback
+
+    def _load_rollbacks(self) -> dict[str, InjectionRollback]:
+        """The injections made by PEFT load calls still running, by adapter name (see structlora.peft_rollback)."""
+        rollbacks = self.__dict__.setdefault("_structlora_load_rollbacks", {})
+        for name in [n for n, r in rollbacks.items() if not r.belongs_to_failing_load()]:
+            del rollbacks[name]
+        return rollbacks
+
+    def _inject(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool,
+                state_dict: Optional[dict[str, torch.Tensor]]) -> None:
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                                low_cpu_mem_usage=False, state_dict=state_dict)
         config = self.peft_config[adapter_name]
@@ -353,6 +374,23 @@ class StructloraTuner(BaseTuner):
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: AdapterConfig, adapter_name: str,
                                            state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """PEFT's remapping, then the checks below. A refusal of the weights for an adapter that this same load call
+        injected (PeftModel.from_pretrained, load_adapter under a new name) takes the injection back out first, so
+        the model is as before the call (structlora.peft_rollback)."""
+        tuner = getattr(model, "base_model", None)
+        rollback = tuner._load_rollbacks().pop(adapter_name, None) if isinstance(tuner, StructloraTuner) else None
+        try:
+            return cls._checked_state_dict(model, config, adapter_name, state_dict)
+        except BaseException:
+            if rollback is not None and rollback.belongs_to_failing_load():
+                rollback.restore()
+            raise
+
+    @classmethod
+    def _checked_state_dict(cls, model: nn.Module, config: AdapterConfig, adapter_name: str,
+                            state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """PEFT's remapping; refused before the first tensor is copied when the file lacks any of the adapter's
+        weights, holds non-finite values or a tensor of the wrong shape."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         current = model.state_dict()
         prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)

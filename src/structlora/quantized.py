@@ -8,6 +8,8 @@ adding ΔW to a 4- or 8-bit weight means re-quantizing W + ΔW, which rounds a s
 be undone by `unmerge_adapter`. So `merge_adapter` and `merge_and_unload` refuse on a quantized base, and
 `merge_and_unload_dequantized` gives the merged model in full precision instead (exact: dequantized W + ΔW),
 which plain transformers saves and reloads, and which can be quantized again at load time.
+
+Preparing a 4/8-bit model for training is PEFT's `prepare_model_for_kbit_training` (also importable from here).
 """
 
 from __future__ import annotations
@@ -155,21 +157,11 @@ def merge_and_unload_dequantized(model: Any, dtype: torch.dtype = torch.float32)
         raise
 
 
-def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True,
-                                    gradient_checkpointing_kwargs: dict | None = None) -> nn.Module:
-    """PEFT's preparation of a 4/8-bit model, before `get_peft_model`: freeze everything, keep every
-    non-quantized fp16/bf16 parameter (norms, embeddings, head) in fp32, and make the embedding output require
-    grad so that checkpointed layers with a frozen input still back-propagate into the adapters."""
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    quantized_ids = {id(p) for m in model.modules() if is_quantized(m) for p in m.parameters(recurse=False)}
-    for parameter in model.parameters():
-        if id(parameter) not in quantized_ids and parameter.dtype in (torch.float16, torch.bfloat16):
-            parameter.data = parameter.data.float()
-    if use_gradient_checkpointing:
-        options = {"use_reentrant": True, **(gradient_checkpointing_kwargs or {})}
-        if options["use_reentrant"] and hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
-        if hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
-    return model
+def __getattr__(name: str) -> Any:
+    """`prepare_model_for_kbit_training` is PEFT's own function (`peft.prepare_model_for_kbit_training`), re-exported
+    here for the imports of earlier releases; peft is imported on first use, not with this module."""
+    if name == "prepare_model_for_kbit_training":
+        from peft import prepare_model_for_kbit_training
+
+        return prepare_model_for_kbit_training
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

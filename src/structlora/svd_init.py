@@ -34,9 +34,9 @@ import torch
 from torch import nn
 
 from .distributed import any_sharded
+from .names import SVD_INITS
 from .quantized import describe, is_quantized
 
-SVD_INITS = ("pissa", "lora-xs")
 _FACTORS_FOLLOW = contextvars.ContextVar("structlora_saved_factors_follow", default=False)
 
 

@@ -27,8 +27,8 @@ HEAD_MODULE_NAMES: tuple[str, ...] = ("classifier", "score", "pooler")
 # Free to differ: what changes no computed function, and where a folder was saved from (peft_type: the marker of
 # a structlora.PeftModel folder or the method's PEFT name; PEFT's provenance fields).
 _INIT_FROM_FREE_FIELDS = frozenset({"inference_mode", "base_model_name_or_path", "init", "init_weights",
-                                    "merge_weights", "lora_dropout", "adapter_dropout", "peft_type", "peft_version",
-                                    "auto_mapping", "revision"})
+                                    "init_lora_weights", "merge_weights", "lora_dropout", "adapter_dropout",
+                                    "peft_type", "peft_version", "auto_mapping", "revision"})
 
 
 class TrainedRun:
