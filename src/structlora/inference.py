@@ -5,7 +5,7 @@ effective factors are the same from one forward to the next: LoRA's s·B, MTLoRA
 reconstructions, LoRETTA_adp's dense projections. A `FactorCache` keeps them, in the compute dtype and in the
 layout the matmuls read, and computes them again only when something they are made of may have changed. Each
 cache watches its own module's tensors only: structlora installs no process-wide hook, so nothing of it runs for
-the user's other modules and optimizers.
+the user's other modules and optimizers. It notices:
 
 - a tensor written in place (`load_state_dict`, `copy_`, an optimizer that moves version counters): the version
   counter of one of the owner's parameters or buffers (an SVD start's frozen factors) moves;
@@ -17,9 +17,9 @@ the user's other modules and optimizers.
   - every use of the adapter with autograd on (its forward in training, also the recompute of activation
     checkpointing; `delta_weight()`) empties its cache, so a step after it and after `zero_grad()` is never
     answered from a value computed before it;
-- a parameter or buffer registered anew (`module.weight = nn.Parameter(...)`, anywhere inside the owner): the
-  owner's `_parameters` dicts are read in every forward and the tensors keyed by identity; `param.data = ...`:
-  its data pointer moves;
+- a parameter registered anew (`module.weight = nn.Parameter(...)`, anywhere inside the owner; a buffer too): the
+  `_parameters` dicts of the owner and its submodules (and the `_buffers` dicts that hold any) are read in every
+  forward and the tensors keyed by identity; `param.data = ...`: its data pointer moves;
 - a dtype or device move (`.to()`, `.half()`): the owner's `_apply` clears the cache (`CachedFactorsMixin`);
 - the compute dtype or the scaling: part of the key.
 
@@ -40,13 +40,14 @@ Not seen; call `model.clear_factor_caches()` (or `clear_factor_caches(model)`) a
   keep their version counters, the cache cannot tell a write to the sharded parameters: a no-grad forward
   between `backward()` and the optimizer step, or a `load_state_dict` into the sharded parameters after the
   cache was filled, may leave it stale. A training forward still empties the caches, so evaluation after a step
-  (Trainer's order) is current. DeepSpeed ZeRO keeps gradients in its own buffers: the same holds for a no-grad
-  forward between backward and step.
+  (Trainer's order) is current. DeepSpeed ZeRO can keep gradients in its own buffers: the same holds for a
+  no-grad forward between backward and step there.
 """
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import ValuesView
 from typing import Any, Callable, TypeVar
 
 import torch
@@ -55,17 +56,17 @@ from torch import nn
 Value = TypeVar("Value")
 
 
-def tensor_dicts(module: nn.Module) -> list[dict[str, torch.Tensor | None]]:
-    """The `_parameters` dicts of the module and its submodules, and their `_buffers` dicts that hold any: a
-    parameter (or buffer) registered anew in one of them shows in its values."""
+def tensor_slots(module: nn.Module) -> list[ValuesView]:
+    """Live views of the `_parameters` dicts of the module and its submodules, and of their `_buffers` dicts that
+    hold any: a parameter (or buffer) registered anew in one of them shows in its view."""
     subs = list(module.modules())
-    return [sub._parameters for sub in subs] + [sub._buffers for sub in subs if sub._buffers]
+    return [sub._parameters.values() for sub in subs] + [sub._buffers.values() for sub in subs if sub._buffers]
 
 
 class FactorCache:
     """One value computed from a module's parameters and buffers, reused while they are certainly unchanged."""
 
-    __slots__ = ("_owner", "_dicts", "_tensors", "_key", "_value")
+    __slots__ = ("_owner", "_slots", "_tensors", "_key", "_value")
 
     def __init__(self) -> None:
         self.clear()
@@ -76,7 +77,7 @@ class FactorCache:
     def clear(self) -> None:
         """Forget the value. Every forward with autograd on calls it: an optimizer step may follow it unseen."""
         self._owner: weakref.ref | None = None  # weak: the owner usually holds this cache
-        self._dicts: list[dict] = []
+        self._slots: list[ValuesView] = []
         self._tensors: list[torch.Tensor] = []  # held, so that the ids in the key stay theirs
         self._key: tuple | None = None
         self._value: Any = None
@@ -93,10 +94,10 @@ class FactorCache:
             return compute()
         if self._owner is None or self._owner() is not owner:
             self.clear()
-            self._owner, self._dicts = weakref.ref(owner), tensor_dicts(owner)
+            self._owner, self._slots = weakref.ref(owner), tensor_slots(owner)
         try:
             state = [(id(t), t._version, t.data_ptr(), t.grad is None)
-                     for tensors in self._dicts for t in tensors.values() if t is not None]
+                     for tensors in self._slots for t in tensors if t is not None]
         except RuntimeError:  # inference tensors have no version counter: nothing tells a change, so no cache
             return compute()
         full_key = (key, state)
@@ -106,7 +107,7 @@ class FactorCache:
             self.clear()
             return compute()
         self._value, self._key = compute(), full_key
-        self._tensors = [t for tensors in self._dicts for t in tensors.values() if t is not None]
+        self._tensors = [t for tensors in self._slots for t in tensors if t is not None]
         return self._value
 
 
