@@ -4,6 +4,7 @@ factors across forwards, and never serve a stale factor after a mutation."""
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -358,9 +359,9 @@ def gradients_kept_as_zeros(model: nn.Module, optimizer: torch.optim.Optimizer) 
     optimizer.zero_grad(set_to_none=False)
 
 
-def accumulation_with_reentrant_checkpointing(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Two micro-batches, each layer run first without grad (reentrant checkpointing) and again in backward."""
-    model.activation_checkpointing_enable({"use_reentrant": True})
+def accumulation_with_checkpointing(model: nn.Module, optimizer: torch.optim.Optimizer, reentrant: bool) -> None:
+    """Two micro-batches; each checkpointed layer runs again in backward (reentrant: first without grad)."""
+    model.activation_checkpointing_enable({"use_reentrant": reentrant})
     train_forward_backward(model, IDS[:1])
     train_forward_backward(model, IDS[1:])
     optimizer.step()
@@ -370,7 +371,8 @@ def accumulation_with_reentrant_checkpointing(model: nn.Module, optimizer: torch
 
 LOOPS = {"train-then-eval": train_then_eval, "eval-between-backward-and-step": eval_between_backward_and_step,
          "zero-grad-keeps-tensors": gradients_kept_as_zeros,
-         "accumulation-reentrant-checkpointing": accumulation_with_reentrant_checkpointing}
+         "accumulation-reentrant-checkpointing": functools.partial(accumulation_with_checkpointing, reentrant=True),
+         "accumulation-checkpointing": functools.partial(accumulation_with_checkpointing, reentrant=False)}
 
 
 @pytest.mark.parametrize("loop", sorted(LOOPS))
