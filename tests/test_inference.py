@@ -4,6 +4,7 @@ factors across forwards, and never serve a stale factor after a mutation."""
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -320,3 +321,175 @@ def test_dropout_in_train_mode_without_grad_still_drops() -> None:
     assert not torch.allclose(first, cached(model))
     model.eval()
     assert_close(cached(model), uncached(model))
+
+
+# -- optimizer steps that move no version counter (fused AdamW), seen without any process-wide hook ---------------
+FUSED_KINDS = ("lora", "mtlora-icfm", "rep", "adp")  # "lora": lora_alpha 8, r 4 (scaling 2)
+
+
+def fused_adamw(model: nn.Module) -> torch.optim.Optimizer:
+    """Trainer's default on a GPU (adamw_torch_fused); on the CPU too in torch >= 2.4. Its step leaves `_version`."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05, fused=True)
+
+
+def train_forward_backward(model: nn.Module, ids: torch.Tensor = IDS) -> None:
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+
+
+def train_then_eval(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Trainer's order: forward, backward, step, zero_grad (to None), then evaluation or generate()."""
+    train_forward_backward(model)
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def eval_between_backward_and_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """A manual loop that evaluates after backward(): the step still to come must not be answered from then."""
+    train_forward_backward(model)
+    model.eval()
+    cached(model)  # with the gradients present (and no forward with autograd until the check)
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def gradients_kept_as_zeros(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    train_forward_backward(model)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=False)
+
+
+def accumulation_with_checkpointing(model: nn.Module, optimizer: torch.optim.Optimizer, reentrant: bool) -> None:
+    """Two micro-batches; each checkpointed layer runs again in backward (reentrant: first without grad)."""
+    model.activation_checkpointing_enable({"use_reentrant": reentrant})
+    train_forward_backward(model, IDS[:1])
+    train_forward_backward(model, IDS[1:])
+    optimizer.step()
+    optimizer.zero_grad()
+    model.activation_checkpointing_disable()
+
+
+LOOPS = {"train-then-eval": train_then_eval, "eval-between-backward-and-step": eval_between_backward_and_step,
+         "zero-grad-keeps-tensors": gradients_kept_as_zeros,
+         "accumulation-reentrant-checkpointing": functools.partial(accumulation_with_checkpointing, reentrant=True),
+         "accumulation-checkpointing": functools.partial(accumulation_with_checkpointing, reentrant=False)}
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+@pytest.mark.parametrize("kind", FUSED_KINDS)
+def test_a_fused_adamw_step_is_seen(kind: str, loop: str) -> None:
+    model = adapted(kind)
+    before = cached(model)  # every cache filled
+    LOOPS[loop](model, fused_adamw(model))
+    model.eval()
+    got = cached(model)
+    assert clear_factor_caches(model) > 0
+    assert torch.equal(got, cached(model))  # what a model without cached factors computes, bit for bit
+    assert (got - before).abs().max() > 1e-3  # the step changed the outputs
+
+
+@pytest.mark.parametrize("kind", ["mtlora-icfm", "rep", "adp"])
+def test_factors_are_cached_again_once_the_gradients_are_gone(kind: str, monkeypatch) -> None:
+    """After training the cache serves again (gradients set to None); while gradients are kept, it computes."""
+    model = adapted(kind)
+    optimizer = fused_adamw(model)
+    calls = {"factors": 0}
+    for cls, method in ((LowRankAdapter, "_transposed_factors"), (BottleneckAdapter, "_dense_projections")):
+        def counting(self, *args, original=getattr(cls, method)):
+            calls["factors"] += 1
+            return original(self, *args)
+        monkeypatch.setattr(cls, method, counting)
+    adapters = sum(isinstance(m, (LowRankAdapter, BottleneckAdapter)) for m in model.modules())
+    train_then_eval(model, optimizer)
+    model.eval()
+    for expected in (adapters, adapters):  # computed once after the step, then served
+        cached(model)
+        assert calls["factors"] == adapters
+    gradients_kept_as_zeros(model, optimizer)
+    model.eval()
+    cached(model)
+    cached(model)
+    assert calls["factors"] == 3 * adapters  # zero_grad(set_to_none=False): computed in every forward
+
+
+def test_importing_structlora_installs_no_process_wide_hook() -> None:
+    """Nothing of structlora runs for the user's other modules and optimizers (no global registration, forward or
+    optimizer hook), also once a model is adapted, trained one step and run without autograd."""
+    import subprocess
+    import sys
+
+    script = """
+import torch, torch.nn.modules.module as m, torch.optim.optimizer as o
+def hooks():
+    return {name: len(getattr(source, name)) for source in (m, o) for name in dir(source)
+            if name.startswith("_global_") and name.endswith("hooks")}
+before = hooks()
+import structlora, structlora.inference, structlora.layers, structlora.peft_tuner
+from structlora import LorettaRepConfig, get_peft_model
+from torch import nn
+model = get_peft_model(nn.Sequential(nn.Linear(8, 8)), LorettaRepConfig(r=2, tensor_rank=2, target_modules=["0"]))
+optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], fused=True)
+model(torch.ones(2, 8)).sum().backward()
+optimizer.step()
+with torch.no_grad():
+    model(torch.ones(2, 8))
+assert "_global_parameter_registration_hooks" in before and "_global_optimizer_post_hooks" in before, before
+assert hooks() == before, (before, hooks())
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_a_parameter_registered_anew_is_seen() -> None:
+    model = adapted("mtlora-icfm")
+    before = cached(model)
+    parameterization = next(m for m in model.modules() if isinstance(m, LowRankAdapter)).parameterization
+    parameterization.lora_C = nn.Parameter(parameterization.lora_C.detach() * 3)  # another tensor, same name
+    after = cached(model)
+    assert not torch.allclose(after, before)
+    assert_close(after, uncached(model))
+
+
+@pytest.mark.parametrize("init", ["pissa", "lora-xs"])
+def test_a_write_to_an_svd_starts_frozen_factors_is_seen(init: str) -> None:
+    """The frozen factors of an SVD start are buffers: their version counters are in the key as the parameters'."""
+    model = get_peft_model(tiny_llama(), MTLoraConfig(r=4, structure="shim", init=init,
+                                                      target_modules=["q_proj", "v_proj"]))
+    randomize(model, seed=1)
+    model.eval()
+    before = cached(model)
+    state = {name: tensor * 2 for name, tensor in model.named_buffers()
+             if name.endswith(("lora_A", "lora_B", "lora_A_initial", "lora_B_initial"))}
+    assert len(state) == 2 * 2 * 2  # A and B (or A₀ and B₀) of q and v in 2 layers
+    model.load_state_dict(state, strict=False)
+    after = cached(model)
+    assert not torch.allclose(after, before)
+    assert_close(after, uncached(model))
+
+
+@pytest.mark.parametrize("kind", ["mtlora-icfm", "adp"])
+def test_a_compiled_training_forward_empties_the_cache_without_a_graph_break(kind: str) -> None:
+    """torch.compile'd training (fullgraph: a break is an error), fused step, then eager evaluation: current."""
+    from structlora.layers import BottleneckLayer, LowRankLayer
+
+    torch.manual_seed(0)
+    if kind == "adp":
+        layer = BottleneckLayer(nn.Linear(16, 16))
+        layer.add_adapter("default", LorettaAdpConfig(bottleneck_size=4, tensor_rank=2, init="reference"), "output")
+    else:
+        layer = LowRankLayer(nn.Linear(16, 16))
+        layer.add_adapter("default", MTLoraConfig(r=4, structure="icfm", init="reference"), None)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        before = layer(x)
+    assert layer.adapters["default"]._factor_cache._value is not None
+    optimizer = fused_adamw(layer)
+    torch.compile(layer, backend="aot_eager", fullgraph=True)(x).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    with torch.no_grad():
+        got = layer(x)
+        assert clear_factor_caches(layer) > 0
+        assert torch.equal(got, layer(x))
+    assert (got - before).abs().max() > 1e-3

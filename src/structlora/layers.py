@@ -87,6 +87,7 @@ class LowRankAdapter(CachedFactorsMixin, nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def effective_factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        self._factor_cache.used_with_grad()
         a_eff, b_eff = self.parameterization.effective_factors(self.scaling)
         return a_eff.to(dtype), b_eff.to(dtype)
 
@@ -111,6 +112,7 @@ class LowRankAdapter(CachedFactorsMixin, nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = s·B·T·A in (out x in) layout."""
+        self._factor_cache.used_with_grad()
         a_eff, b_eff = self.parameterization.effective_factors(self.scaling)
         return b_eff @ a_eff
 
@@ -159,6 +161,7 @@ class LowRankLayer(nn.Module, AdapterLayerMixin):
             return self._forward_without_grad(adapter, x, args, kwargs)
         weight = None if args or kwargs else self._fast_path_weight(adapter)
         if weight is not None:
+            adapter._factor_cache.used_with_grad()
             a_eff, b = adapter.parameterization.unscaled_factors()
             return dense_lowrank(x, weight, self.base_layer.bias, a_eff, b, adapter.scaling)
         result = self.base_layer(x, *args, **kwargs)
@@ -334,6 +337,7 @@ class BottleneckAdapter(CachedFactorsMixin, nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled() and not self.drops():
             return self._forward_without_grad(hidden)
+        self._factor_cache.used_with_grad()
         out = self.adapter_up(self.act(self.adapter_down(self.dropout(hidden))))
         scaling = self.adapter_scaling
         if isinstance(scaling, torch.Tensor):
@@ -461,6 +465,7 @@ class TrainableCopy(CachedFactorsMixin, nn.Module, AdapterLayerMixin):
         if dtype is None:
             return module(*args, **kwargs)
         if torch.is_grad_enabled():
+            self._factor_cache.used_with_grad()
             return torch.func.functional_call(module, _cast_parameters(module, dtype), args, kwargs)
         cast = self._factor_cache.get(module, (name, dtype), lambda: _cast_parameters(module, dtype))
         if type(module) is LeanRMSNorm and len(args) == 1 and not kwargs:

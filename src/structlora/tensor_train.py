@@ -329,6 +329,7 @@ class TTLinear(CachedFactorsMixin, nn.Module):
     def dense(self, dtype: torch.dtype, scaling: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """scaling·W (in x out) and scaling·b in `dtype`; without autograd, cached until a core or bias changes."""
         if torch.is_grad_enabled():
+            self._factor_cache.used_with_grad()
             return self._dense(dtype, scaling)
         return self._factor_cache.get(self, (dtype, scaling), lambda: self._dense(dtype, scaling))
 
