@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from structlora import LoraConfig, LorettaAdpConfig, LorettaRepConfig, MTLoraConfig
-from structlora.layers import BottleneckLayer, LowRankLayer
+from structlora.bottleneck_layers import BottleneckLayer
+from structlora.layers import LowRankLayer
 
 HIDDEN = 768
 

@@ -11,7 +11,8 @@ from transformers import (BertConfig, BertForSequenceClassification, GPT2Config,
 
 from structlora import (LoraConfig, LorettaAdpConfig, LorettaRepConfig, MTLoraConfig, PeftModel, adapted_layers,
                         get_peft_model)
-from structlora.layers import BottleneckLayer, LowRankLayer
+from structlora.bottleneck_layers import BottleneckLayer
+from structlora.layers import LowRankLayer
 
 VOCAB = 97
 

@@ -14,7 +14,8 @@ import structlora.engine as engine
 import structlora.norms as norms
 from structlora import LoraConfig, LorettaAdpConfig, LorettaRepConfig, MTLoraConfig, get_peft_model
 from structlora.inference import clear_factor_caches
-from structlora.layers import BottleneckAdapter, LowRankAdapter
+from structlora.bottleneck_layers import BottleneckAdapter
+from structlora.layers import LowRankAdapter
 from structlora.tensor_train import TTMatrix
 
 
@@ -471,7 +472,8 @@ def test_a_write_to_an_svd_starts_frozen_factors_is_seen(init: str) -> None:
 @pytest.mark.parametrize("kind", ["mtlora-icfm", "adp"])
 def test_a_compiled_training_forward_empties_the_cache_without_a_graph_break(kind: str) -> None:
     """torch.compile'd training (fullgraph: a break is an error), fused step, then eager evaluation: current."""
-    from structlora.layers import BottleneckLayer, LowRankLayer
+    from structlora.bottleneck_layers import BottleneckLayer
+    from structlora.layers import LowRankLayer
 
     torch.manual_seed(0)
     if kind == "adp":

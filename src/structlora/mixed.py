@@ -23,7 +23,8 @@ from torch import nn
 from .adapter_state import BASE_ADAPTER
 from .config import AdapterConfig, LoraConfig
 from .engine import add_lowrank_embedding_update, add_lowrank_update
-from .layers import BottleneckLayer, LowRankLayer, TrainableCopy
+from .bottleneck_layers import BottleneckLayer
+from .layers import LowRankLayer, TrainableCopy
 
 
 

@@ -22,8 +22,9 @@ from .config import (CONFIG_NAME, AdapterConfig, BitFitConfig, LoraConfig, Loret
                      TaskType, portable_model_name)
 from .convert import CONFIG_METADATA_KEY, WEIGHTS_NAME, check_saved_structure, read_weights, structure_fields
 from .distributed import full_cpu_copies, is_writer, whole_parameters
-from .layers import (AdapterLayerMixin, BottleneckLayer, LowRankLayer, TrainableCopy, base_shape, layer_kind,
-                     merge_all, unmerge_all)
+from .bottleneck_layers import BottleneckLayer
+from .layers import (AdapterLayerMixin, LowRankLayer, TrainableCopy, base_shape, layer_kind, merge_all,
+                     unmerge_all)
 from .mixed import input_rows, routed_adapters
 from .quantized import refuse_quantized_merge
 from .svd_init import saved_factors_follow

@@ -17,7 +17,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .inference import FactorCache
-from .layers import BottleneckLayer, LowRankLayer, TrainableCopy
+from .bottleneck_layers import BottleneckLayer
+from .layers import LowRankLayer, TrainableCopy
 
 ADAPTERS = "adapters"  # the ModuleDict that holds one adapter per name, in every layer below
 
