@@ -15,8 +15,8 @@ from typing import Any, Callable, ContextManager, Union
 from torch import nn
 
 from .adapter_state import AdapterState, AdapterStateError
-from .config import (AdapterConfig, BitFitConfig, LoraConfig, LorettaAdpConfig, LorettaRepConfig, TaskType,
-                     portable_model_name)
+from .config import AdapterConfig, BitFitConfig, LoraConfig, LorettaAdpConfig, LorettaRepConfig, TaskType
+from .config_checks import portable_model_name
 from .layers import AdapterLayerMixin, BottleneckLayer, LowRankLayer, TrainableCopy, base_shape, layer_kind
 from .targets import (BOTTLENECK_PLACEMENT, CLASSIFIER_HEAD_NAMES, FUSED_PROJECTIONS, TargetWarning,
                       default_targets, enabled_slices, is_norm_module, module_matches, unknown_target_error)
