@@ -12,6 +12,7 @@ import torch
 
 import structlora.atomic
 import structlora.model
+import structlora.model_io
 from structlora import LoraConfig, MTLoraConfig, PeftModel, get_peft_model
 from structlora.layers import LowRankLayer
 from structlora.model import adapted_layers
@@ -188,7 +189,7 @@ def test_a_save_that_fails_mid_write_leaves_the_old_folder(tmp_path, monkeypatch
             handle.write(b"\x00" * 100)  # a few bytes of the file, then the process dies
         raise _Interrupt("killed while writing")
 
-    monkeypatch.setattr(structlora.model, "save_file", partial_save_file)
+    monkeypatch.setattr(structlora.model_io, "save_file", partial_save_file)
     with pytest.raises(_Interrupt):
         new.save_pretrained(folder)
     monkeypatch.undo()

@@ -34,13 +34,21 @@ def unnamed(doc: str, names: list[str]) -> list[str]:
     return [name for name in names if not re.search(rf"\b{re.escape(name)}\b", doc)]
 
 
+def own_classes(cls: type) -> list[type]:
+    """`cls` and the structlora mixins it is made of (PeftModel's AdapterInjection, AdapterIO), not public bases."""
+    return [cls, *(base for base in cls.__mro__[1:]
+                   if base.__module__.startswith("structlora.") and base.__name__ not in structlora.__all__)]
+
+
 def public_members() -> list[tuple[str, object]]:
     members = []
     for class_name in CLASSES_WITH_METHODS:
         cls = getattr(structlora, class_name)
-        for attribute, value in vars(cls).items():
-            if attribute.startswith("_"):
+        seen = set()
+        for attribute, value in (item for owner in own_classes(cls) for item in vars(owner).items()):
+            if attribute.startswith("_") or attribute in seen:
                 continue
+            seen.add(attribute)
             if isinstance(value, property):
                 members.append((f"{class_name}.{attribute}", value.fget))
             elif isinstance(value, (staticmethod, classmethod)):

@@ -12,11 +12,12 @@ import enum
 import json
 import math
 import os
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Union
 
 from . import _plugin
+from .config_checks import (portable_model_name, require_bool, require_choice, require_names, require_number,
+                            require_positive, require_slices)
 from .names import DENSE_ADAPTER_PLACEMENTS, MTLORA_STRUCTURES, SVD_INITS
 from .peft_support import (StructloraPeftType, peft_load_call, refuse_peft_layout, refuse_unloadable_weights,
                            require_supported_peft)
@@ -32,7 +33,6 @@ CONFIG_NAME = "adapter_config.json"
 PEFT_TYPE_MARKER = ("structlora adapter folder, not a PEFT one: load it with structlora.PeftModel.from_pretrained("
                     "model, path), or write a PEFT LoRA folder from it with structlora.export_to_peft(peft_model, "
                     "out_dir)")
-_HUB_CACHE_SNAPSHOT = re.compile(r"models--(?P<repo>[^/\\]+)[/\\]snapshots[/\\]")
 
 
 class TaskType(str, enum.Enum):
@@ -46,77 +46,6 @@ class TaskType(str, enum.Enum):
 
 _BIAS_CHOICES = ("none", "all", "lora_only", "adapter_only")
 
-
-def _require_positive(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _require_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; valid values: {', '.join(choices)}")
-
-
-def _require_number(name: str, value: Any, low: float, high: float = math.inf, low_inclusive: bool = False,
-                    high_inclusive: bool = False) -> float:
-    """A finite real number in the range, or an error naming the field (bools and strings are not numbers)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    above = value >= low if low_inclusive else value > low
-    below = value <= high if high_inclusive else value < high
-    if not (above and below):
-        interval = f"{'[' if low_inclusive else '('}{low:g}, {high:g}{']' if high_inclusive else ')'}"
-        raise ValueError(f"{name} must be in {interval}, got {value!r}")
-    return float(value)
-
-
-def _require_bool(name: str, value: Any, allow_none: bool = False) -> None:
-    if not (isinstance(value, bool) or (allow_none and value is None)):
-        raise TypeError(f"{name} must be true or false{' (or None)' if allow_none else ''}, got {value!r}")
-
-
-def _require_names(name: str, value: Any, allow_regex: bool) -> None:
-    """None, a non-empty list of non-empty strings, or (target_modules) one regex that compiles."""
-    if value is None:
-        return
-    if isinstance(value, str):
-        if not allow_regex:
-            raise TypeError(f"{name} must be a list of module names, got the string {value!r}")
-        try:
-            re.compile(value)
-        except re.error as error:
-            raise ValueError(f"{name} {value!r} is not a valid regular expression: {error}") from error
-        return
-    if not isinstance(value, list) or not value:
-        raise TypeError(f"{name} must be a non-empty list of module names{' or a regex string' if allow_regex else ''}"
-                        f", got {value!r}")
-    for entry in value:
-        if not isinstance(entry, str) or not entry:
-            raise TypeError(f"{name} entries must be non-empty strings, got {entry!r}")
-
-
-def _require_slices(name: str, value: Any) -> None:
-    if not isinstance(value, list) or not value or not all(isinstance(v, bool) for v in value):
-        raise TypeError(f"{name} must be a non-empty list of true/false per slice (e.g. [true, false, true]), "
-                        f"got {value!r}")
-
-
-def portable_model_name(name: Union[str, None]) -> Union[str, None]:
-    """The base model's name as a saved config should record it: a Hub id stays as it is; a local folder
-    becomes its folder name (an absolute path would not exist on another machine); a Hugging Face cache
-    snapshot (`.../models--org--name/snapshots/<hash>`) becomes its Hub id `org/name`."""
-    if not name:
-        return None
-    name = str(name)
-    cached = _HUB_CACHE_SNAPSHOT.search(name)
-    if cached:
-        return cached.group("repo").replace("--", "/")
-    expanded = os.path.expanduser(name)
-    if os.path.isabs(expanded) or name.startswith((".", "~")) or os.path.exists(expanded):
-        return os.path.basename(os.path.normpath(expanded)) or None
-    return name
 
 
 @dataclass
@@ -171,16 +100,16 @@ class AdapterConfig(PeftConfig):
         if self.trainable_token_indices is not None:
             raise ValueError("trainable_token_indices (PEFT's trainable tokens) is not supported by structlora's "
                              "methods; leave it None (train the embeddings with modules_to_save instead)")
-        _require_choice("bias", self.bias, _BIAS_CHOICES)
+        require_choice("bias", self.bias, _BIAS_CHOICES)
         if isinstance(self.target_modules, (tuple, set)):
             self.target_modules = sorted(self.target_modules) if isinstance(self.target_modules, set) else list(
                 self.target_modules)
         if isinstance(self.modules_to_save, tuple):
             self.modules_to_save = list(self.modules_to_save)
-        _require_names("target_modules", self.target_modules, allow_regex=True)
-        _require_names("modules_to_save", self.modules_to_save, allow_regex=False)
-        _require_bool("train_norms", self.train_norms)
-        _require_bool("inference_mode", self.inference_mode)
+        require_names("target_modules", self.target_modules, allow_regex=True)
+        require_names("modules_to_save", self.modules_to_save, allow_regex=False)
+        require_bool("train_norms", self.train_norms)
+        require_bool("inference_mode", self.inference_mode)
 
     # -- serialisation -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -193,7 +122,7 @@ class AdapterConfig(PeftConfig):
 
     def _check_task_type(self) -> None:
         if isinstance(self.task_type, str) and not isinstance(self.task_type, TaskType):
-            _require_choice("task_type", self.task_type, tuple(t.value for t in TaskType))
+            require_choice("task_type", self.task_type, tuple(t.value for t in TaskType))
             self.task_type = TaskType(self.task_type)
         elif self.task_type is not None and not isinstance(self.task_type, TaskType):
             raise TypeError(f"task_type must be one of {', '.join(t.value for t in TaskType)} or None, "
@@ -331,21 +260,21 @@ class LoraConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.method = "lora"
-        _require_positive("r", self.r)
-        _require_bool("use_rslora", self.use_rslora)
-        _require_choice("init", self.init, self._INIT_CHOICES)
-        _require_bool("init_lora_weights", self.init_lora_weights)
+        require_positive("r", self.r)
+        require_bool("use_rslora", self.use_rslora)
+        require_choice("init", self.init, self._INIT_CHOICES)
+        require_bool("init_lora_weights", self.init_lora_weights)
         if not self.init_lora_weights and self.init in SVD_INITS:
             raise ValueError(f"init_lora_weights=False (a random, non-zero start) does not fit init {self.init!r}, "
                              f"whose A and B come from the SVD of the base weight; use init_lora_weights=True with "
                              f"init {self.init!r}, or another init")
-        _require_number("lora_dropout", self.lora_dropout, 0.0, 1.0, low_inclusive=True)
+        require_number("lora_dropout", self.lora_dropout, 0.0, 1.0, low_inclusive=True)
         if self.init == "pissa" and self.lora_dropout > 0:
             raise ValueError("init 'pissa' needs lora_dropout=0: PiSSA's start W_r = s·B₀·A₀ is part of the weight, "
                              "so dropout on the adapter's input would drop part of the base model's function too")
         if self.lora_alpha is None:
             self.lora_alpha = self.r
-        _require_number("lora_alpha", self.lora_alpha, 0.0)
+        require_number("lora_alpha", self.lora_alpha, 0.0)
         if isinstance(self.enable_lora, tuple):
             self.enable_lora = list(self.enable_lora)
         if isinstance(self.enable_lora, dict):
@@ -354,10 +283,10 @@ class LoraConfig(AdapterConfig):
             for key, slices in self.enable_lora.items():
                 if not isinstance(key, str) or not key:
                     raise TypeError(f"enable_lora keys must be module names, got {key!r}")
-                _require_slices(f"enable_lora[{key!r}]", list(slices) if isinstance(slices, tuple) else slices)
+                require_slices(f"enable_lora[{key!r}]", list(slices) if isinstance(slices, tuple) else slices)
         elif self.enable_lora is not None:
-            _require_slices("enable_lora", self.enable_lora)
-        _require_bool("fan_in_fan_out", self.fan_in_fan_out, allow_none=True)
+            require_slices("enable_lora", self.enable_lora)
+        require_bool("fan_in_fan_out", self.fan_in_fan_out, allow_none=True)
 
     @property
     def scaling(self) -> float:
@@ -389,7 +318,7 @@ class MTLoraConfig(LoraConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.method = "mtlora"
-        _require_choice("structure", self.structure, MTLORA_STRUCTURES)
+        require_choice("structure", self.structure, MTLORA_STRUCTURES)
         if self.init == "lora-xs" and self.structure == "icfm":
             raise ValueError("init 'lora-xs' starts T at 0, and icfm's T = C·Cᵀ is 0 only at C = 0, where its gradient "
                              "is 0 too: T would never move. Use structure shim, ctcm or dtsm with lora-xs")
@@ -423,8 +352,8 @@ class LorettaRepConfig(LoraConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.method = "loretta_rep"
-        _require_positive("tensor_rank", self.tensor_rank)
-        _require_bool("tensorize_classifier", self.tensorize_classifier)
+        require_positive("tensor_rank", self.tensor_rank)
+        require_bool("tensorize_classifier", self.tensorize_classifier)
 
 
 _LORETTA_INIT_WEIGHTS = ("bert", "mam_adapter")  # loretta's init_weights values, accepted for compatibility
@@ -476,20 +405,20 @@ class LorettaAdpConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.method = "loretta_adp"
-        _require_positive("bottleneck_size", self.bottleneck_size)
-        _require_positive("tensor_rank", self.tensor_rank)
-        _require_choice("non_linearity", self.non_linearity, NON_LINEARITIES)
-        _require_choice("init", self.init, ("default", "reference"))
+        require_positive("bottleneck_size", self.bottleneck_size)
+        require_positive("tensor_rank", self.tensor_rank)
+        require_choice("non_linearity", self.non_linearity, NON_LINEARITIES)
+        require_choice("init", self.init, ("default", "reference"))
         if not isinstance(self.init_weights, bool) and self.init_weights not in _LORETTA_INIT_WEIGHTS:
             raise ValueError(f"init_weights must be true or false (PEFT's: false gives a non-zero start), or one of "
                              f"loretta's {', '.join(_LORETTA_INIT_WEIGHTS)}; got {self.init_weights!r}")
         if self.scaling != "learned":
             if isinstance(self.scaling, str):
                 raise ValueError(f"scaling must be a number or 'learned', got {self.scaling!r}")
-            _require_number("scaling", self.scaling, 0.0)
-        _require_number("adapter_dropout", self.adapter_dropout, 0.0, 1.0, low_inclusive=True)
+            require_number("scaling", self.scaling, 0.0)
+        require_number("adapter_dropout", self.adapter_dropout, 0.0, 1.0, low_inclusive=True)
         for flag in ("use_parallel_adapter", "tensorized", "tensorize_classifier", "use_adapterp"):
-            _require_bool(flag, getattr(self, flag))
+            require_bool(flag, getattr(self, flag))
 
 
 
@@ -517,7 +446,7 @@ class DenseAdapterConfig(LorettaAdpConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.method = "adapter"
-        _require_choice("placement", self.placement, DENSE_ADAPTER_PLACEMENTS)
+        require_choice("placement", self.placement, DENSE_ADAPTER_PLACEMENTS)
         if self.tensorized or self.tensorize_classifier:
             raise ValueError("DenseAdapterConfig is the dense adapter: tensorized and tensorize_classifier must be "
                              "False (LorettaAdpConfig gives tensor-train adapters)")

@@ -16,7 +16,8 @@ from torch import nn
 from .atomic import staged_files
 from .config import LorettaAdpConfig, LorettaRepConfig, TaskType, portable_model_name
 from .layers import LowRankLayer, TrainableCopy
-from .model import PeftModel, _is_internal
+from .model import PeftModel
+from .model_injection import _is_internal
 from .targets import is_norm_module
 from .tensor_train import TTLinear
 

@@ -1,79 +1,36 @@
-"""`PeftModel`: a transformers model with named structlora adapters injected into it."""
+"""`PeftModel`: a transformers model with named structlora adapters injected into it.
+
+This module holds what the model is and does: behaving like the base model (forward, generate, attributes), the
+adapter state machine (`structlora.adapter_state`: set, disable, enable, delete, merge, unmerge, unload) and the
+parameter counts. Injection is `structlora.model_injection`'s (`AdapterInjection`), saving and loading
+`structlora.model_io`'s (`AdapterIO`); `PeftModel` combines the three.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-import json
-import os
 import types
 import warnings
-from typing import Any, Callable, Iterator, Union
+from typing import Any, Iterator, Union
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from .adapter_state import AdapterState, AdapterStateError, ModuleSnapshot
-from .atomic import copy_all_or_nothing, staged_files
 from .bank import bank
+from .config import AdapterConfig, LoraConfig, LorettaAdpConfig
+from .convert import CONFIG_METADATA_KEY, WEIGHTS_NAME  # noqa: F401 - importers read them here too
 from .inference import clear_factor_caches
-from .config import (CONFIG_NAME, AdapterConfig, BitFitConfig, LoraConfig, LorettaAdpConfig, LorettaRepConfig,
-                     TaskType, portable_model_name)
-from .convert import CONFIG_METADATA_KEY, WEIGHTS_NAME, check_saved_structure, read_weights, structure_fields
-from .distributed import full_cpu_copies, is_writer, whole_parameters
 from .bottleneck_layers import BottleneckLayer
-from .layers import (AdapterLayerMixin, LowRankLayer, TrainableCopy, base_shape, layer_kind, merge_all,
-                     unmerge_all)
+from .layers import AdapterLayerMixin, LowRankLayer, TrainableCopy, merge_all, unmerge_all
 from .mixed import input_rows, routed_adapters
+from .model_injection import AdapterInjection, _caller_outside_package, _refuse_adapted_base, _set_module
+from .model_io import AdapterIO, adapter_folder  # noqa: F401 - adapter_folder: importers read it here too
 from .quantized import refuse_quantized_merge
-from .svd_init import saved_factors_follow
-from .targets import (BOTTLENECK_PLACEMENT, CLASSIFIER_HEAD_NAMES, FUSED_PROJECTIONS, TargetWarning,
-                      default_targets, enabled_slices, is_norm_module, module_matches, unknown_target_error)
-from .tensor_train import TTLinear, classifier_tt_shape, parameter_values
-
-HEAD = "the classification head"  # why a module is trained in full (see PeftModel._trained_copy_names)
 
 
-def adapter_folder(save_directory: str, adapter_name: str) -> str:
-    """Where save_pretrained(save_directory) writes adapter `adapter_name`: "default" at the top, the others in a
-    sub-folder named after them (PEFT's layout)."""
-    return save_directory if adapter_name == "default" else os.path.join(save_directory, adapter_name)
-
-
-_INTERNAL_SEGMENTS = ("base_layer", "original", "adapters")
-
-
-def _is_internal(name: str) -> bool:
-    """Names inside our wrappers (their base layer, original module, adapters) are not targets."""
-    return any(part in _INTERNAL_SEGMENTS for part in name.split("."))
-
-
-def _inside_any(name: str, modules: Any) -> bool:
-    """Whether module `name` is one of `modules` or inside one of them."""
-    return any(name == m or name.startswith(m + ".") for m in modules)
-
-
-def _caller_outside_package() -> int:
-    """The `stacklevel` at which a warning raised by our caller points at the first frame outside structlora."""
-    package = os.path.dirname(os.path.abspath(__file__))
-    frame, level = inspect.currentframe(), 1
-    frame = frame.f_back if frame is not None else None  # None on interpreters without frame support
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
-
-
-def _model_type(model: nn.Module) -> str:
-    return getattr(getattr(model, "config", None), "model_type", "") or ""
-
-
-class PeftModel(nn.Module):
+class PeftModel(AdapterIO, AdapterInjection, nn.Module):
     """A transformers model with structlora adapters injected; behaves like it (same forward signature,
     generate, config…). Usually built with `get_peft_model` or `PeftModel.from_pretrained`.
 
@@ -215,7 +172,7 @@ class PeftModel(nn.Module):
             return  # without autograd each adapter reuses its cached factors (structlora.inference)
         bank(member for _, wrapper in self._wrappers() for member in _active_bankables(wrapper))
 
-    # -- adapters ------------------------------------------------------------------------------------------
+    # -- adapters (injected by structlora.model_injection, saved and loaded by structlora.model_io) -------
     def _wrappers(self) -> Iterator[tuple[str, nn.Module]]:
         for name, module in self.base_model.named_modules():
             if isinstance(module, AdapterLayerMixin):
@@ -238,240 +195,7 @@ class PeftModel(nn.Module):
             self._trained_base_params.update(trained)
             raise
 
-    def add_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
-        """Inject a new adapter `adapter_name` described by `config` (made active only if it is the first).
-
-        Raises:
-            ValueError: the name exists; or as the constructor (TypeError too).
-            AdapterStateError: an adapter is merged, inside disable_adapter(), or after merge_and_unload().
-            On any error nothing is changed.
-        """
-        self._state.check_add(adapter_name)
-        if not isinstance(config, AdapterConfig):
-            raise TypeError(_foreign_config_message(config))
-        model_type = _model_type(self.base_model)
-        if config.base_model_type and model_type and config.base_model_type != model_type:
-            raise ValueError(
-                f"adapter {adapter_name!r} was made for a {config.base_model_type!r} model, but this base model "
-                f"is {model_type!r}")
-        targets = config.target_modules
-        if isinstance(config, BitFitConfig):
-            if not any(n.endswith("bias") for n, _ in self.base_model.named_parameters()):
-                raise ValueError(f"BitFit trains biases, but this {model_type or 'model'} has no bias parameters")
-        else:
-            if targets is None:
-                targets = default_targets(model_type, config.method, getattr(config, "use_parallel_adapter", False),
-                                          getattr(config, "placement", "houlsby"))
-        trained_in_full = self._trained_copy_names(config, model_type)
-        exclude: tuple[str, ...] = ()
-        if not isinstance(config, BitFitConfig):
-            exclude = self._trained_in_full_among(targets, trained_in_full)
-            self._check_targets(config, targets, model_type, exclude)
-        with self._transaction():
-            if isinstance(config, BitFitConfig):
-                injected = []  # BitFit only trains the base model's biases (and the head)
-            elif isinstance(config, LorettaAdpConfig):
-                injected = self._inject_bottleneck(adapter_name, config, targets, model_type, exclude)
-            else:
-                injected = self._inject_low_rank(adapter_name, config, targets, exclude)
-            if not injected and not isinstance(config, BitFitConfig):
-                names = [n for n, _ in self.base_model.named_modules() if not _is_internal(n)]
-                adaptable = [n for n, m in self.base_model.named_modules() if layer_kind(m) and not _is_internal(n)]
-                raise unknown_target_error(targets, names, adaptable)
-            self._add_trainable_copies(adapter_name, config, trained_in_full)
-            self._trained_base_params[adapter_name] = self._select_trained_biases(config, injected)
-            self.peft_config[adapter_name] = config
-            self._state.add(adapter_name)
-            self.set_adapter(self._state.active or adapter_name)
-        config.base_model_type = model_type or None
-        if config.target_modules is None and not isinstance(config, BitFitConfig):
-            # Record what the defaults resolved to, so that the saved config says which modules were adapted:
-            # a default list as it is, a default regex as the module names it matched.
-            config.target_modules = list(targets) if isinstance(targets, list) else injected
-        if config.base_model_name_or_path is None:
-            config.base_model_name_or_path = portable_model_name(getattr(self.base_model, "name_or_path", None))
-
-    def _check_targets(self, config: AdapterConfig, targets: Union[list[str], str], model_type: str,
-                       exclude: tuple[str, ...]) -> None:
-        """Refuse, before anything is injected, targets the method cannot adapt and per-layer options
-        (enable_lora, fan_in_fan_out) that do not fit the layers they would apply to."""
-        bottleneck = isinstance(config, LorettaAdpConfig)
-        kinds = ("linear", "conv1d") if bottleneck else ("linear", "conv1d", "embedding")
-        candidates = []
-        unadaptable = []
-        for name, module in self._candidates(targets, exclude):
-            inner = module.base_layer if isinstance(module, (LowRankLayer, BottleneckLayer)) else module
-            kind = layer_kind(inner)
-            if kind in kinds:
-                candidates.append((name, kind))
-            else:
-                unadaptable.append(f"{name} ({type(inner).__name__})")
-        if unadaptable:
-            raise ValueError(
-                f"target_modules {targets!r} matches {len(unadaptable)} module(s) that {config.method} cannot adapt: "
-                f"{', '.join(unadaptable[:5])}{' …' if len(unadaptable) > 5 else ''}. It adapts "
-                f"{', '.join(kinds)} layers only: narrow target_modules to those")
-        if bottleneck or not candidates:
-            return
-        enable = config.enable_lora
-        if isinstance(enable, dict):
-            for key in enable:
-                if not any(name == key or name.endswith("." + key) for name, _ in candidates):
-                    leaves = sorted({name.rsplit(".", 1)[-1] for name, _ in candidates})
-                    raise ValueError(f"enable_lora key {key!r} matches none of the target modules "
-                                     f"(targets: {', '.join(leaves)}); a key must name a targeted fused projection")
-        fused = FUSED_PROJECTIONS.get(model_type)
-        for name, kind in candidates:
-            slices = enabled_slices(config.enable_lora, name)
-            if slices is not None and fused is not None:
-                expected = fused.get(name.rsplit(".", 1)[-1], 1)
-                out_features = base_shape(self.base_model.get_submodule(name))[1] if kind != "embedding" else None
-                divides = out_features is None or out_features % len(slices) == 0
-                if len(slices) != expected and divides:  # a count that does not divide is reported by the layer
-                    what = f"a fused projection of {expected} slices" if expected > 1 else "not a fused projection"
-                    raise ValueError(f"enable_lora gives {len(slices)} slices for {name!r}, which is {what} in a "
-                                     f"{model_type} model; give exactly {expected} entr{'ies' if expected > 1 else 'y'}"
-                                     f"{'' if expected > 1 else ' or leave enable_lora unset for it'}")
-            if config.fan_in_fan_out is not None and config.fan_in_fan_out != (kind == "conv1d"):
-                raise ValueError(
-                    f"fan_in_fan_out={config.fan_in_fan_out} does not fit {name!r}, a {kind} layer (stored "
-                    f"{'in x out' if kind == 'conv1d' else 'out x in'}); structlora detects the layout itself: "
-                    f"leave fan_in_fan_out unset")
-
-    def _candidates(self, targets: Union[list[str], str],
-                    exclude: tuple[str, ...] = ()) -> list[tuple[str, nn.Module]]:
-        """The modules `targets` matches, less those equal to or inside a module of `exclude`."""
-        return [(n, m) for n, m in self.base_model.named_modules()
-                if n and not _is_internal(n) and module_matches(n, targets) and not _inside_any(n, exclude)]
-
-    def _trained_in_full_among(self, targets: Union[list[str], str],
-                               trained_in_full: dict[str, str]) -> tuple[str, ...]:
-        """PEFT's rule: a module trained in full (the head, modules_to_save) is not also adapted. Returns the
-        modules to leave out of the targets; warns which targets that leaves out, refuses when it leaves none."""
-        matched = [n for n, _ in self._candidates(targets)]
-        overlap = [n for n in matched if _inside_any(n, trained_in_full)]
-        if not overlap:
-            return ()
-        reasons = " / ".join(sorted({why for owner, why in trained_in_full.items()
-                                     if any(_inside_any(n, (owner,)) for n in overlap)}))
-        listed = f"{', '.join(overlap[:5])}{' …' if len(overlap) > 5 else ''}"
-        if len(overlap) == len(matched):
-            raise ValueError(
-                f"target_modules {targets!r} matches only modules trained in full ({reasons}): {listed}. A module "
-                f"is either adapted or trained in full, not both: target other modules"
-                f"{', or leave these out of modules_to_save' if 'modules_to_save' in reasons else ''}")
-        warnings.warn(f"target_modules {targets!r} also matches {len(overlap)} module(s) trained in full "
-                      f"({reasons}): {listed}. Those are trained in full, not adapted (PEFT's rule)",
-                      TargetWarning, stacklevel=_caller_outside_package())
-        return tuple(trained_in_full)
-
-    def _inject_low_rank(self, adapter_name: str, config: LoraConfig, targets: Union[list[str], str],
-                         exclude: tuple[str, ...]) -> list[str]:
-        injected = []
-        for name, module in self._candidates(targets, exclude):
-            layer = self._wrap(name, module, LowRankLayer)
-            if layer is None:
-                continue
-            try:
-                layer.add_adapter(adapter_name, config, enabled_slices(config.enable_lora, name))
-            except ValueError as error:  # name the module (e.g. a quantized base refused by an SVD start)
-                raise ValueError(f"{name!r}: {error}") from error
-            injected.append(name)
-        return injected
-
-    def _inject_bottleneck(self, adapter_name: str, config: LorettaAdpConfig, targets: Union[list[str], str],
-                           model_type: str, exclude: tuple[str, ...]) -> list[str]:
-        placements = BOTTLENECK_PLACEMENT.get(model_type, {})
-        injected = []
-        for name, module in self._candidates(targets, exclude):
-            leaf = name.rsplit(".", 1)[-1]
-            if config.use_parallel_adapter:
-                placement = "parallel"
-            elif leaf in placements:
-                placement = placements[leaf]
-            else:
-                placement = "output"  # the sequential adapter after a projection is the common case
-            layer = self._wrap(name, module, BottleneckLayer)
-            if layer is None:
-                continue
-            layer.add_adapter(adapter_name, config, placement)
-            injected.append(name)
-        return injected
-
-    def _wrap(self, name: str, module: nn.Module, layer_cls: type) -> nn.Module | None:
-        """The adapter layer of kind `layer_cls` at `name`, wrapping the module (or the base layer of a
-        wrapper of the other kind) if needed. None when the module cannot carry an adapter."""
-        if isinstance(module, layer_cls):
-            return module
-        if isinstance(module, (LowRankLayer, BottleneckLayer)):  # the other kind: nest inside it
-            inner = module.base_layer
-            if isinstance(inner, layer_cls):
-                return inner
-            if layer_kind(inner) is None:
-                return None
-            module.base_layer = layer_cls(inner)
-            return module.base_layer
-        if layer_kind(module) is None or (layer_cls is BottleneckLayer and layer_kind(module) == "embedding"):
-            return None
-        layer = layer_cls(module)
-        _set_module(self.base_model, name, layer)
-        return layer
-
-    def _trained_copy_names(self, config: AdapterConfig, model_type: str) -> dict[str, str]:
-        """The modules trained in full, each with why: norms (LoRETTA's train_norms), heads (SEQ_CLS) and
-        modules_to_save. Computed before anything is injected (injection keeps module names)."""
-        modules = dict(self.base_model.named_modules())
-        wanted: list[tuple[str, str]] = []  # (name, why)
-        if config.train_norms:
-            wanted += [(n, "train_norms") for n, m in modules.items()
-                       if not _is_internal(n) and (is_norm_module(m) or
-                                                   (isinstance(m, TrainableCopy) and is_norm_module(m.original)))]
-        if config.task_type == TaskType.SEQ_CLS:
-            heads = [n for n in modules if n in CLASSIFIER_HEAD_NAMES]
-            heads = heads or [n for n in modules if not _is_internal(n) and n.rsplit(".", 1)[-1] in CLASSIFIER_HEAD_NAMES]
-            wanted += [(n, HEAD) for n in heads]
-            if getattr(config, "tensorize_classifier", False) and model_type.startswith("deberta") and "pooler" in modules:
-                wanted.append(("pooler", HEAD))
-        for name in config.modules_to_save or []:
-            matches = [n for n in modules if not _is_internal(n) and module_matches(n, [name])]
-            if not matches:
-                raise ValueError(f"modules_to_save entry {name!r} matches no module of this model")
-            wanted += [(n, "modules_to_save") for n in matches]  # trained as they are: never tensorized
-        trained: dict[str, str] = {}
-        for name, why in wanted:
-            trained.setdefault(name, why)  # a module listed twice keeps its first reason
-        return trained
-
-    def _add_trainable_copies(self, adapter_name: str, config: AdapterConfig, trained_in_full: dict[str, str]) -> None:
-        """Each module trained in full (see _trained_copy_names) gets a per-adapter copy."""
-        tensorize = isinstance(config, (LorettaRepConfig, LorettaAdpConfig)) and config.tensorize_classifier
-        for name, why in trained_in_full.items():
-            module = self.base_model.get_submodule(name)
-            wrapper = module if isinstance(module, TrainableCopy) else TrainableCopy(module)
-            if wrapper is not module:
-                _set_module(self.base_model, name, wrapper)
-            copy_module = wrapper.add_copy(adapter_name)
-            if why == HEAD and tensorize and config.task_type == TaskType.SEQ_CLS:
-                self._tensorize_dense(copy_module, config.tensor_rank)
-
-    @staticmethod
-    def _tensorize_dense(head: nn.Module, tensor_rank: int) -> None:
-        """The authors' tensorized classifier: the head's square hidden `dense` becomes a TT layer."""
-        dense = getattr(head, "dense", None)
-        if isinstance(dense, nn.Linear) and dense.in_features == dense.out_features:
-            hidden = dense.in_features
-            head.dense = TTLinear(hidden, hidden, classifier_tt_shape(hidden), tensor_rank).to(dense.weight.device)
-
-    def _select_trained_biases(self, config: AdapterConfig, injected: list[str]) -> list[str]:
-        if config.bias == "none":
-            return []
-        # Not the adapters' own biases, nor those of a wrapped head's frozen original (its copy is trained).
-        names = [n for n, _ in self.base_model.named_parameters()
-                 if n.endswith("bias") and ".adapters." not in n and ".original." not in n]
-        if config.bias in ("lora_only", "adapter_only"):
-            names = [n for n in names if any(n.startswith(layer + ".base_layer.") for layer in injected)]
-        return names
-
+    # -- the adapter state machine (structlora.adapter_state) ---------------------------------------------
     def set_adapter(self, adapter_name: str) -> None:
         """Make `adapter_name` the active (and only trainable) adapter.
 
@@ -672,231 +396,6 @@ class PeftModel(nn.Module):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
               f"trainable%: {100 * trainable / max(total, 1):.4f}")
 
-    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-        """Everything adapter `adapter_name` (default: the active one) trained, keyed by module path (no adapter
-        name in the keys): the tensors save_pretrained writes.
-
-        Raises:
-            ValueError: no adapter has that name.
-        """
-        adapter_name = adapter_name or self.active_adapter
-        self._state.check_exists(adapter_name, "adapter_state_dict")
-        state: dict[str, torch.Tensor] = {}
-        for name, wrapper in self._wrappers():
-            if adapter_name in wrapper.adapters:
-                for param_name, tensor in wrapper.adapters[adapter_name].state_dict().items():
-                    state[f"{name}.{param_name}"] = tensor
-        params = dict(self.base_model.named_parameters())
-        for name in self._trained_base_params.get(adapter_name, []):
-            state[name] = params[name]
-        return state
-
-    def get_adapter_state_dict(self, adapter_name: str | None = None, state_dict: dict | None = None
-                               ) -> dict[str, torch.Tensor]:
-        """transformers' name of adapter_state_dict (keys as save_pretrained writes them: module paths without the
-        adapter name, not PEFT's).
-
-        Args:
-            adapter_name: the adapter (default: the active one).
-            state_dict: refused (TypeError) unless None: the adapter's own tensors are read (and gathered when
-                sharded).
-        """
-        if state_dict is not None:
-            raise TypeError("get_adapter_state_dict(state_dict=...) is not supported by structlora: it reads the "
-                            "adapter's own tensors (gathering them when sharded); call "
-                            "get_adapter_state_dict(adapter_name)")
-        return self.adapter_state_dict(adapter_name)
-
-    def _adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
-        """The parameters behind adapter_state_dict(adapter_name) (to gather them where they are sharded)."""
-        parameters = [p for _, wrapper in self._wrappers() if adapter_name in wrapper.adapters
-                      for p in wrapper.adapters[adapter_name].parameters()]
-        base = dict(self.base_model.named_parameters())
-        return parameters + [base[name] for name in self._trained_base_params.get(adapter_name, [])]
-
-    # -- saving and loading ------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str, selected_adapters: list[str] | None = None,
-                        **_: Any) -> None:
-        """Write adapter_config.json and adapter_model.safetensors per adapter into `save_directory`
-        ("default" at its top, the others in subfolders named after them). Only adapter weights are written.
-        Each file is written aside and renamed into place: an error or a kill while saving over an adapter leaves
-        that folder loading as before.
-
-        Args:
-            save_directory: the folder (created if needed).
-            selected_adapters: the adapters to save (default: all).
-        Extra keyword arguments (the Trainer passes `state_dict`, `safe_serialization`…) are ignored.
-
-        Raises:
-            ValueError: `save_directory` is a file, or an adapter has no or non-finite weights (nothing is written).
-            ValueError: an unknown adapter name; AdapterStateError after merge_and_unload().
-        """
-        names = list(selected_adapters or self.peft_config)
-        self._state.check_save(names)
-        if os.path.isfile(save_directory):
-            raise ValueError(f"save_pretrained needs a directory, but {save_directory!r} is a file")
-        states, sharded = {}, False
-        for adapter_name in names:  # everything is gathered and checked before the first file is written
-            # Sharded (FSDP2, ZeRO-3) weights are gathered on every rank, which must all call this; rank 0 writes.
-            with whole_parameters(self._adapter_parameters(adapter_name)) as partitioned:
-                tensors, gathered = full_cpu_copies(self.adapter_state_dict(adapter_name))
-            sharded |= gathered or partitioned
-            if not tensors:
-                raise ValueError(f"save_pretrained: adapter {adapter_name!r} has no weights to save")
-            bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-            if bad:
-                raise ValueError(f"save_pretrained: adapter {adapter_name!r} has non-finite values (NaN/inf) in "
-                                 f"{len(bad)} tensor(s), e.g. {bad[0]}; refusing to save a diverged adapter")
-            states[adapter_name] = tensors
-        if sharded and not is_writer():
-            return
-        for adapter_name, tensors in states.items():
-            directory = adapter_folder(save_directory, adapter_name)
-            metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(
-                structure_fields(self.peft_config[adapter_name]), sort_keys=True)}
-            # Written aside and renamed into place, the weights first: a save that fails or is killed leaves the
-            # old folder loading as before, and one killed between the two renames leaves new weights beside the
-            # old config, which loads as the new adapter (same structure) or is refused by the structure check.
-            with staged_files(directory, (WEIGHTS_NAME, CONFIG_NAME)) as staging:
-                save_file(tensors, os.path.join(staging, WEIGHTS_NAME), metadata=metadata)
-                self.peft_config[adapter_name].save_pretrained(staging)
-
-    @classmethod
-    def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
-                        is_trainable: bool = False, **_: Any) -> "PeftModel":
-        """Load the adapter saved in folder `model_id` (by save_pretrained) into `model`.
-
-        Args:
-            model: the base model it was trained on (a different architecture or size is refused).
-            model_id: the adapter folder.
-            adapter_name: the name to give it.
-            is_trainable: False (default) freezes the adapter for inference.
-        Returns:
-            The PeftModel, with that adapter active.
-        Raises:
-            FileNotFoundError: no adapter_config.json or adapter_model.safetensors in the folder.
-            ValueError: a corrupt file, a PEFT folder (load those with peft), or weights that do not fit the
-                model or the config. `model` is left exactly as it was.
-        """
-        _refuse_adapted_base(model, hint=f"use model.load_adapter({model_id!r}, adapter_name=...) to add it")
-        config = AdapterConfig.from_pretrained(model_id)
-        config.inference_mode = not is_trainable
-        with saved_factors_follow():  # SVD starts: the saved factors are loaded, not computed again
-            return cls.wrap_and_fill(model, config, adapter_name,
-                                     lambda peft_model: peft_model.load_adapter_weights(model_id, adapter_name))
-
-    @classmethod
-    def wrap_and_fill(cls, model: nn.Module, config: AdapterConfig, adapter_name: str,
-                      fill: Callable[["PeftModel"], None]) -> "PeftModel":
-        """Wrap `model` with an adapter `adapter_name` described by `config` and fill its weights with `fill`
-        (called with the new PeftModel); if anything fails, `model` is left exactly as it was (module tree,
-        requires_grad, hooks) and the error is raised. Returns the PeftModel."""
-        snapshot = ModuleSnapshot(model)
-        peft_model = cls(model, config, adapter_name)
-        try:
-            fill(peft_model)
-        except BaseException:
-            snapshot.restore()
-            raise
-        return peft_model
-
-    def load_adapter(self, model_id: str, adapter_name: str = "default", is_trainable: bool = True) -> None:
-        """Add the adapter saved in folder `model_id` under `adapter_name`, or replace that adapter's weights if
-        it exists. `is_trainable` False freezes a new adapter.
-
-        Raises:
-            AdapterStateError: an adapter is merged.
-            FileNotFoundError, ValueError: as from_pretrained. On any error the model is left as it was.
-        """
-        if adapter_name in self._state:
-            self._state.check_write_weights(adapter_name, "load_adapter")
-            self.load_adapter_weights(model_id, adapter_name)
-            return
-        self._state.check_add(adapter_name)
-        config = AdapterConfig.from_pretrained(model_id)
-        config.inference_mode = not is_trainable
-        with self._transaction(), saved_factors_follow():
-            self.add_adapter(adapter_name, config)
-            self.load_adapter_weights(model_id, adapter_name)
-
-    def load_adapter_weights(self, directory: str, adapter_name: str | None = None) -> None:
-        """Load adapter_model.safetensors from `directory` into the existing adapter `adapter_name` (default: the
-        active one). Strict: every tensor present with its shape, and the structure recorded in the file equal
-        to the adapter's config.
-
-        Raises:
-            FileNotFoundError: no weights file. ValueError: a corrupt file or weights that do not fit.
-        """
-        tensors, metadata, path = read_weights(directory)
-        self._check_saved_structure(metadata, adapter_name or self.active_adapter, path)
-        self.set_adapter_state_dict(tensors, adapter_name, source=path)
-
-    def _check_saved_structure(self, metadata: dict[str, str], adapter_name: str, path: str) -> None:
-        """Refuse weights saved from an adapter whose structure differs from the one they are loaded into
-        (structlora.convert.check_saved_structure)."""
-        if CONFIG_METADATA_KEY in metadata:
-            self._state.check_exists(adapter_name, "loading adapter weights")
-            check_saved_structure(metadata, self.peft_config[adapter_name], path)
-
-    @torch.no_grad()
-    def set_adapter_state_dict(self, tensors: dict[str, torch.Tensor], adapter_name: str | None = None,
-                               source: str = "state dict") -> None:
-        """Write `tensors` (keyed as adapter_state_dict) into adapter `adapter_name` (default: the active one):
-        every key present, shapes equal, floating point and finite in the adapter's dtype, all checked before the
-        first write. `source` names the tensors' origin in error messages.
-
-        Raises:
-            ValueError: a missing, unexpected, misshapen or non-finite tensor (nothing is written).
-            AdapterStateError: an adapter is merged.
-        """
-        adapter_name = adapter_name or self.active_adapter
-        self._state.check_write_weights(adapter_name, "loading adapter weights")
-        # Sharded weights (FSDP2, ZeRO-3): every rank checks the whole tensors and keeps its part.
-        with whole_parameters(self._adapter_parameters(adapter_name), modify=True):
-            converted = self._checked(tensors, self.adapter_state_dict(adapter_name), source)
-            # Written parameter by parameter (not into the state dict's tensors): a tensor train's cores are joined
-            # into the flat parameter that holds them, which may be an FSDP2 DTensor.
-            pairs = [pair for name, wrapper in self._wrappers() if adapter_name in wrapper.adapters
-                     for pair in parameter_values(wrapper.adapters[adapter_name], converted, f"{name}.")]
-            base = dict(self.base_model.named_parameters())
-            pairs += [(base[name], converted[name]) for name in self._trained_base_params.get(adapter_name, [])]
-            # All or nothing, also for an interrupt in the middle: a half-loaded adapter computes neither function.
-            copy_all_or_nothing(pairs)
-        self._state.weights_written()
-
-    @staticmethod
-    def _checked(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
-                 source: str) -> dict[str, torch.Tensor]:
-        """`tensors` converted to the dtype and device of `expected`'s, once every check has passed."""
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected))
-        if unexpected:
-            raise ValueError(
-                f"{source} has weights for modules this model's adapter does not have (an adapter for another "
-                f"base model?): {', '.join(unexpected[:5])}{' …' if len(unexpected) > 5 else ''}")
-        if missing:
-            raise ValueError(f"{source} lacks {len(missing)} adapter weights, e.g. {', '.join(missing[:5])}")
-        converted = {}
-        for key, target in expected.items():
-            source_tensor = tensors[key]
-            if not isinstance(source_tensor, torch.Tensor):
-                raise ValueError(f"{source}: {key} is a {type(source_tensor).__name__}, not a tensor")
-            if source_tensor.shape != target.shape:
-                module = key.split(".adapters.")[0]
-                raise ValueError(
-                    f"shape mismatch for {key} (module {module!r}): the file has {tuple(source_tensor.shape)}, "
-                    f"this base model needs {tuple(target.shape)} — the adapter was trained on a different base model")
-            if not (source_tensor.is_floating_point() or not target.is_floating_point()):
-                raise ValueError(f"{source}: {key} has dtype {source_tensor.dtype}; adapter weights are floating "
-                                 f"point ({target.dtype})")
-            value = source_tensor.to(dtype=target.dtype, device=target.device)
-            if value.is_floating_point() and not torch.isfinite(value).all():
-                bad = int((~torch.isfinite(value)).sum())
-                raise ValueError(f"{source}: {key} has {bad} non-finite value(s) (NaN/inf) in {target.dtype}; "
-                                 f"refusing to load a diverged or corrupt adapter")
-            converted[key] = value
-        return converted
-
 
 # PEFT / transformers adapter methods that structlora's PeftModel does not provide, with what to use instead.
 _NOT_PROVIDED = {
@@ -918,25 +417,6 @@ def _active_bankables(wrapper: nn.Module) -> Iterator[nn.Module]:
     for module in wrapper.adapters[name].modules():
         if hasattr(module, "bank_key"):
             yield module
-
-
-def _foreign_config_message(config: Any) -> str:
-    kind = f"{type(config).__module__}.{type(config).__qualname__}"
-    if type(config).__module__.split(".")[0] == "peft":
-        return (f"structlora got a PEFT config ({kind}); use structlora's own classes, e.g. "
-                "structlora.LoraConfig(r=8, lora_alpha=16, target_modules=[...]), MTLoraConfig, LorettaRepConfig or "
-                "LorettaAdpConfig (same field names as PEFT's), or peft.get_peft_model for PEFT's methods")
-    return f"expected a structlora config (structlora.LoraConfig, MTLoraConfig, …), got {kind}"
-
-
-def _refuse_adapted_base(model: nn.Module, hint: str = "use model.add_adapter(name, config) to add another") -> None:
-    """Wrapping a model twice would re-initialise the adapters it already holds: refuse."""
-    if isinstance(model, PeftModel):
-        raise AdapterStateError(f"model already has adapters (it is a PeftModel): {hint}")
-    if any(isinstance(module, AdapterLayerMixin) for module in model.modules()):
-        raise AdapterStateError(
-            f"model already holds structlora adapter layers (it is the base model of a PeftModel): wrapping it again "
-            f"would reset them; {hint} on that PeftModel instead")
 
 
 def get_peft_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> PeftModel:
