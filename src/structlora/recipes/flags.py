@@ -59,6 +59,15 @@ def comma_list(value: str | Sequence[str]) -> list[str] | str:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
+def number(value: str | float) -> float:
+    """A float flag's type. jsonargparse's own ``float`` refuses nan and inf with "Expected a float"; this lets them
+    through to the flag's range check (`limits`), whose message says what the flag accepts."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise BadValue(f"expected a number, got {value!r}") from None
+
+
 class BadValue(argparse.ArgumentTypeError, ValueError):
     """A flag type's refusal: argparse prints its message, jsonargparse names the key (a config file's too)."""
 
@@ -145,10 +154,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     group.add_argument("--config", action=ActionConfigFile, metavar="FILE",
                        help="YAML/JSON recipe whose keys set any flag; flags given on the command line win "
                             "(default: none)")
-    group.add_argument("--epochs", type=float, default=3.0, help="number of training epochs")
+    group.add_argument("--epochs", type=number, default=3.0, help="number of training epochs")
     group.add_argument("--max-steps", type=int, default=-1,
                        help="stop after this many optimizer steps (-1: run --epochs; 0: no training, evaluate the model as loaded)")
-    group.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
+    group.add_argument("--lr", type=number, default=5e-4, help="peak learning rate")
     group.add_argument("--lr-scheduler", choices=LR_SCHEDULERS, default="linear", help="learning-rate schedule")
     group.add_argument("--batch-size", type=int, default=16, help="per-device training batch size")
     group.add_argument("--eval-batch-size", type=int, default=None,
@@ -156,15 +165,15 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     group.add_argument("--grad-accum", type=int, default=1,
                        help="gradient accumulation steps (effective batch = batch size x this x processes)")
     group.add_argument("--max-length", type=int, default=128, help="maximum tokens per example")
-    group.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps for linear warm-up")
+    group.add_argument("--warmup-ratio", type=number, default=0.0, help="fraction of steps for linear warm-up")
     group.add_argument("--warmup-steps", type=int, default=0, help="warm-up steps (wins over --warmup-ratio)")
-    group.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    group.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing factor")
-    group.add_argument("--max-grad-norm", type=float, default=1.0,
+    group.add_argument("--weight-decay", type=number, default=0.0, help="AdamW weight decay")
+    group.add_argument("--label-smoothing", type=number, default=0.0, help="label smoothing factor")
+    group.add_argument("--max-grad-norm", type=number, default=1.0,
                        help="gradient clipping norm (0: no clipping, as the LoRA/MTLoRA GPT-2 runs)")
-    group.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW beta1")
-    group.add_argument("--adam-beta2", type=float, default=0.999, help="AdamW beta2")
-    group.add_argument("--adam-epsilon", type=float, default=1e-8, help="AdamW epsilon")
+    group.add_argument("--adam-beta1", type=number, default=0.9, help="AdamW beta1")
+    group.add_argument("--adam-beta2", type=number, default=0.999, help="AdamW beta2")
+    group.add_argument("--adam-epsilon", type=number, default=1e-8, help="AdamW epsilon")
     group.add_argument("--checkpoint", choices=("best", "final"), default="best",
                        help="which weights the run keeps: the best evaluated checkpoint, or the final one "
                             "(the MTLoRA GPT-2 runs decode their last checkpoint)")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from structlora.names import DENSE_ADAPTER_PLACEMENTS, MTLORA_STRUCTURES
 
-from .flags import BOOLEAN, comma_list, explicit_flags
+from .flags import BOOLEAN, comma_list, explicit_flags, number
 from .peft_methods import ENCODER_METHODS, PEFT_METHODS, PROMPT_LEARNING_METHODS
 from .runs import HEAD_MODULE_NAMES, init_from_run
 
@@ -76,9 +76,9 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     group.add_argument("--structure", choices=MTLORA_STRUCTURES, default=METHOD_FLAG_DEFAULTS["structure"],
                        help="MTLoRA's T: shim T=C, icfm T=C·Cᵀ, ctcm T=C·D, dtsm T=C+D (only with --method mtlora)")
     group.add_argument("--r", type=int, default=None, help="LoRA rank (default: the method's config, 8)")
-    group.add_argument("--lora-alpha", type=float, default=None,
+    group.add_argument("--lora-alpha", type=number, default=None,
                        help="scaling numerator alpha, update scaled by alpha/r (default: the method's config)")
-    group.add_argument("--lora-dropout", type=float, default=None,
+    group.add_argument("--lora-dropout", type=number, default=None,
                        help="dropout on the adapter input, adapter dropout for loretta-adp (default: the "
                             "method's config)")
     group.add_argument("--tensor-rank", type=int, default=None,
@@ -108,7 +108,7 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                             "only (default: the method's config)")
     group.add_argument("--use-rslora", action=BOOLEAN, default=METHOD_FLAG_DEFAULTS["use_rslora"],
                        help="rsLoRA: scale the update by alpha/sqrt(r) instead of alpha/r")
-    group.add_argument("--loraplus-lr-ratio", type=float, default=None,
+    group.add_argument("--loraplus-lr-ratio", type=number, default=None,
                        help="LoRA+: train the B factors at this multiple of --lr (default: off)")
     return parser
 

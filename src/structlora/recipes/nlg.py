@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "../shared/data has no E2E train file)")
     group.add_argument("--eval-split", choices=SPLITS, default=None,
                        help="default: dev-heldout when training on dev-train, else dev")
-    group.add_argument("--heldout-fraction", type=float, default=0.1,
+    group.add_argument("--heldout-fraction", type=flags.number, default=0.1,
                        help="share of dev inputs held out as dev-heldout")
     group.add_argument("--heldout-seed", type=int, default=0, help="seed of the dev split by input")
     group.add_argument("--max-train-examples", type=int, default=None,
