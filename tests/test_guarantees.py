@@ -256,7 +256,7 @@ def test_base_is_a_reserved_adapter_name():
 def test_merge_and_unload_interrupted_while_unwrapping_leaves_the_adapter_model(monkeypatch):
     model = _adapted()
     before, round_trip, expected = fingerprint(model), _round_trip_weights(model), outputs(model, "logits")
-    _fail_at_call(monkeypatch, structlora.model, "_set_module", 2)
+    _fail_at_call(monkeypatch, structlora.model, "set_module", 2)
     with pytest.raises(_Interrupt):
         model.merge_and_unload()
     monkeypatch.undo()

@@ -19,15 +19,16 @@ from torch import nn
 
 from .adapter_state import AdapterState, AdapterStateError, ModuleSnapshot
 from .bank import bank
+from .bottleneck_layers import BottleneckLayer
 from .config import AdapterConfig, LoraConfig, LorettaAdpConfig
 from .convert import CONFIG_METADATA_KEY, WEIGHTS_NAME  # noqa: F401 - importers read them here too
 from .inference import clear_factor_caches
-from .bottleneck_layers import BottleneckLayer
 from .layers import AdapterLayerMixin, LowRankLayer, TrainableCopy, merge_all, unmerge_all
 from .mixed import input_rows, routed_adapters
-from .model_injection import AdapterInjection, _caller_outside_package, _refuse_adapted_base, _set_module
+from .model_injection import AdapterInjection, _caller_outside_package, _refuse_adapted_base
 from .model_io import AdapterIO, adapter_folder  # noqa: F401 - adapter_folder: importers read it here too
 from .quantized import refuse_quantized_merge
+from .target_checks import set_module
 
 
 class PeftModel(AdapterIO, AdapterInjection, nn.Module):
@@ -368,9 +369,9 @@ class PeftModel(AdapterIO, AdapterInjection, nn.Module):
         try:  # all or nothing: an interrupt while unwrapping puts the wrappers back and unmerges
             for name, wrapper in wrappers:
                 if isinstance(wrapper, (LowRankLayer, BottleneckLayer)):
-                    _set_module(self.base_model, name, wrapper.base_layer)
+                    set_module(self.base_model, name, wrapper.base_layer)
                 elif isinstance(wrapper, TrainableCopy):
-                    _set_module(self.base_model, name, wrapper.current())
+                    set_module(self.base_model, name, wrapper.current())
             for parameter in self.base_model.parameters():
                 parameter.requires_grad_(False)
         except BaseException:

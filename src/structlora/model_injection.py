@@ -18,9 +18,11 @@ from .adapter_state import AdapterState, AdapterStateError
 from .bottleneck_layers import BottleneckLayer
 from .config import AdapterConfig, BitFitConfig, LoraConfig, LorettaAdpConfig, LorettaRepConfig, TaskType
 from .config_checks import portable_model_name
-from .layers import AdapterLayerMixin, LowRankLayer, TrainableCopy, base_shape, layer_kind
+from .layers import AdapterLayerMixin, LowRankLayer, TrainableCopy, layer_kind
+from .target_checks import (adaptable_targets, check_low_rank_options, model_type_of, set_module,
+                            unmatched_targets_error)
 from .targets import (BOTTLENECK_PLACEMENT, CLASSIFIER_HEAD_NAMES, FUSED_PROJECTIONS, TargetWarning,
-                      default_targets, enabled_slices, is_norm_module, module_matches, unknown_target_error)
+                      default_targets, enabled_slices, is_norm_module, module_matches)
 from .tensor_train import TTLinear, classifier_tt_shape
 
 HEAD = "the classification head"  # why a module is trained in full (see AdapterInjection._trained_copy_names)
@@ -47,15 +49,6 @@ def _caller_outside_package() -> int:
     return level
 
 
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
-
-
-def _model_type(model: nn.Module) -> str:
-    return getattr(getattr(model, "config", None), "model_type", "") or ""
-
-
 class AdapterInjection:
     """PeftModel's injection: add_adapter and the checks and wrapping behind it. A mixin: the host
     (`structlora.model.PeftModel`) holds the model and the adapter registry declared below."""
@@ -78,7 +71,7 @@ class AdapterInjection:
         self._state.check_add(adapter_name)
         if not isinstance(config, AdapterConfig):
             raise TypeError(_foreign_config_message(config))
-        model_type = _model_type(self.base_model)
+        model_type = model_type_of(self.base_model)
         if config.base_model_type and model_type and config.base_model_type != model_type:
             raise ValueError(
                 f"adapter {adapter_name!r} was made for a {config.base_model_type!r} model, but this base model "
@@ -104,9 +97,7 @@ class AdapterInjection:
             else:
                 injected = self._inject_low_rank(adapter_name, config, targets, exclude)
             if not injected and not isinstance(config, BitFitConfig):
-                names = [n for n, _ in self.base_model.named_modules() if not _is_internal(n)]
-                adaptable = [n for n, m in self.base_model.named_modules() if layer_kind(m) and not _is_internal(n)]
-                raise unknown_target_error(targets, names, adaptable)
+                raise unmatched_targets_error(self.base_model, targets, _is_internal)
             self._add_trainable_copies(adapter_name, config, trained_in_full)
             self._trained_base_params[adapter_name] = self._select_trained_biases(config, injected)
             self.peft_config[adapter_name] = config
@@ -126,46 +117,11 @@ class AdapterInjection:
         (enable_lora, fan_in_fan_out) that do not fit the layers they would apply to."""
         bottleneck = isinstance(config, LorettaAdpConfig)
         kinds = ("linear", "conv1d") if bottleneck else ("linear", "conv1d", "embedding")
-        candidates = []
-        unadaptable = []
-        for name, module in self._candidates(targets, exclude):
-            inner = module.base_layer if isinstance(module, (LowRankLayer, BottleneckLayer)) else module
-            kind = layer_kind(inner)
-            if kind in kinds:
-                candidates.append((name, kind))
-            else:
-                unadaptable.append(f"{name} ({type(inner).__name__})")
-        if unadaptable:
-            raise ValueError(
-                f"target_modules {targets!r} matches {len(unadaptable)} module(s) that {config.method} cannot adapt: "
-                f"{', '.join(unadaptable[:5])}{' …' if len(unadaptable) > 5 else ''}. It adapts "
-                f"{', '.join(kinds)} layers only: narrow target_modules to those")
-        if bottleneck or not candidates:
-            return
-        enable = config.enable_lora
-        if isinstance(enable, dict):
-            for key in enable:
-                if not any(name == key or name.endswith("." + key) for name, _ in candidates):
-                    leaves = sorted({name.rsplit(".", 1)[-1] for name, _ in candidates})
-                    raise ValueError(f"enable_lora key {key!r} matches none of the target modules "
-                                     f"(targets: {', '.join(leaves)}); a key must name a targeted fused projection")
-        fused = FUSED_PROJECTIONS.get(model_type)
-        for name, kind in candidates:
-            slices = enabled_slices(config.enable_lora, name)
-            if slices is not None and fused is not None:
-                expected = fused.get(name.rsplit(".", 1)[-1], 1)
-                out_features = base_shape(self.base_model.get_submodule(name))[1] if kind != "embedding" else None
-                divides = out_features is None or out_features % len(slices) == 0
-                if len(slices) != expected and divides:  # a count that does not divide is reported by the layer
-                    what = f"a fused projection of {expected} slices" if expected > 1 else "not a fused projection"
-                    raise ValueError(f"enable_lora gives {len(slices)} slices for {name!r}, which is {what} in a "
-                                     f"{model_type} model; give exactly {expected} entr{'ies' if expected > 1 else 'y'}"
-                                     f"{'' if expected > 1 else ' or leave enable_lora unset for it'}")
-            if config.fan_in_fan_out is not None and config.fan_in_fan_out != (kind == "conv1d"):
-                raise ValueError(
-                    f"fan_in_fan_out={config.fan_in_fan_out} does not fit {name!r}, a {kind} layer (stored "
-                    f"{'in x out' if kind == 'conv1d' else 'out x in'}); structlora detects the layout itself: "
-                    f"leave fan_in_fan_out unset")
+        found = [(name, module.base_layer if isinstance(module, (LowRankLayer, BottleneckLayer)) else module)
+                 for name, module in self._candidates(targets, exclude)]
+        candidates = adaptable_targets(found, kinds, config, targets)
+        if not bottleneck and candidates:
+            check_low_rank_options(config, candidates, model_type, FUSED_PROJECTIONS.get(model_type))
 
     def _candidates(self, targets: Union[list[str], str],
                     exclude: tuple[str, ...] = ()) -> list[tuple[str, nn.Module]]:
@@ -243,7 +199,7 @@ class AdapterInjection:
         if layer_kind(module) is None or (layer_cls is BottleneckLayer and layer_kind(module) == "embedding"):
             return None
         layer = layer_cls(module)
-        _set_module(self.base_model, name, layer)
+        set_module(self.base_model, name, layer)
         return layer
 
     def _trained_copy_names(self, config: AdapterConfig, model_type: str) -> dict[str, str]:
@@ -278,7 +234,7 @@ class AdapterInjection:
             module = self.base_model.get_submodule(name)
             wrapper = module if isinstance(module, TrainableCopy) else TrainableCopy(module)
             if wrapper is not module:
-                _set_module(self.base_model, name, wrapper)
+                set_module(self.base_model, name, wrapper)
             copy_module = wrapper.add_copy(adapter_name)
             if why == HEAD and tensorize and config.task_type == TaskType.SEQ_CLS:
                 self._tensorize_dense(copy_module, config.tensor_rank)

@@ -34,14 +34,16 @@ from torch import nn
 from .adapter_state import ModuleSnapshot, refuse_base_adapter_name
 from .bank import bank
 from .config import AdapterConfig, BitFitConfig, LoraConfig, LorettaAdpConfig, LorettaRepConfig, TaskType
-from .layers import LowRankLayer, layer_kind, merge_all, unmerge_all
+from .layers import LowRankLayer, merge_all, unmerge_all
 from .mixed import input_rows, routed_adapters
 from .peft_layers import (ADAPTERS, StructloraBottleneckLayer, StructloraLowRankLayer, StructloraTrainedCopy,
                           StructloraTunerLayer)
 from .peft_rollback import InjectionRollback
 from .quantized import refuse_quantized_merge
+from .target_checks import (adaptable_targets, check_low_rank_options, model_type_of, set_module,
+                            unmatched_targets_error)
 from .targets import (BOTTLENECK_PLACEMENT, CLASSIFIER_HEAD_NAMES, FUSED_PROJECTIONS, LOW_RANK_DEFAULT_TARGETS,
-                      default_targets, enabled_slices, is_norm_module, module_matches, unknown_target_error)
+                      default_targets, enabled_slices, is_norm_module, module_matches)
 from .tensor_train import TTLinear, classifier_tt_shape
 
 # Segments of module names inside wrappers (ours and PEFT's): never targets themselves.
@@ -105,9 +107,6 @@ class StructloraTuner(BaseTuner):
             self.model._structlora_bank_hook = self.model.register_forward_pre_hook(_bank_active_factors)
 
     # -- targets -------------------------------------------------------------------------------------------
-    def _model_type(self, model: nn.Module) -> str:
-        return getattr(getattr(model, "config", None), "model_type", "") or ""
-
     def _prepare_adapter_config(self, peft_config: AdapterConfig, model_config: dict) -> AdapterConfig:
         if isinstance(peft_config, BitFitConfig) or not isinstance(peft_config, (LoraConfig, LorettaAdpConfig)):
             raise TypeError(f"{type(peft_config).__name__} has no PEFT tuner (BitFit injects no layer, and PEFT's "
@@ -136,36 +135,16 @@ class StructloraTuner(BaseTuner):
         bottleneck = isinstance(peft_config, LorettaAdpConfig)
         kinds = ("linear", "conv1d") if bottleneck or isinstance(peft_config, LorettaRepConfig) else (
             "linear", "conv1d", "embedding")
-        candidates, unadaptable = [], []
-        for name, module in model.named_modules():
-            if not name or not self._check_target_module_exists(peft_config, name):
-                continue
-            inner = module.base_layer if isinstance(module, StructloraTunerLayer) else module
-            kind = layer_kind(inner)
-            (candidates if kind in kinds else unadaptable).append((name, kind or type(inner).__name__))
-        if unadaptable:
-            listed = ", ".join(f"{n} ({k})" for n, k in unadaptable[:5])
-            raise ValueError(f"target_modules {peft_config.target_modules!r} matches {len(unadaptable)} module(s) that "
-                             f"{peft_config.method} cannot adapt: {listed}. It adapts {', '.join(kinds)} layers only: "
-                             f"narrow target_modules to those")
+        found = [(name, module.base_layer if isinstance(module, StructloraTunerLayer) else module)
+                 for name, module in model.named_modules()
+                 if name and self._check_target_module_exists(peft_config, name)]
+        candidates = adaptable_targets(found, kinds, peft_config, peft_config.target_modules)
         if not candidates:
-            names = [n for n, _ in model.named_modules() if not _is_internal(n)]
-            adaptable = [n for n, m in model.named_modules() if layer_kind(m) and not _is_internal(n)]
-            raise unknown_target_error(peft_config.target_modules, names, adaptable)
+            raise unmatched_targets_error(model, peft_config.target_modules, _is_internal)
         if not bottleneck:
-            self._check_low_rank_options(peft_config, candidates, model)
-
-    def _check_low_rank_options(self, config: LoraConfig, candidates: list[tuple[str, str]], model: nn.Module) -> None:
-        fused = FUSED_PROJECTIONS.get(self._model_type(model), {})
-        for name, kind in candidates:
-            slices = enabled_slices(config.enable_lora, name)
-            expected = fused.get(name.rsplit(".", 1)[-1], 1)
-            if slices is not None and len(slices) != expected:
-                raise ValueError(f"enable_lora gives {len(slices)} slices for {name!r}, which has {expected}; give "
-                                 f"exactly {expected} entr{'ies' if expected > 1 else 'y'}")
-            if config.fan_in_fan_out is not None and config.fan_in_fan_out != (kind == "conv1d"):
-                raise ValueError(f"fan_in_fan_out={config.fan_in_fan_out} does not fit {name!r}, a {kind} layer; "
-                                 f"structlora detects the layout itself: leave fan_in_fan_out unset")
+            # A model type without known fused projections: every target is one projection (one slice).
+            model_type = model_type_of(model)
+            check_low_rank_options(peft_config, candidates, model_type, FUSED_PROJECTIONS.get(model_type, {}))
 
     def _create_and_replace(self, peft_config: AdapterConfig, adapter_name: str, target: nn.Module, target_name: str,
                             parent: nn.Module, current_key: str, parameter_name: Optional[str] = None) -> None:
@@ -187,7 +166,7 @@ class StructloraTuner(BaseTuner):
     def _placement(self, config: LorettaAdpConfig, name: str) -> str:
         if config.use_parallel_adapter:
             return "parallel"
-        return BOTTLENECK_PLACEMENT.get(self._model_type(self.model), {}).get(name.rsplit(".", 1)[-1], "output")
+        return BOTTLENECK_PLACEMENT.get(model_type_of(self.model), {}).get(name.rsplit(".", 1)[-1], "output")
 
     # -- what PEFT does not inject: trained norms and the tensorized head ------------------------------------
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
@@ -233,8 +212,7 @@ class StructloraTuner(BaseTuner):
             module = model.get_submodule(name)
             layer = module if isinstance(module, StructloraTrainedCopy) else StructloraTrainedCopy(module)
             if layer is not module:
-                parent_name, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+                set_module(model, name, layer)
             layer.add_copy(adapter_name)
             layer.set_adapter(self.active_adapters, inference_mode=not trainable)
             for parameter in layer.adapters[adapter_name].parameters():
