@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import flush_tree
 from .config import CONFIG_NAME, AdapterConfig, BitFitConfig, LorettaAdpConfig, TaskType
+from .names import ADAPTERS
 from .svd_init import SVD_INITS
 from .targets import CLASSIFIER_HEAD_NAMES, module_matches
 
@@ -44,7 +45,6 @@ CONFIG_METADATA_KEY = "structlora_config"
 _UNCHECKED_CONFIG_FIELDS = ("inference_mode", "base_model_name_or_path", "init", "init_weights", "init_lora_weights",
                             "merge_weights", "peft_version", "auto_mapping", "revision")  # PEFT's provenance fields
 PEFT_PREFIX = "base_model.model."
-ADAPTERS = "adapters"  # the ModuleDict of every structlora tuner layer (structlora.peft_layers.ADAPTERS)
 _LOW_RANK_ROOTS = ("parameterization",)
 _BOTTLENECK_ROOTS = ("adapter_down", "adapter_up", "adapter_scaling")
 CONVERT_HINT = "convert it once with `structlora convert SRC DST` (or structlora.convert_folder(src, dst))"

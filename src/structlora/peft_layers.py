@@ -16,11 +16,11 @@ from typing import Any, Optional
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .inference import FactorCache
 from .bottleneck_layers import BottleneckLayer
+from .inference import FactorCache
 from .layers import LowRankLayer, TrainableCopy
+from .names import ADAPTERS
 
-ADAPTERS = "adapters"  # the ModuleDict that holds one adapter per name, in every layer below
 
 
 class StructloraTunerLayer(BaseTunerLayer):
