@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import statistics
@@ -37,18 +36,10 @@ from typing import Any, Sequence
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-STEP_TIME = REPO / "benchmarks" / "step_time.py"
+# step_time is imported where it is used: after the library to measure has been put on sys.path.
+sys.path.insert(0, str(REPO / "benchmarks"))
 METHODS = ("lora", "loretta_rep")
 CURRENT = "this checkout"
-
-
-def load_step_time() -> Any:
-    # benchmarks/ is not a package: load the script by path, as `python benchmarks/step_time.py` would.
-    spec = importlib.util.spec_from_file_location("step_time_benchmark", STEP_TIME)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -125,7 +116,8 @@ def interleaved_steps(step_time: Any, settings: Any, targets: str, steps: int) -
 def measure(optimizer_shape: str, step_shape: str, target_sets: Sequence[str], optimizer_steps: int,
             training_steps: int) -> dict[str, Any]:
     """One round for the library on sys.path: per method and target set, tensor count, AdamW and step times."""
-    step_time = load_step_time()
+    import step_time
+
     torch.set_num_threads(1)
     settings = step_time.BenchSettings(
         device=torch.device("cpu"), dtype=torch.float32, shape_name=optimizer_shape, batch_size=1, seq_len=1,

@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cuda_check.py"
-
-
-def load_cuda_check():
-    spec = importlib.util.spec_from_file_location("cuda_check_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from benchmark_scripts import load_benchmark
 
 
 def test_every_method_matches_float64_on_the_cpu() -> None:
-    cuda_check = load_cuda_check()
+    cuda_check = load_benchmark("cuda_check")
     report = cuda_check.run(torch.device("cpu"), [torch.float32, torch.bfloat16], "micro",
                             ["mtlora_ctcm", "loretta_rep", "loretta_adp"], seed=0)
     rows = {(r["method"], r["dtype"]): r for r in report["rows"]}
@@ -38,7 +25,7 @@ def test_a_wrong_engine_fails_the_check(monkeypatch) -> None:
     """The check can fail: a fused node that drops the scaling is caught."""
     from structlora import layers
 
-    cuda_check = load_cuda_check()
+    cuda_check = load_benchmark("cuda_check")
     original = layers.dense_lowrank
     monkeypatch.setattr(layers, "dense_lowrank",
                         lambda x, w, b, a, bb, scaling: original(x, w, b, a, bb, 0.5 * scaling))

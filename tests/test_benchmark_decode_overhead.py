@@ -4,24 +4,18 @@ fewer than PEFT's LoRA layer, and fewer Python calls."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark
 
 pytest.importorskip("peft")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_overhead.py"
 ADAPTED_PROJECTIONS = 2 * 4  # q and v in each of the 4 layers
 
 
 def test_decode_overhead_counts(tmp_path) -> None:
-    spec = importlib.util.spec_from_file_location("decode_overhead_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_benchmark("decode_overhead")
     module.main(["--tiny", "--tokens", "2", "--calls", "5", "--blocks", "1",
                  "--variants", "base:-,peft_lora:qv,lora:qv,loretta_rep:qv", "--json", str(tmp_path / "r.json")])
     rows = json.loads((tmp_path / "r.json").read_text())["variants"]

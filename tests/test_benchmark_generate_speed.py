@@ -3,28 +3,16 @@ merged, and reports ratios and the issue's targets. No timing assertions (a shar
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark
 
 pytest.importorskip("peft")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "generate_speed.py"
-
-
-def _load():  # noqa: ANN202 - the benchmark script as a module
-    spec = importlib.util.spec_from_file_location("generate_speed_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # (its dataclasses look their module up)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_generate_speed_runs_and_reports(tmp_path) -> None:
-    module = _load()
+    module = load_benchmark("generate_speed")
     report = module.main(["--tiny", "--rounds", "1", "--new-tokens", "2", "--beam-tokens", "2", "--batches", "1,2",
                           "--methods", "peft_lora,lora,loretta_adp",
                           "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md")])
@@ -49,7 +37,7 @@ def test_generate_speed_runs_and_reports(tmp_path) -> None:
 
 
 def test_object_corrected_ratio_cancels_the_model_object() -> None:
-    module = _load()
+    module = load_benchmark("generate_speed")
     case = module.Case("greedy", 1)
     # Object "ours" runs everything 10 % slower (its memory), its adapter path costs 2 % over its merged time;
     # PEFT's object is 5 % faster and its adapter path costs 4 %.

@@ -4,23 +4,16 @@ numbers. No timing assertions: on a shared CPU they would only measure the neigh
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "optimizer_tensors.py"
+from benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("optimizer_tensors_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("optimizer_tensors")
 
 
 def peft_trainable_shapes(step_time, method: str, targets: str) -> list[tuple[int, ...]]:
@@ -44,7 +37,7 @@ def micro_settings(step_time):
 @pytest.mark.parametrize("targets", ["qv", "all"])
 @pytest.mark.parametrize("method", ["lora", "loretta_rep"])
 def test_the_trainable_set_is_get_peft_models(bench, method: str, targets: str) -> None:
-    step_time = bench.load_step_time()
+    step_time = load_benchmark("step_time")
     overrides = step_time.SHAPES["micro"].llama_overrides
     built = bench.trainable_set(method, targets, overrides, step_time, micro_settings(step_time))
     assert sorted(tuple(p.shape) for p in built) == peft_trainable_shapes(step_time, method, targets)

@@ -4,25 +4,10 @@ through the backward."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-
 import pytest
+from benchmark_scripts import load_benchmark
 
 pytest.importorskip("peft")
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def load_step_anatomy() -> ModuleType:
-    # benchmarks/ is not a package; the script imports its sibling step_time by path, as when run directly.
-    spec = importlib.util.spec_from_file_location("step_anatomy_benchmark", BENCHMARKS / "step_anatomy.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def by_configuration(report: dict) -> dict[tuple[str, str], dict]:
@@ -31,7 +16,7 @@ def by_configuration(report: dict) -> dict[tuple[str, str], dict]:
 
 @pytest.fixture(scope="module")
 def micro_counts() -> tuple[dict, dict]:
-    step_anatomy = load_step_anatomy()
+    step_anatomy = load_benchmark("step_anatomy")
     common = ["--shape", "micro", "--dtype", "float32", "--methods", "peft_lora,lora,mtlora_icfm,loretta_rep,loretta_adp"]
     return (by_configuration(step_anatomy.main([*common, "--device", "meta"])),
             by_configuration(step_anatomy.main([*common, "--device", "cpu"])))
@@ -63,14 +48,14 @@ def test_operations_include_the_backward_and_the_banked_trains(micro_counts: tup
     import structlora.model
 
     monkeypatch.setattr(structlora.model, "bank", lambda members: 0)
-    unbanked = by_configuration(load_step_anatomy().main(
+    unbanked = by_configuration(load_benchmark("step_anatomy").main(
         ["--shape", "micro", "--dtype", "float32", "--methods", "loretta_rep", "--targets", "qv"]))
     assert unbanked[("loretta_rep", "qv")]["operations_by_name"]["mm"] - lora["mm"] == 8 * (2 + 4) + 3 + trained_norms
     assert on_meta[("lora", "qv")]["extra_operations"] > 0 and on_meta[("lora", "qv")]["flops"] > 0
 
 
 def test_7b_shape_reproduces_peft_on_the_h100_and_meets_the_memory_target() -> None:
-    step_anatomy = load_step_anatomy()
+    step_anatomy = load_benchmark("step_anatomy")
     rows = by_configuration(step_anatomy.main(["--shape", "7b", "--methods", "peft_lora,lora,loretta_rep",
                                                "--targets", "qv"]))
     peft_extra = rows[("peft_lora", "qv")]["extra_over_floor_bytes"] / 2**30
@@ -85,10 +70,7 @@ def test_7b_shape_reproduces_peft_on_the_h100_and_meets_the_memory_target() -> N
 def test_bank_ab_times_both_ways_and_restores_the_bank() -> None:
     import structlora.model
 
-    spec = importlib.util.spec_from_file_location("bank_ab_benchmark", BENCHMARKS / "bank_ab.py")
-    bank_ab = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bank_ab
-    spec.loader.exec_module(bank_ab)
+    bank_ab = load_benchmark("bank_ab")
     real_bank = structlora.model.bank
     report = bank_ab.main(["--layers", "2", "--hidden", "64", "--rounds", "1", "--steps", "1"])
     assert set(report) == set(bank_ab.CONFIGURATIONS)

@@ -5,28 +5,21 @@ No timing assertions: on a shared CPU they would only measure the neighbours.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 
 pytest.importorskip("peft")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_time.py"
 QV = ["q_proj", "v_proj"]
 
 
 def load_step_time() -> ModuleType:
-    # benchmarks/ is not a package: load the script by path, as `python benchmarks/step_time.py` would.
-    spec = importlib.util.spec_from_file_location("step_time_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("step_time")
 
 
 def micro_llama(step_time: ModuleType) -> torch.nn.Module:
