@@ -16,7 +16,7 @@ _EXPORTS: dict[str, str] = {
     "AdapterConfig": "config", "LoraConfig": "config", "MTLoraConfig": "config", "LorettaRepConfig": "config",
     "LorettaAdpConfig": "config", "TaskType": "config", "DenseAdapterConfig": "config", "BitFitConfig": "config",
     "export_to_peft": "interop", "from_loretta": "interop", "convert_folder": "convert",
-    "PeftModel": "model", "adapted_layers": "model", "get_peft_model": "model",
+    "PeftModel": "peft_model", "adapted_layers": "model", "get_peft_model": "peft_model",
     "clear_factor_caches": "inference",
     "AdapterTrainer": "trainer",
     "TargetWarning": "targets",
@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     from .inference import clear_factor_caches
     from .interop import export_to_peft, from_loretta
     from .loraplus import create_loraplus_optimizer
-    from .model import PeftModel, adapted_layers, get_peft_model
+    from .model import adapted_layers
+    from .peft_model import PeftModel, get_peft_model
     from .targets import TargetWarning
     from .trainer import AdapterTrainer
 

@@ -82,6 +82,9 @@ class StructloraBottleneckLayer(StructloraTunerLayer, BottleneckLayer):
     other_param_names: tuple[str, ...] = ("placements",)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        names = self.active_adapters if adapter_names is None else adapter_names
+        if not any(name in self.adapters for name in names):
+            return None  # this layer holds none of the adapters being merged (another method's adapter is)
         raise ValueError("a bottleneck adapter (LoRETTA_adp, dense adapter) applies a non-linearity to the "
                          "activations: it is not a change of the weights and cannot be merged into them")
 

@@ -1,0 +1,316 @@
+"""`structlora.PeftModel`: a `peft.PeftModel` (and its task subclasses) with what structlora adds.
+
+`structlora.get_peft_model` and `structlora.PeftModel.from_pretrained` return these classes; `peft.get_peft_model`
+returns PEFT's own classes with the same tuner inside (`structlora.peft_tuner`), so the layers, merging, loading
+checks and mixed batches are the same on both. What this class adds on top of PEFT's:
+
+- adapters of different structlora methods in one model (LoRA beside MTLoRA, LoRETTA_rep, bottleneck adapters):
+  they share one tuner, where PEFT's `add_adapter` holds one `peft_type` per model;
+- the adapter state machine (`structlora.adapter_state`) checked before each transition: no adapter is added,
+  loaded, deleted or disabled while another is merged into the base weights (PEFT would silently run merged
+  weights as "the base" inside `disable_adapter()`); after `merge_and_unload()` the model is spent and says so;
+  adapter names are checked (they become module keys and folder names; "__base__" is reserved);
+- `save_pretrained` all or nothing: every adapter is checked to hold finite weights, written into a staging folder
+  and renamed into place, so a save that fails or is killed leaves the folder loading as before;
+- `from_pretrained` also reads folders that structlora's earlier model class wrote (converted on load by
+  `structlora.convert_folder`, the folder itself left as it is), and a failed load leaves the base model as it was;
+- `clear_factor_caches()` (`structlora.inference`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from typing import Any, Iterator, Optional, Union
+
+import peft
+import torch
+from peft.utils import get_peft_model_state_dict
+from torch import nn
+
+from .adapter_state import AdapterState, AdapterStateError, ModuleSnapshot, validate_adapter_name
+from .atomic import flush_tree
+from .config import CONFIG_NAME, PEFT_TYPE_MARKER, AdapterConfig, BitFitConfig
+from .convert import convert_folder
+from .inference import clear_factor_caches
+from .peft_layers import StructloraLowRankLayer, StructloraTunerLayer
+from .peft_support import StructloraPeftType
+
+
+class PeftModel(peft.PeftModel):
+    """A `peft.PeftModel` of structlora methods (see the module docstring for what it adds to PEFT's).
+
+    Build it with `structlora.get_peft_model(model, config)` or `structlora.PeftModel.from_pretrained(model, path)`;
+    both return the subclass for the config's `task_type` (`PeftModelForCausalLM`, ...), as PEFT does.
+    """
+
+    _spent = False  # set by merge_and_unload() / unload()
+    _disabled_depth = 0  # nesting of `with disable_adapter():` blocks
+
+    # -- state -----------------------------------------------------------------------------------------------
+    @property
+    def adapter_state(self) -> AdapterState:
+        """The adapters and their state (`structlora.adapter_state.AdapterState`), read from the layers: names in
+        the order added, the active one, the merged ones, disabled (in a block, or by disable_adapter_layers()),
+        unloaded. A snapshot: change the state through this model's methods, which check each transition on it."""
+        state = AdapterState()
+        state.names = list(self.peft_config)
+        state.active = None if self._spent else self.active_adapter
+        layers = [m for m in self.base_model.model.modules() if isinstance(m, StructloraTunerLayer)]
+        state.merged = sorted({n for layer in layers for n in getattr(layer, "merged_adapters", ())})
+        state.disabled_depth = self._disabled_depth
+        state.switched_off = not self._disabled_depth and any(layer.disable_adapters for layer in layers)
+        state.unloaded = self._spent
+        return state
+
+    # -- adapters ----------------------------------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, peft_config: peft.PeftConfig, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True) -> None:
+        """PEFT's add_adapter; the new adapter may be of another structlora method than the others (one tuner runs
+        them all). Refused for an invalid or taken name, while an adapter is merged and while disabled."""
+        self.adapter_state.check_add(adapter_name)
+        same_tuner = isinstance(peft_config, AdapterConfig) and isinstance(self.peft_type, StructloraPeftType)
+        family = self.peft_type
+        if same_tuner:
+            self.peft_type = peft_config.peft_type  # PEFT's check is one peft_type per model: ours share one tuner
+        try:
+            super().add_adapter(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage,
+                                autocast_adapter_dtype=autocast_adapter_dtype)
+        finally:
+            self.peft_type = family
+
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """PEFT's set_adapter; refused (instead of PEFT's silent unmerge) while another adapter is merged."""
+        self.adapter_state.check_activate(adapter_name)
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+
+    def delete_adapter(self, adapter_name: Union[str, list[str]]) -> None:
+        """PEFT's delete_adapter (a name or a list of names); refused for a merged adapter, an unknown name and the
+        last adapter (a PeftModel keeps one: disable_adapter() or merge_and_unload() give the base model)."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        state = self.adapter_state
+        for name in names:
+            state.check_delete(name)
+        if not [n for n in state.names if n not in names]:
+            raise AdapterStateError(f"delete_adapter({names!r}) would delete every adapter; a PeftModel keeps at least "
+                                    f"one (use disable_adapter() or merge_and_unload())")
+        for name in names:
+            super().delete_adapter(name)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """PEFT's block that computes the base model (blocks nest); refused while an adapter is merged: its ΔW is
+        in the base weights, which cannot be switched off (unmerge_adapter() first)."""
+        self.adapter_state.check_disable()
+        self._disabled_depth += 1
+        try:
+            with super().disable_adapter():
+                yield
+        finally:
+            self._disabled_depth -= 1
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        """PEFT's merge_adapter (all or nothing, see StructloraTuner.merge_adapter); refused while disabled."""
+        self.adapter_state.check_merge()
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self, *args: Any, **kwargs: Any) -> None:
+        self.adapter_state.check_usable("unmerge_adapter")
+        super().unmerge_adapter(*args, **kwargs)
+
+    def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
+        """The base model with the active adapter folded in and the wrappers removed (PEFT's, all or nothing). This
+        PeftModel is spent afterwards: saving or changing its adapters is refused (save the adapter first)."""
+        self.adapter_state.check_merge()
+        model = self.base_model.merge_and_unload(*args, **kwargs)
+        self._spent = True
+        return model
+
+    def unload(self, *args: Any, **kwargs: Any) -> nn.Module:
+        """The base model without the adapters (PEFT's); this PeftModel is spent afterwards."""
+        self.adapter_state.check_usable("unload")
+        model = self.base_model.unload(*args, **kwargs)
+        self._spent = True
+        return model
+
+    def clear_factor_caches(self) -> int:
+        """Drop the factors cached for inference (`structlora.inference.clear_factor_caches`); returns how many."""
+        return clear_factor_caches(self.base_model.model)
+
+    def adapter_state_dict(self, adapter_name: Optional[str] = None) -> dict[str, torch.Tensor]:
+        """The tensors save_pretrained writes for `adapter_name` (default: the active one), keyed as in the file."""
+        name = adapter_name or self.active_adapter
+        if name not in self.peft_config:
+            raise ValueError(f"adapter_state_dict: no adapter named {name!r}; adapters: {', '.join(self.peft_config)}")
+        return get_peft_model_state_dict(self, adapter_name=name)
+
+    # -- saving and loading ------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str, selected_adapters: Optional[list[str]] = None,
+                        **kwargs: Any) -> None:
+        """PEFT's save_pretrained, all or nothing: refused (nothing written) for a spent model, an unknown adapter or
+        non-finite weights; the files are written into a staging folder beside them and renamed into place, the
+        weights before the config, so a save that fails or is killed leaves an existing folder loading as before.
+        """
+        names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
+        self.adapter_state.check_save(names)
+        for name in names:
+            tensors = self.adapter_state_dict(name)
+            bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+            if bad:
+                raise ValueError(f"save_pretrained: adapter {name!r} has non-finite values (NaN/inf) in {len(bad)} "
+                                 f"tensor(s), e.g. {bad[0]}; refusing to save a diverged adapter")
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_pretrained needs a directory, but {save_directory!r} is a file")
+        os.makedirs(save_directory, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".saving-", dir=save_directory)
+        try:
+            super().save_pretrained(staging, selected_adapters=selected_adapters, **kwargs)
+            flush_tree(staging)
+            _move_tree(staging, save_directory)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
+                        is_trainable: bool = False, config: Optional[peft.PeftConfig] = None,
+                        **kwargs: Any) -> "PeftModel":
+        """Load the adapter saved in `model_id` into `model`, as peft.PeftModel.from_pretrained, returning
+        structlora's class for the config's task type. A folder written by structlora's earlier model class is
+        converted on load (the folder is left as it is). On any error `model` is left as it was."""
+        validate_adapter_name(adapter_name)
+        snapshot = ModuleSnapshot(model)
+        with _peft_layout(str(model_id)) as folder:
+            if config is None:
+                config = peft.PeftConfig.from_pretrained(folder, **{k: v for k, v in kwargs.items()
+                                                                    if k in ("subfolder", "revision", "token")})
+            if not isinstance(config, AdapterConfig):
+                raise TypeError(f"{model_id!r} holds a {type(config).__name__} (peft_type {config.peft_type}), not a "
+                                f"structlora method: load it with peft.PeftModel.from_pretrained")
+            config.inference_mode = not is_trainable
+            try:
+                peft_model = model_class(config)(model, config, adapter_name)
+                peft_model.load_adapter(folder, adapter_name, is_trainable=is_trainable, **kwargs)
+            except BaseException:
+                snapshot.restore()
+                raise
+        return peft_model
+
+    def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False, **kwargs: Any) -> Any:
+        """PEFT's load_adapter (a new adapter, or new weights for one that exists); a folder of structlora's earlier
+        model class is converted on load. Refused while an adapter is merged."""
+        state = self.adapter_state
+        if adapter_name in state:
+            state.check_write_weights(adapter_name, "load_adapter")
+        else:
+            state.check_add(adapter_name)
+        with _peft_layout(str(model_id)) as folder:
+            return super().load_adapter(folder, adapter_name, is_trainable=is_trainable, **kwargs)
+
+
+# PEFT's task classes, with structlora's additions first in the method order.
+class PeftModelForCausalLM(PeftModel, peft.PeftModelForCausalLM):
+    """structlora's PeftModel for CAUSAL_LM adapters."""
+
+
+class PeftModelForSequenceClassification(PeftModel, peft.PeftModelForSequenceClassification):
+    """structlora's PeftModel for SEQ_CLS adapters (the classifier head is trained and saved)."""
+
+
+class PeftModelForSeq2SeqLM(PeftModel, peft.PeftModelForSeq2SeqLM):
+    """structlora's PeftModel for SEQ_2_SEQ_LM adapters."""
+
+
+class PeftModelForTokenClassification(PeftModel, peft.PeftModelForTokenClassification):
+    """structlora's PeftModel for TOKEN_CLS adapters."""
+
+
+_TASK_CLASSES: dict[str, type[PeftModel]] = {
+    "CAUSAL_LM": PeftModelForCausalLM, "SEQ_CLS": PeftModelForSequenceClassification,
+    "SEQ_2_SEQ_LM": PeftModelForSeq2SeqLM, "TOKEN_CLS": PeftModelForTokenClassification,
+}
+
+
+def model_class(config: peft.PeftConfig) -> type[PeftModel]:
+    """The class that wraps a model for `config` (by its task_type, as PEFT picks its own)."""
+    task_type = getattr(config, "task_type", None)
+    return _TASK_CLASSES.get(getattr(task_type, "value", task_type), PeftModel)
+
+
+def get_peft_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> PeftModel:
+    """Inject the adapter described by `config` into `model` (whose own weights are frozen).
+
+    Args:
+        model: a transformers model (or any nn.Module with linear / Conv1D / embedding layers).
+        config: a structlora config (LoraConfig, MTLoraConfig, LorettaRepConfig, LorettaAdpConfig, DenseAdapterConfig).
+        adapter_name: the adapter's name.
+    Returns:
+        structlora's PeftModel (a peft.PeftModel) for the config's task type; only the adapter (and, as configured,
+        heads, norms, biases) is trainable.
+    Raises:
+        TypeError: `config` is not a structlora config. ValueError: the targets match no adaptable module, or a
+            field does not fit the model; the model is left exactly as it was.
+    """
+    if isinstance(config, BitFitConfig):  # no PEFT tuner yet: structlora's earlier model class trains it
+        from .model import PeftModel as BitFitModel
+
+        return BitFitModel(model, config, adapter_name)
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"structlora.get_peft_model takes a structlora config (LoraConfig, MTLoraConfig, "
+                        f"LorettaRepConfig, LorettaAdpConfig, DenseAdapterConfig), got {type(config).__name__}; "
+                        f"PEFT's own configs go to peft.get_peft_model")
+    validate_adapter_name(adapter_name)
+    if isinstance(getattr(model, "peft_config", None), dict) and any(
+            isinstance(m, StructloraTunerLayer) for m in model.modules()):
+        raise AdapterStateError("this model already holds structlora adapters; use peft_model.add_adapter(name, "
+                                "config) to add another")
+    return model_class(config)(model, config, adapter_name)
+
+
+# -- folders of structlora's earlier model class ------------------------------------------------------------------
+def _is_look_alike(folder: str) -> bool:
+    """Whether `folder` was written by structlora's earlier model class (its config's peft_type is the marker, or
+    absent, as before that)."""
+    path = os.path.join(folder, CONFIG_NAME)
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "method" in data and data.get("peft_type") in (None, PEFT_TYPE_MARKER)
+
+
+@contextlib.contextmanager
+def _peft_layout(folder: str) -> Iterator[str]:
+    """`folder` itself, or (for a folder of structlora's earlier model class) a converted copy in PEFT's layout that
+    lives for the block."""
+    if not _is_look_alike(folder):
+        yield folder
+        return
+    parent = tempfile.mkdtemp(prefix="structlora-converted-")
+    try:
+        converted = os.path.join(parent, "adapter")
+        convert_folder(folder, converted)
+        warnings.warn(f"{folder!r} is in the adapter layout of structlora's earlier model class: converted on load "
+                      f"(`structlora convert {folder} NEW` writes it in PEFT's layout once)", UserWarning, stacklevel=4)
+        yield converted
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+def _move_tree(staging: str, destination: str) -> None:
+    """Rename every file under `staging` to the same place under `destination` (weights first, per folder)."""
+    for root, _, files in os.walk(staging):
+        target = os.path.join(destination, os.path.relpath(root, staging))
+        os.makedirs(target, exist_ok=True)
+        for name in sorted(files, key=lambda n: (n != "adapter_model.safetensors", n != CONFIG_NAME, n)):
+            os.replace(os.path.join(root, name), os.path.join(target, name))
+
+
+__all__ = ["PeftModel", "PeftModelForCausalLM", "PeftModelForSequenceClassification", "PeftModelForSeq2SeqLM",
+           "PeftModelForTokenClassification", "get_peft_model", "model_class"]
