@@ -438,7 +438,8 @@ def get_peft_model(model: nn.Module, config: AdapterConfig, adapter_name: str = 
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, Union[LowRankLayer, BottleneckLayer]]]:
     """Yield (name, layer) for every adapter layer of `model` (a PeftModel or its base model), names relative
     to the base model."""
-    root = model.base_model if isinstance(model, PeftModel) else model
+    get_base_model = getattr(model, "get_base_model", None)  # a PeftModel (structlora's, PEFT's, the earlier one)
+    root = get_base_model() if callable(get_base_model) and hasattr(model, "peft_config") else model
     for name, module in root.named_modules():
         if isinstance(module, (LowRankLayer, BottleneckLayer)):
             yield name, module

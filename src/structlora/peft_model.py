@@ -38,7 +38,7 @@ from .config import CONFIG_NAME, PEFT_TYPE_MARKER, AdapterConfig, BitFitConfig
 from .convert import convert_folder
 from .inference import clear_factor_caches
 from .peft_layers import StructloraLowRankLayer, StructloraTunerLayer
-from .peft_support import StructloraPeftType
+from .peft_support import StructloraPeftType, refuse_unloadable_weights
 
 
 class PeftModel(peft.PeftModel):
@@ -168,6 +168,9 @@ class PeftModel(peft.PeftModel):
         os.makedirs(save_directory, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".saving-", dir=save_directory)
         try:
+            card = os.path.join(save_directory, "README.md")
+            if os.path.isfile(card):  # PEFT updates a model card that is there; it must not replace it with a new one
+                shutil.copy2(card, os.path.join(staging, "README.md"))
             super().save_pretrained(staging, selected_adapters=selected_adapters, **kwargs)
             flush_tree(staging)
             _move_tree(staging, save_directory)
@@ -208,6 +211,9 @@ class PeftModel(peft.PeftModel):
         else:
             state.check_add(adapter_name)
         with _peft_layout(str(model_id)) as folder:
+            local = os.path.join(folder, kwargs.get("subfolder") or "")
+            if os.path.isdir(local):  # PEFT would inject the layers before finding out
+                refuse_unloadable_weights(local)
             return super().load_adapter(folder, adapter_name, is_trainable=is_trainable, **kwargs)
 
 

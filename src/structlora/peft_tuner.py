@@ -148,14 +148,20 @@ class StructloraTuner(BaseTuner):
 
     def _create_and_replace(self, peft_config: AdapterConfig, adapter_name: str, target: nn.Module, target_name: str,
                             parent: nn.Module, current_key: str, parameter_name: Optional[str] = None) -> None:
-        if isinstance(peft_config, LorettaAdpConfig):
-            layer = target if isinstance(target, StructloraBottleneckLayer) else StructloraBottleneckLayer(target)
+        kind = StructloraBottleneckLayer if isinstance(peft_config, LorettaAdpConfig) else StructloraLowRankLayer
+        holder = None
+        if isinstance(target, (StructloraBottleneckLayer, StructloraLowRankLayer)) and not isinstance(target, kind):
+            holder, target = target, target.base_layer  # a layer of the other kind wraps it: nest inside that one
+        layer = target if isinstance(target, kind) else kind(target)
+        if kind is StructloraBottleneckLayer:
             layer.add_adapter(adapter_name, peft_config, self._placement(peft_config, current_key))
         else:
-            layer = target if isinstance(target, StructloraLowRankLayer) else StructloraLowRankLayer(target)
             layer.add_adapter(adapter_name, peft_config, enabled_slices(peft_config.enable_lora, current_key))
         if layer is not target:
-            self._replace_module(parent, target_name, layer, target)
+            if holder is not None:
+                holder.base_layer = layer
+            else:
+                self._replace_module(parent, target_name, layer, target)
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         if isinstance(child, StructloraTrainedCopy):  # unloading: the copy (or original) goes in as it is
@@ -329,6 +335,11 @@ class StructloraTuner(BaseTuner):
         try:
             model = super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge,
                                                          adapter_names=adapter_names)
+            while any(isinstance(m, StructloraTunerLayer) for m in model.modules()):
+                # a layer nested inside one of the other kind (two methods on one module) surfaces once the outer
+                # one is unwrapped: PEFT's pass listed the module names before it
+                model = super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar,
+                                                             safe_merge=safe_merge, adapter_names=adapter_names)
         except BaseException:
             snapshot.restore()
             if had_config:
