@@ -1,6 +1,6 @@
 """structlora's methods as real PEFT methods (structlora.peft_method): configs are peft.PeftConfig, peft's own
 get_peft_model / save_pretrained / PeftModel.from_pretrained run structlora's layers, and so do transformers'
-load_adapter, AutoPeftModel, TRL's SFTTrainer(peft_config=...) and transformers' Trainer."""
+load_adapter, AutoPeftModel and transformers' Trainer (TRL's trainers: tests/test_trl.py)."""
 
 from __future__ import annotations
 
@@ -273,24 +273,6 @@ def _sft_dataset():
     return Dataset.from_dict({"text": ["the film was good .", "the book is bad .", "a cat ran and a dog ran ."] * 4})
 
 
-def test_plain_trl_sft_trainer_with_a_structlora_config(tmp_path):
-    trl = pytest.importorskip("trl")
-    tokenizer = tiny_word_tokenizer()
-    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, save_steps=1,
-                         report_to=[], use_cpu=True, learning_rate=1e-2, logging_steps=1, max_length=16)
-    trainer = trl.SFTTrainer(model=tiny_llama_for(tokenizer), args=args, train_dataset=_sft_dataset(),
-                             processing_class=tokenizer, peft_config=structlora.MTLoraConfig(r=2, structure="icfm"))
-    assert isinstance(trainer.model, peft.PeftModel)
-    before = {n: p.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-    trainer.train()
-    changed = [n for n, p in trainer.model.named_parameters() if n in before and not torch.equal(p, before[n])]
-    assert changed and all(".adapters.default." in n for n in changed)
-    checkpoint = tmp_path / "checkpoint-1"
-    files = set(os.listdir(checkpoint))
-    assert {"adapter_model.safetensors", "adapter_config.json"} <= files
-    assert not any(f.startswith("model") and f.endswith(".safetensors") for f in files)
-
-
 def test_plain_transformers_trainer_saves_adapter_only_and_resumes(tmp_path):
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
@@ -394,26 +376,6 @@ def test_mixed_batch_adapter_names_route_each_row_to_its_adapter(method):
     with pytest.raises(ValueError, match="adapter_names has 2 entries, but the batch has 4 rows"):
         model(input_ids=doubled, adapter_names=["b", "__base__"])
     torch.testing.assert_close(outputs(model), rows["b"], rtol=0, atol=0)  # routing left no state behind
-
-
-def test_plain_trl_dpo_trainer_uses_the_disabled_adapter_as_reference(tmp_path):
-    trl = pytest.importorskip("trl")
-    from datasets import Dataset
-
-    tokenizer = tiny_word_tokenizer()
-    data = Dataset.from_dict({"prompt": ["the film is", "the book was"] * 2, "chosen": [" good .", " great ."] * 2,
-                              "rejected": [" bad .", " awful ."] * 2})
-    args = trl.DPOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, save_steps=2,
-                         report_to=[], use_cpu=True, learning_rate=1e-2, logging_steps=1, max_length=16)
-    trainer = trl.DPOTrainer(model=tiny_llama_for(tokenizer), args=args, train_dataset=data,
-                             processing_class=tokenizer, peft_config=structlora.MTLoraConfig(r=2, structure="dtsm"))
-    assert trainer.ref_model is None  # no second base model: the reference is the base with the adapter disabled
-    trainer.train()
-    first, second = [entry for entry in trainer.state.log_history if "loss" in entry][:2]
-    assert abs(first["loss"] - float(torch.log(torch.tensor(2.0)))) < 1e-4  # fresh adapter (B = 0) = reference
-    assert second["rewards/margins"] != 0
-    files = set(os.listdir(tmp_path / "checkpoint-2"))
-    assert "adapter_model.safetensors" in files and not any(f.startswith("model") for f in files)
 
 
 def test_low_cpu_mem_usage_is_refused_with_one_clear_error(tmp_path):

@@ -1,1 +1,0 @@
-"""Integrations with training libraries (imported on demand: each needs its optional extra)."""
