@@ -246,13 +246,15 @@ def model_class(config: peft.PeftConfig) -> type[PeftModel]:
     return _TASK_CLASSES.get(getattr(task_type, "value", task_type), PeftModel)
 
 
-def get_peft_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> PeftModel:
+def get_peft_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default",
+                   autocast_adapter_dtype: bool = True, revision: Optional[str] = None) -> PeftModel:
     """Inject the adapter described by `config` into `model` (whose own weights are frozen).
 
     Args:
         model: a transformers model (or any nn.Module with linear / Conv1D / embedding layers).
         config: a structlora config (LoraConfig, MTLoraConfig, LorettaRepConfig, LorettaAdpConfig, DenseAdapterConfig).
         adapter_name: the adapter's name.
+        autocast_adapter_dtype, revision: as peft.get_peft_model's.
     Returns:
         structlora's PeftModel (a peft.PeftModel) for the config's task type; only the adapter (and, as configured,
         heads, norms, biases) is trainable.
@@ -273,7 +275,11 @@ def get_peft_model(model: nn.Module, config: AdapterConfig, adapter_name: str = 
             isinstance(m, StructloraTunerLayer) for m in model.modules()):
         raise AdapterStateError("this model already holds structlora adapters; use peft_model.add_adapter(name, "
                                 "config) to add another")
-    return model_class(config)(model, config, adapter_name)
+    # As peft.get_peft_model: the saved config names the base model (AutoPeftModel reads it).
+    config.base_model_name_or_path = model.__dict__.get("name_or_path", None) or config.base_model_name_or_path
+    if revision is not None:
+        config.revision = revision
+    return model_class(config)(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
 
 
 # -- folders of structlora's earlier model class ------------------------------------------------------------------
