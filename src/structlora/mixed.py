@@ -4,10 +4,11 @@
 adapter `adapter_names[i]`, or with none for "__base__", as PEFT does. Inside the call the adapters are
 disabled (every wrapper computes its base output) and temporary hooks add, per group of rows sharing an
 adapter, that adapter's contribution to those rows: the low-rank update, a bottleneck adapter before, after or
-beside its projection, a trained norm or head copy. A row therefore gets what it gets when run alone with its
-adapter active. Rows expanded by generate (beams, several return sequences) follow their source row.
+beside its projection, a trained norm or head copy (PEFT's modules to save included). A row therefore gets what it
+gets when run alone with its adapter active. Rows expanded by generate (beams, several return sequences) follow their source row.
 
-`hotswap_adapter` writes another saved adapter's weights into an existing adapter in place: no module is
+`hotswap_adapter` writes another saved adapter's weights into an existing adapter in place (of structlora's model, or
+of a peft.PeftModel of a structlora method): no module is
 rebuilt, the parameters stay the same objects, so an optimizer or a `torch.compile`d model keeps working
 without recompiling (tested with `error_on_recompile`).
 """
@@ -15,9 +16,12 @@ without recompiling (tested with `error_on_recompile`).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Protocol
+from functools import partial
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
+from peft import PeftModel
+from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
 from .adapter_state import BASE_ADAPTER
@@ -115,16 +119,29 @@ def _bottleneck_hook(routing: _Routing):
     return hook
 
 
+def _copy_of(wrapper: nn.Module, name: str) -> Callable[..., Any] | None:
+    """Adapter `name`'s copy of the module that `wrapper` holds (a trained norm, a head, a module to save), as the
+    model computes it; None when the adapter has no copy there (its rows keep the original's output)."""
+    if isinstance(wrapper, ModulesToSaveWrapper):  # PEFT's: modules_to_save and classification heads
+        copies = wrapper.modules_to_save
+        return copies[name] if name in copies else None
+    return partial(wrapper.run_copy, name) if name in wrapper.adapters else None
+
+
 def _copy_hook(routing: _Routing):
-    def hook(wrapper: TrainableCopy, args: tuple, kwargs: dict, output: Any) -> Any:
+    """Rows of an adapter that has a copy of this module get that copy's output; the others keep the original's (the
+    wrapper runs disabled)."""
+    def hook(wrapper: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if not isinstance(output, torch.Tensor) or not args:
-            raise TypeError(f"adapter_names: a trained copy of {type(wrapper.original).__name__} returning "
+            original = wrapper.original_module if isinstance(wrapper, ModulesToSaveWrapper) else wrapper.original
+            raise TypeError(f"adapter_names: a trained copy of {type(original).__name__} returning "
                             f"{type(output).__name__} cannot be routed per row")
         x = args[0]
         for name, rows in routing.groups(x.shape[0], x.device):
-            if name in wrapper.adapters:
+            run = _copy_of(wrapper, name)
+            if run is not None:
                 row_args = (x.index_select(0, rows), *args[1:])
-                output = output.index_copy(0, rows, wrapper.run_copy(name, *row_args, **kwargs).to(output.dtype))
+                output = output.index_copy(0, rows, run(*row_args, **kwargs).to(output.dtype))
         return output
     return hook
 
@@ -173,7 +190,7 @@ def routed_adapters(model: RoutableModel, adapter_names: list[str], rows: int | 
                 elif isinstance(wrapper, BottleneckLayer):
                     handles.append(wrapper.register_forward_pre_hook(_bottleneck_pre_hook(routing)))
                     handles.append(wrapper.register_forward_hook(_bottleneck_hook(routing)))
-                elif isinstance(wrapper, TrainableCopy):
+                elif isinstance(wrapper, (TrainableCopy, ModulesToSaveWrapper)):
                     handles.append(wrapper.register_forward_hook(_copy_hook(routing), with_kwargs=True))
             yield
         finally:
@@ -181,23 +198,43 @@ def routed_adapters(model: RoutableModel, adapter_names: list[str], rows: int | 
                 handle.remove()
 
 
-# Config fields that change only values, not the module tree: a hot swap may differ in these.
+# Config fields that change only values, not the module tree: a hot swap may differ in these (and in what PEFT records
+# of where and with which release a folder was saved).
 _SWAPPABLE_FIELDS = {"lora_alpha", "lora_dropout", "base_model_name_or_path", "inference_mode", "init",
-                     "init_lora_weights", "init_weights"}
+                     "init_lora_weights", "init_weights", "base_model_type", "peft_version", "revision",
+                     "auto_mapping"}
 
 
-def hotswap_adapter(model: RoutableModel, model_id: str, adapter_name: str = "default") -> None:
+def hotswap_adapter(model: Any, model_id: str, adapter_name: str = "default") -> None:
     """Replace the weights of `adapter_name` with those saved in `model_id`, in place.
 
+    `model`: a structlora.PeftModel (folder saved by its save_pretrained), or a peft.PeftModel of a structlora method
+    (folder saved by peft's save_pretrained; the same as `peft_model.hotswap_adapter(model_id, adapter_name)`).
     The saved adapter must have the same structure (method, targets, ranks, …); a different `lora_alpha` sets
     the new scaling (a Python float: under torch.compile that one change recompiles). Checked before anything
     is written; refused while an adapter is merged."""
+    if isinstance(model, PeftModel):
+        swap = getattr(model.base_model, "hotswap_adapter", None)
+        if swap is None:
+            raise TypeError(f"hotswap_adapter: this peft.PeftModel holds {type(model.base_model).__name__} adapters, "
+                            f"not a structlora method's; for PEFT's own methods use peft.utils.hotswap.hotswap_adapter")
+        swap(model_id, adapter_name)
+        return
+    swap_adapter_weights(model, model_id, adapter_name, AdapterConfig.from_pretrained)
+
+
+def swap_adapter_weights(model: RoutableModel, model_id: str, adapter_name: str,
+                         read_config: Callable[[str], AdapterConfig]) -> None:
+    """hotswap_adapter's work on either model: the saved config (`read_config(model_id)`) compared with the
+    adapter's, the weights loaded (`model.load_adapter_weights`, which checks them all before the first write), the
+    scaling updated."""
     if adapter_name not in model.peft_config:
-        raise ValueError(f"hotswap_adapter: no adapter named {adapter_name!r}; adapters: {', '.join(model.peft_config)}")
-    current, new = model.peft_config[adapter_name], AdapterConfig.from_pretrained(model_id)
+        raise ValueError(f"hotswap_adapter: no adapter named {adapter_name!r}; adapters: "
+                         f"{', '.join(model.peft_config)}")
+    current, new = model.peft_config[adapter_name], read_config(model_id)
     old_fields, new_fields = current.to_dict(), new.to_dict()
     different = sorted(k for k in old_fields.keys() | new_fields.keys()
-                       if k not in _SWAPPABLE_FIELDS and k != "base_model_type" and old_fields.get(k) != new_fields.get(k)
+                       if k not in _SWAPPABLE_FIELDS and old_fields.get(k) != new_fields.get(k)
                        # an older folder saved default targets as None; the weights' strict key check compares them
                        and not (k == "target_modules" and new_fields.get(k) is None))
     if different:

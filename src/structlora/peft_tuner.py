@@ -28,6 +28,7 @@ from typing import Any, Iterator, Optional, Union
 import torch
 from peft.tuners.tuners_utils import (BaseTuner, _filter_state_dict_by_key_prefixes,
                                       _get_tuner_state_dict_key_prefixes)
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
@@ -35,7 +36,8 @@ from .adapter_state import ModuleSnapshot, refuse_base_adapter_name
 from .bank import bank
 from .config import AdapterConfig, BitFitConfig, LoraConfig, LorettaAdpConfig, LorettaRepConfig, TaskType
 from .layers import LowRankLayer, merge_all, unmerge_all
-from .mixed import input_rows, routed_adapters
+from .convert import PEFT_PREFIX, read_weights
+from .mixed import input_rows, routed_adapters, swap_adapter_weights
 from .peft_layers import (ADAPTERS, StructloraBottleneckLayer, StructloraLowRankLayer, StructloraTrainedCopy,
                           StructloraTunerLayer)
 from .peft_rollback import InjectionRollback
@@ -243,6 +245,28 @@ class StructloraTuner(BaseTuner):
             raise ValueError(f"structlora's layers run one adapter at a time; got {names}")
         super().set_adapter(adapter_name, inference_mode=inference_mode)
 
+    # -- replacing an adapter's weights in place -------------------------------------------------------------
+    def hotswap_adapter(self, model_id: str, adapter_name: str = "default") -> None:
+        """Replace the weights of `adapter_name` with those of the adapter folder `model_id` (written by
+        save_pretrained of a PeftModel with the same structure), in place: the parameters stay the same objects, so an
+        optimizer and a torch.compile'd model keep working. A different `lora_alpha` updates the scaling. All or
+        nothing: the structure, then every tensor (`_checked_state_dict`) is checked before the first write, and an
+        exception while writing puts the previous weights back. Refused while the adapter is merged.
+        `peft_model.hotswap_adapter(...)` reaches this through PeftModel's attribute forwarding."""
+        swap_adapter_weights(_RoutedTuner(self), model_id, adapter_name,
+                             lambda folder: self._saved_config(folder, self.peft_config[adapter_name]))
+
+    def _saved_config(self, folder: str, current: AdapterConfig) -> AdapterConfig:
+        """The config saved in `folder` (of `current`'s method), its modules_to_save compared as the modules of this
+        model they name: PEFT adds its classifier names to a SEQ_CLS adapter's list when it builds the model (0.21
+        again on every load, 0.22 also "pre_classifier"), so the lists of two equal adapters may differ."""
+        saved = type(current).from_pretrained(folder)
+        names = [n for n, _ in self.model.named_modules() if n and not _is_internal(n)]
+        if ({n for n in names if module_matches(n, list(saved.modules_to_save or []))}
+                == {n for n in names if module_matches(n, list(current.modules_to_save or []))}):
+            saved.modules_to_save = current.modules_to_save
+        return saved
+
     # -- trainable parameters: the adapters, and the biases the config names -------------------------------
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         for name, parameter in model.named_parameters():
@@ -264,14 +288,16 @@ class StructloraTuner(BaseTuner):
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
         """PEFT's forward / generate hook: `adapter_names=[...]` (one per row, "__base__" for none) routes each
-        row to its adapter (structlora.mixed), as PEFT's LoRA does."""
+        row to its adapter (structlora.mixed), as PEFT's LoRA does: through the adapter layers, the trained norm
+        copies and each adapter's copy of a module to save or classification head (LoRETTA's tensorized one too).
+
+        The heads are routed by structlora.mixed's hooks, not by PEFT's ModulesToSaveWrapper mixed batch (which PEFT's
+        LoRA uses): that one refuses any head that is not a Linear, Embedding or Conv (a RoBERTa or DeBERTa
+        classification head, LoRETTA's tensorized head) and fails on a row whose adapter has no copy of the module."""
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is None:
             yield
             return
-        if any(isinstance(m, ModulesToSaveWrapper) for m in self.model.modules()):
-            raise ValueError("adapter_names: routing rows through modules_to_save / classification heads is not "
-                             "supported on the PEFT path yet; run one adapter at a time (set_adapter)")
         merged = sorted({n for _, layer in self._low_rank_layers() for n in layer.merged_adapters})
         if merged:
             raise ValueError(f"adapter_names: adapter(s) {merged} are merged into the base weights, which every row "
@@ -410,14 +436,38 @@ class StructloraTuner(BaseTuner):
 
 
 class _RoutedTuner:
-    """What structlora.mixed.routed_adapters reads of a model, for a StructloraTuner."""
+    """What structlora.mixed reads of a model (routing rows, hot-swapping), for a StructloraTuner."""
 
     def __init__(self, tuner: StructloraTuner) -> None:
         self.peft_config = tuner.peft_config
         self._model = tuner.model
 
-    def _wrappers(self) -> Iterator[tuple[str, StructloraTunerLayer]]:
-        return ((n, m) for n, m in self._model.named_modules() if isinstance(m, StructloraTunerLayer))
+    def _wrappers(self) -> Iterator[tuple[str, nn.Module]]:
+        """structlora's layers, and PEFT's wrappers of the modules to save (heads) with one copy per adapter."""
+        return ((n, m) for n, m in self._model.named_modules()
+                if isinstance(m, (StructloraTunerLayer, ModulesToSaveWrapper)))
+
+    @torch.no_grad()
+    def load_adapter_weights(self, directory: str, adapter_name: str) -> None:
+        """The weights of the folder written by a PeftModel's save_pretrained, copied into adapter `adapter_name`'s
+        tensors (parameters stay the same objects) by PEFT's set_peft_model_state_dict, whose tuner hook checks every
+        tensor before the first copy (`StructloraTuner._checked_state_dict`). An exception while copying (an
+        interrupt) writes the previous weights back."""
+        merged = [n for n, m in self._wrappers() if adapter_name in getattr(m, "merged_adapters", ())]
+        if merged:
+            raise ValueError(f"hotswap_adapter: adapter {adapter_name!r} is merged into the base weights (e.g. at "
+                             f"{merged[0]!r}): unmerge_adapter() first; nothing was changed")
+        tensors, _, _ = read_weights(directory)
+        # The layers sit in the model itself here (no PeftModel around it): keys without PEFT's prefix, as
+        # transformers' load_adapter passes them.
+        tensors = {key.removeprefix(PEFT_PREFIX): value for key, value in tensors.items()}
+        previous = {key: value.clone() for key, value in
+                    get_peft_model_state_dict(self._model, adapter_name=adapter_name).items()}
+        try:
+            set_peft_model_state_dict(self._model, tensors, adapter_name)
+        except BaseException:
+            set_peft_model_state_dict(self._model, previous, adapter_name)
+            raise
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
