@@ -17,6 +17,8 @@ _EXPORTS: dict[str, str] = {
     "LorettaAdpConfig": "config", "TaskType": "config", "DenseAdapterConfig": "config", "BitFitConfig": "config",
     "export_to_peft": "interop", "from_loretta": "interop", "convert_folder": "convert",
     "PeftModel": "peft_model", "adapted_layers": "model", "get_peft_model": "peft_model",
+    "PeftModelForCausalLM": "peft_model", "PeftModelForSequenceClassification": "peft_model",
+    "PeftModelForSeq2SeqLM": "peft_model", "PeftModelForTokenClassification": "peft_model",
     "clear_factor_caches": "inference",
     "AdapterTrainer": "trainer",
     "TargetWarning": "targets",
@@ -32,7 +34,8 @@ if TYPE_CHECKING:
     from .interop import export_to_peft, from_loretta
     from .loraplus import create_loraplus_optimizer
     from .model import adapted_layers
-    from .peft_model import PeftModel, get_peft_model
+    from .peft_model import (PeftModel, PeftModelForCausalLM, PeftModelForSeq2SeqLM,
+                             PeftModelForSequenceClassification, PeftModelForTokenClassification, get_peft_model)
     from .targets import TargetWarning
     from .trainer import AdapterTrainer
 
@@ -60,6 +63,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "AdapterConfig", "LoraConfig", "MTLoraConfig", "LorettaRepConfig", "LorettaAdpConfig", "DenseAdapterConfig",
     "BitFitConfig", "TaskType", "StructloraPeftType",
-    "get_peft_model", "PeftModel", "adapted_layers", "export_to_peft", "from_loretta", "convert_folder",
+    "get_peft_model", "PeftModel", "PeftModelForCausalLM", "PeftModelForSequenceClassification",
+    "PeftModelForSeq2SeqLM", "PeftModelForTokenClassification", "adapted_layers", "export_to_peft", "from_loretta", "convert_folder",
     "AdapterTrainer", "clear_factor_caches", "TargetWarning", "create_loraplus_optimizer",
 ]
