@@ -185,6 +185,10 @@ class PeftModel(peft.PeftModel):
         structlora's class for the config's task type. A folder written by structlora's earlier model class is
         converted on load (the folder is left as it is). On any error `model` is left as it was."""
         validate_adapter_name(adapter_name)
+        if _earlier_method(str(model_id)) == "bitfit":  # no PEFT tuner yet: the earlier model class loads it
+            from .model import PeftModel as BitFitModel
+
+            return BitFitModel.from_pretrained(model, str(model_id), adapter_name, is_trainable=is_trainable)
         snapshot = ModuleSnapshot(model)
         with _peft_layout(str(model_id)) as folder:
             if config is None:
@@ -283,18 +287,24 @@ def get_peft_model(model: nn.Module, config: AdapterConfig, adapter_name: str = 
 
 
 # -- folders of structlora's earlier model class ------------------------------------------------------------------
-def _is_look_alike(folder: str) -> bool:
-    """Whether `folder` was written by structlora's earlier model class (its config's peft_type is the marker, or
-    absent, as before that)."""
+def _earlier_method(folder: str) -> Optional[str]:
+    """The method of a folder written by structlora's earlier model class (its config's peft_type is the marker, or
+    absent, as before that), or None for any other folder."""
     path = os.path.join(folder, CONFIG_NAME)
     if not os.path.isfile(path):
-        return False
+        return None
     try:
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
     except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and "method" in data and data.get("peft_type") in (None, PEFT_TYPE_MARKER)
+        return None
+    if isinstance(data, dict) and "method" in data and data.get("peft_type") in (None, PEFT_TYPE_MARKER):
+        return str(data["method"])
+    return None
+
+
+def _is_look_alike(folder: str) -> bool:
+    return _earlier_method(folder) is not None
 
 
 @contextlib.contextmanager
