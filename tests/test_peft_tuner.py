@@ -462,11 +462,10 @@ def test_peft_outside_the_tested_range_is_one_clear_error(version, accepted, mon
             peft_support.require_supported_peft()
 
 
-def test_structlora_peft_model_names_peft_for_a_folder_saved_through_peft(tmp_path):
-    peft.get_peft_model(tiny_llama(), METHODS["mtlora-icfm"]()).save_pretrained(str(tmp_path))
-    base = tiny_llama()
-    names = [n for n, _ in base.named_modules()]
-    with pytest.raises(ValueError, match=r"saved through peft.*peft\.PeftModel\.from_pretrained"):
-        structlora.PeftModel.from_pretrained(base, str(tmp_path))
-    assert [n for n, _ in base.named_modules()] == names
+def test_structlora_peft_model_loads_a_folder_saved_through_peft(tmp_path):
+    saved = perturbed(peft.get_peft_model(tiny_llama(), METHODS["mtlora-icfm"]()))
+    saved.save_pretrained(str(tmp_path))
+    loaded = structlora.PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
+    assert isinstance(loaded, structlora.PeftModel)
+    torch.testing.assert_close(outputs(loaded), outputs(saved), rtol=0, atol=0)
     assert isinstance(structlora.MTLoraConfig.from_pretrained(str(tmp_path)), structlora.MTLoraConfig)
