@@ -32,8 +32,8 @@ import torch
 from peft.utils import get_peft_model_state_dict
 from torch import nn
 
-from .adapter_state import AdapterState, AdapterStateError, ModuleSnapshot, validate_adapter_name
 from . import atomic
+from .adapter_state import AdapterState, AdapterStateError, ModuleSnapshot, validate_adapter_name
 from .atomic import flush_tree
 from .config import CONFIG_NAME, PEFT_TYPE_MARKER, AdapterConfig, BitFitConfig
 from .convert import convert_folder
