@@ -10,12 +10,12 @@ import copy
 import pytest
 import torch
 
+import peft
 import structlora.atomic
-import structlora.model
-import structlora.model_io
 from structlora import LoraConfig, MTLoraConfig, PeftModel, get_peft_model
 from structlora.layers import LowRankLayer
 from structlora.model import adapted_layers
+from structlora.peft_tuner import StructloraTuner
 from test_core import inputs, outputs, randomize_adapters, tiny_bert, tiny_gpt2
 from test_reliability import assert_unchanged, fingerprint
 
@@ -154,7 +154,17 @@ def test_load_interrupted_in_the_middle_leaves_the_old_weights(monkeypatch, tmp_
     randomize_adapters(other, seed=11)
     other.save_pretrained(str(tmp_path))
     before, expected = fingerprint(model), outputs(model, "logits")
-    _fail_at_call(monkeypatch, structlora.atomic, "copy_whole", 3)
+    original, calls = torch.Tensor.copy_, []
+
+    def failing_copy(target, *args, **kwargs):  # torch's load_state_dict copies tensor by tensor
+        calls.append(1)
+        if len(calls) == 3:
+            written = fingerprint(model)["tensors"]
+            assert any(not torch.equal(written[k], v) for k, v in before["tensors"].items())  # some are new
+            raise _Interrupt("injected at the 3rd tensor")
+        return original(target, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "copy_", failing_copy)
     with pytest.raises(_Interrupt):
         model.load_adapter_weights(str(tmp_path))
     monkeypatch.undo()
@@ -189,7 +199,7 @@ def test_a_save_that_fails_mid_write_leaves_the_old_folder(tmp_path, monkeypatch
             handle.write(b"\x00" * 100)  # a few bytes of the file, then the process dies
         raise _Interrupt("killed while writing")
 
-    monkeypatch.setattr(structlora.model_io, "save_file", partial_save_file)
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", partial_save_file)  # PEFT's write of the weights
     with pytest.raises(_Interrupt):
         new.save_pretrained(folder)
     monkeypatch.undo()
@@ -256,7 +266,7 @@ def test_base_is_a_reserved_adapter_name():
 def test_merge_and_unload_interrupted_while_unwrapping_leaves_the_adapter_model(monkeypatch):
     model = _adapted()
     before, round_trip, expected = fingerprint(model), _round_trip_weights(model), outputs(model, "logits")
-    _fail_at_call(monkeypatch, structlora.model, "set_module", 2)
+    _fail_at_call(monkeypatch, StructloraTuner, "_replace_module", 2)  # PEFT's unwrapping, module by module
     with pytest.raises(_Interrupt):
         model.merge_and_unload()
     monkeypatch.undo()
@@ -279,7 +289,7 @@ def test_delete_adapter_as_peft():
         b_alone = _alone_output(model, "b", ids)
         with model.disable_adapter():
             base = model(input_ids=ids).logits
-    with pytest.warns(UserWarning, match="adapter 'a' was active and is deleted; the active adapter is now 'b'"):
+    with pytest.warns(UserWarning, match="Adapter a was active which is now deleted. Setting active adapter to b"):
         model.delete_adapter("a")
     assert model.active_adapter == "b" and list(model.peft_config) == ["b", "c"]
     assert not any(".adapters.a." in name for name, _ in model.named_parameters())
@@ -351,10 +361,20 @@ def test_get_adapter_state_dict_and_peft_names_not_provided():
     assert model.get_adapter_state_dict().keys() == model.adapter_state_dict("a").keys()
     with pytest.raises(TypeError, match="state_dict=.*not supported"):
         model.get_adapter_state_dict("a", state_dict=model.state_dict())
-    for name, hint in (("unload", "merge_and_unload"), ("enable_peft_hotswap", "hotswap_adapter"),
-                       ("add_weighted_adapter", "adapter_names"), ("get_model_status", "adapter_state")):
+    for name, hint in (("enable_peft_hotswap", "hotswap_adapter"), ("add_weighted_adapter", "adapter_names")):
         with pytest.raises(AttributeError, match=f"has no {name}\\(\\): .*{hint}"):
             getattr(model, name)
+    # structlora.PeftModel is a peft.PeftModel: PEFT's unload() and get_model_status() are provided, as PEFT's.
+    status = model.get_model_status()
+    assert (status.available_adapters, status.active_adapters, status.merged_adapters) == (["a", "b"], ["a"], [])
+    assert status.requires_grad == {"a": True, "b": False} and status.enabled
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), model.disable_adapter():
+        base = model(input_ids=ids).logits
+    plain = copy.deepcopy(model).unload()
+    assert not any(isinstance(m, LowRankLayer) for m in plain.modules())
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids).logits, base)
 
 
 def test_an_export_that_fails_mid_write_leaves_the_old_peft_folder(tmp_path, monkeypatch):

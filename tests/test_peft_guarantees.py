@@ -32,6 +32,11 @@ def _layers(model) -> list[tuple[str, StructloraLowRankLayer]]:
     return list(adapted_layers(model))  # every layer here is low-rank (an MTLoRA adapter on GPT-2)
 
 
+def _weight_key(layer_name: str) -> str:
+    """The state-dict key of a layer's base weight (adapted_layers names layers relative to the base model)."""
+    return f"base_model.model.{layer_name}.base_layer.weight"
+
+
 def _snapshot(model) -> dict:
     """Every tensor, the module tree, requires_grad, the adapters and the inner model's peft_config."""
     return {"tensors": {k: v.detach().clone() for k, v in model.state_dict().items()},
@@ -63,7 +68,7 @@ def test_peft_merge_interrupted_at_the_second_layer_leaves_nothing_merged(monkey
     # Layer 1 was merged and taken out again: its weight is the round trip's; everything else is bit-equal.
     first = _layers(model)[0][0]
     assert torch.equal(_base_weights(model)[first], round_trip[first])
-    before["tensors"][f"{first}.base_layer.weight"] = round_trip[first]
+    before["tensors"][_weight_key(first)] = round_trip[first]
     _assert_same(before, model)
     torch.testing.assert_close(outputs(model), expected, rtol=0, atol=1e-5)
     model.merge_adapter()  # and the model still merges
@@ -106,9 +111,9 @@ def test_peft_merge_of_two_adapters_interrupted_in_the_second_layer_leaves_nothi
     first = _layers(model)[0][0]
     for name, weight in _base_weights(model).items():  # layer 1: W + ΔWa + ΔWb − ΔWb − ΔWa, within two roundings
         if name == first:
-            torch.testing.assert_close(weight, before["tensors"][f"{name}.base_layer.weight"], rtol=0,
+            torch.testing.assert_close(weight, before["tensors"][_weight_key(name)], rtol=0,
                                        atol=2 * ROUND_TRIP_ATOL)
-            before["tensors"][f"{name}.base_layer.weight"] = weight
+            before["tensors"][_weight_key(name)] = weight
     _assert_same(before, model)
     torch.testing.assert_close(outputs(model), expected, rtol=0, atol=1e-5)
 
@@ -130,7 +135,7 @@ def test_peft_merge_and_unload_interrupted_at_the_second_layer_leaves_the_adapte
         for name, weight in _base_weights(model).items():
             assert torch.equal(weight, round_trip[name]) or (
                 where == "merging" and name != _layers(model)[0][0]), name
-            before["tensors"][f"{name}.base_layer.weight"] = weight
+            before["tensors"][_weight_key(name)] = weight
     _assert_same(before, model)
     torch.testing.assert_close(outputs(model), expected, rtol=0, atol=1e-5)
     plain = getattr(model, operation)()

@@ -33,8 +33,10 @@ def copy_all_or_nothing(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         raise
 
 
-# Renames a staged file into place (a name of this module, so that a test can make one fail).
-_move = os.replace
+def _move(source: str, destination: str) -> None:
+    """Rename a staged file into place (os.replace: atomic per file). A name of this module, looked up at each call,
+    so that a test can make one fail."""
+    os.replace(source, destination)
 
 
 @contextlib.contextmanager

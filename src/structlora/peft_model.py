@@ -32,16 +32,18 @@ import torch
 from peft.utils import get_peft_model_state_dict
 from torch import nn
 
+from . import atomic
 from .adapter_state import AdapterState, AdapterStateError, ModuleSnapshot, validate_adapter_name
 from .atomic import flush_tree
 from .config import CONFIG_NAME, PEFT_TYPE_MARKER, AdapterConfig, BitFitConfig
 from .convert import convert_folder
 from .inference import clear_factor_caches
 from .peft_layers import StructloraLowRankLayer, StructloraTunerLayer
+from .peft_model_guards import PeftModelGuards, check_loadable, refuse_adapted_model
 from .peft_support import StructloraPeftType, refuse_unloadable_weights
 
 
-class PeftModel(peft.PeftModel):
+class PeftModel(PeftModelGuards):
     """A `peft.PeftModel` of structlora methods (see the module docstring for what it adds to PEFT's).
 
     Build it with `structlora.get_peft_model(model, config)` or `structlora.PeftModel.from_pretrained(model, path)`;
@@ -189,6 +191,7 @@ class PeftModel(peft.PeftModel):
             from .model import PeftModel as BitFitModel
 
             return BitFitModel.from_pretrained(model, str(model_id), adapter_name, is_trainable=is_trainable)
+        check_loadable(model, str(model_id), kwargs.get("subfolder"))
         snapshot = ModuleSnapshot(model)
         with _peft_layout(str(model_id)) as folder:
             if config is None:
@@ -275,10 +278,7 @@ def get_peft_model(model: nn.Module, config: AdapterConfig, adapter_name: str = 
                         f"LorettaRepConfig, LorettaAdpConfig, DenseAdapterConfig), got {type(config).__name__}; "
                         f"PEFT's own configs go to peft.get_peft_model")
     validate_adapter_name(adapter_name)
-    if isinstance(getattr(model, "peft_config", None), dict) and any(
-            isinstance(m, StructloraTunerLayer) for m in model.modules()):
-        raise AdapterStateError("this model already holds structlora adapters; use peft_model.add_adapter(name, "
-                                "config) to add another")
+    refuse_adapted_model(model, "use model.add_adapter(name, config) to add another")
     # As peft.get_peft_model: the saved config names the base model (AutoPeftModel reads it).
     config.base_model_name_or_path = model.__dict__.get("name_or_path", None) or config.base_model_name_or_path
     if revision is not None:
@@ -331,7 +331,7 @@ def _move_tree(staging: str, destination: str) -> None:
         target = os.path.join(destination, os.path.relpath(root, staging))
         os.makedirs(target, exist_ok=True)
         for name in sorted(files, key=lambda n: (n != "adapter_model.safetensors", n != CONFIG_NAME, n)):
-            os.replace(os.path.join(root, name), os.path.join(target, name))
+            atomic._move(os.path.join(root, name), os.path.join(target, name))  # a test makes it fail
 
 
 __all__ = ["PeftModel", "PeftModelForCausalLM", "PeftModelForSequenceClassification", "PeftModelForSeq2SeqLM",

@@ -100,6 +100,11 @@ def peft_load_call() -> int | None:
     return found
 
 
+class MissingWeightsError(FileNotFoundError, ValueError):
+    """An adapter folder without its weights file: a FileNotFoundError, and a ValueError as the other refusals of a
+    folder."""
+
+
 def refuse_unloadable_weights(directory: str) -> None:
     """Inside a PEFT load call (`peft_load_call`): ValueError when the folder has no adapter weights file, or an
     adapter_model.safetensors whose header does not read. PEFT would find out only after injecting the adapter's
@@ -109,8 +114,9 @@ def refuse_unloadable_weights(directory: str) -> None:
     if not os.path.isfile(safetensors_path):
         if os.path.isfile(os.path.join(directory, "adapter_model.bin")):
             return  # PEFT's older format: PEFT reads it
-        raise ValueError(f"{directory!r} has an adapter_config.json but no adapter_model.safetensors: the adapter's "
-                         f"weights are missing (an incomplete copy or download?); nothing was loaded")
+        raise MissingWeightsError(f"no adapter_model.safetensors in {directory!r} (it has an adapter_config.json): "
+                                  f"the adapter's weights are missing (an incomplete copy or download?); nothing was "
+                                  f"loaded")
     from safetensors import safe_open
 
     try:

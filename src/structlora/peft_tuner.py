@@ -38,6 +38,7 @@ from .config import AdapterConfig, BitFitConfig, LoraConfig, LorettaAdpConfig, L
 from .layers import LowRankLayer, merge_all, unmerge_all
 from .convert import PEFT_PREFIX, read_weights
 from .mixed import input_rows, routed_adapters, swap_adapter_weights
+from .peft_checks import check_modules_to_save, check_trained_in_full, checkpoint_name
 from .peft_layers import (ADAPTERS, StructloraBottleneckLayer, StructloraLowRankLayer, StructloraTrainedCopy,
                           StructloraTunerLayer)
 from .peft_rollback import InjectionRollback
@@ -134,6 +135,8 @@ class StructloraTuner(BaseTuner):
 
     def _prepare_model(self, peft_config: AdapterConfig, model: nn.Module) -> None:
         """Check every target before anything is injected (PEFT injects layer by layer)."""
+        check_modules_to_save(model, peft_config, _is_internal)
+        check_trained_in_full(model, peft_config, _is_internal, _inside_any)
         bottleneck = isinstance(peft_config, LorettaAdpConfig)
         kinds = ("linear", "conv1d") if bottleneck or isinstance(peft_config, LorettaRepConfig) else (
             "linear", "conv1d", "embedding")
@@ -266,6 +269,24 @@ class StructloraTuner(BaseTuner):
                 == {n for n in names if module_matches(n, list(current.modules_to_save or []))}):
             saved.modules_to_save = current.modules_to_save
         return saved
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """PEFT's delete_adapter, with one new active adapter for the whole model. PEFT's layers each pick the first
+        adapter they hold: with adapters on different modules (several structlora methods in one model) layers would
+        activate different adapters (and make them trainable). Every layer follows the model's pick: the first
+        adapter left, as PEFT's rule says."""
+        was_active = adapter_name in self.active_adapters
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            super().delete_adapter(adapter_name)
+        others = [w for w in caught if "was active which is now deleted" not in str(w.message)]
+        for warning in others:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+        left = list(self.peft_config)
+        if was_active and left:
+            warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
+                          f"{left[0]}.")  # PEFT's words
+            self.set_adapter(left[0], inference_mode=self.peft_config[left[0]].inference_mode)
 
     # -- trainable parameters: the adapters, and the biases the config names -------------------------------
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
@@ -407,6 +428,7 @@ class StructloraTuner(BaseTuner):
         """PEFT's remapping; refused before the first tensor is copied when the file lacks any of the adapter's
         weights, holds non-finite values or a tensor of the wrong shape."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        source = checkpoint_name()
         current = model.state_dict()
         prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
         expected = _filter_state_dict_by_key_prefixes(current, prefixes)
@@ -415,23 +437,17 @@ class StructloraTuner(BaseTuner):
             hint = ("; its keys name no `.adapters.` weights: a folder written by structlora.PeftModel.save_pretrained "
                     "loads with structlora.PeftModel.from_pretrained" if not any(
                         f".{ADAPTERS}." in key for key in state_dict) else "")
-            raise ValueError(f"the checkpoint lacks {len(missing)} of adapter {adapter_name!r}'s weights, e.g. "
+            raise ValueError(f"{source} lacks {len(missing)} of adapter {adapter_name!r}'s weights, e.g. "
                              f"{_short(missing[0])} (an adapter of another model or method?){hint}")
         unknown = sorted(key for key in remapped
                          if key not in current and key.removeprefix("base_model.model.") not in current)
         if unknown:  # PEFT itself would skip them (strict=False): the adapter would load without those weights
-            raise ValueError(f"the checkpoint holds {len(unknown)} tensor(s) that no module of this model takes, e.g. "
+            raise ValueError(f"{source} holds {len(unknown)} tensor(s) that no module of this model takes, e.g. "
                              f"{_short(unknown[0])} (an adapter of another model or config?): nothing was loaded")
         for key, value in remapped.items():
-            if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
-                raise ValueError(f"the checkpoint's {_short(key)} has non-finite values (NaN/inf): refusing to load a "
-                                 f"diverged or corrupt adapter")
-            # torch's load_state_dict copies every other tensor before it reports a wrong shape: refused here, before
-            # the first copy (PEFT's ignore_mismatched_sizes would leave those weights as they were: refused too).
             target = current.get(key, current.get(key.removeprefix("base_model.model.")))
-            if isinstance(value, torch.Tensor) and target is not None and value.shape != target.shape:
-                raise ValueError(f"the checkpoint's {_short(key)} has shape {tuple(value.shape)}, but the model's is "
-                                 f"{tuple(target.shape)} (an adapter of another model or config?): nothing was loaded")
+            if isinstance(value, torch.Tensor) and target is not None:
+                _check_tensor(source, _short(key), value, target)
         return remapped
 
 
@@ -482,6 +498,22 @@ class _RoutedTuner:
         finally:
             for layer, was in zip(layers, previous):
                 layer._disable_adapters = was
+
+
+def _check_tensor(source: str, key: str, value: torch.Tensor, target: torch.Tensor) -> None:
+    """ValueError, before the first copy, for a checkpoint tensor that would not load as itself into `target`."""
+    # torch's load_state_dict copies every other tensor before it reports a wrong shape: refused here, before the
+    # first copy (PEFT's ignore_mismatched_sizes would leave those weights as they were: refused too).
+    if value.shape != target.shape:
+        raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, but the model's is {tuple(target.shape)} "
+                         f"(an adapter of another model or config?): nothing was loaded")
+    if target.is_floating_point() and not value.is_floating_point():  # copy_ would convert it without a word
+        raise ValueError(f"{source}: {key} has dtype {value.dtype}; adapter weights are floating point "
+                         f"({target.dtype}): a corrupt file? nothing was loaded")
+    # Finite in the dtype it is loaded into: an fp32 3e35 becomes inf in an fp16 adapter.
+    if value.is_floating_point() and not torch.isfinite(value.to(target.dtype)).all():
+        raise ValueError(f"{source}: {key} has non-finite values (NaN/inf) in {target.dtype}: refusing to load a "
+                         f"diverged or corrupt adapter; nothing was loaded")
 
 
 def _short(key: str) -> str:
