@@ -299,11 +299,7 @@ def test_trainer_keeps_the_models_input_columns(tmp_path):
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
 
-    import inspect
-
     model = get_peft_model(tiny_bert(), LoraConfig(r=2))
-    assert "input_ids" in inspect.signature(model.forward).parameters
-    assert "labels" in inspect.signature(type(model).forward).parameters
     rows = 4
     data = Dataset.from_dict({"input_ids": [[5, 6, 7]] * rows, "attention_mask": [[1, 1, 1]] * rows,
                               "labels": [0, 1, 2, 0], "unused": [9] * rows})
