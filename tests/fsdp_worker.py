@@ -41,7 +41,7 @@ def train(method: str, out_dir: str, sharded: bool) -> None:
         from torch.distributed.fsdp import fully_shard
 
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        for layer in model.base_model.model.layers:
+        for layer in model.get_base_model().model.layers:
             fully_shard(layer)
         fully_shard(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

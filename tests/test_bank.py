@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 
-import structlora.model as model_module
+import structlora.peft_tuner as tuner_module
 from structlora import LorettaAdpConfig, LorettaRepConfig, MTLoraConfig, get_peft_model
 from structlora.bank import _SLOTS
 from structlora.tensor_train import TTMatrix
@@ -54,7 +54,7 @@ def loss_and_grads(model) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
 
 
 def unbanked(monkeypatch) -> None:
-    monkeypatch.setattr(model_module, "bank", lambda members: 0)
+    monkeypatch.setattr(tuner_module, "bank", lambda members: 0)  # the tuner's pre-hook banks
 
 
 def assert_same(got: tuple, want: tuple) -> None:
@@ -112,7 +112,7 @@ def test_direct_call_after_a_weight_change_does_not_use_a_stale_slice(monkeypatc
     with torch.no_grad():
         for train in trains_of(model):
             train.cores[0].mul_(1.5)  # an in-place change, as an optimizer step makes
-    inner = model.base_model  # calling the transformers model directly skips nothing here...
+    inner = model.get_base_model()  # calling the transformers model directly skips nothing here...
     direct_logits = inner.model(input_ids=IDS).last_hidden_state  # ...but its inner model skips the bank hook
     unbanked(monkeypatch)
     _SLOTS.clear()
@@ -122,7 +122,7 @@ def test_direct_call_after_a_weight_change_does_not_use_a_stale_slice(monkeypatc
 def test_direct_call_after_backward_rebuilds_instead_of_reusing_a_spent_chain() -> None:
     model = adapted("rep")
     model(input_ids=IDS, labels=IDS).loss.backward()  # spends the bank
-    hidden = model.base_model.model(input_ids=IDS).last_hidden_state  # no hook: trains rebuild themselves
+    hidden = model.get_base_model().model(input_ids=IDS).last_hidden_state  # no hook: trains rebuild themselves
     hidden.sum().backward()  # would raise "backward through the graph a second time" on a spent slice
     assert all(train.core_storage.grad is not None for train in trains_of(model))
 
@@ -131,7 +131,7 @@ def test_no_grad_bank_is_not_used_with_grad() -> None:
     model = adapted("rep")
     with torch.no_grad():
         model(input_ids=IDS)  # banks without a graph
-    model.base_model.model(input_ids=IDS).last_hidden_state.sum().backward()
+    model.get_base_model().model(input_ids=IDS).last_hidden_state.sum().backward()
     assert all(train.core_storage.grad is not None for train in trains_of(model))
     assert all(grad.abs().sum() > 0 for train in trains_of(model)
                for grad in train.core_views(train.core_storage.grad))

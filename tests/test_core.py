@@ -107,7 +107,7 @@ def test_default_init_leaves_outputs_unchanged(case_id, build, make_config, key)
     expected = outputs(base, key)
     model = get_peft_model(copy.deepcopy(base), make_config()).eval()
     if "cls" in case_id:  # a new tensorized classification head is a new head: compare the features instead
-        model.base_model.classifier = base.classifier
+        model.get_base_model().classifier = base.classifier
         assert torch.allclose(outputs(model, key), expected, atol=1e-6)
         return
     assert torch.equal(outputs(model, key), expected)
@@ -151,7 +151,8 @@ def test_save_load_roundtrip_and_disable(case_id, build, make_config, key, tmp_p
     with model.disable_adapter():
         assert torch.equal(outputs(model, key), base_out)
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json",
+                                                          "adapter_model.safetensors"]  # PEFT's model card too
     loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
     assert torch.equal(outputs(loaded, key), adapted)
     assert loaded.get_nb_trainable_parameters()[0] == 0  # inference mode unless is_trainable=True
@@ -180,8 +181,9 @@ def test_every_trainable_parameter_learns(case_id, build, make_config, key):
 def test_frozen_base_and_trainable_sets():
     model = get_peft_model(tiny_roberta(), LorettaAdpConfig(bottleneck_size=8, tensor_rank=3, task_type="SEQ_CLS"))
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert all(".adapters.default." in n for n in names)
-    assert any("LayerNorm" in n for n in names) and any("classifier" in n for n in names)
+    assert all(".adapters.default." in n or ".modules_to_save.default." in n for n in names)  # PEFT's head copy
+    assert any("LayerNorm" in n for n in names)
+    assert any("classifier.modules_to_save.default." in n for n in names)
     lora = get_peft_model(tiny_roberta(), LoraConfig(r=4, target_modules=["query"]))
     assert all("parameterization.lora_" in n for n, p in lora.named_parameters() if p.requires_grad)
 
@@ -257,7 +259,8 @@ def test_several_named_adapters():
 def test_mixed_methods_on_one_module_nest():
     model = get_peft_model(tiny_llama(), LorettaAdpConfig(bottleneck_size=8, tensor_rank=2, target_modules=["down_proj"]))
     model.add_adapter("lora", LoraConfig(r=2, target_modules=["down_proj"]))
-    kinds = {type(layer).__name__ for _, layer in adapted_layers(model)}
+    kinds = {next(kind.__name__ for kind in (BottleneckLayer, LowRankLayer) if isinstance(layer, kind))
+             for _, layer in adapted_layers(model)}  # the PEFT tuner's layers subclass structlora's
     assert kinds == {"BottleneckLayer", "LowRankLayer"}
     model.set_adapter("lora")
     randomize_adapters(model)
@@ -290,11 +293,22 @@ def test_gradient_checkpointing_and_compile():
     assert torch.allclose(compiled(**inputs()).logits, reference, atol=1e-5)
 
 
-def test_trainer_signature_is_the_base_models():
-    import inspect
+def test_trainer_keeps_the_models_input_columns(tmp_path):
+    """transformers' Trainer drops the dataset columns that the model's forward does not take (for a PeftModel it
+    inspects get_base_model()): input_ids, attention_mask and labels must reach the model, other columns not."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
     model = get_peft_model(tiny_bert(), LoraConfig(r=2))
-    assert "input_ids" in inspect.signature(model.forward).parameters
-    assert "labels" in inspect.signature(type(model).forward).parameters
+    rows = 4
+    data = Dataset.from_dict({"input_ids": [[5, 6, 7]] * rows, "attention_mask": [[1, 1, 1]] * rows,
+                              "labels": [0, 1, 2, 0], "unused": [9] * rows})
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, report_to=[], use_cpu=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert tuple(batch["input_ids"].shape) == (2, 3) and tuple(batch["labels"].shape) == (2,)
+    assert model(**batch).loss.item() > 0  # the labels reached the model: a loss is computed
     clone = copy.deepcopy(model)
     assert clone.forward.__self__ is clone
 
@@ -358,7 +372,8 @@ def test_modules_to_save_are_trained_as_they_are():
     base = tiny_bert()
     model = get_peft_model(copy.deepcopy(base), LorettaRepConfig(r=4, tensor_rank=2, task_type="SEQ_CLS",
                                                                  modules_to_save=["pooler"]))
-    pooler = model.base_model.bert.pooler
-    assert isinstance(pooler.adapters["default"].dense, torch.nn.Linear)
-    assert torch.equal(pooler.adapters["default"].dense.weight, base.bert.pooler.dense.weight)
-    assert all(p.requires_grad for p in pooler.adapters["default"].parameters())
+    pooler = model.get_base_model().bert.pooler  # PEFT's ModulesToSaveWrapper: the trained copy per adapter
+    assert isinstance(pooler.modules_to_save["default"].dense, torch.nn.Linear)
+    assert torch.equal(pooler.modules_to_save["default"].dense.weight, base.bert.pooler.dense.weight)
+    assert all(p.requires_grad for p in pooler.modules_to_save["default"].parameters())
+    assert not any(p.requires_grad for p in pooler.original_module.parameters())

@@ -135,7 +135,7 @@ def test_load_and_state_dict_invalidate(tmp_path) -> None:
     randomize(other, seed=7)
     other.save_pretrained(str(tmp_path))
     before = cached(model)  # built every model first: a new model's parameters alone would refresh the caches
-    model.load_adapter_weights(str(tmp_path))
+    model.load_adapter(str(tmp_path), adapter_name="default")  # new weights for the existing adapter
     after_load = cached(model)
     assert not torch.allclose(after_load, before)
     assert_close(after_load, uncached(other))
@@ -222,7 +222,7 @@ def test_hooks_on_the_wrapped_modules_run_in_every_path(kind: str, hooked: str) 
     """A hook on a base module or an adapter module runs: the lean path then calls that module."""
     model = adapted(kind)
     want_no_grad, want_grad = cached(model), uncached(model)
-    module = model.base_model.model.layers[0].get_submodule(hooked)
+    module = model.get_base_model().model.layers[0].get_submodule(hooked)
     calls = []
     handle = module.register_forward_hook(lambda module, args, output: calls.append(1))
     assert_close(cached(model), want_no_grad)

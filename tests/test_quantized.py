@@ -80,7 +80,7 @@ def test_adapter_on_quantized_base_equals_dequantized(tiny_folder, quantization,
         quantized = model(ids).logits
         with model.disable_adapter():
             quantized_base = model(ids).logits
-    dequantize_model(model.base_model)
+    dequantize_model(model.get_base_model())
     assert not any(is_quantized(m) for m in model.modules())
     with torch.no_grad():
         dequantized = model(ids).logits
@@ -157,13 +157,14 @@ def test_a_refused_dequantized_merge_changes_nothing(tiny_folder, case):
             next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(float("nan"))
     layout, frozen = _quantized_layout(model), _quantized_bytes(model)
     assert len(layout) == 14
-    config = model.base_model.config.quantization_config
+    config = model.get_base_model().config.quantization_config
     with pytest.raises(ValueError, match="not possible for LoRETTA_adp" if case == "loretta_adp" else "not finite"):
         merge_and_unload_dequantized(model)
     assert _quantized_layout(model) == layout
     for name, tensor in _quantized_bytes(model).items():
         assert torch.equal(tensor, frozen[name]), name
-    assert model.base_model.config.quantization_config is config and model.base_model.is_loaded_in_4bit
+    base = model.get_base_model()
+    assert base.config.quantization_config is config and base.is_loaded_in_4bit
     assert not model.adapter_state.merged and not model.adapter_state.unloaded
     with torch.no_grad():
         assert model(_ids()).logits.shape[0] == 2  # still runs on the quantized base
@@ -204,5 +205,5 @@ def test_torchao_int8_weight_only(method):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     with torch.no_grad():
         quantized = model(ids).logits
-        dequantize_model(model.base_model)
+        dequantize_model(model.get_base_model())
         torch.testing.assert_close(model(ids).logits, quantized, rtol=0, atol=1e-3)

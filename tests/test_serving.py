@@ -93,7 +93,7 @@ def test_merged_model_reloads_with_plain_transformers(method, tmp_path):
         with model.disable_adapter():
             base = model(input_ids=ids).logits
     assert (adapted - base).abs().max() > 1e-3
-    norm = model.base_model.model.norm
+    norm = model.get_base_model().model.norm
     trained_norm = (norm.current() if hasattr(norm, "current") else norm).weight.detach().clone()
     model.merge_and_unload().save_pretrained(tmp_path / "merged")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()

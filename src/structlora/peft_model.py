@@ -37,6 +37,7 @@ from .adapter_state import AdapterState, AdapterStateError, ModuleSnapshot, vali
 from .atomic import flush_tree
 from .config import CONFIG_NAME, PEFT_TYPE_MARKER, AdapterConfig, BitFitConfig
 from .convert import convert_folder
+from .distributed import is_writer
 from .inference import clear_factor_caches
 from .peft_layers import StructloraLowRankLayer, StructloraTunerLayer
 from .peft_model_guards import PeftModelGuards, check_loadable, refuse_adapted_model
@@ -167,6 +168,9 @@ class PeftModel(PeftModelGuards):
                                  f"tensor(s), e.g. {bad[0]}; refusing to save a diverged adapter")
         if os.path.isfile(save_directory):
             raise ValueError(f"save_pretrained needs a directory, but {save_directory!r} is a file")
+        if not kwargs.pop("is_main_process", is_writer()):
+            self._gather_without_writing(selected_adapters, **kwargs)
+            return
         os.makedirs(save_directory, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".saving-", dir=save_directory)
         try:
@@ -178,6 +182,15 @@ class PeftModel(PeftModelGuards):
             _move_tree(staging, save_directory)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    def _gather_without_writing(self, selected_adapters: Optional[list[str]], **kwargs: Any) -> None:
+        """save_pretrained on a rank other than the writer (FSDP2): PEFT gathers sharded weights, a collective that
+        every rank must join in the same order, and writes nothing (a throwaway folder takes its sub-folders)."""
+        scratch = tempfile.mkdtemp(prefix="structlora-gather-")
+        try:
+            super().save_pretrained(scratch, selected_adapters=selected_adapters, is_main_process=False, **kwargs)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",

@@ -35,6 +35,7 @@ from torch import nn
 from .adapter_state import ModuleSnapshot, refuse_base_adapter_name
 from .bank import bank
 from .config import AdapterConfig, BitFitConfig, LoraConfig, LorettaAdpConfig, LorettaRepConfig, TaskType
+from .inference import clear_factor_caches
 from .layers import LowRankLayer, merge_all, unmerge_all
 from .convert import PEFT_PREFIX, read_weights
 from .mixed import input_rows, routed_adapters, swap_adapter_weights
@@ -85,7 +86,7 @@ def _bank_active_factors(model: nn.Module, _args: Any) -> None:
         return  # plain LoRA computes no factor
     members = []
     for module in model.modules():
-        if isinstance(module, StructloraLowRankLayer):
+        if isinstance(module, StructloraTunerLayer):  # low-rank and bottleneck adapters (trained copies: no factor)
             name = module._active()
             if name is not None and name not in module.merged_adapters:
                 members += [m for m in module.adapters[name].modules() if hasattr(m, "bank_key")]
@@ -247,6 +248,17 @@ class StructloraTuner(BaseTuner):
         if len(names) > 1:
             raise ValueError(f"structlora's layers run one adapter at a time; got {names}")
         super().set_adapter(adapter_name, inference_mode=inference_mode)
+        clear_factor_caches(self.model)
+
+    # -- every adapter transition drops the factors cached for inference (an inactive or merged adapter's are not
+    # kept; the next no-grad forward caches what it uses) ------------------------------------------------------
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:  # disable_adapter_layers / enable_adapter_layers
+        super()._enable_adapter_layers(enabled=enabled)
+        clear_factor_caches(self.model)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        clear_factor_caches(self.model)
 
     # -- replacing an adapter's weights in place -------------------------------------------------------------
     def hotswap_adapter(self, model_id: str, adapter_name: str = "default") -> None:
@@ -362,11 +374,13 @@ class StructloraTuner(BaseTuner):
                     except ValueError as error:
                         raise ValueError(f"merge refused at {module_name!r}: {error}; no weight was changed") from error
         merge_all([layer for _, layer in layers], names)
+        clear_factor_caches(self.model)
 
     def unmerge_adapter(self) -> None:
         """Take every merged ΔW back out, as it was merged (each layer keeps a frozen copy of the adapter as merged,
         so writes to a merged adapter do not shift the base). All or nothing (structlora.layers.unmerge_all)."""
         unmerge_all([layer for _, layer in self._low_rank_layers()])
+        clear_factor_caches(self.model)
 
     def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
                                      adapter_names: Optional[list[str]] = None) -> nn.Module:

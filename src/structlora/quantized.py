@@ -30,9 +30,12 @@ def _bnb_class(module: nn.Module) -> str | None:
 
 
 def is_quantized(module: nn.Module) -> bool:
-    """A linear layer whose weight is not a plain floating-point tensor (bitsandbytes, torchao, …)."""
+    """A linear layer whose weight is not a plain floating-point tensor (bitsandbytes, torchao, …). An adapter
+    wrapper is not one itself (PEFT's layers show their base layer's `weight`): its `base_layer` may be."""
     if _bnb_class(module) is not None:
         return True
+    if isinstance(getattr(module, "base_layer", None), nn.Module):
+        return False
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
         return False
@@ -148,13 +151,32 @@ def merge_and_unload_dequantized(model: Any, dtype: torch.dtype = torch.float32)
     All or nothing: what merge_and_unload refuses for another reason than the quantized base (a bottleneck
     adapter, inside disable_adapter(), after merge_and_unload) is refused before anything is dequantized, and a
     failure later (a non-finite ΔW, an interrupt) puts the quantized modules back before it propagates."""
-    model.check_mergeable("merge_and_unload_dequantized", quantized_ok=True)
-    undo = _dequantize(model.base_model, dtype)
+    _check_mergeable(model, "merge_and_unload_dequantized")
+    undo = _dequantize(model.get_base_model(), dtype)
     try:
         return model.merge_and_unload()
     except BaseException:
         undo()
         raise
+
+
+def _check_mergeable(model: Any, what: str) -> None:
+    """Raise, changing nothing, if merging `model`'s active adapter would be refused for another reason than its
+    quantized base: after merge_and_unload, inside disable_adapter(), while merged, or a bottleneck adapter."""
+    check = getattr(model, "check_mergeable", None)
+    if callable(check):  # structlora's earlier model class (BitFit)
+        check(what, quantized_ok=True)
+        return
+    from .config import LorettaAdpConfig  # imports peft: not at this module's import
+
+    model.adapter_state.check_merge()
+    for name in model.active_adapters:
+        config = model.peft_config[name]
+        if isinstance(config, LorettaAdpConfig):
+            kind = "dense" if config.method == "adapter" else "LoRETTA_adp"
+            raise ValueError(f"{what} is not possible for {kind} adapter {name!r}: a bottleneck adapter applies a "
+                             f"non-linearity (down → {config.non_linearity} → up) to the activations, so it is not a "
+                             f"change of the weights and cannot be folded into them; nothing was dequantized")
 
 
 def __getattr__(name: str) -> Any:
