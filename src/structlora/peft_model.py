@@ -266,7 +266,8 @@ def get_peft_model(model: nn.Module, config: AdapterConfig, adapter_name: str = 
         return BitFitModel(model, config, adapter_name)
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"structlora.get_peft_model takes a structlora config (LoraConfig, MTLoraConfig, "
-                        f"LorettaRepConfig, LorettaAdpConfig, DenseAdapterConfig), got {type(config).__name__}; "
+                        f"LorettaRepConfig, LorettaAdpConfig, DenseAdapterConfig), got {type(config).__module__}."
+                        f"{type(config).__qualname__}; "
                         f"PEFT's own configs go to peft.get_peft_model")
     validate_adapter_name(adapter_name)
     if isinstance(getattr(model, "peft_config", None), dict) and any(
