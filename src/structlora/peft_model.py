@@ -35,10 +35,11 @@ from torch import nn
 from .adapter_state import AdapterState, AdapterStateError, ModuleSnapshot, validate_adapter_name
 from .atomic import flush_tree
 from .config import CONFIG_NAME, PEFT_TYPE_MARKER, AdapterConfig, BitFitConfig
-from .convert import convert_folder
+from .convert import convert_folder, structure_fields
 from .inference import clear_factor_caches
 from .peft_layers import StructloraLowRankLayer, StructloraTunerLayer
 from .peft_support import StructloraPeftType, refuse_unloadable_weights
+from .svd_init import saved_factors_follow
 
 
 class PeftModel(peft.PeftModel):
@@ -195,7 +196,8 @@ class PeftModel(peft.PeftModel):
                                 f"structlora method: load it with peft.PeftModel.from_pretrained")
             config.inference_mode = not is_trainable
             try:
-                peft_model = model_class(config)(model, config, adapter_name)
+                with saved_factors_follow():  # SVD starts: their saved factors are loaded next, not computed
+                    peft_model = model_class(config)(model, config, adapter_name)
                 peft_model.load_adapter(folder, adapter_name, is_trainable=is_trainable, **kwargs)
             except BaseException:
                 snapshot.restore()
@@ -214,7 +216,31 @@ class PeftModel(peft.PeftModel):
             local = os.path.join(folder, kwargs.get("subfolder") or "")
             if os.path.isdir(local):  # PEFT would inject the layers before finding out
                 refuse_unloadable_weights(local)
-            return super().load_adapter(folder, adapter_name, is_trainable=is_trainable, **kwargs)
+                if adapter_name in state:
+                    self._refuse_other_structure(local, adapter_name)
+            with saved_factors_follow():  # SVD starts: their saved factors are loaded, not computed
+                return super().load_adapter(folder, adapter_name, is_trainable=is_trainable, **kwargs)
+
+    def _refuse_other_structure(self, folder: str, adapter_name: str) -> None:
+        """ValueError when the adapter saved in `folder` is not of the structure of the existing adapter
+        `adapter_name` that load_adapter would write its weights into: PEFT would load them under the existing
+        config (e.g. rsLoRA weights scaled as plain LoRA, LoRA-XS's frozen factors made trainable)."""
+        saved = peft.PeftConfig.from_pretrained(folder)
+        if not isinstance(saved, AdapterConfig):
+            return  # not a structlora method: PEFT's own check refuses it
+        mine, theirs = structure_fields(self.peft_config[adapter_name]), structure_fields(saved)
+
+        # modules_to_save: PEFT adds a task's heads (the tuner's key check compares them); older folders: null
+        skip = {"modules_to_save"} | {k for k in ("target_modules", "base_model_type") if theirs.get(k) is None}
+
+        def normal(value: Any) -> Any:
+            return sorted(value) if isinstance(value, (list, set, tuple)) else value
+
+        differing = sorted(k for k in (mine.keys() & theirs.keys()) - skip if normal(mine[k]) != normal(theirs[k]))
+        if differing:
+            details = "; ".join(f"{k}: weights saved with {theirs[k]!r}, config has {mine[k]!r}" for k in differing)
+            raise ValueError(f"load_adapter: {folder!r} holds a different adapter than {adapter_name!r} ({details}); "
+                             f"refusing to load weights that would compute something else (load it under a new name)")
 
 
 # PEFT's task classes, with structlora's additions first in the method order.
