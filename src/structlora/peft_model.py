@@ -72,7 +72,10 @@ class PeftModel(peft.PeftModel):
     def add_adapter(self, adapter_name: str, peft_config: peft.PeftConfig, low_cpu_mem_usage: bool = False,
                     autocast_adapter_dtype: bool = True) -> None:
         """PEFT's add_adapter; the new adapter may be of another structlora method than the others (one tuner runs
-        them all). Refused for an invalid or taken name, while an adapter is merged and while disabled."""
+        them all). Refused for an invalid or taken name, while an adapter is merged and while disabled.
+
+        Args: adapter_name: the new adapter's name. peft_config: its structlora config. low_cpu_mem_usage,
+            autocast_adapter_dtype: as PEFT's."""
         self.adapter_state.check_add(adapter_name)
         same_tuner = isinstance(peft_config, AdapterConfig) and isinstance(self.peft_type, StructloraPeftType)
         family = self.peft_type
@@ -85,13 +88,15 @@ class PeftModel(peft.PeftModel):
             self.peft_type = family
 
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
-        """PEFT's set_adapter; refused (instead of PEFT's silent unmerge) while another adapter is merged."""
+        """PEFT's set_adapter: make `adapter_name` the active adapter (with `inference_mode`, frozen); refused
+        (instead of PEFT's silent unmerge) while another adapter is merged."""
         self.adapter_state.check_activate(adapter_name)
         super().set_adapter(adapter_name, inference_mode=inference_mode)
 
     def delete_adapter(self, adapter_name: Union[str, list[str]]) -> None:
-        """PEFT's delete_adapter (a name or a list of names); refused for a merged adapter, an unknown name and the
-        last adapter (a PeftModel keeps one: disable_adapter() or merge_and_unload() give the base model)."""
+        """PEFT's delete_adapter (adapter_name: a name or a list of names); refused for a merged adapter, an unknown
+        name and the last adapter (a PeftModel keeps one: disable_adapter() or merge_and_unload() give the base
+        model)."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         state = self.adapter_state
         for name in names:
@@ -115,11 +120,13 @@ class PeftModel(peft.PeftModel):
             self._disabled_depth -= 1
 
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
-        """PEFT's merge_adapter (all or nothing, see StructloraTuner.merge_adapter); refused while disabled."""
+        """PEFT's merge_adapter of `adapter_names` (default: the active one; `safe_merge` checks the merged weights
+        for NaN first), all or nothing (see StructloraTuner.merge_adapter); refused while disabled."""
         self.adapter_state.check_merge()
         super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
 
     def unmerge_adapter(self, *args: Any, **kwargs: Any) -> None:
+        """PEFT's unmerge_adapter: the merged adapters' ΔW taken back out of the base weights; refused once spent."""
         self.adapter_state.check_usable("unmerge_adapter")
         super().unmerge_adapter(*args, **kwargs)
 
@@ -152,7 +159,8 @@ class PeftModel(peft.PeftModel):
     # -- saving and loading ------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str, selected_adapters: Optional[list[str]] = None,
                         **kwargs: Any) -> None:
-        """PEFT's save_pretrained, all or nothing: refused (nothing written) for a spent model, an unknown adapter or
+        """PEFT's save_pretrained of `selected_adapters` (default: all) into `save_directory`, all or nothing:
+        refused (nothing written) for a spent model, an unknown adapter or
         non-finite weights; the files are written into a staging folder beside them and renamed into place, the
         weights before the config, so a save that fails or is killed leaves an existing folder loading as before.
         """
@@ -184,7 +192,10 @@ class PeftModel(peft.PeftModel):
                         **kwargs: Any) -> "PeftModel":
         """Load the adapter saved in `model_id` into `model`, as peft.PeftModel.from_pretrained, returning
         structlora's class for the config's task type. A folder written by structlora's earlier model class is
-        converted on load (the folder is left as it is). On any error `model` is left as it was."""
+        converted on load (the folder is left as it is). On any error `model` is left as it was.
+
+        Args: model: the base model. model_id: the adapter folder. adapter_name: the name to load it under.
+            is_trainable: False (default) freezes the adapter. config: the config to use instead of the folder's."""
         validate_adapter_name(adapter_name)
         snapshot = ModuleSnapshot(model)
         with _peft_layout(str(model_id)) as folder:
@@ -205,8 +216,9 @@ class PeftModel(peft.PeftModel):
         return peft_model
 
     def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False, **kwargs: Any) -> Any:
-        """PEFT's load_adapter (a new adapter, or new weights for one that exists); a folder of structlora's earlier
-        model class is converted on load. Refused while an adapter is merged."""
+        """PEFT's load_adapter of the folder `model_id` as `adapter_name` (a new adapter, frozen unless
+        `is_trainable`, or new weights for one that exists, which must be of the same structure: refused otherwise);
+        a folder of structlora's earlier model class is converted on load. Refused while an adapter is merged."""
         state = self.adapter_state
         if adapter_name in state:
             state.check_write_weights(adapter_name, "load_adapter")
