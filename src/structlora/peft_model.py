@@ -123,12 +123,18 @@ class PeftModel(peft.PeftModel):
         """PEFT's merge_adapter of `adapter_names` (default: the active one; `safe_merge` checks the merged weights
         for NaN first), all or nothing (see StructloraTuner.merge_adapter); refused while disabled."""
         self.adapter_state.check_merge()
-        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+        if hasattr(peft.PeftModel, "merge_adapter"):
+            super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+        else:  # peft 0.21's PeftModel has none (its __getattr__ reaches the tuner's)
+            self.base_model.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
 
     def unmerge_adapter(self, *args: Any, **kwargs: Any) -> None:
         """PEFT's unmerge_adapter: the merged adapters' ΔW taken back out of the base weights; refused once spent."""
         self.adapter_state.check_usable("unmerge_adapter")
-        super().unmerge_adapter(*args, **kwargs)
+        if hasattr(peft.PeftModel, "unmerge_adapter"):
+            super().unmerge_adapter(*args, **kwargs)
+        else:  # peft 0.21's PeftModel has none (its __getattr__ reaches the tuner's)
+            self.base_model.unmerge_adapter()
 
     def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
         """The base model with the active adapter folded in and the wrappers removed (PEFT's, all or nothing). This
