@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import step_time  # noqa: E402
 
-import structlora.model  # noqa: E402
+import structlora.peft_tuner  # noqa: E402 - its forward pre-hook banks the factors
 
 CONFIGURATIONS = {"loretta_rep": "all", "loretta_adp": step_time.ADP_DEFAULT_TARGETS, "mtlora_icfm": "all"}
 
@@ -45,19 +45,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
         device=torch.device("cpu"), dtype=torch.float32, shape_name="bank_ab", batch_size=2, seq_len=128, rank=8,
         lora_alpha=16.0, tensor_rank=5, bottleneck_size=64, warmup_steps=2, timed_steps=args.steps,
         learning_rate=1e-4, seed=0, cpu_clock="cpu")
-    real_bank = structlora.model.bank
+    real_bank = structlora.peft_tuner.bank
     times: dict[tuple[str, bool], list[float]] = {}
     try:
         for round_index in range(args.rounds):
             for method in args.methods.split(","):
                 for banked in ((True, False) if round_index % 2 == 0 else (False, True)):
-                    structlora.model.bank = real_bank if banked else (lambda members: 0)
+                    structlora.peft_tuner.bank = real_bank if banked else (lambda members: 0)
                     configuration = step_time.Configuration(method, CONFIGURATIONS[method], False)
                     measurement = step_time.Measurement(configuration)
                     step_time.measure_once(configuration, shape, settings, measurement)
                     times.setdefault((method, banked), []).extend(measurement.step_times_ms)
     finally:
-        structlora.model.bank = real_bank
+        structlora.peft_tuner.bank = real_bank
     print(f"{shape.description}, one training step, CPU time, {args.threads} thread(s), "
           f"{args.rounds} rounds x {args.steps} steps\n")
     print("| method | targets | bank on (ms) | bank off (ms) | change |\n|---|---|---:|---:|---:|")

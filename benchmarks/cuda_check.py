@@ -35,9 +35,10 @@ from typing import Any, Callable, Sequence
 from unittest.mock import patch
 
 import torch
+from peft.utils import set_peft_model_state_dict
 
 import structlora
-import structlora.model as model_module
+import structlora.peft_tuner as tuner_module
 from structlora.layers import LowRankLayer
 
 # fp16 training needs loss scaling (transformers' Trainer uses a GradScaler): without it small gradients
@@ -108,7 +109,7 @@ def forward_and_grads(model: torch.nn.Module, ids: torch.Tensor, loss_scale: flo
 
 
 def bank_switched_off() -> Any:
-    return patch.object(model_module, "bank", lambda members: 0)
+    return patch.object(tuner_module, "bank", lambda members: 0)  # the tuner's pre-forward bank hook
 
 
 def generic_path() -> Any:
@@ -126,7 +127,7 @@ def adapted(method: str, shape: dict[str, int], adapter: dict[str, torch.Tensor]
             dtype: torch.dtype, seed: int) -> torch.nn.Module:
     """The seeded base in `dtype` on `device` with the trained adapter loaded (adapters keep their own dtype)."""
     model = structlora.get_peft_model(build_base(shape, seed).to(device=device, dtype=dtype), METHODS[method]())
-    model.set_adapter_state_dict(adapter)
+    set_peft_model_state_dict(model, adapter)
     return model
 
 

@@ -29,7 +29,7 @@ def test_decode_overhead_counts(tmp_path) -> None:
     assert "bmm" not in rep["aten_ops"]  # no tensor-train contraction while decoding
     assert base["python_calls_per_token"] < ours["python_calls_per_token"] < peft["python_calls_per_token"]
     assert set(ours["module_forward_us"]) == {"1", "8"}  # the one-layer timing at both decode batches
-    assert all(ours["module_forward_us"][b]["LowRankLayer"]["wrapper"] > 0 for b in ("1", "8"))
+    assert all(ours["module_forward_us"][b]["StructloraLowRankLayer"]["wrapper"] > 0 for b in ("1", "8"))
     assert set(peft["module_forward_us"]["8"]) == {"peft LoRA Linear"}
     same = json.loads((tmp_path / "r.json").read_text())["same_weight_us"]
     assert set(same) == {"1", "8"} and all(r["bare"] > 0 and r["ours"] > 0 and r["peft"] > 0 for r in same.values())

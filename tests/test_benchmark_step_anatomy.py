@@ -45,9 +45,9 @@ def test_operations_include_the_backward_and_the_banked_trains(micro_counts: tup
     trained_norms = 2 * 2 + 1
     assert rep["mm"] - lora["mm"] == 3 + trained_norms
     # Without the bank every train rebuilds itself: 8 trains (A, B of q, v in 2 layers) x 6 products.
-    import structlora.model
+    import structlora.peft_tuner  # the tuner's forward pre-hook banks the factors
 
-    monkeypatch.setattr(structlora.model, "bank", lambda members: 0)
+    monkeypatch.setattr(structlora.peft_tuner, "bank", lambda members: 0)
     unbanked = by_configuration(load_benchmark("step_anatomy").main(
         ["--shape", "micro", "--dtype", "float32", "--methods", "loretta_rep", "--targets", "qv"]))
     assert unbanked[("loretta_rep", "qv")]["operations_by_name"]["mm"] - lora["mm"] == 8 * (2 + 4) + 3 + trained_norms
@@ -68,11 +68,11 @@ def test_7b_shape_reproduces_peft_on_the_h100_and_meets_the_memory_target() -> N
 
 
 def test_bank_ab_times_both_ways_and_restores_the_bank() -> None:
-    import structlora.model
+    import structlora.peft_tuner
 
     bank_ab = load_benchmark("bank_ab")
-    real_bank = structlora.model.bank
+    real_bank = structlora.peft_tuner.bank
     report = bank_ab.main(["--layers", "2", "--hidden", "64", "--rounds", "1", "--steps", "1"])
     assert set(report) == set(bank_ab.CONFIGURATIONS)
     assert all(times["bank_on_ms"] > 0 and times["bank_off_ms"] > 0 for times in report.values())
-    assert structlora.model.bank is real_bank
+    assert structlora.peft_tuner.bank is real_bank

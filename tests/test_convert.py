@@ -1,6 +1,7 @@
 """Old structlora adapter folders → PEFT (structlora.convert_folder, `structlora convert`): a folder written by
-structlora.PeftModel.save_pretrained (this release's layout and earlier ones) becomes one that
-peft.PeftModel.from_pretrained loads with outputs equal (atol 0) to structlora.PeftModel.from_pretrained's; what
+structlora's earlier model class (structlora.model.PeftModel, its layouts of this and earlier releases) becomes one
+that peft.PeftModel.from_pretrained loads with outputs equal (atol 0) to that class's from_pretrained's (and
+structlora.PeftModel.from_pretrained converts it on load, to the same outputs); what
 cannot be converted exactly is refused with nothing written; PEFT's loaders on an unconverted folder name the
 command."""
 
@@ -18,15 +19,19 @@ import structlora  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from structlora.convert import CONFIG_METADATA_KEY, WEIGHTS_NAME  # noqa: E402
+# The folders to convert are in the layout of structlora's earlier model class, so this file builds and reloads
+# them with that class on purpose (structlora.PeftModel is now a peft.PeftModel and saves in PEFT's layout).
+from structlora.model import PeftModel as EarlierPeftModel  # noqa: E402
+from structlora.model import get_peft_model as earlier_get_peft_model  # noqa: E402
 from structlora.recipes import commands as cli  # noqa: E402
 from test_peft_tuner import METHODS, MODELS, config_for, outputs, perturbed  # noqa: E402
 
 
 def save_structlora(model_name: str, config, folder, seed: int = 0):
-    """A structlora.PeftModel with a non-zero (perturbed) adapter, saved to `folder`; returns its outputs as
-    structlora.PeftModel.from_pretrained gives them back."""
-    perturbed(structlora.get_peft_model(MODELS[model_name](), config), seed).save_pretrained(str(folder))
-    return outputs(structlora.PeftModel.from_pretrained(MODELS[model_name](), str(folder)))
+    """A model of structlora's earlier class with a non-zero (perturbed) adapter, saved to `folder` in that class's
+    layout; returns its outputs as that class's from_pretrained gives them back."""
+    perturbed(earlier_get_peft_model(MODELS[model_name](), config), seed).save_pretrained(str(folder))
+    return outputs(EarlierPeftModel.from_pretrained(MODELS[model_name](), str(folder)))
 
 
 def assert_converts_exactly(model_name: str, src, dst, expected, config=None) -> None:
@@ -70,6 +75,9 @@ _DELETE = object()
 @pytest.mark.parametrize("method", list(METHODS))
 def test_converted_folder_loads_through_peft_with_identical_outputs(method, model_name, tmp_path):
     expected = save_structlora(model_name, config_for(method, model_name), tmp_path / "old")
+    with pytest.warns(UserWarning, match="converted on load"):  # structlora.PeftModel reads the folder as it is
+        on_load = structlora.PeftModel.from_pretrained(MODELS[model_name](), str(tmp_path / "old"))
+    torch.testing.assert_close(outputs(on_load), expected, rtol=0, atol=0)
     assert_converts_exactly(model_name, tmp_path / "old", tmp_path / "new", expected, config_for(method, model_name))
     config = json.loads((tmp_path / "new" / "adapter_config.json").read_text())
     assert config["peft_type"] == METHODS[method]().peft_type.value and config["inference_mode"] is True
@@ -116,9 +124,9 @@ def test_tensorized_classifier_head_converts_exactly(tmp_path):
     for method, config in (("loretta_adp", structlora.LorettaAdpConfig(bottleneck_size=4, tensor_rank=2,
                                                                        task_type="SEQ_CLS")),
                            ("loretta_rep", structlora.LorettaRepConfig(r=2, tensor_rank=2, task_type="SEQ_CLS"))):
-        perturbed(structlora.get_peft_model(roberta(), config)).save_pretrained(str(tmp_path / method))
+        perturbed(earlier_get_peft_model(roberta(), config)).save_pretrained(str(tmp_path / method))
         assert any(".dense.weight_tt." in key for key in weights(tmp_path / method)[0])
-        expected = outputs(structlora.PeftModel.from_pretrained(roberta(), str(tmp_path / method)))
+        expected = outputs(EarlierPeftModel.from_pretrained(roberta(), str(tmp_path / method)))
         structlora.convert_folder(str(tmp_path / method), str(tmp_path / f"{method}-peft"))
         loaded = peft.PeftModel.from_pretrained(roberta(), str(tmp_path / f"{method}-peft"))
         torch.testing.assert_close(outputs(loaded), expected, rtol=0, atol=0)
@@ -127,7 +135,7 @@ def test_tensorized_classifier_head_converts_exactly(tmp_path):
 def test_multi_adapter_folder_converts_every_adapter(tmp_path):
     """Adapters of one method load into one peft.PeftModel; PEFT holds one peft_type per model, so an adapter of
     another method (here LoRETTA_adp beside MTLoRA) loads from its sub-folder on its own."""
-    model = structlora.get_peft_model(MODELS["gpt2"](), METHODS["mtlora-dtsm"]())
+    model = earlier_get_peft_model(MODELS["gpt2"](), METHODS["mtlora-dtsm"]())
     model.add_adapter("shim", METHODS["mtlora-shim"]())
     model.add_adapter("adp", METHODS["loretta_adp"]())
     perturbed(model)
@@ -136,7 +144,7 @@ def test_multi_adapter_folder_converts_every_adapter(tmp_path):
         perturbed(model, seed=seed)
     model.save_pretrained(str(tmp_path / "old"))
     expected = {}
-    reloaded = structlora.PeftModel.from_pretrained(MODELS["gpt2"](), str(tmp_path / "old"))
+    reloaded = EarlierPeftModel.from_pretrained(MODELS["gpt2"](), str(tmp_path / "old"))
     for name in ("shim", "adp"):
         reloaded.load_adapter(str(tmp_path / "old" / name), adapter_name=name, is_trainable=False)
     for name in ("default", "shim", "adp"):
@@ -222,7 +230,7 @@ def test_what_cannot_be_converted_exactly_is_refused(tmp_path):
 
 
 def test_one_bad_adapter_of_a_folder_writes_nothing(tmp_path):
-    model = structlora.get_peft_model(MODELS["llama"](), METHODS["lora"]())
+    model = earlier_get_peft_model(MODELS["llama"](), METHODS["lora"]())
     model.add_adapter("other", METHODS["mtlora-shim"]())
     model.save_pretrained(str(tmp_path / "old"))
     edit_config(tmp_path / "old" / "other", structure="icfm")
@@ -251,9 +259,9 @@ def test_peft_on_a_structlora_folder_names_structlora_convert_and_leaves_the_bas
     save_structlora("llama", METHODS["mtlora-icfm"](), tmp_path / "old")
     base = MODELS["llama"]()
     names = [n for n, _ in base.named_modules()]
-    with pytest.raises(ValueError, match=r"'.*old' was written by structlora.PeftModel.save_pretrained \(structlora's "
-                                         r"own layout, not PEFT's\): convert it once with `structlora convert "
-                                         r"SRC DST`"):
+    with pytest.raises(ValueError, match=r"'.*old' was written by the save_pretrained of structlora's earlier model "
+                                         r"class \(structlora's own layout, not PEFT's\): convert it once with "
+                                         r"`structlora convert SRC DST`"):
         peft.PeftModel.from_pretrained(base, str(tmp_path / "old"))
     assert [n for n, _ in base.named_modules()] == names
 
@@ -291,7 +299,7 @@ def test_convert_command(tmp_path, capsys, monkeypatch):
 def test_an_adapter_nested_inside_another_kind_converts_to_its_own_place(tmp_path):
     """structlora nests a second adapter of another kind on the same module inside the first one's wrapper
     (`<module>.base_layer.adapter_down...`); on its own, under PEFT, it sits at the module itself."""
-    model = structlora.get_peft_model(MODELS["gpt2"](), structlora.LoraConfig(r=2, target_modules=["c_fc"]))
+    model = earlier_get_peft_model(MODELS["gpt2"](), structlora.LoraConfig(r=2, target_modules=["c_fc"]))
     model.add_adapter("adp", structlora.LorettaAdpConfig(bottleneck_size=4, tensor_rank=2, target_modules=["c_fc"],
                                                          train_norms=False))
     perturbed(model)
@@ -299,7 +307,7 @@ def test_an_adapter_nested_inside_another_kind_converts_to_its_own_place(tmp_pat
     perturbed(model, seed=1)
     model.save_pretrained(str(tmp_path / "old"))
     assert any(".c_fc.base_layer.adapter_down." in key for key in weights(tmp_path / "old" / "adp")[0])
-    reloaded = structlora.PeftModel.from_pretrained(MODELS["gpt2"](), str(tmp_path / "old"))
+    reloaded = EarlierPeftModel.from_pretrained(MODELS["gpt2"](), str(tmp_path / "old"))
     reloaded.load_adapter(str(tmp_path / "old" / "adp"), adapter_name="adp", is_trainable=False)
     reloaded.set_adapter("adp")
     structlora.convert_folder(str(tmp_path / "old"), str(tmp_path / "new"))

@@ -42,7 +42,7 @@ def test_export_refuses_bottleneck_adapters(tmp_path):
     model = get_peft_model(tiny_llama(), LorettaAdpConfig(bottleneck_size=8, tensor_rank=2))
     with pytest.raises(ValueError, match="non-linearity"):
         export_to_peft(model, str(tmp_path))
-    with pytest.raises(ValueError, match="cannot be folded"):
+    with pytest.raises(ValueError, match="bottleneck adapter .* cannot be merged"):
         model.merge_and_unload()
 
 
@@ -99,6 +99,39 @@ def test_from_loretta_matches_the_reference_package(case_id, build, make_config,
     ours = from_loretta(copy.deepcopy(base), str(tmp_path)).eval()
     with torch.no_grad():
         assert torch.allclose(ours(**ids()).logits, expected, atol=1e-5)
+
+
+def test_from_loretta_returns_a_peft_model_and_a_failed_load_leaves_the_base(tmp_path):
+    """from_loretta gives structlora.PeftModel (a peft.PeftModel), frozen unless is_trainable; a folder lacking one
+    adapter tensor is refused after the injection, which is then taken back out: the base is as it was."""
+    import structlora
+    from safetensors.torch import load_file, save_file
+
+    base = reference_llama()
+    reference = loretta.get_peft_model(copy.deepcopy(base), REFERENCE_CASES[3][2]())
+    reference.save_pretrained(str(tmp_path / "full"))
+    ours = from_loretta(copy.deepcopy(base), str(tmp_path / "full"))
+    assert isinstance(ours, structlora.PeftModel) and isinstance(ours, peft.PeftModel) and not ours.training
+    assert not any(p.requires_grad for p in ours.parameters())
+    trainable = from_loretta(copy.deepcopy(base), str(tmp_path / "full"), is_trainable=True)
+    assert {n for n, p in trainable.named_parameters() if p.requires_grad} == {
+        n for n, p in get_peft_model(copy.deepcopy(base), LorettaRepConfig(
+            r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"], tensor_rank=8)).named_parameters()
+        if p.requires_grad}
+    files = sorted((tmp_path / "full").iterdir())
+    weights = next(f for f in files if f.name.startswith("adapter_model"))
+    tensors = load_file(str(weights)) if weights.suffix == ".safetensors" else torch.load(weights, weights_only=True)
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "adapter_config.json").write_text((tmp_path / "full" / "adapter_config.json").read_text())
+    dropped = sorted(k for k in tensors if "lora_B" in k)[0]
+    save_file({k: v.contiguous() for k, v in tensors.items() if k != dropped},
+              str(tmp_path / "partial" / "adapter_model.safetensors"))
+    modules = [(n, type(m)) for n, m in base.named_modules()]
+    flags = [(n, p.requires_grad) for n, p in base.named_parameters()]
+    with pytest.raises(ValueError, match=r"lacks 1 adapter tensor"):
+        from_loretta(base, str(tmp_path / "partial"))
+    assert [(n, type(m)) for n, m in base.named_modules()] == modules
+    assert [(n, p.requires_grad) for n, p in base.named_parameters()] == flags
 
 
 def test_loretta_quick_start_runs_after_changing_only_the_import(capsys):

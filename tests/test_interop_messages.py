@@ -17,6 +17,9 @@ from structlora import LoraConfig, LorettaAdpConfig, PeftModel, export_to_peft, 
 from structlora.config import PEFT_TYPE_MARKER, portable_model_name
 from structlora.mixed import hotswap_adapter
 from structlora.model import CONFIG_METADATA_KEY, WEIGHTS_NAME
+# Folders in the layout of structlora's earlier model class (what older releases wrote) are built with that class on
+# purpose; structlora.PeftModel is now a peft.PeftModel and saves in PEFT's layout.
+from structlora.model import get_peft_model as earlier_get_peft_model
 
 INPUTS = torch.tensor([[2, 7, 11, 5, 3, 9]])
 
@@ -30,8 +33,8 @@ def tiny_bert(name_or_path: str = "") -> torch.nn.Module:
     return model
 
 
-def trained(config, name_or_path: str = "") -> PeftModel:
-    model = get_peft_model(tiny_bert(name_or_path), config)
+def trained(config, name_or_path: str = "", wrap=get_peft_model) -> PeftModel:
+    model = wrap(tiny_bert(name_or_path), config)
     torch.manual_seed(1)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -52,21 +55,21 @@ def logits(model) -> torch.Tensor:
 def test_a_peft_config_is_refused_with_what_to_use():
     peft = pytest.importorskip("peft")
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
-    with pytest.raises(TypeError, match=r"PEFT config \(peft\..*LoraConfig\); use structlora's own classes"):
+    with pytest.raises(TypeError, match=r"takes a structlora config \(LoraConfig, MTLoraConfig, .*\), got "
+                                        r"peft\..*\.LoraConfig; PEFT's own configs go to peft\.get_peft_model"):
         structlora.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["0"]))
     assert not any("lora" in name for name, _ in model.named_modules())  # the model is left as it was
 
 
 def test_saved_config_records_the_resolved_default_targets(tmp_path):
-    """Defaults are saved as what they resolved to: a default list as it is, a default regex as the modules it
-    matched; the folder reloads to the same outputs."""
+    """Defaults are saved as what they resolved to for the model type (as PEFT saves them): a default list as it
+    is, a default regex as that regex; the folder reloads to the same outputs."""
     lora = trained(LoraConfig(r=2, task_type="SEQ_CLS"))
     lora.save_pretrained(str(tmp_path / "lora"))
     assert saved_config(tmp_path / "lora")["target_modules"] == ["query", "value"]
     adp = trained(LorettaAdpConfig(bottleneck_size=4, tensor_rank=2, task_type="SEQ_CLS"))
     adp.save_pretrained(str(tmp_path / "adp"))
-    expected = [f"bert.encoder.layer.{i}.{part}.dense" for i in range(2) for part in ("attention.output", "output")]
-    assert saved_config(tmp_path / "adp")["target_modules"] == expected
+    assert saved_config(tmp_path / "adp")["target_modules"] == r".*\.output\.dense"  # LoRETTA_adp's default
     for folder, model in (("lora", lora), ("adp", adp)):
         loaded = PeftModel.from_pretrained(tiny_bert(), str(tmp_path / folder))
         torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
@@ -91,7 +94,6 @@ def test_base_model_name_is_portable(tmp_path):
     assert portable_model_name(None) is None and portable_model_name("") is None
 
     model = trained(LoraConfig(r=2, task_type="SEQ_CLS"), name_or_path=str(local))
-    assert model.peft_config["default"].base_model_name_or_path == "tiny-bert"
     model.save_pretrained(str(tmp_path / "adapter"))
     assert saved_config(tmp_path / "adapter")["base_model_name_or_path"] == "tiny-bert"
     export_to_peft(model, str(tmp_path / "peft"))
@@ -119,19 +121,31 @@ def _make_old_format(folder) -> None:
     save_file(load_file(path), path, metadata=metadata)
 
 
-@pytest.mark.parametrize("make_config", [lambda: LoraConfig(r=2, task_type="SEQ_CLS"),
-                                         lambda: LorettaAdpConfig(bottleneck_size=4, tensor_rank=2,
-                                                                  task_type="SEQ_CLS")], ids=["lora", "loretta_adp"])
-def test_older_folders_without_resolved_targets_still_load(make_config, tmp_path):
-    model = trained(make_config())
+OLDER_CONFIGS = {"lora": lambda: LoraConfig(r=2, task_type="SEQ_CLS"),
+                 "loretta_adp": lambda: LorettaAdpConfig(bottleneck_size=4, tensor_rank=2, task_type="SEQ_CLS")}
+
+
+@pytest.mark.parametrize("method", list(OLDER_CONFIGS))
+def test_older_folders_without_resolved_targets_still_load(method, tmp_path):
+    model = trained(OLDER_CONFIGS[method](), wrap=earlier_get_peft_model)
     model.save_pretrained(str(tmp_path))
     _make_old_format(tmp_path)
     loaded = PeftModel.from_pretrained(tiny_bert(), str(tmp_path))
     torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
-    fresh = get_peft_model(tiny_bert(), make_config())
+    fresh = get_peft_model(tiny_bert(), OLDER_CONFIGS[method]())
     fresh.load_adapter(str(tmp_path), adapter_name="old")
-    hotswap_adapter(fresh, str(tmp_path), "default")  # same structure: defaults then, resolved now
     fresh.set_adapter("old")
+    torch.testing.assert_close(logits(fresh), logits(model), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", list(OLDER_CONFIGS))
+def test_older_folders_without_resolved_targets_hotswap(method, tmp_path):
+    """Same structure: defaults then, resolved now."""
+    model = trained(OLDER_CONFIGS[method](), wrap=earlier_get_peft_model)
+    model.save_pretrained(str(tmp_path))
+    _make_old_format(tmp_path)
+    fresh = get_peft_model(tiny_bert(), OLDER_CONFIGS[method]())
+    hotswap_adapter(fresh, str(tmp_path), "default")
     torch.testing.assert_close(logits(fresh), logits(model), rtol=0, atol=0)
 
 
@@ -149,10 +163,10 @@ def test_peft_loaders_on_our_folder_name_structlora_convert(loader, tmp_path):
     """With structlora imported, PEFT's config table sends its marker to structlora.convert.LookAlikeFolder (without
     it, PEFT's KeyError quotes the marker: tests/test_peft_tuner.py)."""
     peft = pytest.importorskip("peft")
-    trained(LoraConfig(r=2, task_type="SEQ_CLS")).save_pretrained(str(tmp_path))
+    trained(LoraConfig(r=2, task_type="SEQ_CLS"), wrap=earlier_get_peft_model).save_pretrained(str(tmp_path))
     assert saved_config(tmp_path)["peft_type"] == PEFT_TYPE_MARKER
-    with pytest.raises(ValueError, match=r"written by structlora\.PeftModel\.save_pretrained .*`structlora convert "
-                                         r"SRC DST`"):
+    with pytest.raises(ValueError, match=r"written by the save_pretrained of structlora's earlier model class .*"
+                                         r"`structlora convert SRC DST`"):
         PEFT_LOADERS[loader](peft, str(tmp_path))
 
 
@@ -162,5 +176,9 @@ def test_exported_folder_loads_in_peft_and_our_loader_names_peft(tmp_path):
     export_to_peft(model, str(tmp_path))
     loaded = peft.PeftModel.from_pretrained(tiny_bert(), str(tmp_path))
     torch.testing.assert_close(logits(loaded), logits(model), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match=r"PEFT's \(peft_type 'LORA'\).*peft\.PeftModel\.from_pretrained"):
-        PeftModel.from_pretrained(tiny_bert(), str(tmp_path))
+    base = tiny_bert()
+    names = [n for n, _ in base.named_modules()]
+    with pytest.raises(TypeError, match=r"holds a LoraConfig \(peft_type .*LORA\), not a structlora method: load it "
+                                        r"with peft\.PeftModel\.from_pretrained"):
+        PeftModel.from_pretrained(base, str(tmp_path))
+    assert [n for n, _ in base.named_modules()] == names

@@ -91,11 +91,13 @@ def test_load_state_dict_refuses_a_misshapen_or_missing_core() -> None:
         model.base_model.load_state_dict(partial)
 
 
-def test_set_adapter_state_dict_writes_the_flat_parameters() -> None:
+def test_set_peft_model_state_dict_writes_the_flat_parameters() -> None:
+    from peft.utils import set_peft_model_state_dict
+
     source, target = rep_model(seed=1), rep_model(seed=2)
     flats = [p for n, p in target.named_parameters() if n.endswith("flat_cores")]
     before = [p.clone() for p in flats]
-    target.set_adapter_state_dict(source.adapter_state_dict())
+    set_peft_model_state_dict(target, source.adapter_state_dict())  # PEFT's loader of a checkpoint's tensors
     assert len(flats) == 14 and all(not torch.equal(b, p) for b, p in zip(before, flats))
     assert all(torch.equal(a, b) for a, b in zip(trainable(source), trainable(target)))
 

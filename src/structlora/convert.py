@@ -1,6 +1,7 @@
 """structlora's own adapter-folder layout, and its conversion into PEFT's (`convert_folder`, `structlora convert`).
 
-`structlora.PeftModel.save_pretrained` (this and earlier releases) writes, per adapter ("default" at the top, the
+The save_pretrained of structlora's earlier model class (`structlora.model.PeftModel`, the public
+`structlora.PeftModel` of earlier releases; BitFit still uses it) writes, per adapter ("default" at the top, the
 others in a sub-folder named after them, as PEFT does):
 - `adapter_config.json` with `peft_type` PEFT_TYPE_MARKER (releases before it: no `peft_type`; before resolved
   targets were recorded: `target_modules` null);
@@ -83,8 +84,9 @@ def check_saved_structure(metadata: dict[str, str], config: AdapterConfig, path:
 
 # -- PEFT's loaders meeting a look-alike folder -------------------------------------------------------------------
 def _look_alike_message(where: str) -> str:
-    return (f"{where} was written by structlora.PeftModel.save_pretrained (structlora's own layout, not PEFT's): "
-            f"{CONVERT_HINT}, then load DST with peft.PeftModel.from_pretrained")
+    return (f"{where} was written by the save_pretrained of structlora's earlier model class (structlora's own "
+            f"layout, not PEFT's): {CONVERT_HINT}, then load DST with peft.PeftModel.from_pretrained "
+            f"(structlora.PeftModel.from_pretrained loads it as it is)")
 
 
 class LookAlikeFolder:

@@ -13,11 +13,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+from .adapter_state import ModuleSnapshot
 from .atomic import staged_files
 from .config import LorettaAdpConfig, LorettaRepConfig, TaskType, portable_model_name
 from .layers import LowRankLayer, TrainableCopy
-from .model import PeftModel
 from .model_injection import _is_internal
+from .names import ADAPTERS
+from .peft_model import PeftModel, get_peft_model
 from .targets import is_norm_module
 from .tensor_train import TTLinear
 
@@ -208,10 +212,10 @@ def from_loretta(model: nn.Module, directory: str, adapter_name: str = "default"
         adapter_name: the name to give the adapter.
         is_trainable: False (default) freezes the adapter.
     Returns:
-        A structlora PeftModel (LoRETTA_rep for peft_type LORA, LoRETTA_adp for BOTTLENECK).
+        A structlora PeftModel, a peft.PeftModel (LoRETTA_rep for peft_type LORA, LoRETTA_adp for BOTTLENECK).
     Raises:
         FileNotFoundError: a missing file. ValueError: a corrupt or unsafe file, an unsupported config, or
-            weights that do not fit the model; `model` is left as it was.
+            weights that do not fit the model; `model` is left as it was (all or nothing).
     """
     config_path = os.path.join(directory, "adapter_config.json")
     if not os.path.isfile(config_path):
@@ -229,28 +233,44 @@ def from_loretta(model: nn.Module, directory: str, adapter_name: str = "default"
         raise ValueError(f"loretta config {config_path!r}: {error!s}") from error
     config.inference_mode = not is_trainable
     path, tensors = _read_loretta_weights(directory)  # read and checked before the model is touched
-    return PeftModel.wrap_and_fill(model, config, adapter_name,
-                                   lambda peft_model: _fill_from_loretta(peft_model, adapter_name, path, tensors))
+    snapshot = ModuleSnapshot(model)
+    try:
+        peft_model = get_peft_model(model, config, adapter_name)
+        _fill_from_loretta(peft_model, adapter_name, path, tensors)
+    except BaseException:
+        snapshot.restore()  # the injected layers taken back out: `model` as it was
+        raise
+    if not is_trainable:
+        peft_model.eval()
+    return peft_model
+
+
+_PEFT_PREFIX = "base_model.model."
 
 
 def _fill_from_loretta(peft_model: PeftModel, adapter_name: str, path: str, tensors: dict[str, torch.Tensor]) -> None:
-    expected = peft_model.adapter_state_dict(adapter_name)
+    """Load the loretta tensors into `adapter_name` through PEFT's set_peft_model_state_dict (and the tuner's checks
+    of shapes and finite values), after checking that every key has a place and nothing but norms is missing."""
+    expected = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
+    # loretta's keys name the module path as structlora's earlier layout does: PEFT's key without `.adapters.`
+    by_module_path = {key.removeprefix(_PEFT_PREFIX).replace(f".{ADAPTERS}.", "."): key for key in expected}
     converted: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
-        short = key.removeprefix("base_model.model.")
+        short = key.removeprefix(_PEFT_PREFIX)
         for pattern, replacement in _LORETTA_KEY_RULES:
             if pattern.match(short):
                 target = pattern.sub(replacement, short)
-                if target not in expected:
+                if target not in by_module_path:
                     raise ValueError(f"{path!r}: key {key!r} (as {target!r}) has no place in this model's adapter "
                                      f"(an adapter for another base model or config?)")
-                converted[target] = tensor
+                converted[by_module_path[target]] = tensor
                 break
         else:
             raise ValueError(f"{path!r}: unrecognised key {key!r} for a loretta adapter")
     # The reference never saves trained norms: keep the base model's (what `loretta` reloads too). Nothing
     # else may be missing: a missing adapter tensor would silently stay at its random initial value.
-    norm_prefixes = tuple(f"{name}." for name, module in peft_model.base_model.named_modules()
+    norm_prefixes = tuple(f"{_PEFT_PREFIX}{name}.{ADAPTERS}." for name, module in
+                          peft_model.get_base_model().named_modules()
                           if isinstance(module, TrainableCopy) and is_norm_module(module.original))
     missing = [key for key in expected if key not in converted]
     absent = [key for key in missing if not key.startswith(norm_prefixes)]
@@ -262,4 +282,8 @@ def _fill_from_loretta(peft_model: PeftModel, adapter_name: str, path: str, tens
                        "the base model's norms are used, as when loretta reloads the folder", len(missing), path)
     for key in missing:
         converted[key] = expected[key].clone()
-    peft_model.set_adapter_state_dict(converted, adapter_name, source=path)
+    result = set_peft_model_state_dict(peft_model, converted, adapter_name=adapter_name)
+    # the tuner refuses a missing or misshapen tensor before copying; this catches a key PEFT itself skipped
+    unexpected = list(getattr(result, "unexpected_keys", ()))
+    if unexpected:
+        raise ValueError(f"{path!r}: {len(unexpected)} tensor(s) were not taken by the model, e.g. {unexpected[0]}")

@@ -36,12 +36,13 @@ from . import atomic
 from .adapter_state import AdapterState, AdapterStateError, ModuleSnapshot, validate_adapter_name
 from .atomic import flush_tree
 from .config import CONFIG_NAME, PEFT_TYPE_MARKER, AdapterConfig, BitFitConfig
-from .convert import convert_folder
+from .convert import convert_folder, structure_fields
 from .distributed import is_writer
 from .inference import clear_factor_caches
 from .peft_layers import StructloraLowRankLayer, StructloraTunerLayer
 from .peft_model_guards import PeftModelGuards, check_loadable, refuse_adapted_model
 from .peft_support import StructloraPeftType, refuse_unloadable_weights
+from .svd_init import saved_factors_follow
 
 
 class PeftModel(PeftModelGuards):
@@ -74,7 +75,10 @@ class PeftModel(PeftModelGuards):
     def add_adapter(self, adapter_name: str, peft_config: peft.PeftConfig, low_cpu_mem_usage: bool = False,
                     autocast_adapter_dtype: bool = True) -> None:
         """PEFT's add_adapter; the new adapter may be of another structlora method than the others (one tuner runs
-        them all). Refused for an invalid or taken name, while an adapter is merged and while disabled."""
+        them all). Refused for an invalid or taken name, while an adapter is merged and while disabled.
+
+        Args: adapter_name: the new adapter's name. peft_config: its structlora config. low_cpu_mem_usage,
+            autocast_adapter_dtype: as PEFT's."""
         self.adapter_state.check_add(adapter_name)
         same_tuner = isinstance(peft_config, AdapterConfig) and isinstance(self.peft_type, StructloraPeftType)
         family = self.peft_type
@@ -87,13 +91,15 @@ class PeftModel(PeftModelGuards):
             self.peft_type = family
 
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
-        """PEFT's set_adapter; refused (instead of PEFT's silent unmerge) while another adapter is merged."""
+        """PEFT's set_adapter: make `adapter_name` the active adapter (with `inference_mode`, frozen); refused
+        (instead of PEFT's silent unmerge) while another adapter is merged."""
         self.adapter_state.check_activate(adapter_name)
         super().set_adapter(adapter_name, inference_mode=inference_mode)
 
     def delete_adapter(self, adapter_name: Union[str, list[str]]) -> None:
-        """PEFT's delete_adapter (a name or a list of names); refused for a merged adapter, an unknown name and the
-        last adapter (a PeftModel keeps one: disable_adapter() or merge_and_unload() give the base model)."""
+        """PEFT's delete_adapter (adapter_name: a name or a list of names); refused for a merged adapter, an unknown
+        name and the last adapter (a PeftModel keeps one: disable_adapter() or merge_and_unload() give the base
+        model)."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         state = self.adapter_state
         for name in names:
@@ -117,13 +123,21 @@ class PeftModel(PeftModelGuards):
             self._disabled_depth -= 1
 
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
-        """PEFT's merge_adapter (all or nothing, see StructloraTuner.merge_adapter); refused while disabled."""
+        """PEFT's merge_adapter of `adapter_names` (default: the active one; `safe_merge` checks the merged weights
+        for NaN first), all or nothing (see StructloraTuner.merge_adapter); refused while disabled."""
         self.adapter_state.check_merge()
-        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+        if hasattr(peft.PeftModel, "merge_adapter"):
+            super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+        else:  # peft 0.21's PeftModel has none (its __getattr__ reaches the tuner's)
+            self.base_model.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
 
     def unmerge_adapter(self, *args: Any, **kwargs: Any) -> None:
+        """PEFT's unmerge_adapter: the merged adapters' ΔW taken back out of the base weights; refused once spent."""
         self.adapter_state.check_usable("unmerge_adapter")
-        super().unmerge_adapter(*args, **kwargs)
+        if hasattr(peft.PeftModel, "unmerge_adapter"):
+            super().unmerge_adapter(*args, **kwargs)
+        else:  # peft 0.21's PeftModel has none (its __getattr__ reaches the tuner's)
+            self.base_model.unmerge_adapter()
 
     def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
         """The base model with the active adapter folded in and the wrappers removed (PEFT's, all or nothing). This
@@ -154,7 +168,8 @@ class PeftModel(PeftModelGuards):
     # -- saving and loading ------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str, selected_adapters: Optional[list[str]] = None,
                         **kwargs: Any) -> None:
-        """PEFT's save_pretrained, all or nothing: refused (nothing written) for a spent model, an unknown adapter or
+        """PEFT's save_pretrained of `selected_adapters` (default: all) into `save_directory`, all or nothing:
+        refused (nothing written) for a spent model, an unknown adapter or
         non-finite weights; the files are written into a staging folder beside them and renamed into place, the
         weights before the config, so a save that fails or is killed leaves an existing folder loading as before.
         """
@@ -198,7 +213,10 @@ class PeftModel(PeftModelGuards):
                         **kwargs: Any) -> "PeftModel":
         """Load the adapter saved in `model_id` into `model`, as peft.PeftModel.from_pretrained, returning
         structlora's class for the config's task type. A folder written by structlora's earlier model class is
-        converted on load (the folder is left as it is). On any error `model` is left as it was."""
+        converted on load (the folder is left as it is). On any error `model` is left as it was.
+
+        Args: model: the base model. model_id: the adapter folder. adapter_name: the name to load it under.
+            is_trainable: False (default) freezes the adapter. config: the config to use instead of the folder's."""
         validate_adapter_name(adapter_name)
         if _earlier_method(str(model_id)) == "bitfit":  # no PEFT tuner yet: the earlier model class loads it
             from .model import PeftModel as BitFitModel
@@ -215,7 +233,8 @@ class PeftModel(PeftModelGuards):
                                 f"structlora method: load it with peft.PeftModel.from_pretrained")
             config.inference_mode = not is_trainable
             try:
-                peft_model = model_class(config)(model, config, adapter_name)
+                with saved_factors_follow():  # SVD starts: their saved factors are loaded next, not computed
+                    peft_model = model_class(config)(model, config, adapter_name)
                 peft_model.load_adapter(folder, adapter_name, is_trainable=is_trainable, **kwargs)
             except BaseException:
                 snapshot.restore()
@@ -223,8 +242,9 @@ class PeftModel(PeftModelGuards):
         return peft_model
 
     def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False, **kwargs: Any) -> Any:
-        """PEFT's load_adapter (a new adapter, or new weights for one that exists); a folder of structlora's earlier
-        model class is converted on load. Refused while an adapter is merged."""
+        """PEFT's load_adapter of the folder `model_id` as `adapter_name` (a new adapter, frozen unless
+        `is_trainable`, or new weights for one that exists, which must be of the same structure: refused otherwise);
+        a folder of structlora's earlier model class is converted on load. Refused while an adapter is merged."""
         state = self.adapter_state
         if adapter_name in state:
             state.check_write_weights(adapter_name, "load_adapter")
@@ -234,7 +254,31 @@ class PeftModel(PeftModelGuards):
             local = os.path.join(folder, kwargs.get("subfolder") or "")
             if os.path.isdir(local):  # PEFT would inject the layers before finding out
                 refuse_unloadable_weights(local)
-            return super().load_adapter(folder, adapter_name, is_trainable=is_trainable, **kwargs)
+                if adapter_name in state:
+                    self._refuse_other_structure(local, adapter_name)
+            with saved_factors_follow():  # SVD starts: their saved factors are loaded, not computed
+                return super().load_adapter(folder, adapter_name, is_trainable=is_trainable, **kwargs)
+
+    def _refuse_other_structure(self, folder: str, adapter_name: str) -> None:
+        """ValueError when the adapter saved in `folder` is not of the structure of the existing adapter
+        `adapter_name` that load_adapter would write its weights into: PEFT would load them under the existing
+        config (e.g. rsLoRA weights scaled as plain LoRA, LoRA-XS's frozen factors made trainable)."""
+        saved = peft.PeftConfig.from_pretrained(folder)
+        if not isinstance(saved, AdapterConfig):
+            return  # not a structlora method: PEFT's own check refuses it
+        mine, theirs = structure_fields(self.peft_config[adapter_name]), structure_fields(saved)
+
+        # modules_to_save: PEFT adds a task's heads (the tuner's key check compares them); older folders: null
+        skip = {"modules_to_save"} | {k for k in ("target_modules", "base_model_type") if theirs.get(k) is None}
+
+        def normal(value: Any) -> Any:
+            return sorted(value) if isinstance(value, (list, set, tuple)) else value
+
+        differing = sorted(k for k in (mine.keys() & theirs.keys()) - skip if normal(mine[k]) != normal(theirs[k]))
+        if differing:
+            details = "; ".join(f"{k}: weights saved with {theirs[k]!r}, config has {mine[k]!r}" for k in differing)
+            raise ValueError(f"load_adapter: {folder!r} holds a different adapter than {adapter_name!r} ({details}); "
+                             f"refusing to load weights that would compute something else (load it under a new name)")
 
 
 # PEFT's task classes, with structlora's additions first in the method order.
@@ -288,7 +332,8 @@ def get_peft_model(model: nn.Module, config: AdapterConfig, adapter_name: str = 
         return BitFitModel(model, config, adapter_name)
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"structlora.get_peft_model takes a structlora config (LoraConfig, MTLoraConfig, "
-                        f"LorettaRepConfig, LorettaAdpConfig, DenseAdapterConfig), got {type(config).__name__}; "
+                        f"LorettaRepConfig, LorettaAdpConfig, DenseAdapterConfig), got {type(config).__module__}."
+                        f"{type(config).__qualname__}; "
                         f"PEFT's own configs go to peft.get_peft_model")
     validate_adapter_name(adapter_name)
     refuse_adapted_model(model, "use model.add_adapter(name, config) to add another")

@@ -162,7 +162,10 @@ class StructloraTuner(BaseTuner):
         if kind is StructloraBottleneckLayer:
             layer.add_adapter(adapter_name, peft_config, self._placement(peft_config, current_key))
         else:
-            layer.add_adapter(adapter_name, peft_config, enabled_slices(peft_config.enable_lora, current_key))
+            try:
+                layer.add_adapter(adapter_name, peft_config, enabled_slices(peft_config.enable_lora, current_key))
+            except ValueError as error:  # name the module (e.g. a quantized base refused by an SVD start)
+                raise ValueError(f"{current_key!r}: {error}") from error
         if layer is not target:
             if holder is not None:
                 holder.base_layer = layer
