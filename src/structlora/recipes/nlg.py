@@ -144,9 +144,9 @@ def build_model(args: argparse.Namespace, spec: Any):
         if not hasattr(config, "enable_lora"):
             raise SystemExit(f"error: --enable-lora does not apply to --method {args.method}")
         config.enable_lora = enable_lora
-    import structlora
+    from .adapter_model import wrap_model
 
-    peft_model = structlora.get_peft_model(model, config)
+    peft_model = wrap_model(model, config)
     if getattr(args, "init_from", None):
         from .runs import init_from_run
 

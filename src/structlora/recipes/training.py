@@ -97,10 +97,17 @@ def _report_to(value: Any) -> str | list[str]:
 
 
 def default_trainer_class(method: str) -> type:
-    if method == "full" or method in PEFT_LIBRARY_METHODS:  # transformers' Trainer saves PEFT models itself
+    """The Trainer of ``--method``: the stock one with the non-finite guard for full fine-tuning and PEFT's own
+    methods, ``structlora.AdapterTrainer`` for structlora's methods (a ``peft.PeftModel``), and for BitFit, which has
+    no PEFT tuner, the trainer of structlora's look-alike model (``structlora.lookalike_trainer``)."""
+    if method == "full" or method in PEFT_LIBRARY_METHODS:  # the stock Trainer saves PEFT's own methods
         from structlora.trainer import GuardedTrainer
 
         return GuardedTrainer
+    if method == "bitfit":
+        from structlora.lookalike_trainer import LookAlikeAdapterTrainer
+
+        return LookAlikeAdapterTrainer
     from structlora import AdapterTrainer
 
     return AdapterTrainer
@@ -149,9 +156,7 @@ def run_training(
         compute_metrics=compute_metrics,
         **trainer_kwargs,
     )
-    from structlora.trainer import AdapterCheckpoints
-
-    if isinstance(trainer, AdapterCheckpoints):
+    if hasattr(trainer, "allow_incomplete_checkpoint"):
         trainer.allow_incomplete_checkpoint = bool(getattr(args, "allow_incomplete_checkpoint", False))
     if not _loss_uses_num_items_in_batch(model):
         # Trainer assumes a model whose forward takes **kwargs normalises its loss by the token count it

@@ -1,0 +1,129 @@
+"""The recipes' adapter models: a ``peft.PeftModel`` with structlora's tuner (issue 27), built, loaded and read in one
+place, so that the class behind it can change here alone.
+
+``wrap_model(model, config)`` is ``peft.get_peft_model`` for every structlora method with a PEFT tuner; BitFit has
+none (it injects no layer) and stays on structlora's own ``structlora.model.PeftModel`` for now.
+``load_adapter(base, folder)`` is ``peft.PeftModel.from_pretrained``; a folder in structlora's earlier layout
+(written by ``structlora.PeftModel.save_pretrained``: ``structlora.convert``) is converted on load into a temporary
+folder first, so that no trained adapter becomes unloadable. ``adapter_state`` / ``set_adapter_state`` are PEFT's
+``get_peft_model_state_dict`` / ``set_peft_model_state_dict`` (BitFit: the look-alike's own).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+CONFIG_FILE = "adapter_config.json"
+
+
+def _peft() -> Any:
+    import peft
+
+    import structlora  # noqa: F401 - registers structlora's methods in PEFT's tables (structlora._plugin)
+    from structlora import _plugin
+
+    _plugin.ensure_registered()
+    return peft
+
+
+def has_peft_tuner(config: Any) -> bool:
+    """Whether ``config`` is a structlora method that PEFT builds (every one but BitFit)."""
+    from structlora.config import AdapterConfig, BitFitConfig
+
+    return isinstance(config, AdapterConfig) and not isinstance(config, BitFitConfig)
+
+
+def wrap_model(model: Any, config: Any, adapter_name: str = "default") -> Any:
+    """``model`` with the adapter of structlora ``config``: a ``peft.PeftModel`` (``peft.get_peft_model``); BitFit:
+    structlora's own PeftModel (no PEFT tuner)."""
+    if not has_peft_tuner(config):
+        import structlora
+
+        return structlora.get_peft_model(model, config, adapter_name)
+    return _peft().get_peft_model(model, config, adapter_name=adapter_name)
+
+
+def is_peft_model(model: Any) -> bool:
+    return isinstance(model, _peft().PeftModel)
+
+
+def is_look_alike_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` holds an adapter in structlora's earlier layout (``structlora.PeftModel.save_pretrained``):
+    a structlora config (it names its ``method``) whose ``peft_type`` is not a structlora PEFT type (the marker of
+    those folders, or none in older releases)."""
+    path = Path(folder) / CONFIG_FILE
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(config, dict) or "method" not in config:
+        return False
+    from structlora.config import StructloraPeftType
+
+    return config.get("peft_type") not in {member.value for member in StructloraPeftType}
+
+
+def _is_bitfit_folder(folder: str | Path) -> bool:
+    try:
+        return json.loads((Path(folder) / CONFIG_FILE).read_text(encoding="utf-8")).get("method") == "bitfit"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_adapter(base: Any, folder: str | Path, is_trainable: bool = False) -> Any:
+    """``base`` with the adapter saved in ``folder``: ``peft.PeftModel.from_pretrained``. A folder of structlora's
+    earlier layout is converted first (``structlora.convert_folder``, into a temporary folder removed afterwards);
+    a BitFit folder (no PEFT tuner) loads with structlora's own loader."""
+    folder = str(folder)
+    if _is_bitfit_folder(folder):
+        from structlora.model import PeftModel
+
+        return PeftModel.from_pretrained(base, folder, is_trainable=is_trainable)
+    peft = _peft()
+    if not is_look_alike_folder(folder):
+        return peft.PeftModel.from_pretrained(base, folder, is_trainable=is_trainable)
+    from structlora.convert import convert_folder
+
+    with tempfile.TemporaryDirectory(prefix="structlora-convert-") as scratch:
+        converted = str(Path(scratch) / "adapter")
+        convert_folder(folder, converted)
+        return peft.PeftModel.from_pretrained(base, converted, is_trainable=is_trainable)
+
+
+def read_adapter_weights(folder: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The tensors of the adapter in ``folder`` keyed as PEFT saves them, and its config (a dict); a folder of the
+    earlier layout is converted first."""
+    from safetensors.torch import load_file
+
+    from structlora.convert import WEIGHTS_NAME, convert_folder
+
+    folder = Path(folder)
+    if not is_look_alike_folder(folder) or _is_bitfit_folder(folder):
+        return load_file(str(folder / WEIGHTS_NAME)), json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    with tempfile.TemporaryDirectory(prefix="structlora-convert-") as scratch:
+        converted = Path(scratch) / "adapter"
+        convert_folder(str(folder), str(converted))
+        return (load_file(str(converted / WEIGHTS_NAME)),
+                json.loads((converted / CONFIG_FILE).read_text(encoding="utf-8")))
+
+
+def adapter_state(model: Any) -> dict[str, Any]:
+    """The active adapter's tensors keyed as they are saved (PEFT's ``get_peft_model_state_dict``)."""
+    if not is_peft_model(model):
+        return model.adapter_state_dict()
+    return _peft().get_peft_model_state_dict(model, adapter_name=model.active_adapter)
+
+
+def set_adapter_state(model: Any, tensors: dict[str, Any], source: str) -> None:
+    """Load ``tensors`` (keyed as ``adapter_state`` gives them) into the active adapter; every tensor must be one of
+    the adapter's (structlora's tuner refuses a missing, unknown, non-finite or misshapen one before copying)."""
+    if not is_peft_model(model):
+        model.set_adapter_state_dict(tensors, source=source)
+        return
+    result = _peft().set_peft_model_state_dict(model, tensors, adapter_name=model.active_adapter)
+    unexpected = list(getattr(result, "unexpected_keys", None) or [])
+    if unexpected:
+        raise ValueError(f"{source}: {len(unexpected)} tensor(s) fit no weight of this adapter, e.g. {unexpected[0]}")
