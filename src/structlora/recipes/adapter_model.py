@@ -93,21 +93,20 @@ def load_adapter(base: Any, folder: str | Path, is_trainable: bool = False) -> A
         return peft.PeftModel.from_pretrained(base, converted, is_trainable=is_trainable)
 
 
-def read_adapter_weights(folder: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The tensors of the adapter in ``folder`` keyed as PEFT saves them, and its config (a dict); a folder of the
-    earlier layout is converted first."""
+def read_adapter_weights(folder: str | Path) -> dict[str, Any]:
+    """The tensors of the adapter in ``folder`` keyed as PEFT saves them; a folder of the earlier layout is converted
+    first (BitFit's, which has no PEFT layout, is read as it is)."""
     from safetensors.torch import load_file
 
     from structlora.convert import WEIGHTS_NAME, convert_folder
 
     folder = Path(folder)
     if not is_look_alike_folder(folder) or _is_bitfit_folder(folder):
-        return load_file(str(folder / WEIGHTS_NAME)), json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+        return load_file(str(folder / WEIGHTS_NAME))
     with tempfile.TemporaryDirectory(prefix="structlora-convert-") as scratch:
         converted = Path(scratch) / "adapter"
         convert_folder(str(folder), str(converted))
-        return (load_file(str(converted / WEIGHTS_NAME)),
-                json.loads((converted / CONFIG_FILE).read_text(encoding="utf-8")))
+        return load_file(str(converted / WEIGHTS_NAME))
 
 
 def adapter_state(model: Any) -> dict[str, Any]:

@@ -194,10 +194,10 @@ def init_from_run(model: Any, folder: str | Path) -> None:
     with safe_open(str(weights), framework="pt") as handle:
         recorded = (handle.metadata() or {}).get(_structure_metadata_key())
     wanted = model.peft_config[model.active_adapter].to_dict()
-    tensors, saved_config = read_adapter_weights(adapter_dir)  # PEFT's keys (an earlier layout is converted)
-    _refuse_other_structure(folder, "adapter_config.json", saved_config, wanted)
+    _refuse_other_structure(folder, "adapter_config.json", _read_json(adapter_dir / "adapter_config.json"), wanted)
     if recorded:
         _refuse_other_structure(folder, f"{ADAPTER_WEIGHTS} (its recorded structure)", json.loads(recorded), wanted)
+    tensors = read_adapter_weights(adapter_dir)  # PEFT's keys (a folder of the earlier layout is converted)
     own_state = adapter_state(model)
     mismatched = sorted(name for name, tensor in tensors.items()
                         if name in own_state and own_state[name].shape != tensor.shape)
