@@ -2,7 +2,8 @@
 place, so that the class behind it can change here alone.
 
 ``wrap_model(model, config)`` is ``peft.get_peft_model`` for every structlora method with a PEFT tuner; BitFit has
-none (it injects no layer) and stays on structlora's own ``structlora.model.PeftModel`` for now.
+none (it injects no layer), and LoRETTA_adp's tensorized DeBERTa pooler is not in the tuner yet (``has_peft_tuner``):
+those stay on structlora's own ``structlora.model.PeftModel`` for now.
 ``load_adapter(base, folder)`` is ``peft.PeftModel.from_pretrained``; a folder in structlora's earlier layout
 (written by ``structlora.PeftModel.save_pretrained``: ``structlora.convert``) is converted on load into a temporary
 folder first, so that no trained adapter becomes unloadable. ``adapter_state`` / ``set_adapter_state`` are PEFT's
@@ -29,17 +30,26 @@ def _peft() -> Any:
     return peft
 
 
-def has_peft_tuner(config: Any) -> bool:
-    """Whether ``config`` is a structlora method that PEFT builds (every one but BitFit)."""
-    from structlora.config import AdapterConfig, BitFitConfig
+def has_peft_tuner(config: Any, model: Any = None) -> bool:
+    """Whether PEFT builds ``config``'s adapter on ``model`` as the recipe asks: every structlora method but BitFit
+    (which injects no layer), and but LoRETTA_adp's tensorized classifier on a DeBERTa classifier, whose pooler the
+    authors tensorize and train with the head (``structlora.model_injection``), which structlora's PEFT tuner does
+    not do yet (it would train 1,848 fewer parameters on DeBERTa-base)."""
+    from structlora.config import AdapterConfig, BitFitConfig, LorettaAdpConfig, TaskType
 
-    return isinstance(config, AdapterConfig) and not isinstance(config, BitFitConfig)
+    if not isinstance(config, AdapterConfig) or isinstance(config, BitFitConfig):
+        return False
+    if (isinstance(config, LorettaAdpConfig) and config.tensorize_classifier and config.task_type == TaskType.SEQ_CLS
+            and model is not None):
+        model_type = config.base_model_type or getattr(getattr(model, "config", None), "model_type", "") or ""
+        return not (model_type.startswith("deberta") and hasattr(model, "pooler"))
+    return True
 
 
 def wrap_model(model: Any, config: Any, adapter_name: str = "default") -> Any:
     """``model`` with the adapter of structlora ``config``: a ``peft.PeftModel`` (``peft.get_peft_model``); BitFit:
     structlora's own PeftModel (no PEFT tuner)."""
-    if not has_peft_tuner(config):
+    if not has_peft_tuner(config, model):
         import structlora
 
         return structlora.get_peft_model(model, config, adapter_name)
@@ -66,25 +76,21 @@ def is_look_alike_folder(folder: str | Path) -> bool:
     return config.get("peft_type") not in {member.value for member in StructloraPeftType}
 
 
-def _is_bitfit_folder(folder: str | Path) -> bool:
-    try:
-        return json.loads((Path(folder) / CONFIG_FILE).read_text(encoding="utf-8")).get("method") == "bitfit"
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def load_adapter(base: Any, folder: str | Path, is_trainable: bool = False) -> Any:
     """``base`` with the adapter saved in ``folder``: ``peft.PeftModel.from_pretrained``. A folder of structlora's
     earlier layout is converted first (``structlora.convert_folder``, into a temporary folder removed afterwards);
-    a BitFit folder (no PEFT tuner) loads with structlora's own loader."""
+    a folder whose method has no PEFT tuner for ``base`` (``has_peft_tuner``: BitFit) loads with structlora's own
+    loader."""
     folder = str(folder)
-    if _is_bitfit_folder(folder):
-        from structlora.model import PeftModel
-
-        return PeftModel.from_pretrained(base, folder, is_trainable=is_trainable)
     peft = _peft()
     if not is_look_alike_folder(folder):
         return peft.PeftModel.from_pretrained(base, folder, is_trainable=is_trainable)
+    from structlora.config import AdapterConfig
+
+    if not has_peft_tuner(AdapterConfig.from_pretrained(folder), base):
+        from structlora.model import PeftModel
+
+        return PeftModel.from_pretrained(base, folder, is_trainable=is_trainable)
     from structlora.convert import convert_folder
 
     with tempfile.TemporaryDirectory(prefix="structlora-convert-") as scratch:
@@ -93,15 +99,16 @@ def load_adapter(base: Any, folder: str | Path, is_trainable: bool = False) -> A
         return peft.PeftModel.from_pretrained(base, converted, is_trainable=is_trainable)
 
 
-def read_adapter_weights(folder: str | Path) -> dict[str, Any]:
-    """The tensors of the adapter in ``folder`` keyed as PEFT saves them; a folder of the earlier layout is converted
-    first (BitFit's, which has no PEFT layout, is read as it is)."""
+def read_adapter_weights(folder: str | Path, model: Any) -> dict[str, Any]:
+    """The tensors of the adapter in ``folder`` keyed as ``adapter_state(model)`` keys them: PEFT's keys for a
+    ``peft.PeftModel`` (a folder of the earlier layout is converted first), the earlier layout's for structlora's own
+    model."""
     from safetensors.torch import load_file
 
     from structlora.convert import WEIGHTS_NAME, convert_folder
 
     folder = Path(folder)
-    if not is_look_alike_folder(folder) or _is_bitfit_folder(folder):
+    if not is_look_alike_folder(folder) or not is_peft_model(model):
         return load_file(str(folder / WEIGHTS_NAME))
     with tempfile.TemporaryDirectory(prefix="structlora-convert-") as scratch:
         converted = Path(scratch) / "adapter"

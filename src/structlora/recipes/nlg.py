@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
     label_smoothing = args.label_smoothing
     trainer_args = copy.copy(args)
     trainer_args.label_smoothing = 0.0
-    trainer_cls = completion_trainer_class(training.default_trainer_class(args.method), label_smoothing)
+    trainer_cls = completion_trainer_class(training.default_trainer_class(args.method, model), label_smoothing)
     trainer, history, seconds = training.run_training(
         model, trainer_args, train_set, eval_set, CompletionCollator(tokenizer.pad_token_id), None,
         metric_for_best_model="loss", greater_is_better=False, trainer_cls=trainer_cls,

@@ -197,7 +197,7 @@ def init_from_run(model: Any, folder: str | Path) -> None:
     _refuse_other_structure(folder, "adapter_config.json", _read_json(adapter_dir / "adapter_config.json"), wanted)
     if recorded:
         _refuse_other_structure(folder, f"{ADAPTER_WEIGHTS} (its recorded structure)", json.loads(recorded), wanted)
-    tensors = read_adapter_weights(adapter_dir)  # PEFT's keys (a folder of the earlier layout is converted)
+    tensors = read_adapter_weights(adapter_dir, model)  # keyed as the model's (an earlier layout converted)
     own_state = adapter_state(model)
     mismatched = sorted(name for name, tensor in tensors.items()
                         if name in own_state and own_state[name].shape != tensor.shape)

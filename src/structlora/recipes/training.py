@@ -96,15 +96,18 @@ def _report_to(value: Any) -> str | list[str]:
     return items[0] if len(items) == 1 else list(items)
 
 
-def default_trainer_class(method: str) -> type:
+def default_trainer_class(method: str, model: Any = None) -> type:
     """The Trainer of ``--method``: the stock one with the non-finite guard for full fine-tuning and PEFT's own
-    methods, ``structlora.AdapterTrainer`` for structlora's methods (a ``peft.PeftModel``), and for BitFit, which has
-    no PEFT tuner, the trainer of structlora's look-alike model (``structlora.lookalike_trainer``)."""
+    methods, ``structlora.AdapterTrainer`` for structlora's methods (a ``peft.PeftModel``), and for a model on
+    structlora's look-alike class (BitFit, which has no PEFT tuner; ``adapter_model.has_peft_tuner``) that class's
+    trainer (``structlora.lookalike_trainer``)."""
     if method == "full" or method in PEFT_LIBRARY_METHODS:  # the stock Trainer saves PEFT's own methods
         from structlora.trainer import GuardedTrainer
 
         return GuardedTrainer
-    if method == "bitfit":
+    from .adapter_model import is_peft_model
+
+    if method == "bitfit" or (model is not None and not is_peft_model(model)):
         from structlora.lookalike_trainer import LookAlikeAdapterTrainer
 
         return LookAlikeAdapterTrainer
@@ -140,7 +143,7 @@ def run_training(
     training_args = make_training_arguments(
         args, metric_for_best_model=metric_for_best_model, greater_is_better=greater_is_better, **overrides
     )
-    trainer_cls = trainer_cls or default_trainer_class(args.method)
+    trainer_cls = trainer_cls or default_trainer_class(args.method, model)
     from structlora.trainer import NonFiniteGuard
 
     if issubclass(trainer_cls, NonFiniteGuard):
