@@ -23,7 +23,9 @@ adapter layer (deepspeed.zero.register_external_parameter): the layer's forward 
 
 Checkpoints. For a `peft.PeftModel` transformers and accelerate keep adapter-only state themselves: FSDP's
 `pytorch_model_fsdp.bin` holds the adapter's tensors (accelerate's `adapter_only`), DeepSpeed's checkpoint only the
-trainable parameters (`exclude_frozen_parameters`); both are what a resumed run reads back.
+trainable parameters (`exclude_frozen_parameters`); both are what a resumed run reads back. Where
+`fsdp_as_requested` turns FSDP on (CPU processes), the model state is sharded (`SHARDED_STATE_DICT`) unless
+`fsdp_config` names a `state_dict_type`: accelerate's resume of a full adapter-only state waits forever there.
 """
 
 from __future__ import annotations
@@ -47,6 +49,11 @@ def fsdp_as_requested(trainer: Any) -> None:
             f"fsdp is set but accelerate did not enable it ({state.distributed_type}, fsdp_config version "
             f"{plugin_args.get('fsdp_version')}): training would run unsharded. Sharding CPU processes needs "
             f"fsdp_config version 2")
+    if "state_dict_type" not in (trainer.args.fsdp_config or {}):
+        # accelerate's adapter-only resume of a FULL_STATE_DICT checkpoint waits forever on CPU processes (rank 0
+        # broadcasts the state that the others, holding none, never ask for; accelerate 1.16): checkpoints are
+        # sharded (torch.distributed.checkpoint, adapter tensors only) unless fsdp_config names a state_dict_type.
+        plugin_args = {**plugin_args, "state_dict_type": "SHARDED_STATE_DICT"}
     plugin = FullyShardedDataParallelPlugin(**plugin_args)
     if state.mixed_precision != "no":
         plugin.set_mixed_precision(state.mixed_precision)

@@ -89,10 +89,10 @@ class AdapterTrainer(NonFiniteGuard, LoraPlusOptimizer, Trainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         # Every process gathers (a collective), the first writes: the adapter's tensors only.
         model = self.accelerator.unwrap_model(self.model)
-        names = _adapter_tensor_names(model)
-        parameters = [p for n, p in model.named_parameters() if n in names]
-        with whole_parameters(parameters):
-            state, _ = full_cpu_copies({n: t for n, t in model.state_dict().items() if n in names})
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        with whole_parameters([p for n, p in model.named_parameters() if _saved(n, trained)]):
+            # read inside the gather: state-dict hooks name whole tensors differently (per-core TT entries)
+            state, _ = full_cpu_copies({n: t for n, t in model.state_dict().items() if _saved(n, trained)})
         if self.args.should_save:
             os.makedirs(output_dir, exist_ok=True)
             model.save_pretrained(output_dir, state_dict=state)
@@ -145,12 +145,11 @@ def _is_peft_model(model: Any) -> bool:
     return isinstance(model, PeftModel)
 
 
-def _adapter_tensor_names(model: torch.nn.Module) -> set[str]:
-    """The state-dict names PEFT may save of `model`: what trains, and every tensor inside an adapter layer or a
+def _saved(name: str, trained: set[str]) -> bool:
+    """Whether PEFT may save the state-dict entry `name`: what trains, and every tensor inside an adapter layer or a
     trained copy (frozen factors of SVD starts, other adapters)."""
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    markers = (".adapters.", ".modules_to_save.", "lora_", "prompt_encoder")
-    return names | {n for n in model.state_dict() if any(marker in n for marker in markers)}
+    return name in trained or any(marker in name for marker in (".adapters.", ".modules_to_save.", "lora_",
+                                                                  "prompt_encoder"))
 
 
 def __getattr__(name: str) -> Any:
