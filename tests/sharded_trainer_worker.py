@@ -1,5 +1,5 @@
-"""Trainer runs of every structlora method under FSDP2 and DeepSpeed ZeRO-2/3, for tests/test_sharded_trainer.py
-(2 gloo processes under torchrun, CPU).
+"""Trainer runs of every structlora method (a peft.PeftModel) under FSDP2 and DeepSpeed ZeRO-2/3, for
+tests/test_sharded_trainer.py (2 gloo processes under torchrun, CPU).
 
     torchrun --nproc_per_node 2 tests/sharded_trainer_worker.py OUT_DIR [--backends=fsdp,zero2,zero3]
 
@@ -22,7 +22,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fsdp_worker import METHODS  # noqa: E402
 from tiny_models import tiny_llama_for, tiny_word_tokenizer  # noqa: E402
 
-from structlora import AdapterTrainer, get_peft_model  # noqa: E402
+import peft  # noqa: E402
+
+from structlora import AdapterTrainer  # noqa: E402
 from structlora.distributed import end_process_group  # noqa: E402
 
 STEPS, ROWS, LENGTH = 3, 12, 12
@@ -53,7 +55,7 @@ def make_trainer(method: str, out_dir: str, rows_per_process: int, backend: str 
     from transformers import TrainingArguments
 
     tokenizer = tiny_word_tokenizer()
-    model = get_peft_model(tiny_llama_for(tokenizer), METHODS[method]())
+    model = peft.get_peft_model(tiny_llama_for(tokenizer), METHODS[method]())
     if backend == "fsdp":
         sharding = {"fsdp": True, "fsdp_config": FSDP_CONFIG, "use_cpu": True}
     elif backend is not None:

@@ -167,7 +167,7 @@ def test_loraplus_refuses_an_adapter_without_a_trained_b():
 
 
 def test_trainer_creates_the_loraplus_optimizer(tmp_path):
-    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model = peft.get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     args = TrainingArguments(output_dir=str(tmp_path), learning_rate=3e-4, weight_decay=0.01, use_cpu=True,
                              report_to=[], optim="adamw_torch")
     trainer = AdapterTrainer(model=model, args=args, loraplus_lr_ratio=8)
@@ -423,7 +423,7 @@ def test_recipe_flags_build_the_options():
 
 
 def test_glue_recipe_trains_lora_xs_with_rslora_and_lora_with_loraplus(tiny_bert, data_dir, tmp_path, monkeypatch):
-    import structlora.trainer
+    import structlora.trainer_guards
 
     results = train(tiny_bert, data_dir, tmp_path / "xs", "--task", "sst2", "--method", "mtlora", "--r", "4",
                     "--init", "lora-xs", "--use-rslora", "--max-steps", "2", "--lr", "1e-3")
@@ -438,7 +438,7 @@ def test_glue_recipe_trains_lora_xs_with_rslora_and_lora_with_loraplus(tiny_bert
         calls.append({group["name"]: group["lr"] for group in optimizer.param_groups})
         return optimizer
 
-    monkeypatch.setattr(structlora.trainer, "create_loraplus_optimizer", recording)
+    monkeypatch.setattr(structlora.trainer_guards, "create_loraplus_optimizer", recording)
     train(tiny_bert, data_dir, tmp_path / "plus", "--task", "sst2", "--method", "lora", "--r", "4",
           "--loraplus-lr-ratio", "4", "--max-steps", "1", "--lr", "1e-3")
     assert calls == [{"A": 1e-3, "B": 4e-3, "B_no_decay": 4e-3}]  # B_no_decay: the head's bias

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import structlora
-from structlora.recipes import flags, glue, llm, methods, nlg
+from structlora.recipes import adapter_model, flags, glue, llm, methods, nlg
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -25,7 +24,7 @@ def trained_count(model: torch.nn.Module, args: argparse.Namespace, task_type: s
     config = methods.build_peft_config(args, task_type)
     if enable_lora is not None:
         config.enable_lora = enable_lora
-    return methods.count_trainable_parameters(structlora.get_peft_model(model, config))
+    return methods.count_trainable_parameters(adapter_model.wrap_model(model, config))
 
 
 def roberta_base(num_labels: int):
@@ -45,7 +44,7 @@ def test_glue_mtlora_roberta_base_count(structure, expected):
 
 def test_glue_mtlora_adapts_the_ffn_output_but_not_the_attention_output():
     args = recipe_args(glue, RECIPES / "glue" / "mtlora_roberta_base_rte.yaml")
-    model = structlora.get_peft_model(roberta_base(2), methods.build_peft_config(args, "SEQ_CLS"))
+    model = adapter_model.wrap_model(roberta_base(2), methods.build_peft_config(args, "SEQ_CLS"))
     adapted = {name.split(".layer.0.", 1)[1].split(".adapters.", 1)[0] for name, p in model.named_parameters()
                if p.requires_grad and ".layer.0." in name}
     assert adapted == {"attention.self.query", "attention.self.value", "intermediate.dense", "output.dense"}

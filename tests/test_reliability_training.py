@@ -12,6 +12,7 @@ import torch
 
 from structlora import LoraConfig, get_peft_model
 from structlora.recipes import checkpoints, outputs
+from structlora.recipes.adapter_model import adapter_state, wrap_model
 from structlora.recipes.runs import init_from_run
 from structlora.trainer import NonFiniteTrainingError
 from test_core import randomize_adapters, tiny_bert
@@ -54,7 +55,7 @@ def test_skip_nonfinite_steps_counts_and_keeps_weights_finite(tmp_path):
     _poison_step(trainer, 2)
     trainer.train()
     assert trainer.skipped_nonfinite_steps == 1
-    assert all(torch.isfinite(v).all() for v in trainer.model.adapter_state_dict().values())
+    assert all(torch.isfinite(v).all() for v in adapter_state(trainer.model).values())
     assert outputs.robustness_record(trainer, None) == {"skipped_nonfinite_steps": 1}  # what results.json records
 
 
@@ -146,7 +147,7 @@ def test_init_from_with_other_adapter_shapes_is_an_error(tmp_path):
     source = get_peft_model(tiny_bert(), LoraConfig(r=4, target_modules=["query"]))
     randomize_adapters(source)
     source.save_pretrained(tmp_path)
-    model = get_peft_model(tiny_bert(), LoraConfig(r=8, target_modules=["query"]))
+    model = wrap_model(tiny_bert(), LoraConfig(r=8, target_modules=["query"]))
     before = fingerprint(model)
     with pytest.raises(ValueError, match=r"another structure than this run's \(r 4 there, 8 here, from "
                                          r"adapter_config.json\)"):
@@ -165,8 +166,8 @@ def test_init_from_another_structure_is_refused_though_the_shapes_match(tmp_path
     source = get_peft_model(tiny_bert(), MTLoraConfig(r=4, target_modules=["query"], **saved))
     randomize_adapters(source)
     source.save_pretrained(tmp_path)
-    model = get_peft_model(tiny_bert(), MTLoraConfig(r=4, target_modules=["query"], **wanted))
-    assert {k: v.shape for k, v in model.adapter_state_dict().items()} == \
+    model = wrap_model(tiny_bert(), MTLoraConfig(r=4, target_modules=["query"], **wanted))
+    assert {_module(k): v.shape for k, v in adapter_state(model).items()} == \
         {k: v.shape for k, v in source.adapter_state_dict().items()}  # a shape check alone would load it
     before = fingerprint(model)
     with pytest.raises(ValueError, match=f"--init-from {tmp_path}: its adapter has another structure than this "
@@ -184,7 +185,7 @@ def test_init_from_checks_the_structure_recorded_in_the_weights_too(tmp_path):
     source.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "structure": "ctcm"}))
-    model = get_peft_model(tiny_bert(), MTLoraConfig(r=4, target_modules=["query"], structure="ctcm"))
+    model = wrap_model(tiny_bert(), MTLoraConfig(r=4, target_modules=["query"], structure="ctcm"))
     with pytest.raises(ValueError, match=r"structure 'dtsm' there, 'ctcm' here, from adapter_model.safetensors"):
         init_from_run(model, tmp_path)
 
@@ -195,10 +196,10 @@ def test_init_from_accepts_the_same_structure_with_another_dropout(tmp_path):
     source = get_peft_model(tiny_bert(), MTLoraConfig(r=4, target_modules=["query"], structure="ctcm"))
     randomize_adapters(source)
     source.save_pretrained(tmp_path)
-    model = get_peft_model(tiny_bert(), MTLoraConfig(r=4, target_modules=["query"], structure="ctcm",
-                                                     lora_dropout=0.1))
+    model = wrap_model(tiny_bert(), MTLoraConfig(r=4, target_modules=["query"], structure="ctcm", lora_dropout=0.1))
     init_from_run(model, tmp_path)
-    assert all(torch.equal(v, source.adapter_state_dict()[k]) for k, v in model.adapter_state_dict().items())
+    loaded = adapter_state(model)
+    assert loaded and all(torch.equal(v, source.adapter_state_dict()[_module(k)]) for k, v in loaded.items())
 
 
 def test_init_from_reinitialises_only_a_head_and_says_so(tmp_path, capsys):
@@ -210,13 +211,38 @@ def test_init_from_reinitialises_only_a_head_and_says_so(tmp_path, capsys):
     two_way = BertForSequenceClassification(BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2,
                                                        num_attention_heads=4, intermediate_size=48,
                                                        max_position_embeddings=64, num_labels=2)).eval()
-    model = get_peft_model(two_way, LoraConfig(r=4, target_modules=["query"], task_type="SEQ_CLS"))
-    head_before = model.adapter_state_dict()["classifier.weight"].clone()
+    model = wrap_model(two_way, LoraConfig(r=4, target_modules=["query"], task_type="SEQ_CLS"))
+    head = "base_model.model.classifier.weight"
+    head_before = adapter_state(model)[head].clone()
     init_from_run(model, tmp_path)
     assert "re-initialised 2 head tensor(s)" in capsys.readouterr().err
-    assert torch.equal(model.adapter_state_dict()["classifier.weight"], head_before)
+    assert torch.equal(adapter_state(model)[head], head_before)
     query = "bert.encoder.layer.0.attention.self.query.parameterization.lora_A"
-    assert torch.equal(model.adapter_state_dict()[query], source.adapter_state_dict()[query])
+    assert torch.equal(adapter_state(model)[_peft_key(query)], source.adapter_state_dict()[query])
+
+
+def test_init_from_a_peft_folder_loads_its_weights(tmp_path):
+    """A run saved by this release (peft.PeftModel.save_pretrained: PEFT's layout) starts a new run exactly."""
+    from structlora import MTLoraConfig
+
+    source = wrap_model(tiny_bert(), MTLoraConfig(r=4, target_modules=["query"], structure="ctcm"))
+    randomize_adapters(source)
+    source.save_pretrained(tmp_path)
+    model = wrap_model(tiny_bert(), MTLoraConfig(r=4, target_modules=["query"], structure="ctcm"))
+    init_from_run(model, tmp_path)
+    expected, loaded = adapter_state(source), adapter_state(model)
+    assert loaded.keys() == expected.keys() and len(loaded) == 8  # A, B, C, D of the 2 layers' query
+    assert all(torch.equal(loaded[k], expected[k]) for k in loaded)
+
+
+def _module(peft_key: str) -> str:
+    """PEFT's key of an adapter tensor -> the earlier layout's (`structlora.convert`)."""
+    return peft_key.removeprefix("base_model.model.").replace(".adapters.", ".")
+
+
+def _peft_key(key: str) -> str:
+    module, _, path = key.partition(".parameterization.")
+    return f"base_model.model.{module}.adapters.parameterization.{path}"
 
 
 # -- scorer inputs ---------------------------------------------------------------------------------------------
@@ -272,7 +298,7 @@ def test_generate_refuses_an_output_it_did_not_write(tmp_path):
 
 def _rank_problem(rank: int, port: int, results) -> None:
     import torch.distributed as dist
-    from structlora.trainer import _nonfinite_problem
+    from structlora.trainer_guards import _nonfinite_problem
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         layer = torch.nn.Linear(2, 2)

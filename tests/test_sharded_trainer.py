@@ -12,12 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import sharded_trainer_worker as worker
-from structlora import AdapterTrainer, LoraConfig, get_peft_model
+from structlora import AdapterTrainer, LoraConfig
 from structlora.sharded_trainer import deepspeed_as_requested
 from structlora.trainer import missing_checkpoint_state
 from tiny_models import tiny_llama_for, tiny_word_tokenizer
@@ -54,7 +55,8 @@ def test_sharded_trainer_checkpoints_equal_the_single_process_run(tmp_path):
     for method in worker.METHODS:
         worker.reference(method, str(tmp_path / "single" / method))
         single = _adapter(tmp_path / "single" / method / f"checkpoint-{worker.STEPS}")
-        fresh = get_peft_model(tiny_llama_for(tiny_word_tokenizer()), worker.METHODS[method]()).adapter_state_dict()
+        fresh = peft.get_peft_model_state_dict(peft.get_peft_model(tiny_llama_for(tiny_word_tokenizer()),
+                                                                   worker.METHODS[method]()))
         assert sum(not torch.allclose(single[k], fresh[k], atol=1e-4) for k in single) > len(single) // 2
         for backend in backends:
             run = tmp_path / backend / method
@@ -71,9 +73,14 @@ def test_sharded_trainer_checkpoints_equal_the_single_process_run(tmp_path):
                 assert state["fsdp"] == (backend == "fsdp") and state["deepspeed"] == (backend != "fsdp")
                 expected = state["adapter_parameters"] if backend in ("fsdp", "zero3") else 0
                 assert state["sharded_adapter_parameters"] == expected, (backend, method, state)
-            # Adapter-only checkpoints: no whole-model copy beside the adapter (FSDP would write
-            # pytorch_model_fsdp.bin; DeepSpeed's module states hold only the trainable parameters).
+            # Adapter-only checkpoints: no whole-model copy beside the adapter (accelerate's sharded FSDP model state
+            # holds the adapter's tensors only; DeepSpeed's module states only the trainable parameters).
             assert not (checkpoint / "pytorch_model_fsdp.bin").exists()
+            if backend == "fsdp":
+                from torch.distributed.checkpoint import FileSystemReader
+
+                saved = FileSystemReader(str(checkpoint / "pytorch_model_fsdp_0")).read_metadata().state_dict_metadata
+                assert saved and all(".adapters." in key for key in saved), (method, list(saved))
             assert missing_checkpoint_state(str(checkpoint)) == []
             if backend != "fsdp":  # (a file this test just wrote: unpickling it is safe)
                 for states_file in (checkpoint / f"global_step{worker.STEPS}").glob("*model_states.pt"):
@@ -97,7 +104,7 @@ def restored_environ():
 def _trainer(tmp_path, **sharding) -> AdapterTrainer:
     from transformers import TrainingArguments
 
-    model = get_peft_model(tiny_llama_for(tiny_word_tokenizer()), LoraConfig(r=2))
+    model = peft.get_peft_model(tiny_llama_for(tiny_word_tokenizer()), LoraConfig(r=2))
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True, **sharding)
     return AdapterTrainer(model=model, args=args, train_dataset=worker.TokenRows(60))
 

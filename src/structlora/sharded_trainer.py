@@ -1,4 +1,4 @@
-"""transformers' Trainer with FSDP2 or DeepSpeed for `AdapterCheckpoints` trainers (structlora.trainer).
+"""transformers' Trainer with FSDP2 or DeepSpeed for `structlora.AdapterTrainer` (a `peft.PeftModel`).
 
 FSDP on CPU. transformers hands `fsdp` / `fsdp_config` to accelerate as a `FullyShardedDataParallelPlugin`, but
 accelerate 1.15 turns FSDP on only for accelerator devices: `AcceleratorState.__init__` (accelerate/state.py,
@@ -21,20 +21,17 @@ factors from their parameters without calling their sub-modules' forward (a tens
 layer), so `zero3_register_adapter_parameters` registers every adapter parameter as an external parameter of its
 adapter layer (deepspeed.zero.register_external_parameter): the layer's forward and backward gather them.
 
-Checkpoints. For a model it does not know as PEFT, transformers would write the whole model into every
-checkpoint under FSDP (`pytorch_model_fsdp.bin`) and DeepSpeed (`mp_rank_00_model_states.pt`).
-`adapter_only_sharded_checkpoints` makes both keep only what trains: FSDP's optimizer state beside the adapter
-folder, DeepSpeed's checkpoint of the trainable parameters (transformers' PEFT path, `exclude_frozen_parameters`,
-also used to resume from it).
+Checkpoints. For a `peft.PeftModel` transformers and accelerate keep adapter-only state themselves: FSDP's
+`pytorch_model_fsdp.bin` holds the adapter's tensors (accelerate's `adapter_only`), DeepSpeed's checkpoint only the
+trainable parameters (`exclude_frozen_parameters`); both are what a resumed run reads back. Where
+`fsdp_as_requested` turns FSDP on (CPU processes), the model state is sharded (`SHARDED_STATE_DICT`) unless
+`fsdp_config` names a `state_dict_type`: accelerate's resume of a full adapter-only state waits forever there.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Iterator
-from unittest import mock
+from typing import Any
 
-import transformers.trainer
 from torch import nn
 
 
@@ -52,6 +49,11 @@ def fsdp_as_requested(trainer: Any) -> None:
             f"fsdp is set but accelerate did not enable it ({state.distributed_type}, fsdp_config version "
             f"{plugin_args.get('fsdp_version')}): training would run unsharded. Sharding CPU processes needs "
             f"fsdp_config version 2")
+    if "state_dict_type" not in (trainer.args.fsdp_config or {}):
+        # accelerate's adapter-only resume of a FULL_STATE_DICT checkpoint waits forever on CPU processes (rank 0
+        # broadcasts the state that the others, holding none, never ask for; accelerate 1.16): checkpoints are
+        # sharded (torch.distributed.checkpoint, adapter tensors only) unless fsdp_config names a state_dict_type.
+        plugin_args = {**plugin_args, "state_dict_type": "SHARDED_STATE_DICT"}
     plugin = FullyShardedDataParallelPlugin(**plugin_args)
     if state.mixed_precision != "no":
         plugin.set_mixed_precision(state.mixed_precision)
@@ -94,30 +96,3 @@ def before_deepspeed_prepare(trainer: Any) -> None:
     plugin = trainer.accelerator.state.deepspeed_plugin if trainer.is_deepspeed_enabled else None
     if plugin is not None and plugin.zero_stage == 3:
         zero3_register_adapter_parameters(trainer.model)
-
-
-@contextlib.contextmanager
-def adapter_only_sharded_checkpoints(trainer: Any) -> Iterator[None]:
-    """Inside the block, transformers' checkpoint code saves and resumes only what trains (module docstring)."""
-    with contextlib.ExitStack() as stack:
-        if trainer.is_fsdp_enabled:
-            # The adapter folder (save_model) is the model: no second, whole-model copy.
-            stack.enter_context(mock.patch.object(transformers.trainer, "save_fsdp_model", _skip))
-        if trainer.is_deepspeed_enabled:
-            is_peft_model = transformers.trainer._is_peft_model
-            stack.enter_context(mock.patch.object(
-                transformers.trainer, "_is_peft_model",
-                lambda model: is_peft_model(model) or _is_structlora_model(model)))
-        yield
-
-
-def _skip(*_: Any, **__: Any) -> None:
-    return None
-
-
-def _is_structlora_model(model: Any) -> bool:
-    from accelerate.utils import extract_model_from_parallel
-
-    from .model import PeftModel
-
-    return isinstance(extract_model_from_parallel(model), PeftModel)

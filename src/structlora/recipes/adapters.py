@@ -62,7 +62,8 @@ BOTTLENECK_METHODS = ("loretta_adp", "adapter")
 BOTTLENECK_DEPLOYMENT = (
     "LoRETTA_adp and dense adapters add a non-linear bottleneck: no weight update can hold them, so they are neither "
     "merged nor exported. Use the run as it is: `structlora eval --run RUN` (GLUE, LLM), `structlora generate "
-    "--adapter RUN` (NLG), or in Python `structlora.PeftModel.from_pretrained(base_model, \"RUN/adapter\")`")
+    "--adapter RUN` (NLG), or in Python `peft.PeftModel.from_pretrained(base_model, \"RUN/adapter\")` after `import "
+    "structlora`")
 
 
 def add_merge_and_deploy_arguments(parser: argparse.ArgumentParser) -> None:

@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
         model = methods.wrap_model(model, args, "CAUSAL_LM")
         trainable = methods.count_trainable_parameters(model)
         train_set = EncodedDataset([encode_example(tokenizer, e, args.max_length, objective) for e in splits.train])
-        trainer_cls = llm_trainer_class(training.default_trainer_class(args.method))
+        trainer_cls = llm_trainer_class(training.default_trainer_class(args.method, model))
         trainer, history, train_seconds = training.run_training(
             model, args, train_set, splits.dev, ExampleCollator(pad_token_id(tokenizer)), None,
             metric_for_best_model=metric, trainer_cls=trainer_cls,

@@ -3,8 +3,8 @@
 ``add_method_arguments(parser)``: ``--method --structure --r --lora-alpha --lora-dropout --tensor-rank
 --bottleneck-size --adapter-placement --num-virtual-tokens --encoder-hidden-size --target-modules --modules-to-save
 --init``. ``check_method_flags(args)`` refuses a flag the method does not read; ``build_peft_config(args, task_type)``
-is the structlora config (None for ``--method full``); ``wrap_model`` applies it (and ``--init-from``, through
-``runs.init_from_run``). Method names are defined here once; MTLoRA's structures are the library's
+is the structlora config (None for ``--method full``); ``wrap_model`` applies it (``adapter_model.wrap_model``: a
+``peft.PeftModel``; and ``--init-from``, through ``runs.init_from_run``). Method names are defined here once; MTLoRA's structures are the library's
 (``structlora.names``).
 """
 
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from structlora.names import DENSE_ADAPTER_PLACEMENTS, MTLORA_STRUCTURES
 
+from . import adapter_model
 from .flags import BOOLEAN, comma_list, explicit_flags, number
 from .peft_methods import ENCODER_METHODS, PEFT_METHODS, PROMPT_LEARNING_METHODS
 from .runs import HEAD_MODULE_NAMES, init_from_run
@@ -254,9 +255,7 @@ def wrap_model(model: torch.nn.Module, args: argparse.Namespace, task_type: str)
         if init_from:
             init_from_run(model, init_from)
         return model
-    import structlora
-
-    peft_model = structlora.get_peft_model(model, config)
+    peft_model = adapter_model.wrap_model(model, config)
     if init_from:
         init_from_run(peft_model, init_from)
     return peft_model

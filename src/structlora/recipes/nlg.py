@@ -144,9 +144,9 @@ def build_model(args: argparse.Namespace, spec: Any):
         if not hasattr(config, "enable_lora"):
             raise SystemExit(f"error: --enable-lora does not apply to --method {args.method}")
         config.enable_lora = enable_lora
-    import structlora
+    from .adapter_model import wrap_model
 
-    peft_model = structlora.get_peft_model(model, config)
+    peft_model = wrap_model(model, config)
     if getattr(args, "init_from", None):
         from .runs import init_from_run
 
@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
     label_smoothing = args.label_smoothing
     trainer_args = copy.copy(args)
     trainer_args.label_smoothing = 0.0
-    trainer_cls = completion_trainer_class(training.default_trainer_class(args.method), label_smoothing)
+    trainer_cls = completion_trainer_class(training.default_trainer_class(args.method, model), label_smoothing)
     trainer, history, seconds = training.run_training(
         model, trainer_args, train_set, eval_set, CompletionCollator(tokenizer.pad_token_id), None,
         metric_for_best_model="loss", greater_is_better=False, trainer_cls=trainer_cls,

@@ -1,9 +1,10 @@
 """A trained run folder -> a model: the one reader of `train glue|nlg|llm` outputs.
 
 ``generate``, ``eval``, ``merge`` and ``export`` load a run with ``load_run_model``; ``--init-from`` starts a new run
-from one with ``init_from_run``. Both read adapters through structlora's verified loader path: the structure the
-adapter was saved with (its ``adapter_config.json`` and the one recorded in its weights file) must be the one it is
-loaded as, so an MTLoRA ``dtsm`` adapter never loads silently as ``ctcm`` (the tensors have the same shapes).
+from one with ``init_from_run``. The adapter is a ``peft.PeftModel`` (``adapter_model``); a run saved in
+structlora's earlier folder layout is converted on load. ``--init-from`` refuses an adapter of another structure than
+the new run's (its ``adapter_config.json``, and the structure recorded in its weights file where there is one), so
+an MTLoRA ``dtsm`` adapter never starts a ``ctcm`` run (the tensors have the same shapes).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .adapter_model import adapter_state, load_adapter, read_adapter_weights, set_adapter_state
 from .quiet import head_in_adapter
 
 RECIPES = ("glue", "nlg", "llm")
@@ -25,10 +27,11 @@ HEAD_MODULE_NAMES: tuple[str, ...] = ("classifier", "score", "pooler")
 # it was initialised or regularised, and where its base model was found. Any other field (method, structure, rank,
 # alpha, targets, ...) changes what the adapter computes.
 # Free to differ: what changes no computed function, and where a folder was saved from (peft_type: the marker of
-# a structlora.PeftModel folder or the method's PEFT name; PEFT's provenance fields).
+# a structlora.PeftModel folder or the method's PEFT name; PEFT's provenance fields; modules_to_save, which PEFT
+# extends with the task head and a converted folder with what it holds: the tensors themselves are compared).
 _INIT_FROM_FREE_FIELDS = frozenset({"inference_mode", "base_model_name_or_path", "init", "init_weights",
                                     "init_lora_weights", "merge_weights", "lora_dropout", "adapter_dropout",
-                                    "peft_type", "peft_version", "auto_mapping", "revision"})
+                                    "peft_type", "peft_version", "auto_mapping", "revision", "modules_to_save"})
 
 
 class TrainedRun:
@@ -83,15 +86,13 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------- loading a run
 def with_adapter(base: Any, adapter_dir: str | Path, is_trainable: bool = False) -> Any:
-    """``base`` with the trained adapter of ``adapter_dir``: structlora's verified loader for its own methods,
-    PEFT's for the methods PEFT implements (IA3, prefix, prompt, P-tuning)."""
-    from .peft_methods import require_peft, saved_method
+    """``base`` with the trained adapter of ``adapter_dir``: a ``peft.PeftModel`` (``adapter_model.load_adapter``;
+    a folder of structlora's earlier layout is converted on load), for structlora's methods and for those PEFT
+    implements (IA3, prefix, prompt, P-tuning) alike."""
+    from .peft_methods import require_peft
 
-    if saved_method(adapter_dir) is None:
-        from structlora import PeftModel
-
-        return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable)
-    return require_peft().PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable)
+    require_peft()
+    return load_adapter(base, adapter_dir, is_trainable=is_trainable)
 
 
 def adapter_head_modules(adapter_dir: Path) -> tuple[str, ...]:
@@ -176,29 +177,28 @@ def _nlg_base_model(run: TrainedRun) -> str | None:
 def init_from_run(model: Any, folder: str | Path) -> None:
     """Load the trained weights of run (or adapter) ``folder`` into ``model`` to start a new run from them.
 
-    ``model`` is a structlora PeftModel built from the new run's flags, or a plain model (``--method full``). The
+    ``model`` is the ``peft.PeftModel`` built from the new run's flags, or a plain model (``--method full``). The
     adapter saved in ``folder`` must have the structure the new run asks for (method, structure, rank, alpha,
     target modules, ...; the recorded structure of its weights file too): another one is refused, naming the
     fields, since its tensors would compute something else. Task-head tensors of another shape (a head for another
     label count, e.g. 3-way MNLI -> 2-way RTE) keep the model's fresh values, and are named on stderr."""
     adapter_dir = TrainedRun(folder, flag="--init-from").adapter_dir
-    if not hasattr(model, "adapter_state_dict"):  # --method full: matching tensors of the whole model
+    if not hasattr(model, "peft_config"):  # --method full: matching tensors of the whole model
         _load_matching_weights(model, adapter_dir / "model.safetensors")
         return
     weights = adapter_dir / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"--init-from: {weights} not found (expected an adapter folder)")
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
-    tensors = load_file(str(weights))
     with safe_open(str(weights), framework="pt") as handle:
         recorded = (handle.metadata() or {}).get(_structure_metadata_key())
     wanted = model.peft_config[model.active_adapter].to_dict()
     _refuse_other_structure(folder, "adapter_config.json", _read_json(adapter_dir / "adapter_config.json"), wanted)
     if recorded:
         _refuse_other_structure(folder, f"{ADAPTER_WEIGHTS} (its recorded structure)", json.loads(recorded), wanted)
-    own_state = model.adapter_state_dict()
+    tensors = read_adapter_weights(adapter_dir, model)  # keyed as the model's (an earlier layout converted)
+    own_state = adapter_state(model)
     mismatched = sorted(name for name, tensor in tensors.items()
                         if name in own_state and own_state[name].shape != tensor.shape)
     not_head = [name for name in mismatched if not set(name.split(".")) & set(HEAD_MODULE_NAMES)]
@@ -206,18 +206,23 @@ def init_from_run(model: Any, folder: str | Path) -> None:
         name = not_head[0]
         raise ValueError(
             f"--init-from {folder}: {len(not_head)} adapter tensor(s) have another shape than this model's, e.g. "
-            f"{name}: {tuple(tensors[name].shape)} in the folder, {tuple(own_state[name].shape)} here (another base "
-            f"model size?). Only a task head may differ; it is then re-initialised")
+            f"{_short(name)}: {tuple(tensors[name].shape)} in the folder, {tuple(own_state[name].shape)} here "
+            f"(another base model size?). Only a task head may differ; it is then re-initialised")
     for name in mismatched:
         tensors[name] = own_state[name].detach().clone()
     if mismatched:
         print(f"--init-from: re-initialised {len(mismatched)} head tensor(s) of another shape (a head for another "
-              f"label count): {', '.join(mismatched)}", file=sys.stderr)
-    model.set_adapter_state_dict(tensors, source=str(weights))
+              f"label count): {', '.join(_short(name) for name in mismatched)}", file=sys.stderr)
+    set_adapter_state(model, tensors, source=str(weights))
+
+
+def _short(key: str) -> str:
+    """A tensor's key without PEFT's ``base_model.model.`` (the module path as the user knows it)."""
+    return key.removeprefix("base_model.model.")
 
 
 def _structure_metadata_key() -> str:
-    from structlora.model import CONFIG_METADATA_KEY
+    from structlora.convert import CONFIG_METADATA_KEY
 
     return CONFIG_METADATA_KEY
 

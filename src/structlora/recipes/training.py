@@ -96,11 +96,21 @@ def _report_to(value: Any) -> str | list[str]:
     return items[0] if len(items) == 1 else list(items)
 
 
-def default_trainer_class(method: str) -> type:
-    if method == "full" or method in PEFT_LIBRARY_METHODS:  # transformers' Trainer saves PEFT models itself
+def default_trainer_class(method: str, model: Any = None) -> type:
+    """The Trainer of ``--method``: the stock one with the non-finite guard for full fine-tuning and PEFT's own
+    methods, ``structlora.AdapterTrainer`` for structlora's methods (a ``peft.PeftModel``), and for a model on
+    structlora's look-alike class (BitFit, which has no PEFT tuner; ``adapter_model.has_peft_tuner``) that class's
+    trainer (``structlora.lookalike_trainer``)."""
+    if method == "full" or method in PEFT_LIBRARY_METHODS:  # the stock Trainer saves PEFT's own methods
         from structlora.trainer import GuardedTrainer
 
         return GuardedTrainer
+    from .adapter_model import is_peft_model
+
+    if method == "bitfit" or (model is not None and not is_peft_model(model)):
+        from structlora.lookalike_trainer import LookAlikeAdapterTrainer
+
+        return LookAlikeAdapterTrainer
     from structlora import AdapterTrainer
 
     return AdapterTrainer
@@ -133,7 +143,7 @@ def run_training(
     training_args = make_training_arguments(
         args, metric_for_best_model=metric_for_best_model, greater_is_better=greater_is_better, **overrides
     )
-    trainer_cls = trainer_cls or default_trainer_class(args.method)
+    trainer_cls = trainer_cls or default_trainer_class(args.method, model)
     from structlora.trainer import NonFiniteGuard
 
     if issubclass(trainer_cls, NonFiniteGuard):
@@ -149,9 +159,7 @@ def run_training(
         compute_metrics=compute_metrics,
         **trainer_kwargs,
     )
-    from structlora.trainer import AdapterCheckpoints
-
-    if isinstance(trainer, AdapterCheckpoints):
+    if hasattr(trainer, "allow_incomplete_checkpoint"):
         trainer.allow_incomplete_checkpoint = bool(getattr(args, "allow_incomplete_checkpoint", False))
     if not _loss_uses_num_items_in_batch(model):
         # Trainer assumes a model whose forward takes **kwargs normalises its loss by the token count it
