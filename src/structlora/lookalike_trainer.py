@@ -1,6 +1,6 @@
 """Checkpoints for structlora's own look-alike `structlora.model.PeftModel`, which transformers' Trainer does not
-know as a PEFT model: today only BitFit, which has no PEFT tuner (it injects no layer), and the TRL trainers of
-`structlora.integrations.trl`. Everything else trains as a `peft.PeftModel` with `structlora.AdapterTrainer`, whose
+know as a PEFT model: today only BitFit, which has no PEFT tuner (it injects no layer), and LoRETTA_adp with the
+tensorized DeBERTa pooler (`structlora.peft_model.has_peft_tuner`). Everything else trains as a `peft.PeftModel` with `structlora.AdapterTrainer`, whose
 checkpoints are the stock Trainer's. This module goes with the look-alike.
 
 `AdapterCheckpoints` (a Trainer mixin) saves `save_pretrained()`'s adapter folder into every checkpoint instead of

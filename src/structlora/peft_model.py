@@ -35,11 +35,11 @@ from torch import nn
 from . import atomic
 from .adapter_state import AdapterState, AdapterStateError, ModuleSnapshot, validate_adapter_name
 from .atomic import flush_tree
-from .config import CONFIG_NAME, PEFT_TYPE_MARKER, AdapterConfig, BitFitConfig
+from .config import CONFIG_NAME, PEFT_TYPE_MARKER, AdapterConfig, BitFitConfig, LorettaAdpConfig, TaskType
 from .convert import convert_folder, structure_fields
 from .distributed import is_writer
 from .inference import clear_factor_caches
-from .peft_layers import StructloraLowRankLayer, StructloraTunerLayer
+from .peft_layers import StructloraTunerLayer
 from .peft_model_guards import PeftModelGuards, check_loadable, refuse_adapted_model
 from .peft_support import StructloraPeftType, refuse_unloadable_weights
 from .svd_init import saved_factors_follow
@@ -310,6 +310,20 @@ def model_class(config: peft.PeftConfig) -> type[PeftModel]:
     return _TASK_CLASSES.get(getattr(task_type, "value", task_type), PeftModel)
 
 
+def has_peft_tuner(config: AdapterConfig, model: Optional[nn.Module] = None) -> bool:
+    """Whether structlora's PEFT tuner builds `config`'s adapter on `model` as asked: every method but BitFit (which
+    injects no layer), and but LoRETTA_adp's tensorized classifier on a DeBERTa classifier, whose pooler the authors
+    tensorize and train with the head (`structlora.model_injection`), which the tuner does not do yet (it would train
+    1,848 fewer parameters on DeBERTa-base). Those stay on structlora's earlier model class for now."""
+    if isinstance(config, BitFitConfig):
+        return False
+    if (isinstance(config, LorettaAdpConfig) and config.tensorize_classifier and config.task_type == TaskType.SEQ_CLS
+            and model is not None):
+        model_type = config.base_model_type or getattr(getattr(model, "config", None), "model_type", "") or ""
+        return not (model_type.startswith("deberta") and hasattr(model, "pooler"))
+    return True
+
+
 def get_peft_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default",
                    autocast_adapter_dtype: bool = True, revision: Optional[str] = None) -> PeftModel:
     """Inject the adapter described by `config` into `model` (whose own weights are frozen).
@@ -326,10 +340,10 @@ def get_peft_model(model: nn.Module, config: AdapterConfig, adapter_name: str = 
         TypeError: `config` is not a structlora config. ValueError: the targets match no adaptable module, or a
             field does not fit the model; the model is left exactly as it was.
     """
-    if isinstance(config, BitFitConfig):  # no PEFT tuner yet: structlora's earlier model class trains it
-        from .model import PeftModel as BitFitModel
+    if not has_peft_tuner(config, model):  # structlora's earlier model class trains it (see has_peft_tuner)
+        from .model import PeftModel as EarlierPeftModel
 
-        return BitFitModel(model, config, adapter_name)
+        return EarlierPeftModel(model, config, adapter_name)
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"structlora.get_peft_model takes a structlora config (LoraConfig, MTLoraConfig, "
                         f"LorettaRepConfig, LorettaAdpConfig, DenseAdapterConfig), got {type(config).__module__}."

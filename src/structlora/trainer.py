@@ -16,9 +16,8 @@ state. `AdapterTrainer` adds only what the stock Trainer lacks:
   (`structlora.sharded_trainer`); under FSDP or DeepSpeed `save_model` gathers the adapter's tensors only (the
   stock one gathers the whole model on one process first).
 
-`GuardedTrainer` is the stock Trainer with the non-finite guard (full fine-tuning). `AdapterCheckpoints` (checkpoints
-of structlora's look-alike `structlora.model.PeftModel`) lives in `structlora.lookalike_trainer` and is named here
-for the modules that import it from here.
+`GuardedTrainer` is the stock Trainer with the non-finite guard (full fine-tuning). The checkpoints of structlora's
+earlier model class (BitFit still uses it) are `structlora.lookalike_trainer`'s.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ from .sharded_trainer import before_deepspeed_prepare, deepspeed_as_requested, f
 from .trainer_guards import (CHECKPOINT_STATE_FILES, SHARDED_OPTIMIZER_STATE, LoraPlusOptimizer, NonFiniteGuard,
                              NonFiniteTrainingError, missing_checkpoint_state)
 
-__all__ = ["CHECKPOINT_STATE_FILES", "SHARDED_OPTIMIZER_STATE", "AdapterCheckpoints", "AdapterTrainer",
+__all__ = ["CHECKPOINT_STATE_FILES", "SHARDED_OPTIMIZER_STATE", "AdapterTrainer",
            "GuardedTrainer", "LoraPlusOptimizer", "NonFiniteGuard", "NonFiniteTrainingError",
            "missing_checkpoint_state"]
 
@@ -150,11 +149,3 @@ def _saved(name: str, trained: set[str]) -> bool:
     trained copy (frozen factors of SVD starts, other adapters)."""
     return name in trained or any(marker in name for marker in (".adapters.", ".modules_to_save.", "lora_",
                                                                   "prompt_encoder"))
-
-
-def __getattr__(name: str) -> Any:
-    if name == "AdapterCheckpoints":  # structlora.integrations.trl imports it from here (a look-alike model's)
-        from .lookalike_trainer import AdapterCheckpoints
-
-        return AdapterCheckpoints
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

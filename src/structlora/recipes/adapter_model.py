@@ -31,29 +31,21 @@ def _peft() -> Any:
 
 
 def has_peft_tuner(config: Any, model: Any = None) -> bool:
-    """Whether PEFT builds ``config``'s adapter on ``model`` as the recipe asks: every structlora method but BitFit
-    (which injects no layer), and but LoRETTA_adp's tensorized classifier on a DeBERTa classifier, whose pooler the
-    authors tensorize and train with the head (``structlora.model_injection``), which structlora's PEFT tuner does
-    not do yet (it would train 1,848 fewer parameters on DeBERTa-base)."""
-    from structlora.config import AdapterConfig, BitFitConfig, LorettaAdpConfig, TaskType
+    """``structlora.peft_model.has_peft_tuner``: BitFit, and LoRETTA_adp's tensorized DeBERTa pooler, stay on
+    structlora's earlier model class."""
+    from structlora.config import AdapterConfig
+    from structlora.peft_model import has_peft_tuner as tuner_builds
 
-    if not isinstance(config, AdapterConfig) or isinstance(config, BitFitConfig):
-        return False
-    if (isinstance(config, LorettaAdpConfig) and config.tensorize_classifier and config.task_type == TaskType.SEQ_CLS
-            and model is not None):
-        model_type = config.base_model_type or getattr(getattr(model, "config", None), "model_type", "") or ""
-        return not (model_type.startswith("deberta") and hasattr(model, "pooler"))
-    return True
+    return isinstance(config, AdapterConfig) and tuner_builds(config, model)
 
 
 def wrap_model(model: Any, config: Any, adapter_name: str = "default") -> Any:
-    """``model`` with the adapter of structlora ``config``: a ``peft.PeftModel`` (``peft.get_peft_model``); BitFit:
-    structlora's own PeftModel (no PEFT tuner)."""
-    if not has_peft_tuner(config, model):
-        import structlora
+    """``model`` with the adapter of structlora ``config``: ``structlora.get_peft_model`` (a ``peft.PeftModel``;
+    BitFit and the DeBERTa case of ``has_peft_tuner``: structlora's earlier model class)."""
+    _peft()
+    import structlora
 
-        return structlora.get_peft_model(model, config, adapter_name)
-    return _peft().get_peft_model(model, config, adapter_name=adapter_name)
+    return structlora.get_peft_model(model, config, adapter_name)
 
 
 def is_peft_model(model: Any) -> bool:
@@ -84,7 +76,9 @@ def load_adapter(base: Any, folder: str | Path, is_trainable: bool = False) -> A
     folder = str(folder)
     peft = _peft()
     if not is_look_alike_folder(folder):
-        return peft.PeftModel.from_pretrained(base, folder, is_trainable=is_trainable)
+        import structlora
+
+        return structlora.PeftModel.from_pretrained(base, folder, is_trainable=is_trainable)
     from structlora.config import AdapterConfig
 
     if not has_peft_tuner(AdapterConfig.from_pretrained(folder), base):
