@@ -411,7 +411,7 @@ def test_loretta_folder_with_empty_or_partial_weights_is_refused(tmp_path):
     import json
     (tmp_path / "adapter_config.json").write_text(json.dumps(
         {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "tensor_rank": 2, "target_modules": ["query"],
-         "task_type": "CAUSAL_LM"}))
+         "task_type": "SEQ_CLS"}))
     torch.save({}, tmp_path / "adapter_model.bin")
     base = tiny_bert()
     before = fingerprint(base)
@@ -423,6 +423,12 @@ def test_loretta_folder_with_empty_or_partial_weights_is_refused(tmp_path):
         from_loretta(base, str(tmp_path))
     torch.save({"base_model.model.bert.whatever": torch.zeros(2)}, tmp_path / "adapter_model.bin")
     with pytest.raises(ValueError, match=r"adapter_model\.bin': unrecognised key 'base_model\.model\.bert\.whatever'"):
+        from_loretta(base, str(tmp_path))
+    assert_unchanged(before, base)
+    # a causal-LM adapter on a classifier: the task type does not fit the model (PEFT: an AttributeError)
+    data = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**data, "task_type": "CAUSAL_LM"}))
+    with pytest.raises(ValueError, match=r"task_type is CAUSAL_LM, but the model \(BertForSequenceClassification\)"):
         from_loretta(base, str(tmp_path))
     assert_unchanged(before, base)
 

@@ -23,18 +23,20 @@ remaps the keys of heads before any hook of a tuner runs, so converting on load 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
-from typing import Any, Optional
+import warnings
+from typing import Any, Iterator, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .atomic import flush_tree
-from .config import CONFIG_NAME, AdapterConfig, BitFitConfig, LorettaAdpConfig, TaskType
+from .config import CONFIG_NAME, PEFT_TYPE_MARKER, AdapterConfig, BitFitConfig, LorettaAdpConfig, TaskType
 from .names import ADAPTERS
 from .svd_init import SVD_INITS
 from .targets import CLASSIFIER_HEAD_NAMES, module_matches
@@ -284,3 +286,41 @@ def _replace_folder(staging: str, dst: str) -> None:
         raise
     shutil.rmtree(aside, ignore_errors=True)
 
+
+# -- converting on load -----------------------------------------------------------------------------------------
+def earlier_method(folder: str) -> Optional[str]:
+    """The method of a folder written by structlora's earlier model class (its config's peft_type is the marker, or
+    absent, as before that), or None for any other folder."""
+    path = os.path.join(folder, CONFIG_NAME)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    if isinstance(data, dict) and "method" in data and data.get("peft_type") in (None, PEFT_TYPE_MARKER):
+        return str(data["method"])
+    return None
+
+
+def is_look_alike(folder: str) -> bool:
+    return earlier_method(folder) is not None
+
+
+@contextlib.contextmanager
+def peft_layout(folder: str) -> Iterator[str]:
+    """`folder` itself, or (for a folder of structlora's earlier model class) a converted copy in PEFT's layout that
+    lives for the block."""
+    if not is_look_alike(folder):
+        yield folder
+        return
+    parent = tempfile.mkdtemp(prefix="structlora-converted-")
+    try:
+        converted = os.path.join(parent, "adapter")
+        convert_folder(folder, converted)
+        warnings.warn(f"{folder!r} is in the adapter layout of structlora's earlier model class: converted on load "
+                      f"(`structlora convert {folder} NEW` writes it in PEFT's layout once)", UserWarning, stacklevel=4)
+        yield converted
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)

@@ -20,11 +20,9 @@ checks and mixed batches are the same on both. What this class adds on top of PE
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
-import warnings
 from typing import Any, Iterator, Optional, Union
 
 import peft
@@ -35,8 +33,8 @@ from torch import nn
 from . import atomic
 from .adapter_state import AdapterState, AdapterStateError, ModuleSnapshot, validate_adapter_name
 from .atomic import flush_tree
-from .config import CONFIG_NAME, PEFT_TYPE_MARKER, AdapterConfig, BitFitConfig, LorettaAdpConfig, TaskType
-from .convert import convert_folder, structure_fields
+from .config import CONFIG_NAME, AdapterConfig, BitFitConfig, LorettaAdpConfig, TaskType
+from .convert import earlier_method, peft_layout, structure_fields
 from .distributed import is_writer
 from .inference import clear_factor_caches
 from .peft_layers import StructloraTunerLayer
@@ -218,13 +216,13 @@ class PeftModel(PeftModelGuards):
         Args: model: the base model. model_id: the adapter folder. adapter_name: the name to load it under.
             is_trainable: False (default) freezes the adapter. config: the config to use instead of the folder's."""
         validate_adapter_name(adapter_name)
-        if _earlier_method(str(model_id)) == "bitfit":  # no PEFT tuner yet: the earlier model class loads it
+        if earlier_method(str(model_id)) == "bitfit":  # no PEFT tuner yet: the earlier model class loads it
             from .model import PeftModel as BitFitModel
 
             return BitFitModel.from_pretrained(model, str(model_id), adapter_name, is_trainable=is_trainable)
         check_loadable(model, str(model_id), kwargs.get("subfolder"))
         snapshot = ModuleSnapshot(model)
-        with _peft_layout(str(model_id)) as folder:
+        with peft_layout(str(model_id)) as folder:
             if config is None:
                 config = peft.PeftConfig.from_pretrained(folder, **{k: v for k, v in kwargs.items()
                                                                     if k in ("subfolder", "revision", "token")})
@@ -234,7 +232,7 @@ class PeftModel(PeftModelGuards):
             config.inference_mode = not is_trainable
             try:
                 with saved_factors_follow():  # SVD starts: their saved factors are loaded next, not computed
-                    peft_model = model_class(config)(model, config, adapter_name)
+                    peft_model = model_class(config, model)(model, config, adapter_name)
                 peft_model.load_adapter(folder, adapter_name, is_trainable=is_trainable, **kwargs)
             except BaseException:
                 snapshot.restore()
@@ -250,7 +248,7 @@ class PeftModel(PeftModelGuards):
             state.check_write_weights(adapter_name, "load_adapter")
         else:
             state.check_add(adapter_name)
-        with _peft_layout(str(model_id)) as folder:
+        with peft_layout(str(model_id)) as folder:
             local = os.path.join(folder, kwargs.get("subfolder") or "")
             if os.path.isdir(local):  # PEFT would inject the layers before finding out
                 refuse_unloadable_weights(local)
@@ -304,10 +302,16 @@ _TASK_CLASSES: dict[str, type[PeftModel]] = {
 }
 
 
-def model_class(config: peft.PeftConfig) -> type[PeftModel]:
-    """The class that wraps a model for `config` (by its task_type, as PEFT picks its own)."""
+def model_class(config: peft.PeftConfig, model: Optional[nn.Module] = None) -> type[PeftModel]:
+    """The class that wraps `model` for `config` (by its task_type, as PEFT picks its own). ValueError for a
+    CAUSAL_LM / SEQ_2_SEQ_LM config on a model that cannot generate (PEFT would fail with an AttributeError)."""
     task_type = getattr(config, "task_type", None)
-    return _TASK_CLASSES.get(getattr(task_type, "value", task_type), PeftModel)
+    task = getattr(task_type, "value", task_type)
+    if task in ("CAUSAL_LM", "SEQ_2_SEQ_LM") and model is not None and not hasattr(model, "prepare_inputs_for_generation"):
+        raise ValueError(f"the adapter config's task_type is {task}, but the model ({type(model).__name__}) does not "
+                         f"generate: give a config whose task_type fits the model (e.g. SEQ_CLS for a classifier), "
+                         f"or task_type=None")
+    return _TASK_CLASSES.get(task, PeftModel)
 
 
 def has_peft_tuner(config: AdapterConfig, model: Optional[nn.Module] = None) -> bool:
@@ -355,48 +359,10 @@ def get_peft_model(model: nn.Module, config: AdapterConfig, adapter_name: str = 
     config.base_model_name_or_path = model.__dict__.get("name_or_path", None) or config.base_model_name_or_path
     if revision is not None:
         config.revision = revision
-    return model_class(config)(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+    return model_class(config, model)(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
 
 
 # -- folders of structlora's earlier model class ------------------------------------------------------------------
-def _earlier_method(folder: str) -> Optional[str]:
-    """The method of a folder written by structlora's earlier model class (its config's peft_type is the marker, or
-    absent, as before that), or None for any other folder."""
-    path = os.path.join(folder, CONFIG_NAME)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (OSError, ValueError):
-        return None
-    if isinstance(data, dict) and "method" in data and data.get("peft_type") in (None, PEFT_TYPE_MARKER):
-        return str(data["method"])
-    return None
-
-
-def _is_look_alike(folder: str) -> bool:
-    return _earlier_method(folder) is not None
-
-
-@contextlib.contextmanager
-def _peft_layout(folder: str) -> Iterator[str]:
-    """`folder` itself, or (for a folder of structlora's earlier model class) a converted copy in PEFT's layout that
-    lives for the block."""
-    if not _is_look_alike(folder):
-        yield folder
-        return
-    parent = tempfile.mkdtemp(prefix="structlora-converted-")
-    try:
-        converted = os.path.join(parent, "adapter")
-        convert_folder(folder, converted)
-        warnings.warn(f"{folder!r} is in the adapter layout of structlora's earlier model class: converted on load "
-                      f"(`structlora convert {folder} NEW` writes it in PEFT's layout once)", UserWarning, stacklevel=4)
-        yield converted
-    finally:
-        shutil.rmtree(parent, ignore_errors=True)
-
-
 def _move_tree(staging: str, destination: str) -> None:
     """Rename every file under `staging` to the same place under `destination` (weights first, per folder)."""
     for root, _, files in os.walk(staging):

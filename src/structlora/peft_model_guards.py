@@ -167,8 +167,8 @@ class PeftModelGuards(peft.PeftModel):
 
     def get_adapter_state_dict(self, adapter_name: Optional[str] = None,
                                state_dict: Optional[dict] = None) -> dict[str, torch.Tensor]:
-        """transformers' name of adapter_state_dict (the tensors save_pretrained writes); `state_dict=` is refused
-        (the adapter's own tensors are read)."""
+        """transformers' name of adapter_state_dict: the tensors save_pretrained writes for `adapter_name` (default:
+        the active adapter); `state_dict` must be None (the adapter's own tensors are read)."""
         if state_dict is not None:
             raise TypeError("get_adapter_state_dict(state_dict=...) is not supported by structlora: it reads the "
                             "adapter's own tensors; call get_adapter_state_dict(adapter_name)")

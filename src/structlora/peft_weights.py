@@ -22,7 +22,7 @@ from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
 from .config import AdapterConfig
-from .convert import PEFT_PREFIX, read_weights
+from .convert import PEFT_PREFIX, peft_layout, read_weights
 from .mixed import swap_adapter_weights
 from .peft_checks import checkpoint_name
 from .peft_layers import ADAPTERS, StructloraTunerLayer
@@ -51,8 +51,9 @@ class TunerWeights:
         nothing: the structure, then every tensor (`_checked_state_dict`) is checked before the first write, and an
         exception while writing puts the previous weights back. Refused while the adapter is merged.
         `peft_model.hotswap_adapter(...)` reaches this through PeftModel's attribute forwarding."""
-        swap_adapter_weights(_RoutedTuner(self), model_id, adapter_name,
-                             lambda folder: self._saved_config(folder, self.peft_config[adapter_name]))
+        with peft_layout(str(model_id)) as folder:  # a folder of structlora's earlier model class: converted
+            swap_adapter_weights(_RoutedTuner(self), folder, adapter_name,
+                                 lambda path: self._saved_config(path, self.peft_config[adapter_name]))
 
     def _saved_config(self, folder: str, current: AdapterConfig) -> AdapterConfig:
         """The config saved in `folder` (of `current`'s method), its modules_to_save compared as the modules of this
