@@ -40,7 +40,7 @@ test: $(STAMP)
 PEFT_OLDEST ?= peft==0.21.2
 test-peft-oldest: $(STAMP)
 	$(BIN)/python -m pip install -q --no-deps --upgrade --target $(VENV)/peft-oldest "$(PEFT_OLDEST)"
-	PYTHONPATH=$(VENV)/peft-oldest $(BIN)/python -m pytest -q -n 2 tests/test_peft_tuner.py tests/test_peft_guarantees.py tests/test_convert.py $(PYTEST_ARGS)
+	PYTHONPATH=$(VENV)/peft-oldest $(BIN)/python -m pytest -q -n 2 tests/test_peft_tuner.py tests/test_peft_guarantees.py tests/test_convert.py tests/test_peft_model.py tests/test_peft_routing.py tests/test_load_structure.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs
