@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from structlora import LoraConfig, get_peft_model
+from structlora.model import PeftModel as EarlierPeftModel
 from structlora.recipes import checkpoints, outputs
 from structlora.recipes.adapter_model import adapter_state, wrap_model
 from structlora.recipes.runs import init_from_run
@@ -144,7 +145,7 @@ def test_resume_falls_back_from_a_half_written_checkpoint(tmp_path, capsys):
 # -- --init-from -------------------------------------------------------------------------------------------
 
 def test_init_from_with_other_adapter_shapes_is_an_error(tmp_path):
-    source = get_peft_model(tiny_bert(), LoraConfig(r=4, target_modules=["query"]))
+    source = EarlierPeftModel(tiny_bert(), LoraConfig(r=4, target_modules=["query"]))  # the earlier layout: converted on load
     randomize_adapters(source)
     source.save_pretrained(tmp_path)
     model = wrap_model(tiny_bert(), LoraConfig(r=8, target_modules=["query"]))
@@ -163,7 +164,7 @@ def test_init_from_with_other_adapter_shapes_is_an_error(tmp_path):
 def test_init_from_another_structure_is_refused_though_the_shapes_match(tmp_path, saved, wanted, field):
     from structlora import MTLoraConfig
 
-    source = get_peft_model(tiny_bert(), MTLoraConfig(r=4, target_modules=["query"], **saved))
+    source = EarlierPeftModel(tiny_bert(), MTLoraConfig(r=4, target_modules=["query"], **saved))
     randomize_adapters(source)
     source.save_pretrained(tmp_path)
     model = wrap_model(tiny_bert(), MTLoraConfig(r=4, target_modules=["query"], **wanted))
@@ -181,7 +182,7 @@ def test_init_from_checks_the_structure_recorded_in_the_weights_too(tmp_path):
     of the structure is compared as well."""
     from structlora import MTLoraConfig
 
-    source = get_peft_model(tiny_bert(), MTLoraConfig(r=4, target_modules=["query"], structure="dtsm"))
+    source = EarlierPeftModel(tiny_bert(), MTLoraConfig(r=4, target_modules=["query"], structure="dtsm"))
     source.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "structure": "ctcm"}))
@@ -193,7 +194,7 @@ def test_init_from_checks_the_structure_recorded_in_the_weights_too(tmp_path):
 def test_init_from_accepts_the_same_structure_with_another_dropout(tmp_path):
     from structlora import MTLoraConfig
 
-    source = get_peft_model(tiny_bert(), MTLoraConfig(r=4, target_modules=["query"], structure="ctcm"))
+    source = EarlierPeftModel(tiny_bert(), MTLoraConfig(r=4, target_modules=["query"], structure="ctcm"))
     randomize_adapters(source)
     source.save_pretrained(tmp_path)
     model = wrap_model(tiny_bert(), MTLoraConfig(r=4, target_modules=["query"], structure="ctcm", lora_dropout=0.1))
@@ -204,7 +205,7 @@ def test_init_from_accepts_the_same_structure_with_another_dropout(tmp_path):
 
 def test_init_from_reinitialises_only_a_head_and_says_so(tmp_path, capsys):
     from transformers import BertConfig, BertForSequenceClassification
-    source = get_peft_model(tiny_bert(), LoraConfig(r=4, target_modules=["query"], task_type="SEQ_CLS"))
+    source = EarlierPeftModel(tiny_bert(), LoraConfig(r=4, target_modules=["query"], task_type="SEQ_CLS"))
     randomize_adapters(source)
     source.save_pretrained(tmp_path)
     torch.manual_seed(0)

@@ -19,8 +19,7 @@ from . import _plugin
 from .config_checks import (portable_model_name, require_bool, require_choice, require_names, require_number,
                             require_positive, require_slices)
 from .names import DENSE_ADAPTER_PLACEMENTS, MTLORA_STRUCTURES, SVD_INITS
-from .peft_support import (StructloraPeftType, peft_load_call, refuse_peft_layout, refuse_unloadable_weights,
-                           require_supported_peft)
+from .peft_support import StructloraPeftType, peft_load_call, refuse_unloadable_weights, require_supported_peft
 
 require_supported_peft()
 
@@ -212,9 +211,7 @@ class AdapterConfig(PeftConfig):
             if not isinstance(data, dict):
                 raise ValueError(f"corrupt adapter config {path!r}: expected a JSON object")
             config = AdapterConfig.from_dict(data)
-            if cls is AdapterConfig:  # structlora.PeftModel's loaders: they read their own weights layout only
-                refuse_peft_layout(directory)
-            elif peft_load_call() is not None:  # PEFT's loaders, before they inject (see structlora.peft_rollback)
+            if peft_load_call() is not None:  # PEFT's loaders, before they inject (see structlora.peft_rollback)
                 refuse_unloadable_weights(directory)
         if not isinstance(config, cls):
             raise ValueError(f"{path!r} holds a {type(config).__name__}, not a {cls.__name__}")

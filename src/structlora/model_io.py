@@ -18,6 +18,7 @@ from .adapter_state import AdapterState, ModuleSnapshot
 from .atomic import copy_all_or_nothing, staged_files
 from .config import CONFIG_NAME, AdapterConfig
 from .convert import CONFIG_METADATA_KEY, WEIGHTS_NAME, check_saved_structure, read_weights, structure_fields
+from .peft_support import refuse_peft_layout
 from .distributed import full_cpu_copies, is_writer, whole_parameters
 from .model_injection import _refuse_adapted_base
 from .svd_init import saved_factors_follow
@@ -152,6 +153,7 @@ class AdapterIO:
                 model or the config. `model` is left exactly as it was.
         """
         _refuse_adapted_base(model, hint=f"use model.load_adapter({model_id!r}, adapter_name=...) to add it")
+        refuse_peft_layout(model_id)  # this earlier class reads its own weights layout only
         config = AdapterConfig.from_pretrained(model_id)
         config.inference_mode = not is_trainable
         with saved_factors_follow():  # SVD starts: the saved factors are loaded, not computed again
@@ -186,6 +188,7 @@ class AdapterIO:
             self.load_adapter_weights(model_id, adapter_name)
             return
         self._state.check_add(adapter_name)
+        refuse_peft_layout(model_id)
         config = AdapterConfig.from_pretrained(model_id)
         config.inference_mode = not is_trainable
         with self._transaction(), saved_factors_follow():

@@ -313,7 +313,8 @@ class StructloraTuner(TunerWeights, BaseTuner):
         for name in self.active_adapters:
             config = self.peft_config[name]
             if isinstance(config, LorettaAdpConfig):
-                raise ValueError(f"adapter {name!r} is a bottleneck adapter ({config.method}): it applies "
+                kind = "dense adapter" if config.method == "adapter" else "LoRETTA_adp adapter"
+                raise ValueError(f"adapter {name!r} is a bottleneck adapter ({kind}): it applies "
                                  f"{config.non_linearity} to the activations, so it is not a change of the weights and "
                                  f"cannot be merged into them")
         refuse_quantized_merge(self._low_rank_layers(), "merge")

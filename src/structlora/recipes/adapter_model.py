@@ -78,7 +78,9 @@ def load_adapter(base: Any, folder: str | Path, is_trainable: bool = False) -> A
     if not is_look_alike_folder(folder):
         import structlora
 
-        return structlora.PeftModel.from_pretrained(base, folder, is_trainable=is_trainable)
+        if isinstance(peft.PeftConfig.from_pretrained(folder), structlora.AdapterConfig):
+            return structlora.PeftModel.from_pretrained(base, folder, is_trainable=is_trainable)
+        return peft.PeftModel.from_pretrained(base, folder, is_trainable=is_trainable)  # PEFT's own methods
     from structlora.config import AdapterConfig
 
     if not has_peft_tuner(AdapterConfig.from_pretrained(folder), base):
