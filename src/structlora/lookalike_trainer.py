@@ -19,11 +19,10 @@ import torch
 import transformers.trainer
 from transformers import Trainer
 
-from .config import CONFIG_NAME
 from .distributed import any_sharded
 from .model import WEIGHTS_NAME, PeftModel, adapter_folder
 from .sharded_trainer import before_deepspeed_prepare, deepspeed_as_requested, fsdp_as_requested
-from .trainer_guards import LoraPlusOptimizer, NonFiniteGuard, missing_checkpoint_state
+from .trainer_guards import LoraPlusOptimizer, NonFiniteGuard, refuse_incomplete_checkpoint
 
 
 class AdapterCheckpoints:
@@ -77,13 +76,7 @@ class AdapterCheckpoints:
         # The trained (active) adapter's folder: the checkpoint itself for "default", else its sub-folder.
         folder = os.path.relpath(adapter_folder(resume_from_checkpoint, peft_model.active_adapter),
                                  resume_from_checkpoint)
-        weights = tuple(os.path.normpath(os.path.join(folder, name)) for name in (WEIGHTS_NAME, CONFIG_NAME))
-        missing = missing_checkpoint_state(resume_from_checkpoint, weights)
-        if missing and not (self.allow_incomplete_checkpoint and weights[0] not in missing):
-            raise ValueError(
-                f"checkpoint {resume_from_checkpoint!r} lacks {', '.join(missing)}: resuming it would not continue "
-                f"the same run. Resume from a complete checkpoint"
-                f"{'' if weights[0] in missing else ' (or allow_incomplete_checkpoint=True)'}")
+        refuse_incomplete_checkpoint(resume_from_checkpoint, folder, self.allow_incomplete_checkpoint)
         _load_saved_adapters(peft_model, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:

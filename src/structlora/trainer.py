@@ -31,7 +31,8 @@ from transformers import Trainer
 from .distributed import full_cpu_copies, whole_parameters
 from .sharded_trainer import before_deepspeed_prepare, deepspeed_as_requested, fsdp_as_requested
 from .trainer_guards import (CHECKPOINT_STATE_FILES, SHARDED_OPTIMIZER_STATE, LoraPlusOptimizer, NonFiniteGuard,
-                             NonFiniteTrainingError, missing_checkpoint_state)
+                             NonFiniteTrainingError, missing_checkpoint_state,
+                             refuse_incomplete_checkpoint)
 
 __all__ = ["CHECKPOINT_STATE_FILES", "SHARDED_OPTIMIZER_STATE", "AdapterTrainer",
            "GuardedTrainer", "LoraPlusOptimizer", "NonFiniteGuard", "NonFiniteTrainingError",
@@ -104,13 +105,7 @@ class AdapterTrainer(NonFiniteGuard, LoraPlusOptimizer, Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         active = _unwrapped(self, model).active_adapter
         folder = os.path.relpath(_adapter_folder(resume_from_checkpoint, active), resume_from_checkpoint)
-        weights = tuple(os.path.normpath(os.path.join(folder, name)) for name in ADAPTER_FILES)
-        missing = missing_checkpoint_state(resume_from_checkpoint, weights)
-        if missing and not (self.allow_incomplete_checkpoint and weights[0] not in missing):
-            raise ValueError(
-                f"checkpoint {resume_from_checkpoint!r} lacks {', '.join(missing)}: resuming it would not continue "
-                f"the same run. Resume from a complete checkpoint"
-                f"{'' if weights[0] in missing else ' (or allow_incomplete_checkpoint=True)'}")
+        refuse_incomplete_checkpoint(resume_from_checkpoint, folder, self.allow_incomplete_checkpoint)
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _load_best_model(self) -> None:

@@ -44,6 +44,19 @@ def missing_checkpoint_state(checkpoint: str, weights: Sequence[str] = ("adapter
     return missing
 
 
+def refuse_incomplete_checkpoint(checkpoint: str, adapter_folder: str, allow_incomplete: bool) -> None:
+    """ValueError when `checkpoint` lacks what resuming the same run needs (`missing_checkpoint_state`) for the trained
+    adapter saved in its sub-folder `adapter_folder` ("." for the top); `allow_incomplete` lets a checkpoint without
+    the optimizer, scheduler, trainer or RNG state through, never one without the adapter's weights."""
+    weights = tuple(os.path.normpath(os.path.join(adapter_folder, name))
+                    for name in ("adapter_model.safetensors", "adapter_config.json"))
+    missing = missing_checkpoint_state(checkpoint, weights)
+    if missing and not (allow_incomplete and weights[0] not in missing):
+        raise ValueError(f"checkpoint {checkpoint!r} lacks {', '.join(missing)}: resuming it would not continue the "
+                         f"same run. Resume from a complete checkpoint"
+                         f"{'' if weights[0] in missing else ' (or allow_incomplete_checkpoint=True)'}")
+
+
 class NonFiniteGuard:
     """Trainer mixin: stop (or skip and count) on a non-finite loss or gradient."""
 
