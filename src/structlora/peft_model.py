@@ -34,7 +34,7 @@ from . import atomic
 from .adapter_state import AdapterState, AdapterStateError, ModuleSnapshot, validate_adapter_name
 from .atomic import flush_tree
 from .config import CONFIG_NAME, AdapterConfig, BitFitConfig, LorettaAdpConfig, TaskType
-from .convert import earlier_method, peft_layout, structure_fields
+from .convert import is_look_alike, peft_layout, structure_fields
 from .distributed import is_writer
 from .inference import clear_factor_caches
 from .peft_layers import StructloraTunerLayer
@@ -216,10 +216,10 @@ class PeftModel(PeftModelGuards):
         Args: model: the base model. model_id: the adapter folder. adapter_name: the name to load it under.
             is_trainable: False (default) freezes the adapter. config: the config to use instead of the folder's."""
         validate_adapter_name(adapter_name)
-        if earlier_method(str(model_id)) == "bitfit":  # no PEFT tuner yet: the earlier model class loads it
-            from .model import PeftModel as BitFitModel
+        if is_look_alike(str(model_id)) and not has_peft_tuner(AdapterConfig.from_pretrained(str(model_id)), model):
+            from .model import PeftModel as EarlierPeftModel  # the class that wrote it still trains it (BitFit, ...)
 
-            return BitFitModel.from_pretrained(model, str(model_id), adapter_name, is_trainable=is_trainable)
+            return EarlierPeftModel.from_pretrained(model, str(model_id), adapter_name, is_trainable=is_trainable)
         check_loadable(model, str(model_id), kwargs.get("subfolder"))
         snapshot = ModuleSnapshot(model)
         with peft_layout(str(model_id)) as folder:

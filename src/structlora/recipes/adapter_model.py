@@ -4,20 +4,17 @@ place, so that the class behind it can change here alone.
 ``wrap_model(model, config)`` is ``peft.get_peft_model`` for every structlora method with a PEFT tuner; BitFit has
 none (it injects no layer), and LoRETTA_adp's tensorized DeBERTa pooler is not in the tuner yet (``has_peft_tuner``):
 those stay on structlora's own ``structlora.model.PeftModel`` for now.
-``load_adapter(base, folder)`` is ``peft.PeftModel.from_pretrained``; a folder in structlora's earlier layout
-(written by ``structlora.PeftModel.save_pretrained``: ``structlora.convert``) is converted on load into a temporary
-folder first, so that no trained adapter becomes unloadable. ``adapter_state`` / ``set_adapter_state`` are PEFT's
+``load_adapter(base, folder)`` is ``structlora.PeftModel.from_pretrained`` (which converts a folder in structlora's
+earlier layout on load, so that no trained adapter becomes unloadable), ``peft.PeftModel.from_pretrained`` for PEFT's
+own methods. ``adapter_state`` / ``set_adapter_state`` are PEFT's
 ``get_peft_model_state_dict`` / ``set_peft_model_state_dict`` (BitFit: the look-alike's own).
 """
 
 from __future__ import annotations
 
-import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
-CONFIG_FILE = "adapter_config.json"
 
 
 def _peft() -> Any:
@@ -52,64 +49,32 @@ def is_peft_model(model: Any) -> bool:
     return isinstance(model, _peft().PeftModel)
 
 
-def is_look_alike_folder(folder: str | Path) -> bool:
-    """Whether ``folder`` holds an adapter in structlora's earlier layout (``structlora.PeftModel.save_pretrained``):
-    a structlora config (it names its ``method``) whose ``peft_type`` is not a structlora PEFT type (the marker of
-    those folders, or none in older releases)."""
-    path = Path(folder) / CONFIG_FILE
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    if not isinstance(config, dict) or "method" not in config:
-        return False
-    from structlora.config import StructloraPeftType
-
-    return config.get("peft_type") not in {member.value for member in StructloraPeftType}
-
-
 def load_adapter(base: Any, folder: str | Path, is_trainable: bool = False) -> Any:
-    """``base`` with the adapter saved in ``folder``: ``peft.PeftModel.from_pretrained``. A folder of structlora's
-    earlier layout is converted first (``structlora.convert_folder``, into a temporary folder removed afterwards);
-    a folder whose method has no PEFT tuner for ``base`` (``has_peft_tuner``: BitFit) loads with structlora's own
-    loader."""
+    """``base`` with the adapter saved in ``folder``: ``structlora.PeftModel.from_pretrained`` for structlora's methods
+    (which converts a folder of the earlier layout on load, or gives it the earlier class where the tuner does not
+    build it: ``has_peft_tuner``), ``peft.PeftModel.from_pretrained`` for PEFT's own."""
     folder = str(folder)
     peft = _peft()
-    if not is_look_alike_folder(folder):
-        import structlora
+    import structlora
+    from structlora.convert import is_look_alike
 
-        if isinstance(peft.PeftConfig.from_pretrained(folder), structlora.AdapterConfig):
-            return structlora.PeftModel.from_pretrained(base, folder, is_trainable=is_trainable)
-        return peft.PeftModel.from_pretrained(base, folder, is_trainable=is_trainable)  # PEFT's own methods
-    from structlora.config import AdapterConfig
-
-    if not has_peft_tuner(AdapterConfig.from_pretrained(folder), base):
-        from structlora.model import PeftModel
-
-        return PeftModel.from_pretrained(base, folder, is_trainable=is_trainable)
-    from structlora.convert import convert_folder
-
-    with tempfile.TemporaryDirectory(prefix="structlora-convert-") as scratch:
-        converted = str(Path(scratch) / "adapter")
-        convert_folder(folder, converted)
-        return peft.PeftModel.from_pretrained(base, converted, is_trainable=is_trainable)
+    if is_look_alike(folder) or isinstance(peft.PeftConfig.from_pretrained(folder), structlora.AdapterConfig):
+        return structlora.PeftModel.from_pretrained(base, folder, is_trainable=is_trainable)
+    return peft.PeftModel.from_pretrained(base, folder, is_trainable=is_trainable)  # PEFT's own methods
 
 
 def read_adapter_weights(folder: str | Path, model: Any) -> dict[str, Any]:
     """The tensors of the adapter in ``folder`` keyed as ``adapter_state(model)`` keys them: PEFT's keys for a
-    ``peft.PeftModel`` (a folder of the earlier layout is converted first), the earlier layout's for structlora's own
-    model."""
+    ``peft.PeftModel`` (a folder of the earlier layout converted first: ``structlora.convert.peft_layout``), the
+    earlier layout's for structlora's earlier class."""
     from safetensors.torch import load_file
 
-    from structlora.convert import WEIGHTS_NAME, convert_folder
+    from structlora.convert import WEIGHTS_NAME, peft_layout
 
-    folder = Path(folder)
-    if not is_look_alike_folder(folder) or not is_peft_model(model):
-        return load_file(str(folder / WEIGHTS_NAME))
-    with tempfile.TemporaryDirectory(prefix="structlora-convert-") as scratch:
-        converted = Path(scratch) / "adapter"
-        convert_folder(str(folder), str(converted))
-        return load_file(str(converted / WEIGHTS_NAME))
+    if not is_peft_model(model):
+        return load_file(str(Path(folder) / WEIGHTS_NAME))
+    with peft_layout(str(folder)) as converted:
+        return load_file(str(Path(converted) / WEIGHTS_NAME))
 
 
 def adapter_state(model: Any) -> dict[str, Any]:
