@@ -1,8 +1,8 @@
 """The recipes' adapter models: a ``peft.PeftModel`` with structlora's tuner (issue 27), built, loaded and read in one
 place, so that the class behind it can change here alone.
 
-``wrap_model(model, config)`` is ``peft.get_peft_model`` for every structlora method with a PEFT tuner; BitFit has
-none (it injects no layer), and LoRETTA_adp's tensorized DeBERTa pooler is not in the tuner yet (``has_peft_tuner``):
+``wrap_model(model, config)`` is ``structlora.get_peft_model`` (a ``peft.PeftModel`` subclass); BitFit has
+no PEFT tuner (it injects no layer), and LoRETTA_adp's tensorized DeBERTa pooler is not in the tuner yet (``has_peft_tuner``):
 those stay on structlora's own ``structlora.model.PeftModel`` for now.
 ``load_adapter(base, folder)`` is ``structlora.PeftModel.from_pretrained`` (which converts a folder in structlora's
 earlier layout on load, so that no trained adapter becomes unloadable), ``peft.PeftModel.from_pretrained`` for PEFT's
